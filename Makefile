@@ -1,0 +1,58 @@
+# Everything runs from .venv at the repo root; `make test` and `make demo` build it themselves.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+CUDA_ARCHS := 80 90
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all demo demo-dnc bench cuda-check data clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
+	@$(MAKE) --no-print-directory data
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
+	$(BIN)/pip install --quiet torch==2.13.0 'triton==3.7.*' numpy tqdm matplotlib kornia \
+		pytest pytest-xdist hypothesis
+	-$(BIN)/pip install --quiet faiss-cpu
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# Debian's Fashion-MNIST (the embedded default data set); skipped with a note where apt is missing.
+data:
+	@if [ -d $(FMNIST) ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "note: $(FMNIST) missing and apt-get not found; install Debian's dataset-fashion-mnist" \
+		     "or set SDCLR_FAST_FMNIST_DIR to a folder holding the IDX .gz files"; exit 0; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	$$SUDO apt-get install -y -q dataset-fashion-mnist || \
+	{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; } || \
+	echo "note: could not install dataset-fashion-mnist; set SDCLR_FAST_FMNIST_DIR instead"
+
+# The CUDA sources must compile on their own even on a machine without a GPU.
+cuda-check: $(STAMP)
+	@if ! command -v nvcc >/dev/null; then echo "cuda-check: nvcc not found, skipping the CUDA compile check"; exit 0; fi; \
+	inc=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
+	for cu in csrc/*.cu; do for a in $(CUDA_ARCHS); do \
+		echo "nvcc -c $$cu (sm_$$a)"; \
+		nvcc -c $$cu -o /tmp/sdclr_fast_$$(basename $$cu .cu)_sm$$a.o -std=c++17 -O3 \
+			-gencode arch=compute_$$a,code=sm_$$a $$inc -DSDCLR_FAST_WITH_CUDA=1 || exit 1; \
+	done; done
+
+test: $(STAMP) cuda-check
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m sdclr_fast demo
+
+demo-dnc: $(STAMP)
+	$(BIN)/python -m sdclr_fast demo --methods simclr sdclr dnc
+
+bench: $(STAMP)
+	$(BIN)/python -m sdclr_fast bench
+
+clean:
+	rm -rf build *.egg-info sdclr_fast/_C*.so

@@ -1,0 +1,1 @@
+"""Triton device code, one file per op; installed as `sdclr_fast.kernels`."""

@@ -1,0 +1,35 @@
+"""sdclr-fast: fused kernels and a training loop for contrastive learning on long-tailed data.
+
+The public ops and modules are imported on first use, so `import sdclr_fast` stays cheap
+(Triton and the C++ extension load only when an op that needs them is called).
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "nt_xent": "sdclr_fast.ops.nt_xent",
+    "NTXentLoss": "sdclr_fast.ops.nt_xent",
+    "magnitude_threshold": "sdclr_fast.ops.prune",
+    "magnitude_masks": "sdclr_fast.ops.prune",
+    "prune_model": "sdclr_fast.ops.prune",
+    "MagnitudePruning": "sdclr_fast.ops.prune",
+    "masked_conv2d": "sdclr_fast.ops.masked_conv",
+    "MaskedConv2d": "sdclr_fast.nn",
+    "DualBatchNorm2d": "sdclr_fast.nn",
+    "SelfCompetitor": "sdclr_fast.nn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sdclr_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

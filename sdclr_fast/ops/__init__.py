@@ -1,0 +1,1 @@
+"""Public ops: autograd Functions, device dispatch, fake registrations and argument checks."""
