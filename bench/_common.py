@@ -1,0 +1,109 @@
+"""Shared timing, memory and reporting helpers for the scripts in bench/.
+
+Every script measures the op and its plain-PyTorch reference in the same run and reports the
+ratio reference / op (above 1 means the op is faster or leaner).
+"""
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device="cpu", warmup=2, reps=10):
+    """Median wall time of fn() in milliseconds; triton.testing.do_bench on CUDA."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_peak_bytes(fn, device):
+    """Peak memory allocated while fn() runs, above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _child(queue, setup, run):
+    try:
+        state = setup()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run(state)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        queue.put(("ok", (after - before) * 1024))  # ru_maxrss is in KiB on Linux
+    except Exception as exc:  # report, don't hang the parent
+        queue.put(("error", repr(exc)))
+
+
+def cpu_peak_bytes(setup, run):
+    """Peak resident memory that run(setup()) adds, measured in a fresh process so that earlier
+    cases cannot hide it. `setup` and `run` must be picklable (module-level functions or
+    functools.partial of them)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, setup, run))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"memory measurement failed: {value}")
+    return value
+
+
+def fmt_bytes(n):
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header)."""
+    cells = [[str(r.get(k, "")) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+              for i, (_, h) in enumerate(columns)]
+    line = " | ".join(h.ljust(w) for (_, h), w in zip(columns, widths))
+    print(line)
+    print("-+-".join("-" * w for w in widths))
+    for c in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def machine_info(device):
+    info = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def write_json(name, payload, out=None):
+    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+    return path
