@@ -1,0 +1,356 @@
+"""Mask-applied (pruned) 2-d convolution: `masked_conv2d(x, weight, mask, ...)`.
+
+Equal in value and gradients to `F.conv2d(x, weight * mask, bias, ...)`, but the masked weight
+is never kept for backward (and on CUDA never written at all):
+
+* CUDA (fp32 / fp16 / bf16): Triton implicit-GEMM kernels (kernels/masked_conv.py) for the
+  forward, grad_input and grad_weight that apply the mask in registers and skip the weight
+  tiles the mask empties. The tile map (`MaskTiles`) is built once per mask change and cached
+  on the mask tensor (keyed on its version counter and storage pointer), so a mask that stays
+  fixed for an epoch, as in SDCLR, costs one small pass per epoch.
+* CPU (and CUDA float64): `F.conv2d` on `where(mask, weight, 0)` forward, and one
+  `aten.convolution_backward` call (oneDNN on CPU) for all three gradients; only x, weight and
+  the mask are saved, the masked weight is recomputed in backward.
+
+Pruned weights contribute exactly zero, also where they are inf/nan, and get zero gradient.
+
+Tile skipping: the kernels cut the (out-channels x in-channels) plane of every tap into
+`block` = (block_o, block_c) tiles, by default (32, 32) where a group has at least 32 channels
+(16, or the next power of two, below that). Block masks whose blocks are multiples of the tile,
+e.g. `magnitude_masks(..., block=(32, 32))`, make most tiles empty at high sparsity; unstructured
+masks at 90% leave almost every tile occupied and run at dense speed. `prepare_mask(mask,
+block=...)` picks another tile (powers of two >= 16).
+
+Testing switch: with SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"`,
+CPU tensors go through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is
+imported so that they run in the interpreter.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["masked_conv2d", "prepare_mask", "MaskTiles", "default_block"]
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CACHE_ATTR = "_sdclr_fast_mask_tiles"
+
+
+def _kernels():
+    try:  # installed package: kernels/ is mapped to sdclr_fast.kernels (setup.py package_dir)
+        from sdclr_fast.kernels import masked_conv as k
+    except ModuleNotFoundError:  # source checkout run from the repo root
+        from kernels import masked_conv as k
+    return k
+
+
+# ------------------------------------------------------------------ argument checks
+def _pair(value, name, minimum):
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = tuple(value)
+    else:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _resolve_padding(padding, kernel, stride, dilation):
+    """(top/left padding, extra bottom/right padding). "same" pads like F.conv2d: the odd
+    leftover of d * (k - 1) goes to the bottom/right."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={stride}")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            left = tuple(t // 2 for t in total)
+            return left, tuple(t - 2 * lo for t, lo in zip(total, left))
+        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    return _pair(padding, "padding", 0), (0, 0)
+
+
+def _check(x, weight, mask, bias, groups):
+    for name, t in (("x", x), ("weight", weight), ("mask", mask)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-d (O, C/groups, KH, KW) tensor, got shape "
+                         f"{tuple(weight.shape)}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask must have the weight's shape {tuple(weight.shape)}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype.is_complex:
+        raise ValueError(f"mask must be a bool or 0/1 tensor, got dtype {mask.dtype}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    O, Cg = weight.shape[:2]
+    if O % groups != 0:
+        raise ValueError(f"groups={groups} must divide the weight's out-channels {O}")
+    if x.shape[1] != Cg * groups:
+        raise ValueError(f"x has {x.shape[1]} channels but weight expects C/groups * groups = "
+                         f"{Cg} * {groups} = {Cg * groups}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (O,):
+            raise ValueError(f"bias must be None or a tensor of shape ({O},), got "
+                             f"{getattr(bias, 'shape', type(bias).__name__)}")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
+    for name, t in (("weight", weight), ("mask", mask), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+# ------------------------------------------------------------------ tile-occupancy map
+def default_block(out_per_group, in_per_group):
+    """Weight tile (block_o, block_c) the kernels use for a group of that size: 32 where the
+    group has >= 32 channels, else the next power of two (at least 16, the MMA minimum)."""
+    def one(n):
+        return 32 if n >= 32 else max(16, 1 << max(n - 1, 0).bit_length())
+    return one(out_per_group), one(in_per_group)
+
+
+def _active_lists(occ):
+    """occ (R, K) bool -> (idx (R, K) int32 with each row's active columns first, in order;
+    count (R,) int32)."""
+    count = occ.sum(1, dtype=torch.int32)
+    order = torch.argsort((~occ).to(torch.int8), dim=1, stable=True)
+    return order.to(torch.int32).contiguous(), count.contiguous()
+
+
+@dataclass(frozen=True)
+class MaskTiles:
+    """Occupancy of a conv mask per (block_o x block_c) weight tile and tap.
+
+    occupancy[g, ot, tap, ct] is True where the tile holds at least one kept weight. The index
+    lists derived from it drive the kernels (see kernels/masked_conv.py). Built by
+    `prepare_mask`; immutable."""
+
+    mask: torch.Tensor  # the mask as uint8 (a view of a bool mask), weight's shape and strides
+    groups: int
+    og: int
+    cg: int
+    block_o: int
+    block_c: int
+    o_tiles: int
+    c_tiles: int
+    taps: int
+    occupancy: torch.Tensor  # (groups, o_tiles, taps, c_tiles) bool
+    fwd_idx: torch.Tensor
+    fwd_cnt: torch.Tensor
+    bwd_idx: torch.Tensor
+    bwd_cnt: torch.Tensor
+    wgt_tiles: torch.Tensor  # (n_active, 4) int32 rows (g, ot, tap, ct)
+
+    @property
+    def tile_density(self):
+        """Fraction of weight tiles the kernels compute (1.0 = no skipping)."""
+        return self.wgt_tiles.shape[0] / max(self.occupancy.numel(), 1)
+
+
+def _build_tiles(keep, groups, block):
+    O, Cg, KH, KW = keep.shape
+    og = O // groups
+    bo, bc = block
+    o_t, c_t, taps = -(-og // bo), -(-Cg // bc), KH * KW
+    k = keep.detach().reshape(groups, og, Cg, taps) != 0
+    k = F.pad(k, (0, 0, 0, c_t * bc - Cg, 0, o_t * bo - og))  # zero-pad to whole tiles
+    occ = k.reshape(groups, o_t, bo, c_t, bc, taps).any(dim=4).any(dim=2)  # (g, ot, ct, tap)
+    occ = occ.permute(0, 1, 3, 2).contiguous()  # (g, ot, tap, ct)
+    fwd_idx, fwd_cnt = _active_lists(occ.reshape(groups * o_t, taps * c_t))
+    bwd_idx, bwd_cnt = _active_lists(occ.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t))
+    wgt_tiles = occ.nonzero().to(torch.int32).contiguous()
+    return dict(groups=groups, og=og, cg=Cg, block_o=bo, block_c=bc, o_tiles=o_t, c_tiles=c_t,
+                taps=taps, occupancy=occ, fwd_idx=fwd_idx, fwd_cnt=fwd_cnt, bwd_idx=bwd_idx,
+                bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
+
+
+def _mask_key(mask):
+    return (mask._version, mask.data_ptr(), mask.dtype, tuple(mask.shape), tuple(mask.stride()),
+            mask.device)
+
+
+def _as_keep(mask):
+    """The mask as bool/uint8 `keep`; float/int masks must hold only 0 and 1."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
+    return mask != 0
+
+
+def _cached(mask):
+    """Per-mask cache stored on the tensor itself: dropped with it, invalidated by any in-place
+    change (version counter) or storage swap (data pointer)."""
+    key = _mask_key(mask)
+    entry = getattr(mask, _CACHE_ATTR, None)
+    if entry is None or entry["key"] != key:
+        entry = {"key": key, "keep": _as_keep(mask).detach(), "tiles": {}}
+        try:
+            setattr(mask, _CACHE_ATTR, entry)
+        except (AttributeError, RuntimeError):  # e.g. tensor subclasses without __dict__
+            pass
+    return entry
+
+
+def prepare_mask(mask, groups=1, block=None):
+    """The `MaskTiles` of a (O, C/groups, KH, KW) mask, computed once per mask change and cached
+    on the mask (`masked_conv2d` calls this itself). block: (block_o, block_c) powers of two
+    >= 16, default `default_block(O // groups, C/groups)`."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise ValueError(f"mask must be a 4-d tensor of the weight's shape, got "
+                         f"{getattr(mask, 'shape', type(mask).__name__)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or mask.shape[0] % groups:
+        raise ValueError(f"groups must be a positive int dividing out-channels {mask.shape[0]}, "
+                         f"got {groups!r}")
+    if block is None:
+        block = default_block(mask.shape[0] // groups, mask.shape[1])
+    block = tuple(block)
+    if len(block) != 2 or any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in block):
+        raise ValueError(f"block must be a pair of powers of two >= 16, got {block!r}")
+    entry = _cached(mask)
+    tiles = entry["tiles"].get((groups, block))
+    if tiles is None:
+        keep = entry["keep"]
+        tiles = MaskTiles(mask=keep.view(torch.uint8), **_build_tiles(keep, groups, block))
+        entry["tiles"][(groups, block)] = tiles
+    return tiles
+
+
+# ------------------------------------------------------------------ autograd
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _zero_pruned(t, keep):
+    return torch.where(keep, t, t.new_zeros(()))
+
+
+class _MaskedConv2dTorch(torch.autograd.Function):
+    """CPU / float64 path: saves x, weight and the bool mask, never the masked weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, keep, bias, stride, padding, dilation, groups):
+        y = F.conv2d(x, _zero_pruned(weight, keep), bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, keep)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, keep = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_y, x, _zero_pruned(weight, keep), [weight.shape[0]] if has_bias else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_x, need_w, need_b and has_bias])
+        if gw is not None:
+            gw = gw.masked_fill_(~keep, 0)
+        return gx, gw, None, gb, None, None, None, None
+
+
+class _MaskedConv2dTriton(torch.autograd.Function):
+    """Triton path: the mask is applied inside the kernels; empty tiles are skipped."""
+
+    @staticmethod
+    def forward(ctx, x, weight, tiles, bias, stride, padding, dilation, groups):
+        k = _kernels()
+        N, _, H, W = x.shape
+        O, _, KH, KW = weight.shape
+        OH = _out_size(H, KH, stride[0], padding[0], dilation[0])
+        OW = _out_size(W, KW, stride[1], padding[1], dilation[1])
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        y = torch.empty((N, O, OH, OW), device=x.device, dtype=x.dtype, memory_format=fmt)
+        geom = (stride, padding, dilation, groups)
+        if y.numel():
+            k.conv_forward(x, weight, tiles.mask, bias, y, tiles, geom)
+        # Saving the mask makes autograd refuse a backward after an in-place mask change.
+        ctx.save_for_backward(x, weight, tiles.mask)
+        ctx.tiles = tiles
+        ctx.conf = (geom, bias is not None)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        k = _kernels()
+        x, weight, _ = ctx.saved_tensors
+        tiles = ctx.tiles
+        geom, has_bias = ctx.conf
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        gx = gw = gb = None
+        if need_x:
+            gx = torch.empty_like(x)
+            if gx.numel():
+                k.conv_backward_input(grad_y, weight, tiles.mask, gx, tiles, geom)
+        if need_w:
+            gw = k.conv_backward_weight(x, grad_y, tiles.mask, tiles, geom, weight.dtype)
+        if need_b and has_bias:
+            gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
+        return gx, gw, None, gb, None, None, None, None
+
+
+def _is_channels_last(x):
+    return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _use_triton(x, backend):
+    if backend == "torch":
+        return False
+    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
+        if x.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"the Triton kernels take x of dtype float32/float16/bfloat16, got "
+                             f"{x.dtype}")
+        return True
+    if backend != "auto":
+        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return x.is_cuda and x.dtype in _TRITON_DTYPES
+
+
+def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  _backend="auto"):
+    """`F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)` without the masked
+    weight copy; grad_weight is mask * dW (pruned weights get no gradient from this op).
+
+    x: (N, C, H, W), NCHW or channels-last; weight: (O, C/groups, KH, KW); mask: bool (or 0/1)
+    tensor of the weight's shape; bias: (O,) or None; stride, dilation: int or pair (>= 1);
+    padding: int, pair, "same" or "valid". CUDA fp32/fp16/bf16 runs the Triton kernels (fp32
+    uses TF32 when torch.backends.cudnn.allow_tf32 is set, as F.conv2d does); everything else
+    the PyTorch path."""
+    _check(x, weight, mask, bias, groups)
+    stride = _pair(stride, "stride", 1)
+    dilation = _pair(dilation, "dilation", 1)
+    kernel = tuple(weight.shape[2:])
+    pad, extra = _resolve_padding(padding, kernel, stride, dilation)
+    if extra != (0, 0):  # asymmetric "same": the odd pixel goes bottom/right, as in F.conv2d
+        x = F.pad(x, (0, extra[1], 0, extra[0]))
+    H, W = x.shape[2:]
+    for size, k, s, p, d, name in ((H, kernel[0], stride[0], pad[0], dilation[0], "height"),
+                                   (W, kernel[1], stride[1], pad[1], dilation[1], "width")):
+        if _out_size(size, k, s, p, d) < 1:
+            raise ValueError(f"x {name} {size} (padded by {p} per side) is smaller than the "
+                             f"dilated kernel {d * (k - 1) + 1}")
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if _use_triton(x, _backend):
+        tiles = prepare_mask(mask, groups)
+        return _MaskedConv2dTriton.apply(x, weight, tiles, bias, stride, pad, dilation, groups)
+    keep = _cached(mask)["keep"]
+    return _MaskedConv2dTorch.apply(x, weight, keep, bias, stride, pad, dilation, groups)
