@@ -1,0 +1,80 @@
+"""Long-tailed data sets held in memory, batch iteration and on-device augmentation.
+
+Typical use::
+
+    data = build_dataset("fashion-mnist-lt", ratio=100, seed=0)
+    data.save_split(run_dir)                       # reproducible: build_dataset(..., split_file=run_dir)
+    aug = TwoViewAugment(data.image_size, data.in_channels, data.mean, data.std).to(device)
+    for batch in BatchIterator(data.train, 512, seed=0, device=device):
+        v1, v2 = aug(batch.images)
+"""
+from __future__ import annotations
+
+from .augment import EvalTransform, TwoViewAugment, eval_transform
+from .base import ContrastiveData, ImageSet, load_split, save_split
+from .loader import Batch, BatchIterator
+from .splits import check_nonneg_int, check_ratio, long_tail_counts
+
+DATASETS = ("fashion-mnist-lt", "cifar10-lt", "cifar100-lt", "imagefolder")
+
+
+_DEFAULT_RATIO = object()
+
+
+def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, split: int = 0, image_size=None,
+                  permute_classes: bool = False, split_file=None, **options) -> ContrastiveData:
+    """Load a data set and draw its long-tailed splits.
+
+    name:       one of ``DATASETS``.
+    root:       where the files are. fashion-mnist-lt: a folder of IDX .gz files (default
+                $SDCLR_FAST_FMNIST_DIR, else /usr/share/datasets/fashion-mnist); cifar10-lt /
+                cifar100-lt: the folder holding cifar-10-batches-py / cifar-100-python (required);
+                imagefolder: the folder holding train/<class>/ and test/ or val/ (required).
+    ratio:      imbalance factor n_max / n_min (>= 1) of n_i = floor(n_max * ratio^(-i/(C-1)));
+                None keeps the training pool as is. Default: 100, except for imagefolder, whose
+                default None keeps its tree as is (such data is usually long-tailed already).
+    seed:       seeds every draw (CIFAR's 45k/5k hold-out depends on it alone).
+    split:      index of the long-tailed draw (the SDCLR protocol uses five: 0-4).
+    image_size: resize to this square size (default: native; imagefolder: 64).
+    permute_classes: give the head / tail ranks to a seeded permutation of the classes instead
+                of class-index order.
+    split_file: a split.json (or its run folder) from ``save_split``; its indices, seed, split and
+                ratio replace the draws, so the run is reproduced exactly.
+    options:    cifar: ``val_fraction`` (0.1); imagefolder: ``train_list``, ``test_list``,
+                ``grayscale``, ``workers``.
+    """
+    if not isinstance(name, str) or name.lower() not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    name = name.lower()
+    if ratio is _DEFAULT_RATIO:
+        ratio = None if name == "imagefolder" else 100
+    check_ratio(ratio)
+    check_nonneg_int(seed, "seed")
+    check_nonneg_int(split, "split")
+    from .base import check_image_size
+
+    image_size = check_image_size(image_size)
+    common = dict(ratio=ratio, seed=seed, split=split, image_size=image_size,
+                  permute_classes=bool(permute_classes), split_file=split_file)
+    allowed = {"cifar10-lt": {"val_fraction"}, "cifar100-lt": {"val_fraction"},
+               "imagefolder": {"train_list", "test_list", "grayscale", "workers"}}.get(name, set())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for dataset {name!r}; allowed: {sorted(allowed) or 'none'}")
+    if name == "fashion-mnist-lt":
+        from .fmnist import build_fashion_mnist_lt
+
+        return build_fashion_mnist_lt(root, **common)
+    if name in ("cifar10-lt", "cifar100-lt"):
+        from .cifar import build_cifar_lt
+
+        return build_cifar_lt(root, 10 if name == "cifar10-lt" else 100, **common, **options)
+    from .imagefolder import build_imagefolder
+
+    return build_imagefolder(root, **common, **options)
+
+
+__all__ = [
+    "DATASETS", "Batch", "BatchIterator", "ContrastiveData", "EvalTransform", "ImageSet", "TwoViewAugment",
+    "build_dataset", "eval_transform", "load_split", "long_tail_counts", "save_split",
+]

@@ -1,0 +1,104 @@
+"""Batched augmentation on the training device (kornia), instead of per-image CPU transforms."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+
+def _check_stats(mean, std, in_channels):
+    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+    std = torch.as_tensor(std, dtype=torch.float32).flatten()
+    if mean.numel() != in_channels or std.numel() != in_channels:
+        raise ValueError(f"mean and std must have in_channels={in_channels} entries, got {mean.numel()} and {std.numel()}")
+    if not bool((std > 0).all()):
+        raise ValueError(f"std must be positive, got {std.tolist()}")
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+def _check_batch(x, in_channels, who):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != in_channels:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who} expects a uint8 batch of shape (B, {in_channels}, H, W), got {got}")
+
+
+def eval_transform(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised ((x / 255 - mean) / std), on x's device."""
+    c = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else -1
+    _check_batch(x, c, "eval_transform")
+    m, s = _check_stats(mean, std, c)
+    return (x.float().div_(255.0) - m.to(x.device)).div_(s.to(x.device))
+
+
+class EvalTransform(nn.Module):
+    """Module form of :func:`eval_transform` with mean/std as buffers (moves with ``.to``)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        m, s = _check_stats(mean, std, len(torch.as_tensor(mean).flatten()))
+        self.register_buffer("mean", m, persistent=False)
+        self.register_buffer("std", s, persistent=False)
+
+    def forward(self, x):
+        _check_batch(x, self.mean.shape[1], "EvalTransform")
+        return (x.float().div_(255.0) - self.mean).div_(self.std)
+
+
+class TwoViewAugment(nn.Module):
+    """SDCLR / SimCLR two-view augmentation of a uint8 batch, all on the batch's device.
+
+    Per view and image, independently: random resized crop to ``image_size`` (area scale
+    ``scale``, aspect 3/4-4/3), horizontal flip (p 0.5), colour jitter (brightness, contrast,
+    saturation, hue) = ``jitter`` applied with probability ``jitter_p``, grayscale with
+    probability ``grayscale_p``, then normalisation with ``mean`` / ``std``.
+
+    For 1-channel images saturation, hue and grayscale are meaningless (a grey image has no
+    colour), so only brightness and contrast jitter are applied.
+
+    Randomness comes from torch's RNG: ``torch.manual_seed(s)`` before a call makes it
+    repeatable. ``forward(x)`` takes uint8 (B, C, H, W) and returns (view1, view2), float32
+    (B, C, image_size, image_size). Both views are produced by one pass over a 2B batch.
+    """
+
+    def __init__(self, image_size: int, in_channels: int, mean, std, *, scale=(0.1, 1.0),
+                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, flip_p=0.5):
+        super().__init__()
+        import kornia.augmentation as K
+
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        if len(scale) != 2 or not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
+        if len(jitter) != 4 or any(j < 0 for j in jitter):
+            raise ValueError(f"jitter must be 4 non-negative strengths (b, c, s, h), got {jitter!r}")
+        for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
+            if not (0 <= p <= 1):
+                raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+        self.image_size, self.in_channels = int(image_size), in_channels
+        m, s = _check_stats(mean, std, in_channels)
+        self.register_buffer("mean", m, persistent=False)
+        self.register_buffer("std", s, persistent=False)
+        b, c, sat, hue = jitter
+        if in_channels == 1:
+            sat, hue, grayscale_p = 0.0, 0.0, 0.0
+        ops = [K.RandomResizedCrop((self.image_size, self.image_size), scale=tuple(scale)),
+               K.RandomHorizontalFlip(p=flip_p)]
+        if jitter_p > 0 and any((b, c, sat, hue)):
+            ops.append(K.ColorJitter(b, c, sat, hue, p=jitter_p))
+        if grayscale_p > 0:
+            ops.append(K.RandomGrayscale(p=grayscale_p))
+        self.ops = nn.Sequential(*ops)
+
+    def forward(self, x: torch.Tensor):
+        _check_batch(x, self.in_channels, "TwoViewAugment")
+        b = x.shape[0]
+        if b == 0:
+            empty = x.new_empty((0, self.in_channels, self.image_size, self.image_size), dtype=torch.float32)
+            return empty, empty.clone()
+        x = x.float().div_(255.0)
+        v = self.ops(torch.cat([x, x]))
+        v = (v - self.mean) / self.std
+        return v[:b], v[b:]

@@ -1,0 +1,72 @@
+"""Batches of in-memory uint8 images by index, without a per-image DataLoader."""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+
+from .base import ImageSet
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor   # uint8 (B, C, H, W) on the target device
+    labels: torch.Tensor   # int64 (B,) on the target device (never to be used by the method)
+    index: torch.Tensor    # int64 (B,) positions in the iterated set (per-sample bookkeeping, DnC)
+
+
+class BatchIterator:
+    """Iterate over an :class:`ImageSet` in index batches.
+
+    Each ``iter()`` is one epoch: a fresh permutation from ``generator`` when ``shuffle`` (so a
+    seeded generator gives the same epoch sequence on every run), the last partial batch dropped
+    when ``drop_last``. On a CUDA ``device`` the whole uint8 set is copied there once (CIFAR-LT
+    is ~34 MB) and batches are gathered on the device; otherwise batches are gathered on the CPU
+    and, for a CUDA target with ``preload=False``, copied through pinned memory.
+    """
+
+    def __init__(self, data: ImageSet, batch_size: int, *, shuffle: bool = True, drop_last: bool = True,
+                 generator: torch.Generator | None = None, seed: int | None = None, device=None,
+                 preload: bool = True):
+        if not isinstance(data, ImageSet):
+            raise ValueError(f"data must be an ImageSet, got {type(data).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("give either generator or seed, not both")
+        n = len(data)
+        if drop_last and n < batch_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the {n} images with drop_last=True: "
+                             f"no batch would be produced; lower batch_size")
+        if generator is None:
+            generator = torch.Generator()
+            generator.manual_seed(0 if seed is None else int(seed))
+        if generator.device.type != "cpu":
+            raise ValueError("generator must be a CPU torch.Generator (the permutation is drawn on the CPU)")
+        self.data, self.batch_size, self.shuffle, self.drop_last = data, int(batch_size), shuffle, drop_last
+        self.generator = generator
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        on_cuda = self.device.type == "cuda"
+        self._images = data.images.to(self.device) if (on_cuda and preload) else data.images
+        self._labels = data.labels.to(self.device) if (on_cuda and preload) else data.labels
+        self._pin = on_cuda and not preload
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self._images.device.type == "cpu":
+                x, y = self._images[idx], self._labels[idx]
+                if self._pin:
+                    x, y = x.pin_memory(), y.pin_memory()
+                if self.device.type != "cpu":
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                yield Batch(x, y, idx.to(self.device))
+            else:
+                didx = idx.to(self.device, non_blocking=True)
+                yield Batch(self._images[didx], self._labels[didx], didx)
