@@ -1,0 +1,434 @@
+"""masked_conv2d against F.conv2d(x, weight * mask): values and gradients, both backends.
+
+Without a GPU the Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1 must
+be set before Triton is imported, hence the top of this module); with a GPU they run on it.
+Low-precision results follow the flash-attention rule: error against a float64 reference at
+most 2x the error of the same-dtype PyTorch reference, plus a tiny atol.
+"""
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sdclr_fast.ops.masked_conv import default_block, masked_conv2d, prepare_mask  # noqa: E402
+from sdclr_fast.ops.reference import masked_conv2d_reference  # noqa: E402
+
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# ------------------------------------------------------------------ helpers
+def make_mask(kind, shape, gen, block=(16, 16), p=0.5):
+    O, Cg, KH, KW = shape
+    if kind == "zeros":
+        return torch.zeros(shape, dtype=torch.bool)
+    if kind == "ones":
+        return torch.ones(shape, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(shape, generator=gen) < p
+    if kind == "block":  # whole (bo, bi) blocks of the (O, Cg) plane, every tap together
+        bo, bi = block
+        blocks = torch.rand((-(-O // bo), -(-Cg // bi)), generator=gen) < p
+        keep = blocks.repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :Cg]
+        return keep[:, :, None, None].expand(shape).contiguous()
+    if kind == "block_tap":  # blocks chosen per tap
+        bo, bi = block
+        blocks = torch.rand((-(-O // bo), -(-Cg // bi), KH, KW), generator=gen) < p
+        return blocks.repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :Cg].contiguous()
+    raise ValueError(kind)
+
+
+def run(fn, x, w, m, b, gy, **conf):
+    """Output and (grad_x, grad_w, grad_b) of fn with fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    bl = None if b is None else b.detach().clone().requires_grad_()
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        leaves[0] = leaves[0].detach().to(memory_format=torch.channels_last).requires_grad_()
+    y = fn(leaves[0], leaves[1], m, bl, **conf)
+    inputs = leaves + ([bl] if bl is not None else [])
+    grads = torch.autograd.grad(y, inputs, gy.to(y.dtype))
+    return [y.detach()] + [g.detach() for g in grads]
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_against_reference(x, w, m, b, gy, backend, **conf):
+    """Op in x's dtype vs float64 reference; its error must be <= 2x the same-dtype PyTorch
+    reference's error + atol."""
+    dtype = x.dtype
+    ours = run(lambda *a, **k: masked_conv2d(*a, **k, _backend=backend), x, w, m, b, gy, **conf)
+    f64 = run(masked_conv2d_reference, x.double(), w.double(), m, None if b is None else b.double(),
+              gy.double(), **conf)
+    same = run(masked_conv2d_reference, x, w, m, b, gy, **conf)
+    names = ["out", "grad_x", "grad_w", "grad_b"]
+    eps = torch.finfo(dtype).eps
+    for name, o, r, s in zip(names, ours, f64, same):
+        assert o.shape == r.shape, name
+        assert o.dtype == dtype, name
+        atol = 4 * eps * max(1.0, r.abs().max().item())
+        assert err(o, r) <= 2 * err(s, r) + atol, (name, err(o, r), err(s, r), atol)
+    # pruned weights get exactly zero gradient from this op
+    assert not ours[2][~m.bool().to(ours[2].device)].any()
+    return ours
+
+
+conv_cases = st.fixed_dictionaries({
+    "n": st.integers(1, 2),
+    "groups": st.sampled_from([1, 1, 2, 3]),
+    "cg": st.integers(1, 6),
+    "og": st.integers(1, 6),
+    "k": st.sampled_from([1, 3, 5, 7]),
+    "k2": st.sampled_from([None, 1, 3]),  # None: square kernel
+    "stride": st.sampled_from([1, 2, 3, (1, 2)]),
+    "dilation": st.sampled_from([1, 2, (2, 1)]),
+    "padding": st.sampled_from([0, 1, 2, 3, (1, 0), "same", "valid"]),
+    "h": st.integers(1, 9),
+    "w": st.integers(1, 9),
+    "mask": st.sampled_from(["random", "random", "block", "block_tap", "zeros", "ones"]),
+    "density": st.sampled_from([0.1, 0.5, 0.9]),
+    "bias": st.booleans(),
+    "channels_last": st.booleans(),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def build(case, dtype, device):
+    gen = torch.Generator().manual_seed(case["seed"])
+    kh, kw = case["k"], case["k2"] or case["k"]
+    stride = case["stride"]
+    if case["padding"] == "same":
+        stride = 1
+    conf = dict(stride=stride, padding=case["padding"], dilation=case["dilation"],
+                groups=case["groups"])
+    d = conf["dilation"] if isinstance(conf["dilation"], tuple) else (conf["dilation"],) * 2
+    p = case["padding"]
+    p = (0, 0) if p in ("same", "valid") else (p if isinstance(p, tuple) else (p, p))
+    if case["padding"] == "same":
+        p = (d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2)
+    # make the input large enough for at least one output pixel
+    h = max(case["h"], d[0] * (kh - 1) + 1 - 2 * p[0])
+    w_ = max(case["w"], d[1] * (kw - 1) + 1 - 2 * p[1])
+    g = case["groups"]
+    x = torch.randn((case["n"], case["cg"] * g, h, w_), generator=gen)
+    wt = torch.randn((case["og"] * g, case["cg"], kh, kw), generator=gen) / (case["cg"] * kh * kw) ** 0.5
+    m = make_mask(case["mask"], wt.shape, gen, block=(2, 2), p=case["density"])
+    b = torch.randn(case["og"] * g, generator=gen) if case["bias"] else None
+    y_shape = F.conv2d(x, wt, None, **conf).shape
+    gy = torch.randn(y_shape, generator=gen)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    x, wt, b, gy = cast(x), cast(wt), cast(b), cast(gy)
+    if case["channels_last"]:
+        x = x.to(memory_format=torch.channels_last)
+    return x, wt, m.to(device), b, gy, conf
+
+
+# ------------------------------------------------------------------ Triton kernels
+@pytest.mark.slow
+@settings(max_examples=40, **HYP)
+@given(case=conv_cases, dtype=st.sampled_from(DTYPES))
+def test_triton_matches_reference(case, dtype):
+    x, w, m, b, gy, conf = build(case, dtype, TRITON_DEVICE)
+    check_against_reference(x, w, m, b, gy, "triton", **conf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
+def test_triton_small_fixed(dtype, mask_kind):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 7, 5, generator=gen)
+    w = torch.randn(4, 3, 3, 3, generator=gen) / 3
+    m = make_mask(mask_kind, w.shape, gen)
+    b = torch.randn(4, generator=gen)
+    gy = torch.randn(2, 4, 4, 3, generator=gen)
+    dev = TRITON_DEVICE
+    check_against_reference(x.to(dev, dtype), w.to(dev, dtype), m.to(dev), b.to(dev, dtype),
+                            gy.to(dev, dtype), "triton", stride=2, padding=1, dilation=1, groups=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,block", [("block", (32, 32)), ("block_tap", (16, 16)),
+                                        ("random", None)])
+def test_triton_multi_tile_block_masks(dtype, kind, block):
+    """Several weight tiles per tap, some empty: the skipped tiles must not change the result."""
+    gen = torch.Generator().manual_seed(2)
+    O, C = 64, 48
+    x = torch.randn(1, C, 4, 5, generator=gen)
+    w = torch.randn(O, C, 3, 3, generator=gen) / (C * 9) ** 0.5
+    m = make_mask(kind, w.shape, gen, block=block or (1, 1), p=0.3)
+    gy = torch.randn(1, O, 4, 5, generator=gen)
+    dev = TRITON_DEVICE
+    check_against_reference(x.to(dev, dtype), w.to(dev, dtype), m.to(dev), None,
+                            gy.to(dev, dtype), "triton", padding=1)
+    tiles = prepare_mask(m.to(dev))
+    if kind != "random":
+        assert tiles.tile_density < 1.0
+
+
+def test_triton_noncontiguous_grad_and_weight():
+    """grad_y with stride 0 (from .sum()) and a weight that is a transposed view."""
+    dev = TRITON_DEVICE
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 6, 6, generator=gen).to(dev).requires_grad_()
+    w_store = torch.randn(5, 7, 3, 3, generator=gen).to(dev)
+    w = w_store.transpose(0, 1).requires_grad_()  # (7, 5, 3, 3), non-contiguous leaf-like view
+    m = (torch.rand(7, 5, 3, 3, generator=gen) < 0.6).to(dev)
+    masked_conv2d(x, w, m, padding=1, _backend="triton").sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    w2 = w.detach().clone().requires_grad_()
+    F.conv2d(x2, w2 * m, padding=1).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_grad_weight_split_reduction():
+    """The M reduction split into several slices (as on a GPU for large batches) sums right."""
+    from sdclr_fast.ops.masked_conv import _kernels
+
+    k = _kernels()
+    dev = TRITON_DEVICE
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 9, 9, generator=gen).to(dev)
+    gy = torch.randn(2, 6, 9, 9, generator=gen).to(dev)
+    m = (torch.rand(6, 4, 3, 3, generator=gen) < 0.5).to(dev)
+    tiles = prepare_mask(m)
+    geom = ((1, 1), (1, 1), (1, 1), 1)
+    w = torch.zeros(6, 4, 3, 3, device=dev, requires_grad=True)
+    ref = torch.autograd.grad(F.conv2d(x, w * m, padding=1), w, gy)[0]
+    for splits in (1, 2, 3, 7):
+        got = k.conv_backward_weight(x, gy, tiles.mask, tiles, geom, torch.float32, splits=splits)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_nonfinite_weights_do_not_leak():
+    """Pruned entries contribute exactly zero even when they hold inf/nan (both backends)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 5, 5, generator=gen)
+    w = torch.randn(3, 4, 3, 3, generator=gen)
+    m = torch.rand(3, 4, 3, 3, generator=gen) < 0.5
+    w_bad = w.clone()
+    w_bad[~m] = float("nan")
+    w_bad[~m & (torch.rand(w.shape, generator=gen) < 0.5)] = float("inf")
+    ref = F.conv2d(x, w * m)
+    for backend, dev in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        y = masked_conv2d(x.to(dev), w_bad.to(dev), m.to(dev), _backend=backend)
+        assert torch.isfinite(y).all(), backend
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forced_triton_via_env(monkeypatch):
+    if CUDA:
+        pytest.skip("the switch is for CPU tensors in the interpreter")
+    calls = []
+    from sdclr_fast.ops import masked_conv as mc
+
+    real = mc._MaskedConv2dTriton.apply
+    monkeypatch.setattr(mc._MaskedConv2dTriton, "apply",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1)
+    m = torch.ones(3, 2, 1, 1, dtype=torch.bool)
+    masked_conv2d(x, w, m)
+    assert not calls
+    monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+    y = masked_conv2d(x, w, m)
+    assert calls
+    torch.testing.assert_close(y, F.conv2d(x, w))
+
+
+# ------------------------------------------------------------------ tile-occupancy map
+def brute_occupancy(m, groups, block):
+    O, Cg, KH, KW = m.shape
+    og = O // groups
+    bo, bc = block
+    o_t, c_t = -(-og // bo), -(-Cg // bc)
+    occ = torch.zeros(groups, o_t, KH * KW, c_t, dtype=torch.bool)
+    for g in range(groups):
+        for ot in range(o_t):
+            for ct in range(c_t):
+                sub = m[g * og + ot * bo: g * og + min((ot + 1) * bo, og), ct * bc:(ct + 1) * bc]
+                occ[g, ot, :, ct] = sub.reshape(sub.shape[0], sub.shape[1], -1).any(0).any(0)
+    return occ
+
+
+@settings(max_examples=30, **HYP)
+@given(groups=st.sampled_from([1, 2, 3]), og=st.integers(1, 70), cg=st.integers(1, 70),
+       k=st.sampled_from([1, 3]), kind=st.sampled_from(["random", "block", "block_tap", "zeros"]),
+       block=st.sampled_from([None, (16, 16), (32, 16), (16, 64)]), seed=st.integers(0, 999))
+def test_tile_map_matches_brute_force(groups, og, cg, k, kind, block, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = make_mask(kind, (og * groups, cg, k, k), gen, block=(16, 16), p=0.15)
+    tiles = prepare_mask(m, groups, block)
+    blk = block or default_block(og, cg)
+    assert (tiles.block_o, tiles.block_c) == blk
+    occ = brute_occupancy(m, groups, blk)
+    assert torch.equal(tiles.occupancy, occ)
+    # index lists: active tiles first, in order, and nothing else counted
+    flat = occ.reshape(groups * tiles.o_tiles, -1)
+    for r in range(flat.shape[0]):
+        c = int(tiles.fwd_cnt[r])
+        assert tiles.fwd_idx[r, :c].tolist() == flat[r].nonzero().flatten().tolist()
+    flat_b = occ.permute(0, 3, 2, 1).reshape(groups * tiles.c_tiles, -1)
+    for r in range(flat_b.shape[0]):
+        c = int(tiles.bwd_cnt[r])
+        assert tiles.bwd_idx[r, :c].tolist() == flat_b[r].nonzero().flatten().tolist()
+    assert tiles.wgt_tiles.tolist() == occ.nonzero().tolist()
+
+
+def test_default_block():
+    assert default_block(64, 3) == (32, 16)
+    assert default_block(512, 512) == (32, 32)
+    assert default_block(20, 1) == (32, 16)
+    assert default_block(17, 31) == (32, 32)
+    assert default_block(16, 8) == (16, 16)
+
+
+def test_tile_map_cached_and_recomputed_on_inplace_change():
+    dev = TRITON_DEVICE
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 40, 4, 4, generator=gen).to(dev)
+    w = torch.randn(40, 40, 3, 3, generator=gen).to(dev)
+    m = torch.zeros(40, 40, 3, 3, dtype=torch.bool, device=dev)
+    y0 = masked_conv2d(x, w, m, padding=1, _backend="triton")
+    t0 = prepare_mask(m)
+    assert prepare_mask(m) is t0  # cached while the mask is unchanged
+    assert t0.wgt_tiles.shape[0] == 0 and not y0.any()
+    m[:20, :10] = True  # in place: bumps the version counter
+    y1 = masked_conv2d(x, w, m, padding=1, _backend="triton")
+    t1 = prepare_mask(m)
+    assert t1 is not t0
+    assert torch.equal(t1.occupancy.cpu(), brute_occupancy(m.cpu(), 1, (32, 32)))
+    torch.testing.assert_close(y1, F.conv2d(x, w * m, padding=1), rtol=1e-5, atol=1e-4)
+    m.fill_(True)
+    y2 = masked_conv2d(x, w, m, padding=1, _backend="triton")
+    torch.testing.assert_close(y2, F.conv2d(x, w, padding=1), rtol=1e-5, atol=1e-4)
+    assert prepare_mask(m).tile_density == 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mask_changed_between_forward_and_backward_raises(backend):
+    dev = "cpu" if backend == "torch" else TRITON_DEVICE
+    x = torch.randn(1, 2, 4, 4, device=dev, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, device=dev, requires_grad=True)
+    m = torch.ones(3, 2, 3, 3, dtype=torch.bool, device=dev)
+    y = masked_conv2d(x, w, m, _backend=backend)
+    m[0] = False
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# ------------------------------------------------------------------ CPU path
+@settings(max_examples=60, **HYP)
+@given(case=conv_cases, dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_cpu_path_matches_reference(case, dtype):
+    x, w, m, b, gy, conf = build(case, dtype, "cpu")
+    ours = run(lambda *a, **k: masked_conv2d(*a, **k, _backend="torch"), x, w, m, b, gy, **conf)
+    ref = run(masked_conv2d_reference, x, w, m, b, gy, **conf)
+    # same oneDNN calls on the same masked weight: equal up to kernel choice
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=tol, atol=tol)
+    assert not ours[2][~m].any()
+    if case["channels_last"]:
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("conf", [
+    dict(stride=1, padding=1, dilation=1, groups=1),
+    dict(stride=2, padding=(2, 0), dilation=(1, 2), groups=2),
+    dict(stride=(1, 2), padding="same", dilation=1, groups=1),
+])
+def test_cpu_path_gradcheck(conf):
+    if conf["padding"] == "same":
+        conf = dict(conf, stride=1)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4 // conf["groups"], 3, 2, generator=gen, dtype=torch.float64,
+                    requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(w.shape, generator=gen) < 0.6
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: masked_conv2d(x, w, m, b, **conf, _backend="torch"), (x, w, b))
+
+
+def test_same_padding_even_kernel_both_backends():
+    """Asymmetric 'same' padding (even kernel) matches F.conv2d's bottom/right convention."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(1, 3, 5, 6, generator=gen)
+    w = torch.randn(4, 3, 2, 4, generator=gen)
+    m = torch.rand(w.shape, generator=gen) < 0.7
+    ref = F.conv2d(x, w * m, padding="same")
+    for backend, dev in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        y = masked_conv2d(x.to(dev), w.to(dev), m.to(dev), padding="same", _backend=backend)
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_float_mask_accepted_and_validated():
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    mf = (torch.rand(3, 2, 3, 3) < 0.5).float()
+    torch.testing.assert_close(masked_conv2d(x, w, mf), F.conv2d(x, w * mf))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        masked_conv2d(x, w, mf * 0.5)
+
+
+def test_no_grad_needed_inputs():
+    """Only the weight needs a gradient (x frozen): grad_x is skipped, grad_w still right."""
+    for backend, dev in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        x = torch.randn(1, 3, 5, 5, device=dev)
+        w = torch.randn(2, 3, 3, 3, device=dev, requires_grad=True)
+        m = torch.rand(2, 3, 3, 3, device=dev) < 0.5
+        masked_conv2d(x, w, m, _backend=backend).square().sum().backward()
+        w2 = w.detach().clone().requires_grad_()
+        F.conv2d(x, w2 * m).square().sum().backward()
+        torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(x=torch.randn(2, 4, 4)), "x must be a 4-d"),
+    (dict(mask=torch.ones(3, 2, 3, 1, dtype=torch.bool)), "mask must have the weight's shape"),
+    (dict(x=torch.randn(1, 3, 5, 5)), "x has 3 channels"),
+    (dict(groups=2), "groups=2 must divide"),
+    (dict(groups=0), "groups must be a positive int"),
+    (dict(stride=0), "stride must be >= 1"),
+    (dict(stride=(1, 2, 3)), "stride must be an int or a pair"),
+    (dict(padding=-1), "padding must be >= 0"),
+    (dict(padding="full"), "padding must be an int, a pair"),
+    (dict(padding="same", stride=2), "padding='same' needs stride 1"),
+    (dict(dilation=0), "dilation must be >= 1"),
+    (dict(bias=torch.randn(4)), r"bias must be None or a tensor of shape \(3,\)"),
+    (dict(weight=torch.randn(3, 2, 3, 3, dtype=torch.float64)), "weight must have the dtype"),
+    (dict(x=torch.randn(1, 2, 2, 2)), "smaller than the dilated kernel"),
+    (dict(mask="not a tensor"), "mask must be a torch.Tensor"),
+    (dict(_backend="cuda"), "_backend must be"),
+])
+def test_bad_arguments(kwargs, match):
+    args = dict(x=torch.randn(1, 2, 5, 5), weight=torch.randn(3, 2, 3, 3),
+                mask=torch.ones(3, 2, 3, 3, dtype=torch.bool))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        masked_conv2d(**args)
+
+
+def test_bad_arguments_triton_dtype_and_block():
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        masked_conv2d(torch.randn(1, 2, 5, 5, dtype=torch.float64),
+                      torch.randn(3, 2, 3, 3, dtype=torch.float64),
+                      torch.ones(3, 2, 3, 3, dtype=torch.bool), _backend="triton")
+    with pytest.raises(ValueError, match="block must be a pair of powers of two"):
+        prepare_mask(torch.ones(3, 2, 3, 3, dtype=torch.bool), block=(24, 16))
+
+
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="mask is on meta but x is on cpu"):
+        masked_conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3),
+                      torch.ones(3, 2, 3, 3, dtype=torch.bool, device="meta"))
