@@ -65,20 +65,61 @@ def kth_index(sparsity, n):
     return min(math.ceil(sparsity * n), n - 1)
 
 
+def _magnitude_dtype(tensors):
+    # fp16/bf16/fp32 magnitudes are exact in float32; float64 ones need float64.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def magnitude_threshold_reference(tensors, sparsity):
     """The official SDCLR rule: pool |w| of all tensors, sort on the CPU with NumPy, take the
     value at index ceil(sparsity * n)."""
-    flat = np.concatenate([t.detach().abs().float().cpu().reshape(-1).numpy() for t in tensors])
+    dtype = _magnitude_dtype(tensors)
+    flat = np.concatenate([t.detach().abs().to(dtype).cpu().reshape(-1).numpy() for t in tensors])
     return torch.tensor(np.sort(flat, kind="stable")[kth_index(sparsity, flat.size)])
 
 
 def magnitude_masks_reference(tensors, sparsity, scope="global"):
-    """Masks |w| >= threshold with one pooled threshold ("global") or one per tensor ("layer")."""
+    """Masks |w| >= threshold with one pooled threshold ("global") or one per tensor ("layer";
+    an empty tensor gets an empty mask)."""
+    dtype = _magnitude_dtype(tensors)
     if scope == "global":
         t = magnitude_threshold_reference(tensors, sparsity)
-        return [w.detach().abs().float().cpu() >= t for w in tensors]
-    return [w.detach().abs().float().cpu() >= magnitude_threshold_reference([w], sparsity)
-            for w in tensors]
+        return [w.detach().abs().to(dtype).cpu() >= t for w in tensors]
+    return [w.detach().abs().to(dtype).cpu() >= magnitude_threshold_reference([w], sparsity)
+            if w.numel() else torch.zeros(w.shape, dtype=torch.bool) for w in tensors]
+
+
+def block_scores_reference(weight, block):
+    """Mean |w| (float64) of every (bo out-channels x bi in-channels x all taps) block of a conv
+    weight (O, I, kh, kw), block by block; edge blocks are smaller and averaged over their
+    own size."""
+    bo, bi = block
+    o, i = weight.shape[:2]
+    w = weight.detach().abs().to(torch.float64).cpu()
+    scores = torch.zeros(math.ceil(o / bo), math.ceil(i / bi), dtype=torch.float64)
+    for r in range(scores.shape[0]):
+        for c in range(scores.shape[1]):
+            scores[r, c] = w[r * bo:(r + 1) * bo, c * bi:(c + 1) * bi].mean()
+    return scores
+
+
+def magnitude_block_masks_reference(tensors, sparsity, block, scope="global"):
+    """Block masks: blocks ranked by block_scores_reference with the sort rule of
+    magnitude_threshold_reference (pooled or per tensor), kept blocks expanded to the weight."""
+    scores = [block_scores_reference(w, block) for w in tensors]
+    if scope == "global":
+        thresholds = [magnitude_threshold_reference(scores, sparsity)] * len(scores)
+    else:
+        thresholds = [magnitude_threshold_reference([sc], sparsity) if sc.numel() else 0.0
+                      for sc in scores]
+    masks = []
+    for w, sc, t in zip(tensors, scores, thresholds):
+        m = torch.zeros(w.shape, dtype=torch.bool)
+        for r in range(sc.shape[0]):
+            for c in range(sc.shape[1]):
+                m[r * block[0]:(r + 1) * block[0], c * block[1]:(c + 1) * block[1]] = bool(sc[r, c] >= t)
+        masks.append(m)
+    return masks
 
 
 # ---------------------------------------------------------------- masked convolution

@@ -1,0 +1,280 @@
+"""Top-k magnitude pruning: the masks of SDCLR's self-competitor.
+
+SDCLR pools |w| of every conv weight of the backbone, takes the value at index
+ceil(sparsity * n) of the ascending sort as the threshold and keeps |w| >= threshold (ties
+kept). The official code sorts on the CPU with NumPy once per epoch; here the threshold is an
+exact radix select over the IEEE bits of |w| (C++ with at::parallel_for on CPU, CUDA kernels
+that cover all tensors in a handful of launches on GPU) and the masks come from one fused pass.
+Results equal the sort rule bit for bit, ties included.
+
+Registered ops (``torch.ops.sdclr_fast.*``, fake implementations below so they trace under
+``torch.compile``):
+
+* ``kth_abs_value(Tensor[] tensors, int k) -> Tensor``: k-th smallest |w| (0-based) pooled.
+* ``kth_abs_value_per_tensor(Tensor[] tensors, int[] k) -> Tensor``: one per tensor.
+* ``abs_ge_masks(Tensor[] tensors, Tensor threshold) -> Tensor[]``: masks ``|w| >= t``.
+
+Thresholds are float32 (float16/bfloat16/float32 magnitudes convert to float32 exactly), or
+float64 when a tensor is float64.
+"""
+import fnmatch
+import math
+import numbers
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import sdclr_fast._C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+
+from .reference import kth_index
+
+__all__ = [
+    "magnitude_threshold",
+    "magnitude_masks",
+    "block_scores",
+    "conv_weights",
+    "prune_model",
+    "MagnitudePruning",
+    "global_magnitude_unstructured",
+]
+
+_ops = torch.ops.sdclr_fast
+_SCOPES = ("global", "layer")
+
+
+# ---------------------------------------------------------------- fake (meta) implementations
+def _threshold_dtype(tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.register_fake("sdclr_fast::kth_abs_value")
+def _kth_abs_value_fake(tensors, k):
+    return tensors[0].new_empty((), dtype=_threshold_dtype(tensors))
+
+
+@torch.library.register_fake("sdclr_fast::kth_abs_value_per_tensor")
+def _kth_abs_value_per_tensor_fake(tensors, k):
+    return tensors[0].new_empty((len(tensors),), dtype=_threshold_dtype(tensors))
+
+
+@torch.library.register_fake("sdclr_fast::abs_ge_masks")
+def _abs_ge_masks_fake(tensors, threshold):
+    return [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+
+
+# ---------------------------------------------------------------- argument checks
+def _check_sparsity(sparsity):
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    s = float(sparsity)
+    if not 0.0 <= s < 1.0:  # also rejects NaN
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+def _check_tensors(tensors):
+    """A list of detached tensors on one device (dtype and finiteness are checked in C++,
+    fused into the passes that read the data anyway)."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors: expected at least one tensor, got an empty list")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensors[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors must all be on one device: tensors[0] is on "
+                             f"{tensors[0].device} but tensors[{i}] is on {t.device}")
+    return [t.detach() for t in tensors]
+
+
+def _check_scope(scope):
+    if scope not in _SCOPES:
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+
+
+def _check_block(block):
+    if block is None:
+        return None
+    ok = (isinstance(block, (tuple, list)) and len(block) == 2
+          and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0
+                  for b in block))
+    if not ok:
+        raise ValueError(f"block must be None or a pair (out_channels, in_channels) of positive "
+                         f"ints, got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+# ---------------------------------------------------------------- public ops
+def magnitude_threshold(tensors, sparsity):
+    """The SDCLR threshold: the value at index ``ceil(sparsity * n)`` (kept < n) of the
+    ascending sorted |w| pooled over all ``tensors``. Returns a 0-d tensor on their device
+    (float32; float64 if any tensor is float64)."""
+    s = _check_sparsity(sparsity)
+    tensors = _check_tensors(tensors)
+    n = sum(t.numel() for t in tensors)
+    if n == 0:
+        raise ValueError("tensors: the tensors hold no elements")
+    return _ops.kth_abs_value(tensors, kth_index(s, n))
+
+
+def block_scores(weight, block):
+    """Score of each (block[0] out-channels x block[1] in-channels x all kh*kw taps) group of a
+    conv weight (O, I, kh, kw): its L1 norm divided by its element count, so that the partial
+    blocks at the edges compete fairly with full ones. Float64, shape (ceil(O/bo), ceil(I/bi))."""
+    bo, bi = block
+    o, i, kh, kw = weight.shape
+    nbo, nbi = -(-o // bo), -(-i // bi)
+    per_pair = weight.detach().abs().to(torch.float64).sum(dim=(2, 3))  # (O, I)
+    padded = per_pair.new_zeros(nbo * bo, nbi * bi)
+    padded[:o, :i] = per_pair
+    sums = padded.reshape(nbo, bo, nbi, bi).sum(dim=(1, 3))
+    rows = torch.full((nbo,), bo, dtype=torch.float64, device=weight.device)
+    cols = torch.full((nbi,), bi, dtype=torch.float64, device=weight.device)
+    if nbo:
+        rows[-1] = o - (nbo - 1) * bo
+    if nbi:
+        cols[-1] = i - (nbi - 1) * bi
+    return sums / (rows[:, None] * cols[None, :] * (kh * kw))
+
+
+def _expand_blocks(keep, shape, block):
+    o, i, kh, kw = shape
+    full = keep.repeat_interleave(block[0], dim=0)[:o].repeat_interleave(block[1], dim=1)[:, :i]
+    return full[:, :, None, None].expand(o, i, kh, kw).contiguous()
+
+
+def magnitude_masks(tensors, sparsity, scope="global", block=None):
+    """Bool masks ``|w| >= threshold``, one per tensor (shape of the tensor, contiguous).
+
+    scope: ``"global"`` pools all tensors under one threshold (SDCLR); ``"layer"`` gives each
+    tensor its own. block: None (unstructured, as SDCLR) or ``(bo, bi)`` for conv weights
+    (O, I, kh, kw): whole groups of bo out-channels x bi in-channels x all taps are kept or
+    pruned together, ranked by :func:`block_scores` with the same ceil rule over blocks, so
+    that a mask-aware conv can skip pruned blocks.
+    """
+    s = _check_sparsity(sparsity)
+    _check_scope(scope)
+    block = _check_block(block)
+    tensors = _check_tensors(tensors)
+    if block is not None:
+        return _block_masks(tensors, s, scope, block)
+    if scope == "global":
+        n = sum(t.numel() for t in tensors)
+        if n == 0:
+            raise ValueError("tensors: the tensors hold no elements")
+        threshold = _ops.kth_abs_value(tensors, kth_index(s, n))
+    else:
+        ks = [kth_index(s, t.numel()) if t.numel() else 0 for t in tensors]
+        threshold = _ops.kth_abs_value_per_tensor(tensors, ks)
+    return list(_ops.abs_ge_masks(tensors, threshold.reshape(-1)))
+
+
+def _block_masks(tensors, s, scope, block):
+    for i, t in enumerate(tensors):
+        if t.dim() != 4:
+            raise ValueError(f"block masks need 4-d conv weights (O, I, kh, kw); tensors[{i}] has "
+                             f"shape {tuple(t.shape)}")
+    scores = [block_scores(t, block) for t in tensors]
+    if scope == "global":
+        n = sum(sc.numel() for sc in scores)
+        if n == 0:
+            raise ValueError("tensors: the tensors hold no elements")
+        threshold = _ops.kth_abs_value(scores, kth_index(s, n)).reshape(1)
+        thresholds = [threshold] * len(scores)
+    else:
+        ks = [kth_index(s, sc.numel()) if sc.numel() else 0 for sc in scores]
+        thresholds = _ops.kth_abs_value_per_tensor(scores, ks).unbind(0)
+    return [_expand_blocks(sc >= th, t.shape, block)
+            for sc, th, t in zip(scores, thresholds, tensors)]
+
+
+# ---------------------------------------------------------------- models
+def _patterns(arg, name):
+    if arg is None:
+        return None
+    pats = [arg] if isinstance(arg, str) else list(arg)
+    if not all(isinstance(p, str) for p in pats):
+        raise ValueError(f"{name} must be a glob pattern or a list of glob patterns, got {arg!r}")
+    return pats
+
+
+def conv_weights(model, include=None, exclude=None):
+    """``{parameter name: weight}`` of every nn.Conv2d (subclasses included, e.g. MaskedConv2d)
+    of ``model``, in module order: SDCLR's pruning set (first conv and 1x1 shortcuts included,
+    Linear heads and BatchNorm excluded).
+
+    include / exclude: shell-style glob patterns (``fnmatch.fnmatchcase``, e.g. ``"layer4.*"``
+    or ``"*shortcut*"``) matched against the parameter name; a weight is kept when it matches
+    some include pattern (all do when include is None) and no exclude pattern. A conv already
+    under ``torch.nn.utils.prune`` contributes its dense ``weight_orig`` under the name
+    ``<module>.weight``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inc, exc = _patterns(include, "include"), _patterns(exclude, "exclude")
+    out, seen = {}, set()
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        w = getattr(mod, "weight_orig", None)
+        if not isinstance(w, nn.Parameter):
+            w = mod.weight
+        if not isinstance(w, torch.Tensor) or w.dim() != 4 or id(w) in seen:
+            continue
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if inc is not None and not any(fnmatch.fnmatchcase(name, p) for p in inc):
+            continue
+        if exc is not None and any(fnmatch.fnmatchcase(name, p) for p in exc):
+            continue
+        seen.add(id(w))
+        out[name] = w
+    return out
+
+
+def prune_model(model, sparsity, scope="global", include=None, exclude=None, block=None):
+    """Masks for the conv weights of ``model`` (see :func:`conv_weights` for the set and the
+    include / exclude glob patterns): ``{parameter name: bool mask}``. With the defaults this is
+    SDCLR's self-competitor mask: one global threshold over all conv weights."""
+    weights = conv_weights(model, include, exclude)
+    if not weights:
+        raise ValueError("model: no nn.Conv2d weights to prune (after include/exclude)")
+    masks = magnitude_masks(list(weights.values()), sparsity, scope=scope, block=block)
+    return dict(zip(weights.keys(), masks))
+
+
+class MagnitudePruning(torch_prune.BasePruningMethod):
+    """``torch.nn.utils.prune`` method with SDCLR's rule: prune ``|w| < threshold`` where the
+    threshold is the value at index ceil(amount * n) of the sorted magnitudes (ties are kept,
+    unlike L1Unstructured, which removes exactly round(amount * n) entries). ``amount`` is a
+    fraction in [0, 1).
+
+    >>> MagnitudePruning.apply(conv, "weight", amount=0.9)
+    >>> global_magnitude_unstructured([(conv1, "weight"), (conv2, "weight")], amount=0.9)
+    """
+
+    PRUNING_TYPE = "unstructured"
+
+    def __init__(self, amount):
+        self.amount = _check_sparsity(amount)
+
+    def compute_mask(self, t, default_mask):
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        if t.numel():
+            keep = magnitude_masks([t], self.amount)[0]
+            mask.masked_fill_(~keep.reshape(mask.shape), 0)
+        return mask
+
+    @classmethod
+    def apply(cls, module, name, amount, importance_scores=None):
+        return super().apply(module, name, amount=amount, importance_scores=importance_scores)
+
+
+def global_magnitude_unstructured(parameters, amount, importance_scores=None):
+    """``torch.nn.utils.prune.global_unstructured`` with :class:`MagnitudePruning`: one
+    threshold pooled over all ``(module, name)`` pairs, the masks applied with that module's
+    reparametrisation (``weight_orig`` and ``weight_mask``)."""
+    torch_prune.global_unstructured(parameters, pruning_method=MagnitudePruning,
+                                    importance_scores=importance_scores, amount=amount)
