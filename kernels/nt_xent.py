@@ -1,0 +1,264 @@
+"""Triton kernels of the fused NT-Xent loss; the 2N x 2N similarity matrix is never stored.
+
+Notation (see sdclr_fast/ops/nt_xent.py for the op around them): u is the (M, D) matrix of raw
+rows, r_i = 1 / max(|u_i|, eps) their inverse norms (all ones without normalisation),
+zhat_i = r_i u_i, S_ij = zhat_i . zhat_j / tau. The first R rows are the "query" rows whose
+losses are wanted (R = M on one process; under a distributed gather the local rows are moved
+to the front). key_i is an int32 per row: row j is a positive of row i iff key_j == key_i and
+j != i (the two-view case uses the pair index i mod N as key, so each row has one positive).
+
+forward, one program per BLOCK_M query rows, online log-sum-exp over BLOCK_N column tiles:
+    lse_i  = log sum_{j != i} exp(S_ij)
+    loss_i = lse_i - mean_{p in pos(i)} S_ip       (0 where row i has no positive)
+Scores are kept in base-2 units (S * log2 e) so the exponentials are exp2.
+
+backward, one program per BLOCK_M output rows k (all M rows) and per D chunk: with g_i the
+upstream gradient of loss_i (0 for rows that are not queries or have no positive) and
+gy_i = g_i / |pos(i)|, S symmetric gives
+    dL/dzhat_k = (1/tau) sum_j A_kj zhat_j,
+    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j),   P_ij = exp(S_ij - lse_i),
+so each program owns its output rows and no atomics are needed. Rows beyond R only see the
+query columns (j < R); their lse is +inf, which makes their P terms exactly 0. The chain rule
+through the L2 normalisation runs in PyTorch on the (M, D) result.
+
+Inputs stay in their dtype for tl.dot (fp32 accumulation): fp16/bf16 use the tensor cores,
+fp32 uses IEEE products unless torch.backends.cuda.matmul.allow_tf32 is set (as torch.matmul
+does). The interpreter's 16-bit arithmetic is unreliable, so tiles are upcast there.
+D up to MAX_BLOCK_D is held in one register tile; larger D is processed in chunks (forward:
+the dot is accumulated over chunks; backward: one program per output chunk, each recomputing
+the scores).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_BLOCK_D = 256
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) raw dot products u_m . u_n, fp32. With one D chunk `q` is the
+    preloaded (BLOCK_M, BLOCK_D) row tile and the column tile is returned for reuse."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        k = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
+                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in range(D_CHUNKS):
+            d = c * BLOCK_D + offs_d
+            qc = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + d[None, :] * s_ud,
+                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+            kc = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * s_um + d[None, :] * s_ud,
+                         mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+            if UPCAST:
+                qc = qc.to(tl.float32)
+                kc = kc.to(tl.float32)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
+        k = s  # unused placeholder with D chunks
+    return s, k
+
+
+@triton.jit
+def _nt_xent_fwd_kernel(
+    u_ptr, r_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, cnt_ptr,
+    R, M, D, s_um, s_ud,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < R
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if D_CHUNKS == 1:
+        q = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+    # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
+    scale = tl.load(scale_ptr) * LOG2E
+    if NORMALIZE:
+        row_scale = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0) * scale
+    else:
+        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    key_i = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        s, _ = _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
+                       BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        if NORMALIZE:
+            r_j = tl.load(r_ptr + offs_n, mask=col_ok, other=0.0)
+            s = s * row_scale[:, None] * r_j[None, :]
+        else:
+            s = s * row_scale[:, None]
+        valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+        s_masked = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_masked, 1))
+        # A row whose columns so far are all masked keeps m = -inf; shift by 0 there to
+        # avoid (-inf) - (-inf).
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s_masked - m_shift[:, None]), 1)
+        m_i = m_new
+        key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
+        same = valid & (key_j[None, :] == key_i[:, None])
+        pos += tl.sum(tl.where(same, s, 0.0), 1)
+        cnt += tl.sum(same.to(tl.int32), 1)
+
+    lse2 = m_i + tl.log2(l_i)
+    has_pos = cnt > 0
+    loss = tl.where(has_pos, (lse2 - pos / tl.maximum(cnt, 1).to(tl.float32)) * LN2, 0.0)
+    tl.store(loss_ptr + offs_m, loss, mask=row_ok)
+    tl.store(lse2_ptr + offs_m, lse2, mask=row_ok)
+    tl.store(cnt_ptr + offs_m, cnt, mask=row_ok)
+
+
+@triton.jit
+def _nt_xent_bwd_kernel(
+    u_ptr, r_ptr, key_ptr, scale_ptr, lse2_ptr, g_ptr, gy_ptr, dz_ptr,
+    R, M, D, s_um, s_ud, s_dm, s_dd,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if D_CHUNKS == 1:
+        q = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
+                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+    inv_tau = tl.load(scale_ptr)
+    scale = inv_tau * LOG2E
+    if NORMALIZE:
+        r_k = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0)
+        row_scale = r_k * scale
+    else:
+        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    key_k = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
+    lse2_k = tl.load(lse2_ptr + offs_m, mask=row_ok, other=float("inf"))
+    g_k = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
+    gy_k = tl.load(gy_ptr + offs_m, mask=row_ok, other=0.0)
+    d_out = chunk * BLOCK_D + offs_d
+
+    # Rows that are not queries only pair with query columns (the g_j P_jk term).
+    n_end = tl.where(pid * BLOCK_M < R, M, R)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, n_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        s, k = _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
+                       BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        if NORMALIZE:
+            r_j = tl.load(r_ptr + offs_n, mask=col_ok, other=0.0)
+            s = s * row_scale[:, None] * r_j[None, :]
+        else:
+            s = s * row_scale[:, None]
+        lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
+        g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
+        gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
+        key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
+        valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+        a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
+             + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
+        same = valid & (key_j[None, :] == key_k[:, None])
+        a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
+        a = tl.where(valid, a, 0.0)
+        if NORMALIZE:
+            a = a * r_j[None, :]
+        if D_CHUNKS == 1:
+            v = k
+        else:
+            v = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * s_um + d_out[None, :] * s_ud,
+                        mask=col_ok[:, None] & (d_out[None, :] < D), other=0.0)
+            if UPCAST:
+                v = v.to(tl.float32)
+        acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
+
+    acc = acc * inv_tau
+    tl.store(dz_ptr + offs_m.to(tl.int64)[:, None] * s_dm + d_out[None, :] * s_dd, acc,
+             mask=row_ok[:, None] & (d_out[None, :] < D))
+
+
+# ------------------------------------------------------------------ launch helpers
+def _dot_precision(dtype):
+    """fp32 follows torch.matmul's setting (IEEE unless allow_tf32); the interpreter is exact;
+    16-bit inputs ignore it."""
+    if dtype == torch.float32 and (interpreting() or not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _config(dtype, D, block_d=None):
+    """Tile sizes and launch options. block_d overrides the D chunk (a power of two >= 16;
+    tests use it to exercise the chunked path at small D)."""
+    interp = interpreting()
+    if block_d is None:
+        block_d = min(max(16, triton.next_power_of_2(D)), MAX_BLOCK_D)
+    d_chunks = triton.cdiv(D, block_d)
+    if interp:
+        block_m, block_n, launch = 32, 32, {}
+    else:
+        # 16-bit tiles at D <= 128 fit 128 x 64 with 8 warps; fp32 / wide tiles use 64 x 64.
+        small = dtype != torch.float32 and block_d <= 128
+        block_m, block_n = (128, 64) if small else (64, 64)
+        launch = {"num_warps": 8 if small or block_d > 64 else 4, "num_stages": 2}
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
+                UPCAST=interp, PRECISION=_dot_precision(dtype)), launch
+
+
+def forward(u, r, keys, inv_tau, R, normalize, block_d=None):
+    """Per-row losses (R,) fp32, base-2 log-sum-exp (M,) fp32 (+inf beyond R) and positive
+    counts (R,) int32 for the first R rows of u (M, D) against all M rows.
+
+    r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32; inv_tau: (1,)
+    fp32 tensor on u's device."""
+    M, D = u.shape
+    meta, launch = _config(u.dtype, D, block_d)
+    loss = torch.empty(R, device=u.device, dtype=torch.float32)
+    lse2 = torch.full((M,), float("inf"), device=u.device, dtype=torch.float32)
+    cnt = torch.empty(R, device=u.device, dtype=torch.int32)
+    grid = (triton.cdiv(R, meta["BLOCK_M"]),)
+    _nt_xent_fwd_kernel[grid](
+        u, r, keys, inv_tau, loss, lse2, cnt, R, M, D, u.stride(0), u.stride(1),
+        NORMALIZE=normalize, **meta, **launch)
+    return loss, lse2, cnt
+
+
+def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None):
+    """dL/dzhat (M, D) fp32, where zhat is the normalised u (u itself without normalize).
+
+    g, gy: (M,) fp32 upstream gradient of each row's loss and the same divided by the row's
+    positive count (0 beyond R and for rows without positives)."""
+    M, D = u.shape
+    meta, launch = _config(u.dtype, D, block_d)
+    dz = torch.empty((M, D), device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
+    _nt_xent_bwd_kernel[grid](
+        u, r, keys, inv_tau, lse2, g, gy, dz, R, M, D, u.stride(0), u.stride(1),
+        dz.stride(0), dz.stride(1), NORMALIZE=normalize, **meta, **launch)
+    return dz
