@@ -54,6 +54,10 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     from .base import check_image_size
 
     image_size = check_image_size(image_size)
+    if split_file is not None:
+        saved = load_split(split_file)  # fail before reading any image files
+        if saved["dataset"] != name:
+            raise ValueError(f"split_file was written for data set {saved['dataset']!r}, not {name!r}")
     common = dict(ratio=ratio, seed=seed, split=split, image_size=image_size,
                   permute_classes=bool(permute_classes), split_file=split_file)
     allowed = {"cifar10-lt": {"val_fraction"}, "cifar100-lt": {"val_fraction"},

@@ -84,6 +84,8 @@ class TwoViewAugment(nn.Module):
         b, c, sat, hue = jitter
         if in_channels == 1:
             sat, hue, grayscale_p = 0.0, 0.0, 0.0
+        # The settings in effect (after the 1-channel adjustment), for logs and checks.
+        self.jitter, self.jitter_p, self.grayscale_p = (b, c, sat, hue), jitter_p, grayscale_p
         ops = [K.RandomResizedCrop((self.image_size, self.image_size), scale=tuple(scale)),
                K.RandomHorizontalFlip(p=flip_p)]
         if jitter_p > 0 and any((b, c, sat, hue)):

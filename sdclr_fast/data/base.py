@@ -144,13 +144,18 @@ class ContrastiveData:
         """Images per class in the long-tailed training split (int64, length num_classes)."""
         return self.train.class_counts(self.num_classes)
 
-    def fewshot(self, shots) -> ImageSet:
-        """A balanced few-shot subset of ``probe_train``: ``shots`` images per class (int), or a
-        fraction in (0, 1] of the per-class size. Deterministic in (seed, split, shots)."""
+    def fewshot_positions(self, shots) -> torch.Tensor:
+        """Positions into ``probe_train`` of the few-shot subset (see :meth:`fewshot`)."""
         pos = _splits.fewshot_subset(self.probe_train.labels.numpy(), np.arange(len(self.probe_train)),
                                      self.num_classes, shots, self.config.get("seed", 0),
                                      self.config.get("split", 0))
-        return self.probe_train.subset(pos)
+        return torch.from_numpy(pos)
+
+    def fewshot(self, shots) -> ImageSet:
+        """A balanced few-shot subset of ``probe_train``: ``shots`` images per class (int), or a
+        fraction in (0, 1] of the smallest class (floored, at least 1). Deterministic in
+        (seed, split, shots)."""
+        return self.probe_train.subset(self.fewshot_positions(shots))
 
     def subset(self, positions) -> ImageSet:
         """Positions into ``train`` -> that part of the training split (for DnC clusters)."""

@@ -80,7 +80,7 @@ def _decode(path: Path, size: int, grayscale: bool) -> np.ndarray:
             img = img.convert("L" if grayscale else "RGB")
             # Shorter side to `size`, then the centre square: no aspect-ratio distortion.
             img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
     except OSError as exc:
         raise ValueError(f"cannot decode image {str(path)!r}: {exc}") from None
     return arr[None] if grayscale else arr.transpose(2, 0, 1)
