@@ -1,0 +1,43 @@
+"""Pretraining: the SimCLR / SDCLR loop, checkpoints and resume, evaluation of runs; DnC stages
+(k-means, experts, distillation) live in ``kmeans``, ``distill`` and ``dnc``.
+
+Typical use::
+
+    from sdclr_fast.train import PretrainConfig, pretrain, load_model
+    ckpt = pretrain(PretrainConfig(method="sdclr", dataset="cifar10-lt", data_root="..."), run_dir="runs/a")
+    model = load_model(ckpt)   # SelfCompetitor with masks and dual BN, eval mode
+
+Names are imported on first use so that ``import sdclr_fast.train.kmeans`` stays light.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "PretrainConfig": "config",
+    "METHODS": "config",
+    "pretrain": "pretrain",
+    "load_model": "pretrain",
+    "read_metrics": "pretrain",
+    "NonFiniteLossError": "pretrain",
+    "ContrastiveForward": "pretrain",
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "warmup_cosine": "schedule",
+    "warmup_cosine_factor": "schedule",
+    "evaluate_checkpoint": "evaluate",
+    "DenseEncoder": "evaluate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

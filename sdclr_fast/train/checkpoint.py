@@ -1,0 +1,147 @@
+"""Atomic checkpoints that can be validated before they are trusted.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
+renamed over the old one with ``os.replace`` (atomic on POSIX), so a run killed while saving
+leaves the previous complete checkpoint in place. Loading checks that the file is a torch zip,
+that it carries this project's format key and version, and (when asked) that it was written for
+the same method and architecture; every failure is a :class:`CheckpointError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "sdclr-fast-checkpoint"
+VERSION = 1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, foreign or written for another run."""
+
+
+def save_checkpoint(state: dict, path) -> Path:
+    """Write ``state`` (plus the format key and version) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is synced.
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    return path
+
+
+def load_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> dict:
+    """Read and validate a checkpoint written by :func:`save_checkpoint`.
+
+    path:   the .pt file, or a run directory holding ``checkpoint.pt``.
+    expect: e.g. {"method": "sdclr", "arch": "resnet18"}; each key must equal the stored
+            config's value.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or not a torch checkpoint "
+                              f"(not a complete zip archive)")
+    try:
+        # weights_only: a checkpoint is data; never run pickled code from a file we are handed.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an sdclr-fast checkpoint (no format key {FORMAT!r})")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {state.get('version')!r}; "
+                              f"this sdclr-fast reads version {VERSION}")
+    for key in ("config", "model", "epoch"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks the entry {key!r}")
+    if expect:
+        cfg = state["config"]
+        for key, want in expect.items():
+            if cfg.get(key) != want:
+                raise CheckpointError(f"checkpoint {str(path)!r} was written for {key}={cfg.get(key)!r}, "
+                                      f"expected {key}={want!r}")
+    state["path"] = str(path)
+    return state
+
+
+# ---------------------------------------------------------------- RNG states
+def capture_rng(data_generator: torch.Generator | None = None) -> dict:
+    """Every random state a step draws from: torch CPU / CUDA, NumPy, Python, data order."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": _python_state_to_tensors(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if data_generator is not None:
+        state["data"] = data_generator.get_state()
+    return state
+
+
+def restore_rng(state: dict, data_generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    random.setstate(_python_state_from_tensors(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:  # another machine: keep this process's device state, seeded from the saved one
+            torch.cuda.set_rng_state(cuda_states[min(torch.cuda.current_device(), len(cuda_states) - 1)])
+    if data_generator is not None and "data" in state:
+        data_generator.set_state(state["data"])
+
+
+# weights_only loading accepts tensors and plain containers, so the NumPy / Python states are
+# stored as tensors instead of their native (pickled-object) form.
+def _numpy_state_to_tensors(st):
+    name, keys, pos, has_gauss, cached = st
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_tensors(d):
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_tensors(st):
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_state_from_tensors(d):
+    return (d["version"], tuple(int(v) for v in d["internal"].tolist()), d["gauss"])

@@ -1,0 +1,141 @@
+"""Pretraining configuration: one dataclass whose defaults are the papers' values.
+
+The CLI builds it from flags (every field is a flag), checkpoints store it as a plain dict, and a
+resumed run checks that the fields which change the result match the stored ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+
+METHODS = ("simclr", "sdclr")
+PRUNE_SCOPES = ("global", "layer")
+
+# Fields that only change how a run executes, not what it computes; they may differ on resume.
+RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "progress", "num_threads"})
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a SimCLR / SDCLR pretraining run.
+
+    Defaults follow SDCLR (Jiang et al., ICML 2021) on CIFAR: ResNet-18 with the CIFAR stem,
+    SGD lr 0.5 / momentum 0.9 / weight decay 1e-4 at batch 512, cosine schedule per step with 10
+    warm-up epochs, temperature 0.2, global magnitude pruning at 0.9 recomputed every epoch.
+    ``lr`` is used as given: it is not rescaled with the batch size (SDCLR's 0.5 is the value
+    for batch 512; scale it yourself, e.g. linearly, when you change the batch).
+    """
+
+    method: str = "sdclr"
+    dataset: str = "cifar10-lt"
+    data_root: str | None = None
+    ratio: float | None = 100.0          # imbalance factor of the long-tailed split
+    split: int = 0                       # which long-tailed draw (the protocol uses 0-4)
+    image_size: int | None = None        # None: the data set's native size
+    arch: str = "resnet18"
+    width: int = 64                      # channels of the first stage (64 = standard ResNet-18)
+    proj_dim: int = 128
+    cifar_stem: bool = True              # 3x3 stride-1 first conv, no max-pool (small images)
+    epochs: int = 2000
+    batch_size: int = 512                # global batch (split over DDP ranks)
+    lr: float = 0.5
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10.0          # clipped to the run length
+    temperature: float = 0.2
+    sparsity: float = 0.9                # SDCLR only
+    prune_scope: str = "global"          # SDCLR only: "global" (paper) or "layer"
+    seed: int = 0
+    device: str | None = None            # None: cuda when available, else cpu
+    amp: bool | None = None              # bf16 autocast; None: on for CUDA, off on CPU
+    channels_last: bool | None = None    # None: on for CUDA, off on CPU
+    compile: bool = False
+    sync_bn: bool = True                 # SyncBatchNorm when running under DDP
+    log_every: int = 10                  # progress-bar refresh period in steps
+    tensorboard: bool = True             # write TensorBoard scalars when tensorboard is installed
+    progress: bool = True                # tqdm progress bar per epoch
+    num_threads: int | None = None       # torch CPU threads; None leaves torch's default
+    extra: dict = field(default_factory=dict)  # free-form notes kept with the run (e.g. DnC stage)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self):
+        def positive_int(name, allow_none=False):
+            v = getattr(self, name)
+            if allow_none and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        def finite(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if lo is not None and (v < lo or (lo_open and v == lo)):
+                raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v!r}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{name} must be <= {hi}, got {v!r}")
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r} "
+                             f"(DnC runs through sdclr_fast.train.dnc)")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"dataset must be a data set name, got {self.dataset!r}")
+        if self.prune_scope not in PRUNE_SCOPES:
+            raise ValueError(f"prune_scope must be one of {PRUNE_SCOPES}, got {self.prune_scope!r}")
+        for name in ("width", "proj_dim", "epochs", "batch_size", "log_every"):
+            positive_int(name)
+        positive_int("image_size", allow_none=True)
+        positive_int("num_threads", allow_none=True)
+        if isinstance(self.split, bool) or not isinstance(self.split, numbers.Integral) or self.split < 0:
+            raise ValueError(f"split must be a non-negative int, got {self.split!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.ratio is not None:
+            finite("ratio", lo=1)
+        finite("lr", lo=0, lo_open=True)
+        finite("momentum", lo=0, hi=1)
+        finite("weight_decay", lo=0)
+        finite("warmup_epochs", lo=0)
+        finite("temperature", lo=0, lo_open=True)
+        finite("sparsity", lo=0, hi=1)
+        if self.sparsity >= 1:
+            raise ValueError(f"sparsity must be < 1 (some weights must stay), got {self.sparsity!r}")
+        if not isinstance(self.cifar_stem, bool):
+            raise ValueError(f"cifar_stem must be a bool, got {self.cifar_stem!r}")
+        for name in ("amp", "channels_last"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None (auto), got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: "PretrainConfig", *, ignore=RUNTIME_FIELDS) -> dict:
+        """{field: (self's, other's)} for the fields that differ, runtime fields left out."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+
+    @property
+    def warmup_epochs_effective(self) -> float:
+        """Warm-up clipped to the run: at most the whole run."""
+        return min(float(self.warmup_epochs), float(self.epochs))

@@ -1,0 +1,115 @@
+"""Evaluate pretraining runs: rebuild each run's data split, load its checkpoint, run the probes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .config import PretrainConfig
+
+PROBE_CHOICES = ("full", "fewshot", "knn", "all")
+
+
+class DenseEncoder(nn.Module):
+    """Backbone features of the dense branch (what the linear probe and kNN see)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.features(x, branch="dense")
+
+
+def probe_names(probe: str, shots=0.01) -> tuple:
+    """CLI probe choice -> the probe names of ``sdclr_fast.eval.evaluate_backbone``."""
+    table = {"full": ("linear",), "fewshot": (f"fewshot-{shots}",), "knn": ("knn",)}
+    if probe == "all":
+        return table["full"] + table["fewshot"] + table["knn"]
+    if probe not in table:
+        raise ValueError(f"probe must be one of {PROBE_CHOICES}, got {probe!r}")
+    return table[probe]
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run directory or a checkpoint file -> the checkpoint file."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def run_label(checkpoint_state: dict, path: Path) -> str:
+    cfg = checkpoint_state["config"]
+    name = {"simclr": "SimCLR", "sdclr": "SDCLR"}.get(cfg.get("method"), str(cfg.get("method")))
+    stage = cfg.get("extra", {}).get("label")
+    return stage or f"{name} ({path.parent.name})"
+
+
+def data_for_run(checkpoint_state: dict, run_dir: Path):
+    """The run's data set, with the exact split it was trained on when split.json is there."""
+    from ..data import build_dataset
+
+    cfg = PretrainConfig.from_dict(checkpoint_state["config"])
+    split_file = run_dir if (run_dir / "split.json").exists() else None
+    return build_dataset(cfg.dataset, cfg.data_root, ratio=cfg.ratio, seed=cfg.seed, split=cfg.split,
+                         image_size=cfg.image_size, split_file=split_file)
+
+
+def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=None, batch_size: int = 512,
+                        probe_options: dict | None = None, knn_k: int = 200, seed: int = 0):
+    """(label, {probe: EvalResult}) for the checkpoint at ``path`` (file or run directory).
+
+    data: the ``ContrastiveData`` to evaluate on (default: rebuilt from the run's config and
+    split.json). Probes as in ``sdclr_fast.eval.evaluate_backbone``.
+    """
+    from ..eval import evaluate_backbone
+    from .pretrain import build_model_from_args, _load_weights
+
+    ckpt = resolve_checkpoint(path)
+    state = load_checkpoint(ckpt)
+    if data is None:
+        data = data_for_run(state, ckpt.parent)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model_from_args(state["model_args"])
+    _load_weights(model, state)
+    model.to(device).eval()
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    results = evaluate_backbone(DenseEncoder(model), data, probes=tuple(probes), device=device,
+                                batch_size=batch_size, probe_options=probe_options, knn_k=knn_k, seed=seed,
+                                autocast_dtype=amp)
+    return run_label(state, ckpt), results
+
+
+def format_table(results: dict) -> str:
+    """Plain-text table: one row per (method, probe) with overall / group accuracies and std."""
+    rows = [("method", "probe", "overall", "major", "moderate", "minor", "std")]
+    for label, probes in results.items():
+        for probe, r in probes.items():
+            rows.append((label, probe, *(f"{getattr(r, m):.2f}" for m in ("overall", "major", "moderate",
+                                                                           "minor", "std"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out_dir, *, title: str, notes: str | None = None) -> dict:
+    """report.md (+ .json) and one per-class plot per probe in ``out_dir``; returns the paths."""
+    from ..eval import plot_per_class_accuracy, write_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probes = []
+    for per in results.values():
+        for p in per:
+            if p not in probes:
+                probes.append(p)
+    plots = []
+    for p in probes:
+        per_method = {label: per[p] for label, per in results.items() if p in per}
+        safe = p.replace(".", "_")
+        plots.append(plot_per_class_accuracy(per_method, out_dir / f"per_class_{safe}.png",
+                                             title=f"per-class accuracy ({p})"))
+    report = write_report(out_dir / "report.md", results, title=title, plots=plots, notes=notes)
+    return {"report": report, "plots": plots}
