@@ -1,7 +1,7 @@
 """Evaluation of a frozen backbone: linear probe, few-shot probe, kNN, group metrics, plot, report.
 
 Typical use after pretraining (``encoder`` maps normalised images to (B, D) features, e.g.
-``model.backbone`` or ``lambda x: model.features(x, branch="dense")``)::
+``model.backbone`` or ``functools.partial(model.features, branch="dense")``)::
 
     results = evaluate_backbone(encoder, data, probes=("linear", "fewshot-0.01", "knn"))
     plot_per_class_accuracy({"SDCLR": results["linear"]}, run_dir / "per_class.png")
@@ -36,7 +36,7 @@ def parse_probe(probe: str):
 
 def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_size: int = 512, flip: bool = False,
                       on: str = "test", probe_options: dict | None = None, knn_k: int = 200,
-                      knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None) -> dict:
+                      knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None) -> dict:
     """Evaluate ``encoder`` on a :class:`~sdclr_fast.data.ContrastiveData`; returns {probe: EvalResult}.
 
     probes: any of "linear" (full-shot probe on ``data.probe_train``, 30 epochs), "fewshot-<k>"
@@ -45,6 +45,8 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     on:     "test" or "val" (CIFAR's held-out 5k) - which images are classified.
     flip:   train the probes with the horizontal-flip augmentation (see ``linear_probe``).
     probe_options: extra keyword arguments for ``linear_probe`` (lr, schedule, normalize, ...).
+    module: the nn.Module to freeze when ``encoder`` is a lambda (see ``extract_features``);
+            ``functools.partial(model.features, branch="dense")`` is recognised on its own.
 
     Features are extracted once with the encoder frozen in eval mode; the group metrics use
     ``data.class_counts`` (the long-tailed training split).
@@ -60,9 +62,9 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     if bad:
         raise ValueError(f"probe_options may not set {sorted(bad)} (evaluate_backbone sets them)")
     train = extract_features(encoder, data.probe_train, data.mean, data.std, batch_size=batch_size,
-                             device=device, flip=flip, autocast_dtype=autocast_dtype)
+                             device=device, flip=flip, autocast_dtype=autocast_dtype, module=module)
     test = extract_features(encoder, target, data.mean, data.std, batch_size=batch_size, device=device,
-                            autocast_dtype=autocast_dtype)
+                            autocast_dtype=autocast_dtype, module=module)
     counts = data.class_counts
     out = {}
     for name, kind, shots in parsed:

@@ -17,6 +17,19 @@ class Features(NamedTuple):
     labels: torch.Tensor    # int64 (N,)
 
 
+def owning_module(encoder):
+    """The nn.Module behind ``encoder``: itself, the owner of a bound method (``model.features``)
+    or of a functools.partial of one; None for other callables."""
+    seen = 0
+    while encoder is not None and seen < 4:
+        if isinstance(encoder, nn.Module):
+            return encoder
+        owner = getattr(encoder, "__self__", None)  # not `or`: an empty nn.Sequential is falsy
+        encoder = owner if owner is not None else getattr(encoder, "func", None)
+        seen += 1
+    return None
+
+
 @contextlib.contextmanager
 def frozen(module):
     """Eval mode (BatchNorm uses its running statistics, dropout is off) and no autograd for the
@@ -41,7 +54,7 @@ def _device_of(encoder):
 
 
 def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=None, flip: bool = False,
-                     out_device=None, autocast_dtype: torch.dtype | None = None) -> Features:
+                     out_device=None, autocast_dtype: torch.dtype | None = None, module=None) -> Features:
     """Run ``encoder`` (an nn.Module or any callable images -> (B, D) features) over ``data``.
 
     data:   an ImageSet, or a uint8 (N, C, H, W) tensor (labels are then empty).
@@ -52,7 +65,12 @@ def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=
     out_device: where the features are returned (default: ``device``).
     autocast_dtype: e.g. torch.bfloat16 to run the encoder under autocast; features stay float32.
 
-    The encoder is put in eval mode (dense BN running statistics) and restored afterwards.
+    module: the nn.Module to put in eval mode when ``encoder`` is a plain callable such as a
+            lambda; found automatically for a module, a bound method (``model.features``) or a
+            functools.partial of one. A lambda without ``module`` runs in whatever mode the model
+            is in (BatchNorm in train mode would use batch statistics and update its running ones).
+
+    The module is put in eval mode (dense BN running statistics) and restored afterwards.
     """
     if isinstance(data, ImageSet):
         images, labels = data.images, data.labels
@@ -68,13 +86,16 @@ def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not callable(encoder):
         raise ValueError(f"encoder must be callable (images -> features), got {type(encoder).__name__}")
-    device = torch.device(device) if device is not None else _device_of(encoder)
+    if module is not None and not isinstance(module, nn.Module):
+        raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
+    module = module if module is not None else owning_module(encoder)
+    device = torch.device(device) if device is not None else _device_of(module)
     out_device = torch.device(out_device) if out_device is not None else device
     views = 2 if flip else 1
     chunks = [[] for _ in range(views)]
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    with frozen(encoder), amp:
+    with frozen(module), amp:
         for start in range(0, images.shape[0], batch_size):
             x = eval_transform(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
             for v in range(views):

@@ -15,7 +15,8 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_
     weighting "exp": each neighbour votes exp(sim / temperature) for its class (Wu et al. 2018,
     InstDisc, k = 200, temperature 0.1); "majority": one vote each. The class with the largest
     total wins; ties go to the lower class index. ``k`` larger than the training set uses all of
-    it. Rows are L2-normalised here, so raw features are fine. Queries are processed ``chunk``
+    it (which of several exactly tied neighbours at the k-th place counts is up to torch.topk).
+    Rows are L2-normalised here, so raw features are fine. Queries are processed ``chunk``
     rows at a time to bound the (chunk, N) similarity block. Returns int64 (M,) on the queries'
     device.
     """
