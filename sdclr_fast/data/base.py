@@ -63,7 +63,8 @@ class ImageSet:
     def subset(self, positions) -> "ImageSet":
         """The images at ``positions`` (indices into this set, e.g. one DnC cluster)."""
         idx = as_index_tensor(positions, len(self), "positions")
-        return ImageSet(self.images[idx], self.labels[idx], self.indices[idx])
+        return ImageSet(self.images.index_select(0, idx), self.labels.index_select(0, idx),
+                        self.indices.index_select(0, idx))
 
     def class_counts(self, num_classes: int) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=num_classes)[:num_classes]
@@ -71,7 +72,7 @@ class ImageSet:
     @staticmethod
     def from_pool(images: torch.Tensor, labels: torch.Tensor, positions) -> "ImageSet":
         idx = as_index_tensor(positions, images.shape[0], "positions")
-        return ImageSet(images[idx].contiguous(), labels[idx].clone(), idx.clone())
+        return ImageSet(images.index_select(0, idx), labels.index_select(0, idx), idx.clone())
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096):
