@@ -1,0 +1,264 @@
+"""One SDCLR training step: sdclr-fast against the official way of doing it in plain PyTorch.
+
+fast:     sdclr_fast.nn SelfCompetitor (mask-applied convs, dual BN), two forwards (dense view 1,
+          pruned view 2) and ONE backward of the fused NT-Xent; masks from the top-k pruning op.
+official: a plain-PyTorch ResNet-18 with dual BN whose convs multiply weight * mask in every
+          pruned forward, NT-Xent with the full 2N x 2N matrix, and the official code's three
+          forwards and two backwards (pruned view without grad, dense view + backward, pruned view
+          + backward); masks from a NumPy sort of all conv weights on the CPU.
+
+Both sides see the same pre-augmented views (augmentation is not timed) and use the same
+precision: fp32 on CPU, bf16 autocast + channels_last on CUDA. Pruning runs once per epoch in
+both, so it is reported separately and amortised over an epoch of CIFAR-10-LT (11,165 images).
+
+    .venv/bin/python bench/bench_step.py [--quick] [--device cpu|cuda] [--batch N]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench._common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
+                           sync, time_ms, write_json)
+from sdclr_fast.ops.reference import magnitude_masks_reference, nt_xent_reference  # noqa: E402
+
+CIFAR10_LT_IMAGES = 11165
+SPARSITY = 0.9
+TAU = 0.2
+
+
+# ---------------------------------------------------------------- the official-style model
+class _Branch:
+    """Which branch the whole network runs, switched by a flag as the official code does."""
+    pruned = False
+
+
+class OfficialConv(nn.Conv2d):
+    def __init__(self, *args, branch: _Branch, **kwargs):
+        super().__init__(*args, bias=False, **kwargs)
+        self.branch = branch
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+
+    def forward(self, x):
+        w = self.weight * self.mask if self.branch.pruned else self.weight
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+class OfficialDualBN(nn.Module):
+    def __init__(self, c, branch: _Branch, bn=nn.BatchNorm2d):
+        super().__init__()
+        self.branch = branch
+        self.bn = nn.ModuleList([bn(c), bn(c)])
+
+    def forward(self, x):
+        return self.bn[int(self.branch.pruned)](x)
+
+
+class OfficialBlock(nn.Module):
+    def __init__(self, cin, cout, stride, branch):
+        super().__init__()
+        self.conv1 = OfficialConv(cin, cout, 3, stride=stride, padding=1, branch=branch)
+        self.bn1 = OfficialDualBN(cout, branch)
+        self.conv2 = OfficialConv(cout, cout, 3, stride=1, padding=1, branch=branch)
+        self.bn2 = OfficialDualBN(cout, branch)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(OfficialConv(cin, cout, 1, stride=stride, branch=branch),
+                                          OfficialDualBN(cout, branch))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class OfficialResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem and SDCLR's 512-512-512-128 projection head (dual BN)."""
+
+    def __init__(self, in_channels=3, width=64, proj_dim=128):
+        super().__init__()
+        self.branch = _Branch()
+        b = self.branch
+        self.conv1 = OfficialConv(in_channels, width, 3, stride=1, padding=1, branch=b)
+        self.bn1 = OfficialDualBN(width, b)
+        layers, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2 ** i
+            layers += [OfficialBlock(cin, cout, stride, b), OfficialBlock(cout, cout, 1, b)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc1, self.hbn1 = nn.Linear(cin, cin), OfficialDualBN(cin, b, nn.BatchNorm1d)
+        self.fc2, self.hbn2 = nn.Linear(cin, cin), OfficialDualBN(cin, b, nn.BatchNorm1d)
+        self.fc3 = nn.Linear(cin, proj_dim)
+
+    def forward(self, x):
+        h = self.layers(F.relu(self.bn1(self.conv1(x))))
+        h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
+        h = F.relu(self.hbn1(self.fc1(h)))
+        h = F.relu(self.hbn2(self.fc2(h)))
+        return self.fc3(h)
+
+    def convs(self):
+        return [m for m in self.modules() if isinstance(m, OfficialConv)]
+
+
+def official_update_masks(model):
+    """The official rule: NumPy sort of all pooled |w| on the CPU, masks copied back."""
+    convs = model.convs()
+    masks = magnitude_masks_reference([c.weight for c in convs], SPARSITY)
+    for c, m in zip(convs, masks):
+        c.mask.copy_(m)
+
+
+def official_step(model, opt, v1, v2, amp):
+    """Three forwards and two backwards, as the official SDCLR training loop does."""
+    opt.zero_grad(set_to_none=True)
+    with amp():
+        model.branch.pruned = True
+        with torch.no_grad():
+            z2_fixed = model(v2)
+        model.branch.pruned = False
+        z1 = model(v1)
+    nt_xent_reference(z1.float(), z2_fixed.float(), TAU).backward()
+    with amp():
+        model.branch.pruned = True
+        z2 = model(v2)
+    nt_xent_reference(z1.detach().float(), z2.float(), TAU).backward()
+    model.branch.pruned = False
+    opt.step()
+
+
+# ---------------------------------------------------------------- the sdclr-fast step
+def fast_model(width=64):
+    from sdclr_fast.nn import build_model
+
+    return build_model(arch="resnet18", method="sdclr", in_channels=3, width=width, cifar_stem=True, proj_dim=128)
+
+
+def fast_step(step_module, opt, v1, v2, amp):
+    from sdclr_fast.ops.nt_xent import nt_xent
+
+    opt.zero_grad(set_to_none=True)
+    with amp():
+        z1, z2 = step_module(v1, v2)
+    nt_xent(z1.float(), z2.float(), TAU).backward()
+    opt.step()
+
+
+# ---------------------------------------------------------------- set-up shared by timing and memory
+def _setup(kind, batch, width, device):
+    torch.manual_seed(0)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if kind == "official":
+        model = OfficialResNet18(width=width).to(device)
+    else:
+        from sdclr_fast.train.loop import ContrastiveForward
+
+        model = fast_model(width).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    if kind == "official":
+        official_update_masks(model)
+        step = functools.partial(official_step, model, opt)
+    else:
+        model.update_masks(sparsity=SPARSITY)
+        step = functools.partial(fast_step, ContrastiveForward(model, "sdclr"), opt)
+    model.train()
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    v1 = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    v2 = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    amp = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext)
+    return model, functools.partial(step, v1, v2, amp)
+
+
+def _memory_setup(kind, batch, width):
+    _, run = _setup(kind, batch, width, "cpu")
+    run()  # optimiser state and autograd buffers exist from here on, as in training
+    return run
+
+
+def _memory_run(run):
+    run()
+
+
+def measure(kind, batch, width, device, reps, with_memory):
+    model, run = _setup(kind, batch, width, device)
+    ms = time_ms(run, device, warmup=2, reps=reps)
+    # Pruning, timed on its own (once per epoch in both implementations).
+    prune = (lambda: official_update_masks(model)) if kind == "official" else (
+        lambda: model.update_masks(sparsity=SPARSITY))
+    prune_ms = time_ms(prune, device, warmup=1, reps=max(3, reps // 2))
+    if not with_memory:
+        mem = None
+    elif torch.device(device).type == "cuda":
+        mem = cuda_peak_bytes(run, device)
+    else:
+        mem = cpu_peak_bytes(functools.partial(_memory_setup, kind, batch, width), _memory_run)
+    params = sum(p.numel() for p in model.parameters())
+    del model, run
+    return {"step_ms": ms, "prune_ms": prune_ms, "peak": mem, "params": params}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no memory measurement on CPU")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, nargs="+", default=None,
+                    help="per-step batch sizes (default: 512 on CUDA, 32 on CPU; --quick: 256 / 16)")
+    ap.add_argument("--width", type=int, default=64, help="ResNet-18 width (default 64, the standard)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (default 5; --quick 3)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/step.json)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if args.batch:
+        batches = args.batch
+    else:
+        batches = ([256] if args.quick else [512]) if cuda else ([16] if args.quick else [32])
+    reps = args.reps or (3 if args.quick else 5)
+    with_memory = cuda or not args.quick
+
+    rows, records = [], []
+    for b in batches:
+        res = {k: measure(k, b, args.width, device, reps, with_memory) for k in ("official", "fast")}
+        steps = CIFAR10_LT_IMAGES // b
+        rec = {"batch": b, "steps_per_epoch": steps}
+        for k, r in res.items():
+            epoch_ms = steps * r["step_ms"] + r["prune_ms"]
+            rec[k] = dict(r, images_per_s=b / r["step_ms"] * 1e3,
+                          epoch_images_per_s=steps * b / epoch_ms * 1e3,
+                          prune_fraction_of_epoch=r["prune_ms"] / epoch_ms)
+        rec["speedup"] = rec["fast"]["images_per_s"] / rec["official"]["images_per_s"]
+        rec["epoch_speedup"] = rec["fast"]["epoch_images_per_s"] / rec["official"]["epoch_images_per_s"]
+        records.append(rec)
+        for k in ("official", "fast"):
+            r = rec[k]
+            rows.append({"impl": k, "batch": b, "step": f"{r['step_ms']:.1f} ms", "img_s": f"{r['images_per_s']:.1f}",
+                         "epoch_img_s": f"{r['epoch_images_per_s']:.1f}", "prune": f"{r['prune_ms']:.1f} ms",
+                         "prune_pct": f"{100 * r['prune_fraction_of_epoch']:.3f}%", "peak": fmt_bytes(r["peak"]),
+                         "ratio": f"{rec['speedup']:.2f}x" if k == "fast" else "1.00x",
+                         "epoch_ratio": f"{rec['epoch_speedup']:.2f}x" if k == "fast" else "1.00x"})
+    print(f"SDCLR training step, ResNet-18 width {args.width}, 32x32, {device} "
+          f"({'bf16 autocast' if cuda else 'fp32'}); epoch = CIFAR-10-LT, {CIFAR10_LT_IMAGES} images")
+    print_table(rows, [("impl", "impl"), ("batch", "batch"), ("step", "step time"), ("img_s", "images/s"),
+                       ("ratio", "speed-up"), ("prune", "pruning"), ("prune_pct", "pruning % of epoch"),
+                       ("epoch_img_s", "images/s incl. pruning"), ("epoch_ratio", "epoch speed-up"),
+                       ("peak", "peak memory")])
+    write_json("step", {"machine": machine_info(device), "width": args.width, "sparsity": SPARSITY,
+                        "records": records}, args.out)
+
+
+if __name__ == "__main__":
+    main()

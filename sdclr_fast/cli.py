@@ -1,0 +1,336 @@
+"""Command line: ``sdclr-fast {pretrain,eval,bench,demo}`` (also ``python -m sdclr_fast``)."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .train.config import PretrainConfig
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+_DEFAULTS = PretrainConfig()
+
+
+# ---------------------------------------------------------------- pretrain
+def _ratio(text):
+    if text.lower() in ("none", "keep"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}") from None
+    return value
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    """The pretrain flags. Their argparse defaults are None so that a resumed run can tell the
+    flags given on the command line from the stored configuration; the documented defaults
+    (the papers' values, from PretrainConfig) are filled in by :func:`config_from_args`."""
+    d = _DEFAULTS
+    g = p.add_argument_group("run")
+    g.add_argument("--method", choices=("simclr", "sdclr", "dnc"), default=None,
+                   help=f"pretraining method (default {d.method}): simclr = both views through the dense "
+                        f"network; sdclr = view 2 through the pruned self-competitor; dnc = Divide and "
+                        f"Contrast (base model, k-means experts, distillation)")
+    g.add_argument("--run-dir", required=True,
+                   help="directory for checkpoint.pt, config.json, split.json, metrics.jsonl")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its last complete epoch (a finished run is "
+                        "left as is; flags that change the result must match the stored ones)")
+    g.add_argument("--stop-at-epoch", type=int, default=None,
+                   help="stop with a resumable checkpoint once this many epochs are complete (for jobs "
+                        "with a wall-time limit); default: train to --epochs")
+    g.add_argument("--init-checkpoint", default=None,
+                   help="initialise the model weights from this checkpoint (fresh optimiser and schedule)")
+    g = p.add_argument_group("data")
+    from .data import DATASETS
+
+    g.add_argument("--dataset", choices=DATASETS, default=None,
+                   help=f"training data (default {d.dataset}); fashion-mnist-lt reads Debian's "
+                        f"dataset-fashion-mnist, the others need --data-root")
+    g.add_argument("--data-root", default=None,
+                   help="folder of the data set files (cifar: the folder holding cifar-10-batches-py / "
+                        "cifar-100-python; imagefolder: the folder with train/<class>/)")
+    g.add_argument("--ratio", type=_ratio, default=None,
+                   help=f"imbalance factor n_max/n_min of the long-tailed split (default {d.ratio:g}, the "
+                        f"SDCLR protocol; 'none' keeps the training pool as is)")
+    g.add_argument("--split", type=int, default=None,
+                   help=f"which random long-tailed draw to use (default {d.split}; the protocol reports 0-4)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this square size (default: native, 32 for CIFAR, 28 for "
+                        "Fashion-MNIST)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=None, help=f"backbone (default {d.arch}, as in SDCLR)")
+    g.add_argument("--width", type=int, default=None,
+                   help=f"channels of the first ResNet stage (default {d.width}, the standard ResNet-18)")
+    g.add_argument("--proj-dim", type=int, default=None,
+                   help=f"output size of the projection head (default {d.proj_dim})")
+    g.add_argument("--no-cifar-stem", dest="cifar_stem", action="store_false", default=None,
+                   help="use the ImageNet stem (7x7 stride-2 conv and max-pool) instead of the CIFAR stem "
+                        "(3x3 stride 1, no pool; the default, as in SDCLR)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs (default {d.epochs}, SDCLR on CIFAR-LT)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch size, split over DDP processes (default {d.batch_size})")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"peak SGD learning rate (default {d.lr:g}, SDCLR's value for batch 512; it is not "
+                        f"rescaled when you change --batch-size)")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default {d.momentum:g})")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"SGD weight decay (default {d.weight_decay:g})")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"linear warm-up epochs before the per-step cosine decay (default "
+                        f"{d.warmup_epochs:g}; clipped to the run length)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"NT-Xent temperature (default {d.temperature:g})")
+    g.add_argument("--sparsity", type=float, default=None,
+                   help=f"SDCLR: fraction of backbone conv weights pruned in the self-competitor "
+                        f"(default {d.sparsity:g}); masks are recomputed at the start of every epoch")
+    g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
+                   help=f"SDCLR: one magnitude threshold over all convs (global, the paper's, default) or "
+                        f"one per conv (layer)")
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the split draw, the initial weights, the data order and the augmentation "
+                        f"(default {d.seed})")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available); under torchrun each process "
+                        "uses cuda:LOCAL_RANK")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the forward passes (default: on for CUDA, off on CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA, off on CPU)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training forward (default off)")
+    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
+                   help="keep per-process BatchNorm statistics under DDP (default: SyncBatchNorm)")
+    g.add_argument("--threads", dest="num_threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--log-every", type=int, default=None,
+                   help=f"steps between progress-bar / metrics.jsonl updates (default {d.log_every})")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+                   help="do not write TensorBoard scalars (written by default when tensorboard is installed)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no tqdm progress bar")
+
+
+_RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func"}
+
+
+def _explicit(args) -> dict:
+    """PretrainConfig fields given on the command line."""
+    names = {f for f in PretrainConfig.__dataclass_fields__}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None and k not in _RUN_ONLY}
+
+
+def config_from_args(args, **overrides) -> PretrainConfig:
+    """PretrainConfig from parsed pretrain flags: the defaults (the papers' values), the flags
+    given, then ``overrides`` (e.g. ``method="sdclr"`` for a DnC stage)."""
+    given = _explicit(args)
+    given.update(overrides)
+    if given.get("method") == "dnc":
+        given.pop("method")
+    if given.get("dataset") == "imagefolder" and "ratio" not in given:
+        given["ratio"] = None  # an image folder is taken as it is unless a ratio is asked for
+    return PretrainConfig(**given)
+
+
+def cmd_pretrain(args) -> int:
+    if args.method == "dnc":
+        try:
+            from .train.dnc import run_dnc
+        except ModuleNotFoundError as exc:
+            if exc.name == "sdclr_fast.train.dnc":
+                raise SystemExit("--method dnc: the DnC module sdclr_fast.train.dnc is not available in this "
+                                 "installation") from None
+            raise
+        result = run_dnc(args)
+        return 0 if result is None or not isinstance(result, int) else result
+    from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .train.loop import pretrain
+
+    run_dir = Path(args.run_dir)
+    ckpt = run_dir / CHECKPOINT_NAME
+    if args.resume and ckpt.exists():
+        stored = PretrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+        given = _explicit(args)
+        if given.get("method") not in (None, stored.method):
+            raise SystemExit(f"--resume: {ckpt} is a {stored.method} run, not {given['method']}")
+        config = stored.replace(**given)
+    else:
+        config = config_from_args(args)
+    path = pretrain(config, run_dir=run_dir, resume=args.resume, stop_at_epoch=args.stop_at_epoch,
+                    init_checkpoint=args.init_checkpoint)
+    print(f"checkpoint: {path}")
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", action="append", required=True, dest="run_dirs",
+                   help="a run directory (or checkpoint file) to evaluate; repeat to compare runs")
+    p.add_argument("--probe", choices=("full", "fewshot", "knn", "all"), default="all",
+                   help="full = linear probe on the balanced train set (30 epochs, lr 30, SDCLR); fewshot = "
+                        "the same probe on --shots per class (100 epochs); knn = weighted k-NN; all = the "
+                        "three (default)")
+    p.add_argument("--shots", type=float, default=0.01,
+                   help="few-shot probe size: an int >= 1 of images per class, or a fraction of the "
+                        "smallest class (default 0.01, SDCLR's 1%%)")
+    p.add_argument("--probe-epochs", type=int, default=None,
+                   help="linear-probe epochs (default: the protocol's 30 full / 100 few-shot; the "
+                        "milestones scale with it)")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
+    p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size (default 512)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=None,
+                   help="folder for report.md, report.json and the per-class plots (default: the first "
+                        "--run-dir, or the folder of the checkpoint file)")
+    p.add_argument("--title", default="Linear evaluation", help="report title")
+
+
+def _shots(value: float):
+    return int(value) if float(value).is_integer() and value >= 1 else float(value)
+
+
+def evaluate_runs(run_dirs, *, probe="all", shots=0.01, probe_epochs=None, knn_k=200, batch_size=512,
+                  device=None, data=None) -> dict:
+    """{label: {probe: EvalResult}} for each run (labels made unique)."""
+    from .train.evaluate import evaluate_checkpoint, probe_names
+
+    probes = probe_names(probe, _shots(shots))
+    opts = {"epochs": probe_epochs} if probe_epochs is not None else None
+    results = {}
+    for rd in run_dirs:
+        label, res = evaluate_checkpoint(rd, probes=probes, data=data, device=device, batch_size=batch_size,
+                                         probe_options=opts, knn_k=knn_k)
+        base, i = label, 2
+        while label in results:
+            label, i = f"{base} #{i}", i + 1
+        results[label] = res
+    return results
+
+
+def cmd_eval(args) -> int:
+    from .train.evaluate import format_table, resolve_checkpoint, write_outputs
+
+    results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
+                            knn_k=args.knn_k, batch_size=args.batch_size, device=args.device)
+    print(format_table(results))
+    out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent
+    paths = write_outputs(results, out, title=args.title)
+    print(f"report: {paths['report']}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*",
+                   help="benchmarks to run: bench_<name>.py in bench/ (e.g. nt_xent step); default: all")
+    p.add_argument("--quick", action="store_true", help="short runs (passed to every script)")
+    p.add_argument("--device", default=None, help="passed to every script (default: each script's own)")
+
+
+def bench_scripts(names=()):
+    if not BENCH_DIR.is_dir():
+        raise SystemExit(f"bench/ not found at {BENCH_DIR}; the benchmarks run from a source checkout")
+    found = {p.stem[len("bench_"):]: p for p in sorted(BENCH_DIR.glob("bench_*.py"))}
+    if not names:
+        return list(found.values())
+    out = []
+    for n in names:
+        key = Path(n).stem
+        key = key[len("bench_"):] if key.startswith("bench_") else key
+        if key not in found:
+            raise SystemExit(f"unknown benchmark {n!r}; available: {', '.join(found) or 'none'}")
+        out.append(found[key])
+    return out
+
+
+def cmd_bench(args) -> int:
+    failed = []
+    for script in bench_scripts(args.names):
+        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else []) + \
+              (["--device", args.device] if args.device else [])
+        print(f"== {script.name}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.call(cmd) != 0:
+            failed.append(script.name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", choices=("simclr", "sdclr", "dnc"), default=["simclr", "sdclr"],
+                   help="methods to pretrain and compare (default: simclr sdclr)")
+    p.add_argument("--budget-minutes", type=float, default=15.0,
+                   help="wall-clock budget of the whole demo; the number of epochs is chosen from a "
+                        "measured step time to fit it (default 15)")
+    p.add_argument("--run-dir", default="runs/demo",
+                   help="where the runs, report.md and plots go (default runs/demo); finished runs found "
+                        "there are reused, unfinished ones resumed")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="pretraining epochs per method (default: chosen from the budget)")
+    p.add_argument("--data-root", default=None,
+                   help="Fashion-MNIST IDX folder (default $SDCLR_FAST_FMNIST_DIR or "
+                        "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, weights and augmentation (default 0)")
+
+
+def cmd_demo(args) -> int:
+    from .train.demo import run_demo
+
+    run_demo(methods=args.methods, budget_minutes=args.budget_minutes, run_dir=args.run_dir, epochs=args.epochs,
+             data_root=args.data_root, device=args.device, seed=args.seed)
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdclr-fast",
+        description="Contrastive pretraining on long-tailed data (SimCLR, SDCLR, DnC) with fused kernels, "
+                    "evaluation and benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="pretrain a model (SimCLR, SDCLR or DnC)",
+                       description="Pretrain with SimCLR, SDCLR or DnC; checkpoints every epoch, --resume "
+                                   "continues a killed run. Defaults are the SDCLR paper's CIFAR settings.")
+    add_pretrain_arguments(p)
+    try:
+        from .train.dnc import add_dnc_arguments
+    except ModuleNotFoundError as exc:
+        if exc.name != "sdclr_fast.train.dnc":
+            raise
+    else:
+        add_dnc_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("eval", help="evaluate pretrained runs (linear probe, few-shot, kNN)",
+                       description="Evaluate checkpoints with a frozen backbone: accuracy overall and on the "
+                                   "major / moderate / minor thirds of the classes, and their std. Prints a "
+                                   "table and writes report.md and per-class plots.")
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="run the benchmark scripts in bench/",
+                       description="Run bench/bench_*.py (all, or the named ones) and print their tables.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("demo", help="pretrain and compare SimCLR and SDCLR on Fashion-MNIST-LT",
+                       description="Pretrain SimCLR and SDCLR (optionally DnC) on Fashion-MNIST-LT with a "
+                                   "small ResNet within a time budget, evaluate them (linear probe and kNN) "
+                                   "and write a comparison report and plot.")
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FloatingPointError) as exc:  # bad input or a diverged run: a message, not a traceback
+        parser.exit(2, f"sdclr-fast {args.command}: error: {exc}\n")

@@ -1,0 +1,347 @@
+"""Pretraining loop: resume equals an uninterrupted run, mask refresh, checkpoint validation, NaN stop,
+schedule and config checks, evaluation of a run. Tiny synthetic data (4 classes of 8x8 images) and a
+width-4 ResNet-18, so each test takes seconds."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sdclr_fast.data import ContrastiveData, ImageSet
+from sdclr_fast.ops.reference import magnitude_masks_reference
+from sdclr_fast.train import (CheckpointError, NonFiniteLossError, PretrainConfig, load_checkpoint, load_model,
+                              pretrain, read_metrics, save_checkpoint, warmup_cosine_factor)
+from sdclr_fast.train.checkpoint import capture_rng, restore_rng
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core machine run faster (and identically) with one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(counts, seed, size=8):
+    """Class c: a bright square at a class-specific corner on noise, so classes are separable."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c, n in enumerate(counts):
+        x = torch.randint(0, 60, (n, 1, size, size), generator=g)
+        r, q = divmod(c, 2)
+        h = size // 2
+        x[:, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
+        xs.append(x.clamp(0, 255).to(torch.uint8))
+        ys.append(torch.full((n,), c, dtype=torch.int64))
+    x, y = torch.cat(xs), torch.cat(ys)
+    return ImageSet(x, y, torch.arange(len(y)))
+
+
+def tiny_data():
+    train = _images([24, 12, 8, 4], seed=1)
+    probe = _images([8, 8, 8, 8], seed=2)
+    test = _images([6, 6, 6, 6], seed=3)
+    return ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
+                           train=train, probe_train=probe, val=None, test=test,
+                           class_order=torch.arange(4), mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})
+
+
+DATA = tiny_data()
+
+
+def tiny_config(method="sdclr", **kw):
+    base = dict(method=method, dataset="synthetic", arch="resnet18", width=4, proj_dim=16, epochs=2,
+                batch_size=16, lr=0.1, warmup_epochs=1, seed=3, device="cpu", progress=False,
+                tensorboard=False, log_every=1)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def _state(path):
+    return load_checkpoint(path)
+
+
+def _assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# ---------------------------------------------------------------- resume
+@pytest.mark.parametrize("method", ["sdclr", "simclr"])
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, method):
+    cfg = tiny_config(method)
+    full = pretrain(cfg, run_dir=tmp_path / "full", data=DATA)
+    # "Kill" after the first epoch, then resume to the end.
+    part = pretrain(cfg, run_dir=tmp_path / "part", data=DATA, stop_at_epoch=1)
+    first = _state(part)
+    assert first["epoch"] == 1 and not first["finished"]
+    resumed = pretrain(cfg, run_dir=tmp_path / "part", data=DATA, resume=True)
+    a, b = _state(full), _state(resumed)
+    assert a["epoch"] == b["epoch"] == 2 and a["finished"] and b["finished"]
+    _assert_same_tensors(a["model"], b["model"], "model")
+    _assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    assert a["scheduler"] == b["scheduler"]
+    # The resumed run's metrics have one row per epoch, the interrupted ones dropped.
+    rows = [r for r in read_metrics(tmp_path / "part") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    full_rows = [r for r in read_metrics(tmp_path / "full") if r["kind"] == "epoch"]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    assert (tmp_path / "part" / "split.json").exists() and (tmp_path / "part" / "config.json").exists()
+
+
+def test_different_seed_gives_different_weights(tmp_path):
+    # Guards the equality test above against a loop that ignores its inputs.
+    a = _state(pretrain(tiny_config(epochs=1), run_dir=tmp_path / "a", data=DATA))
+    b = _state(pretrain(tiny_config(epochs=1, seed=4), run_dir=tmp_path / "b", data=DATA))
+    assert not torch.equal(a["model"]["backbone.conv1.weight"] if "backbone.conv1.weight" in a["model"]
+                           else next(iter(a["model"].values())),
+                           b["model"]["backbone.conv1.weight"] if "backbone.conv1.weight" in b["model"]
+                           else next(iter(b["model"].values())))
+
+
+def test_resume_of_finished_run_is_a_noop(tmp_path, capsys):
+    path = pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA)
+    before = path.read_bytes()
+    capsys.readouterr()
+    again = pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA, resume=True)
+    assert again == path and path.read_bytes() == before
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path):
+    pretrain(tiny_config(), run_dir=tmp_path, data=DATA, stop_at_epoch=1)
+    with pytest.raises(ValueError, match="resume"):
+        pretrain(tiny_config(), run_dir=tmp_path, data=DATA)
+    with pytest.raises(ValueError, match=r"lr: stored 0\.1, given 0\.2"):
+        pretrain(tiny_config(lr=0.2), run_dir=tmp_path, data=DATA, resume=True)
+    with pytest.raises(CheckpointError, match="method='sdclr'"):
+        pretrain(tiny_config("simclr"), run_dir=tmp_path, data=DATA, resume=True)
+    with pytest.raises(ValueError, match="subset"):
+        pretrain(tiny_config(), run_dir=tmp_path, data=DATA, resume=True, indices=torch.arange(40))
+
+
+# ---------------------------------------------------------------- SDCLR masks
+def _mask_keys(state):
+    return sorted(k for k, v in state.items() if v.dtype == torch.bool)
+
+
+def test_sdclr_masks_recomputed_every_epoch(tmp_path):
+    cfg = tiny_config(epochs=3)
+    pretrain(cfg, run_dir=tmp_path, data=DATA, stop_at_epoch=2)
+    after2 = _state(tmp_path / "checkpoint.pt")["model"]
+    pretrain(cfg, run_dir=tmp_path, data=DATA, resume=True)
+    after3 = _state(tmp_path / "checkpoint.pt")["model"]
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert len(rows) == 3
+    for r in rows:  # global pruning at 0.9 keeps ~10% (ties could only add a few)
+        assert abs(r["kept_fraction"] - 0.1) < 0.005 and r["prune_s"] >= 0
+    # The masks used in epoch 3 are the SDCLR rule applied to the weights at the end of epoch 2.
+    keys = _mask_keys(after3)
+    assert keys, "the model state holds no bool masks"
+    weights = [after2[k[: -len("mask")] + "weight"] if k.endswith("mask") else None for k in keys]
+    assert all(w is not None for w in weights), keys
+    expected = magnitude_masks_reference(weights, 0.9)
+    for k, e in zip(keys, expected):
+        assert torch.equal(after3[k], e), k
+    # ... and they changed since epoch 2 (the weights moved).
+    assert any(not torch.equal(after2[k], after3[k]) for k in keys)
+
+
+def test_simclr_has_no_pruning_metrics(tmp_path):
+    pretrain(tiny_config("simclr", epochs=1), run_dir=tmp_path, data=DATA)
+    row = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"][0]
+    assert "kept_fraction" not in row and row["prune_s"] == 0
+
+
+# ---------------------------------------------------------------- library entry points for DnC
+def test_indices_and_init_checkpoint(tmp_path):
+    base = pretrain(tiny_config(epochs=1), run_dir=tmp_path / "base", data=DATA)
+    idx = torch.arange(0, 48, 2)  # 24 images -> one step of 16
+    # A vanishing lr leaves the initialised weights (almost) where the base run ended.
+    cfg = tiny_config(epochs=1, lr=1e-12)
+    out = pretrain(cfg, run_dir=tmp_path / "expert", data=DATA, indices=idx, init_checkpoint=base)
+    st = _state(out)
+    assert st["train_indices"] == idx.tolist()
+    steps = [r for r in read_metrics(tmp_path / "expert") if r["kind"] == "epoch"][0]["step"]
+    assert steps == 1
+    b = _state(base)["model"]
+    for k, v in st["model"].items():
+        if v.is_floating_point() and k.endswith("weight") and "bn" not in k:
+            torch.testing.assert_close(v, b[k], rtol=0, atol=1e-6)
+    # ... and a fresh start from the same seed is different.
+    fresh = _state(pretrain(cfg, run_dir=tmp_path / "fresh", data=DATA, indices=idx))["model"]
+    assert any(not torch.equal(fresh[k], st["model"][k]) for k in fresh if fresh[k].is_floating_point())
+
+
+def test_load_model_restores_the_trained_model(tmp_path):
+    path = pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA)
+    model = load_model(path)
+    assert not model.training
+    _assert_same_tensors(model.state_dict(), _state(path)["model"], "model")
+    with torch.no_grad():
+        x = torch.randn(5, 1, 8, 8)
+        z = model(x, branch="dense")
+        zp = model(x, branch="pruned")
+    assert z.shape == (5, 16) and torch.isfinite(z).all() and not torch.equal(z, zp)
+
+
+def test_batch_larger_than_subset_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain(tiny_config(batch_size=64), run_dir=tmp_path, data=DATA)
+
+
+# ---------------------------------------------------------------- bad checkpoints
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    path = pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA)
+    raw = path.read_bytes()
+    for cut in (len(raw) // 2, len(raw) - 30, 10):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_model(path)
+        with pytest.raises(CheckpointError, match=str(path)):
+            pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA, resume=True)
+
+
+def test_foreign_files_are_rejected(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(CheckpointError, match="not an sdclr-fast checkpoint") as e:
+        load_checkpoint(other)
+    assert str(other) in str(e.value)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match=str(text)):
+        load_checkpoint(text)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    future = tmp_path / "future.pt"
+    save_checkpoint({"config": {}, "model": {}, "epoch": 0}, future)
+    st = torch.load(future, weights_only=True)
+    st["version"] = 99
+    torch.save(st, future)
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(future)
+    path = pretrain(tiny_config("simclr", epochs=1), run_dir=tmp_path / "run", data=DATA)
+    with pytest.raises(CheckpointError, match="method='simclr'"):
+        load_checkpoint(path, expect={"method": "sdclr"})
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"config": {}, "model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    before = path.read_bytes()
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"config": {}, "model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+# ---------------------------------------------------------------- NaN
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import sdclr_fast.ops.nt_xent as ntx
+
+    cfg = tiny_config()
+    path = pretrain(cfg, run_dir=tmp_path, data=DATA, stop_at_epoch=1)
+    good = path.read_bytes()
+    real = ntx.nt_xent
+    calls = []
+
+    def nan_on_second_step(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(ntx, "nt_xent", nan_on_second_step)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2") as e:
+        pretrain(cfg, run_dir=tmp_path, data=DATA, resume=True)
+    assert str(path) in str(e.value)
+    assert path.read_bytes() == good
+    assert _state(path)["epoch"] == 1
+
+
+def test_diverging_weights_stop_the_run(tmp_path):
+    # An absurd lr blows the weights up; the run must stop with a clear error, not save NaNs.
+    with pytest.raises(NonFiniteLossError, match=r"epoch \d+, step \d+|weights became non-finite"):
+        pretrain(tiny_config(lr=1e30, warmup_epochs=0, epochs=3), run_dir=tmp_path, data=DATA)
+    if (tmp_path / "checkpoint.pt").exists():
+        st = _state(tmp_path / "checkpoint.pt")
+        assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- pieces
+def test_schedule_warmup_then_cosine():
+    f = [warmup_cosine_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:9], f[1:10]))
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[10] == 1.0 and f[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    # Warm-up longer than the run is clipped to it.
+    g = [warmup_cosine_factor(s, 5, 50) for s in range(5)]
+    assert g == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert warmup_cosine_factor(0, 4, 0) == 1.0
+    with pytest.raises(ValueError, match="total_steps"):
+        warmup_cosine_factor(0, 0, 0)
+
+
+def test_config_checks_name_the_field():
+    for field, bad in [("method", "byol"), ("lr", 0.0), ("lr", float("nan")), ("epochs", 0), ("batch_size", 1.5),
+                       ("sparsity", 1.0), ("sparsity", -0.1), ("temperature", 0), ("prune_scope", "row"),
+                       ("momentum", 2.0), ("warmup_epochs", -1), ("width", True), ("amp", "yes"), ("seed", -1),
+                       ("ratio", 0.5), ("image_size", 0)]:
+        with pytest.raises(ValueError, match=field):
+            PretrainConfig(**{field: bad})
+    c = PretrainConfig(epochs=3, warmup_epochs=10)
+    assert c.warmup_epochs_effective == 3
+    assert PretrainConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown config fields"):
+        PretrainConfig.from_dict({"epochs": 3, "bogus": 1})
+
+
+def test_rng_states_round_trip():
+    g = torch.Generator().manual_seed(5)
+    state = capture_rng(g)
+    a = (torch.rand(3), np.random.rand(3), random.random(), torch.randperm(10, generator=g))
+    restore_rng(state, g)
+    b = (torch.rand(3), np.random.rand(3), random.random(), torch.randperm(10, generator=g))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and torch.equal(a[3], b[3])
+
+
+def test_evaluate_checkpoint_reports_groups(tmp_path):
+    from sdclr_fast.train.evaluate import evaluate_checkpoint, format_table, write_outputs
+
+    path = pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA)
+    label, res = evaluate_checkpoint(path, probes=("linear", "fewshot-2", "knn"), data=DATA, device="cpu",
+                                     probe_options={"epochs": 3}, knn_k=5)
+    assert label.startswith("SDCLR")
+    assert set(res) == {"linear", "fewshot-2", "knn"}
+    for r in res.values():
+        assert 0 <= r.overall <= 100 and r.std >= 0 and r.per_class.shape == (4,)
+    table = format_table({label: res})
+    assert "major" in table and "knn" in table
+    out = write_outputs({label: res}, tmp_path / "report", title="t")
+    assert out["report"].exists() and all(p.exists() for p in out["plots"])
+    assert json.loads(out["report"].with_suffix(".json").read_text())
