@@ -163,7 +163,7 @@ def _setup(kind, batch, width, device):
     if kind == "official":
         model = OfficialResNet18(width=width).to(device)
     else:
-        from sdclr_fast.train.loop import ContrastiveForward
+        from sdclr_fast.train.pretrain import ContrastiveForward
 
         model = fast_model(width).to(device)
     if cuda:

@@ -149,7 +149,7 @@ def cmd_pretrain(args) -> int:
         result = run_dnc(args)
         return 0 if result is None or not isinstance(result, int) else result
     from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-    from .train.loop import pretrain
+    from .train.pretrain import pretrain
 
     run_dir = Path(args.run_dir)
     ckpt = run_dir / CHECKPOINT_NAME

@@ -13,7 +13,8 @@ import torch
 from sdclr_fast.data import ContrastiveData, ImageSet
 from sdclr_fast.ops.reference import magnitude_masks_reference
 from sdclr_fast.train import (CheckpointError, NonFiniteLossError, PretrainConfig, load_checkpoint, load_model,
-                              pretrain, read_metrics, save_checkpoint, warmup_cosine_factor)
+                              read_metrics, save_checkpoint, warmup_cosine_factor)
+from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.checkpoint import capture_rng, restore_rng
 
 

@@ -3,22 +3,24 @@
 
 Typical use::
 
-    from sdclr_fast.train import PretrainConfig, pretrain, load_model
+    from sdclr_fast.train import PretrainConfig, load_model
+    from sdclr_fast.train.pretrain import pretrain
     ckpt = pretrain(PretrainConfig(method="sdclr", dataset="cifar10-lt", data_root="..."), run_dir="runs/a")
     model = load_model(ckpt)   # SelfCompetitor with masks and dual BN, eval mode
 
-Names are imported on first use so that ``import sdclr_fast.train.kmeans`` stays light.
+Names are imported on first use so that ``import sdclr_fast.train.kmeans`` stays light. The
+function ``pretrain`` lives in the module ``sdclr_fast.train.pretrain`` (the package attribute
+``pretrain`` is that module, as Python binds a package's submodules to their names).
 """
 from importlib import import_module
 
 _EXPORTS = {
     "PretrainConfig": "config",
     "METHODS": "config",
-    "pretrain": "loop",
-    "load_model": "loop",
-    "read_metrics": "loop",
-    "NonFiniteLossError": "loop",
-    "ContrastiveForward": "loop",
+    "load_model": "pretrain",
+    "read_metrics": "pretrain",
+    "NonFiniteLossError": "pretrain",
+    "ContrastiveForward": "pretrain",
     "CheckpointError": "checkpoint",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",

@@ -41,7 +41,7 @@ def demo_config(method: str, *, epochs: int, data_root=None, device=None, seed: 
 
 def _seconds_per_step(method, data, data_root, device, seed) -> float:
     """Wall time of one training step, from a short run on a subset (model build excluded)."""
-    from .loop import pretrain, read_metrics
+    from .pretrain import pretrain, read_metrics
 
     tmp = Path(tempfile.mkdtemp(prefix="sdclr_fast_calib_"))
     try:
@@ -61,7 +61,7 @@ def run_demo(*, methods=("simclr", "sdclr"), budget_minutes: float = 15.0, run_d
     Returns {label: {probe: EvalResult}}."""
     from ..data import build_dataset
     from .evaluate import evaluate_checkpoint, format_table, write_outputs
-    from .loop import pretrain
+    from .pretrain import pretrain
 
     t_start = time.perf_counter()
     methods = list(dict.fromkeys(methods))

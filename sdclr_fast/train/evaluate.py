@@ -64,7 +64,7 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     split.json). Probes as in ``sdclr_fast.eval.evaluate_backbone``.
     """
     from ..eval import evaluate_backbone
-    from .loop import build_model_from_args, _load_weights
+    from .pretrain import build_model_from_args, _load_weights
 
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
