@@ -109,6 +109,23 @@ def test_permuted_class_order():
     np.testing.assert_array_equal(order, order2)
 
 
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 60), min_size=2, max_size=12), ratio=st.floats(1, 80),
+       seed=st.integers(0, 2**31), split=st.integers(0, 4), permute=st.booleans())
+def test_long_tail_subset_properties(sizes, ratio, seed, split, permute):
+    y = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(sizes)), sizes))
+    pool = np.random.default_rng(seed + 1).permutation(len(y))[: max(1, len(y) * 3 // 4)]
+    per = np.bincount(y[pool], minlength=len(sizes))
+    if per.min() == 0:
+        return
+    lt, order = S.long_tail_subset(y, pool, len(sizes), ratio, seed, split, permute_classes=permute)
+    assert set(lt.tolist()) <= set(pool.tolist()) and len(np.unique(lt)) == len(lt)
+    counts = np.bincount(y[lt], minlength=len(sizes))
+    assert [counts[c] for c in order] == long_tail_counts(int(per.min()), len(sizes), ratio)
+    again, _ = S.long_tail_subset(y, pool, len(sizes), ratio, seed, split, permute_classes=permute)
+    np.testing.assert_array_equal(lt, again)
+
+
 def test_long_tail_subset_needs_enough_images():
     y = _labels(5, 3)
     with pytest.raises(ValueError, match="fewer than"):
@@ -390,6 +407,23 @@ def test_imagefolder_tree_and_list(tmp_path):
     lst.write_text("train/class_9/x.png 0\n")
     with pytest.raises(ValueError, match="not an image"):
         build_dataset("imagefolder", tmp_path, image_size=8, train_list=lst)
+
+
+def test_imagefolder_val_and_test_list(tmp_path):
+    _write_tree(tmp_path, [3, 3, 3])
+    from PIL import Image
+
+    for c in range(3):
+        d = tmp_path / "val" / f"class_{c}"
+        d.mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 10 * c, np.uint8)).save(d / "v.png")
+    data = build_dataset("imagefolder", tmp_path, image_size=8)
+    assert len(data.val) == 3 and data.val.labels.tolist() == [0, 1, 2] and len(data.test) == 6
+    lst = tmp_path / "test.txt"
+    lst.write_text("test/class_2/img_1.png 2\ntest/class_0/img_0.png 0\n")
+    sub = build_dataset("imagefolder", tmp_path, image_size=8, test_list=lst)
+    assert sub.test.labels.tolist() == [2, 0]
+    assert "3 classes" in repr(sub) and repr(sub.train).startswith("ImageSet(9 images")
 
 
 def test_imagefolder_errors(tmp_path):

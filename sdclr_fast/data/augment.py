@@ -102,5 +102,5 @@ class TwoViewAugment(nn.Module):
             return empty, empty.clone()
         x = x.float().div_(255.0)
         v = self.ops(torch.cat([x, x]))
-        v = (v - self.mean) / self.std
+        v = (v - self.mean.to(v.device)) / self.std.to(v.device)  # no-op once the module is on x's device
         return v[:b], v[b:]

@@ -60,6 +60,9 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def __repr__(self) -> str:
+        return f"ImageSet({len(self)} images of {tuple(self.images.shape[1:])})"
+
     def subset(self, positions) -> "ImageSet":
         """The images at ``positions`` (indices into this set, e.g. one DnC cluster)."""
         idx = as_index_tensor(positions, len(self), "positions")
@@ -184,6 +187,9 @@ class ContrastiveData:
         tmp.write_text(json.dumps(payload))
         os.replace(tmp, path)  # never leave a half-written split file behind
         return path
+
+    def __repr__(self) -> str:
+        return f"ContrastiveData({self.summary()})"
 
     def summary(self) -> str:
         counts = self.class_counts.tolist()

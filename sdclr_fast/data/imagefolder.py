@@ -79,7 +79,7 @@ def _decode(path: Path, size: int, grayscale: bool) -> np.ndarray:
         with Image.open(path) as img:
             img = img.convert("L" if grayscale else "RGB")
             # Shorter side to `size`, then the centre square: no aspect-ratio distortion.
-            img = ImageOps.fit(img, (size, size), method=Image.Resampling.BICUBIC)
+            img = ImageOps.fit(img, (size, size), method=getattr(Image, "Resampling", Image).BICUBIC)
             arr = np.array(img, dtype=np.uint8)  # a writable copy for torch.from_numpy
     except OSError as exc:
         raise ValueError(f"cannot decode image {str(path)!r}: {exc}") from None
