@@ -1,0 +1,165 @@
+"""Command line: help of every command, `python -m sdclr_fast`, and pretrain -> kill -> resume -> eval
+end to end on a tiny generated image folder."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdclr_fast.cli import bench_scripts, build_parser, config_from_args, main
+from sdclr_fast.train import PretrainConfig, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _help(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_of_every_command(capsys):
+    top = _help(capsys)
+    for cmd in ("pretrain", "eval", "bench", "demo"):
+        assert cmd in top
+    out = _help(capsys, "pretrain")
+    for flag in ("--method", "--dataset", "--data-root", "--run-dir", "--epochs", "--batch-size", "--lr",
+                 "--momentum", "--weight-decay", "--warmup-epochs", "--temperature", "--sparsity", "--prune-scope",
+                 "--arch", "--width", "--image-size", "--seed", "--split", "--device", "--amp", "--no-amp",
+                 "--channels-last", "--compile", "--resume", "--stop-at-epoch", "--init-checkpoint"):
+        assert flag in out, flag
+    # The paper's defaults are in the help text.
+    for text in ("default 0.5", "default 0.9", "default 0.0001", "default 10", "default 0.2", "default 512",
+                 "default 2000", "default resnet18"):
+        assert text in " ".join(out.split()), text
+    out = _help(capsys, "eval")
+    for flag in ("--run-dir", "--probe", "--shots", "--knn-k", "--out"):
+        assert flag in out
+    out = _help(capsys, "bench")
+    assert "--quick" in out
+    out = _help(capsys, "demo")
+    assert "--methods" in out and "--budget-minutes" in out
+
+
+def test_every_pretrain_flag_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, (name, action.option_strings)
+
+
+def test_python_dash_m_works():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for argv in (["--help"], ["pretrain", "--help"]):
+        r = subprocess.run([sys.executable, "-m", "sdclr_fast", *argv], capture_output=True, text=True, cwd=ROOT,
+                           env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "usage: sdclr-fast" in r.stdout
+
+
+def test_config_from_args_uses_paper_defaults():
+    args = build_parser().parse_args(["pretrain", "--run-dir", "x"])
+    assert config_from_args(args) == PretrainConfig()
+    args = build_parser().parse_args(["pretrain", "--run-dir", "x", "--dataset", "imagefolder", "--lr", "0.3",
+                                      "--no-amp", "--ratio", "none"])
+    cfg = config_from_args(args)
+    assert cfg.dataset == "imagefolder" and cfg.lr == 0.3 and cfg.amp is False and cfg.ratio is None
+    args = build_parser().parse_args(["pretrain", "--run-dir", "x", "--dataset", "imagefolder"])
+    assert config_from_args(args).ratio is None  # an image folder is kept as it is by default
+    assert config_from_args(args, method="simclr").method == "simclr"
+
+
+def test_bad_flag_values_exit_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--run-dir", str(tmp_path), "--lr", "-1"])
+    assert e.value.code == 2
+    assert "lr must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--run-dir", str(tmp_path), "--method", "byol"])
+
+
+def test_bench_lists_scripts():
+    names = [p.name for p in bench_scripts()]
+    assert "bench_step.py" in names
+    assert [p.name for p in bench_scripts(["step"])] == ["bench_step.py"]
+    assert [p.name for p in bench_scripts(["bench_step.py"])] == ["bench_step.py"]
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        bench_scripts(["nope"])
+
+
+def _image_folder(root: Path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", [12, 8, 6, 4]), ("test", [3, 3, 3, 3])):
+        for c, n in enumerate(counts):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+                r, q = divmod(c, 2)
+                img[r * 4:(r + 1) * 4, q * 4:(q + 1) * 4] += 150
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+def test_pretrain_kill_resume_eval_end_to_end(tmp_path, capsys):
+    data_root = tmp_path / "images"
+    _image_folder(data_root)
+    run = tmp_path / "run"
+    common = ["pretrain", "--method", "sdclr", "--dataset", "imagefolder", "--data-root", str(data_root),
+              "--image-size", "8", "--width", "4", "--epochs", "2", "--batch-size", "8", "--lr", "0.1",
+              "--warmup-epochs", "1", "--device", "cpu", "--no-progress", "--no-tensorboard", "--seed", "1"]
+    assert main(common + ["--run-dir", str(run), "--stop-at-epoch", "1"]) == 0
+    assert load_checkpoint(run)["epoch"] == 1
+    # Continuing needs --resume ...
+    with pytest.raises(SystemExit) as e:
+        main(common + ["--run-dir", str(run)])
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    # ... which may be given alone: the stored configuration is used.
+    assert main(["pretrain", "--run-dir", str(run), "--resume"]) == 0
+    st = load_checkpoint(run)
+    assert st["epoch"] == 2 and st["finished"] and st["config"]["width"] == 4
+    capsys.readouterr()
+    assert main(["pretrain", "--run-dir", str(run), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    # A flag that changes the result is refused on resume.
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--run-dir", str(run), "--resume", "--temperature", "0.5"])
+    assert "temperature" in capsys.readouterr().err
+    # The same run uninterrupted ends with the same weights.
+    full = tmp_path / "full"
+    assert main(common + ["--run-dir", str(full)]) == 0
+    a, b = load_checkpoint(full)["model"], load_checkpoint(run)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--run-dir", str(full), "--probe", "all", "--shots", "2",
+                 "--probe-epochs", "2", "--knn-k", "3", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "linear" in text and "knn" in text and "fewshot-2" in text and "minor" in text
+    assert (out / "report.md").exists() and (out / "report.json").exists()
+    assert len(list(out.glob("per_class_*.png"))) == 3
+
+
+def test_eval_of_a_bad_checkpoint_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run-dir", str(tmp_path), "--device", "cpu"])
+    assert e.value.code == 2 and str(bad) in capsys.readouterr().err
