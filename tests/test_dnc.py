@@ -1,0 +1,381 @@
+"""Divide and Contrast end to end on tiny synthetic data (4 classes of 8x8 images, width-4
+ResNet-18): stage markers, experts trained on their cluster only, kill and resume in stage 2
+and stage 3 equal to an uninterrupted run, the student loadable by the evaluation path, the
+command-line flags."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from sdclr_fast.data import ContrastiveData, ImageSet
+from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
+import sdclr_fast.train.pretrain as loop
+from sdclr_fast.train.dnc import (CLUSTERS_NAME, DnCConfig, _canonical, add_dnc_arguments, cluster_stage, dnc,
+                                  dnc_state, distill_student, embed_images, load_student, read_clusters)
+from sdclr_fast.train.kmeans import kmeans
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models on a shared 2-core machine: one thread is faster and bit-reproducible
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(counts, seed, size=8):
+    """Class c: a bright square in a class-specific quadrant on noise (separable classes)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c, n in enumerate(counts):
+        x = torch.randint(0, 60, (n, 1, size, size), generator=g)
+        r, q = divmod(c, 2)
+        h = size // 2
+        x[:, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
+        xs.append(x.clamp(0, 255).to(torch.uint8))
+        ys.append(torch.full((n,), c, dtype=torch.int64))
+    x, y = torch.cat(xs), torch.cat(ys)
+    return ImageSet(x, y, torch.arange(len(y)))
+
+
+DATA = ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
+                       train=_images([24, 16, 12, 8], seed=1), probe_train=_images([8, 8, 8, 8], seed=2),
+                       val=None, test=_images([6, 6, 6, 6], seed=3), class_order=torch.arange(4),
+                       mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})
+
+
+def tiny_config(**kw):
+    base = dict(method="simclr", dataset="synthetic", arch="resnet18", width=4, proj_dim=16, epochs=2,
+                batch_size=8, lr=0.1, warmup_epochs=1, seed=3, device="cpu", progress=False,
+                tensorboard=False, log_every=1)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def tiny_options(**kw):
+    base = dict(k=2, base_epochs=2, expert_epochs=2, student_epochs=2, kmeans_backend="torch")
+    base.update(kw)
+    return DnCConfig(**base)
+
+
+def _same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class PretrainSpy:
+    """Wraps the real pretrain(): records every call and can "kill" the run inside one expert
+    (after its first epoch, leaving a resumable checkpoint)."""
+
+    def __init__(self, real, kill_in=None):
+        self.real, self.kill_in, self.calls = real, kill_in, []
+
+    def __call__(self, config, *, run_dir, indices=None, **kw):
+        self.calls.append({"run_dir": run_dir.name, "indices": None if indices is None else
+                           torch.as_tensor(indices).clone(), "resume": kw.get("resume"),
+                           "init": kw.get("init_checkpoint"), "epochs": config.epochs,
+                           "batch_size": config.batch_size})
+        if run_dir.name == self.kill_in:
+            self.real(config, run_dir=run_dir, indices=indices, stop_at_epoch=1, **kw)
+            raise Killed(f"killed inside {run_dir.name}")
+        return self.real(config, run_dir=run_dir, indices=indices, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One full DnC run (SimCLR base, k=2) that several tests inspect."""
+    run_dir = tmp_path_factory.mktemp("dnc_full")
+    spy = PretrainSpy(loop.pretrain)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loop, "pretrain", spy)
+    try:
+        student = dnc(tiny_config(), tiny_options(), run_dir=run_dir, data=DATA)
+    finally:
+        mp.undo()
+    return run_dir, student, spy.calls
+
+
+# ---------------------------------------------------------------- the full pipeline
+def test_run_directory_layout_and_markers(uninterrupted):
+    run_dir, student, calls = uninterrupted
+    assert student == run_dir / "student" / "checkpoint.pt"
+    for sub in ("base", "expert_0", "expert_1", "student"):
+        assert (run_dir / sub / "checkpoint.pt").exists(), sub
+    assert (run_dir / "split.json").exists() and (run_dir / CLUSTERS_NAME).exists()
+    state = dnc_state(run_dir)
+    st = state["stages"]
+    assert st["base"]["done"] and st["clusters"]["done"] and st["student"]["done"]
+    assert set(st["experts"]) == {"0", "1"} and all(e["done"] and e["trained"] for e in st["experts"].values())
+    assert state["dnc"]["k"] == 2 and state["base_config"]["method"] == "simclr"
+    # run_dir/checkpoint.pt is the student's final checkpoint, for `sdclr-fast eval --run-dir`
+    assert (run_dir / "checkpoint.pt").read_bytes() == student.read_bytes()
+    assert [c["run_dir"] for c in calls] == ["base", "expert_0", "expert_1"]
+
+
+def test_each_expert_trains_on_its_cluster_only(uninterrupted):
+    run_dir, _, calls = uninterrupted
+    clusters = read_clusters(run_dir)
+    a = clusters["assignments"]
+    assert a.shape == (len(DATA.train),) and set(a.tolist()) == {0, 1}
+    assert clusters["sizes"] == torch.bincount(a, minlength=2).tolist()
+    assert clusters["sizes"][0] >= clusters["sizes"][1]  # canonical numbering: largest first
+    base_ckpt = run_dir / "base" / "checkpoint.pt"
+    assert calls[0]["indices"] is None  # the base model sees everything
+    for k in range(2):
+        call = calls[1 + k]
+        members = (a == k).nonzero().flatten()
+        assert torch.equal(call["indices"], members)
+        assert str(call["init"]) == str(base_ckpt)  # initialised from the base model
+        stored = load_checkpoint(run_dir / f"expert_{k}")
+        assert stored["train_indices"] == DATA.train.indices[members].tolist()
+        assert stored["init_checkpoint"] == str(base_ckpt)
+        assert stored["finished"] and stored["config"]["method"] == "simclr"
+        assert call["batch_size"] == min(8, len(members))
+
+
+def test_expert_starts_from_base_weights(uninterrupted, tmp_path):
+    # a 1-epoch expert with lr ~ 0 stays at the base weights: the init really is the base model
+    run_dir, _, _ = uninterrupted
+    cfg = tiny_config(lr=1e-12, epochs=1, weight_decay=0.0, momentum=0.0)
+    members = (read_clusters(run_dir)["assignments"] == 0).nonzero().flatten()
+    path = loop.pretrain(cfg, run_dir=tmp_path, indices=members, data=DATA,
+                         init_checkpoint=run_dir / "base" / "checkpoint.pt")
+    base = load_checkpoint(run_dir / "base")["model"]
+    got = load_checkpoint(path)["model"]
+    w = [k for k in base if k.endswith("weight") and base[k].dim() == 4][0]
+    torch.testing.assert_close(got[w], base[w], rtol=0, atol=1e-9)
+
+
+def test_clusters_are_kmeans_of_normalised_base_features(uninterrupted):
+    run_dir, _, _ = uninterrupted
+    model = load_model(run_dir / "base" / "checkpoint.pt")
+    emb = embed_images(model, DATA.train, DATA, "features")
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(DATA.train)))
+    res = kmeans(emb, 2, iters=50, seed=3, backend="torch")
+    want, _ = _canonical(res.assignments, 2)
+    assert torch.equal(read_clusters(run_dir)["assignments"], want)
+
+
+def test_student_checkpoint_loads_like_a_pretraining_one(uninterrupted):
+    run_dir, student, _ = uninterrupted
+    state = load_checkpoint(student)
+    assert state["finished"] and state["epoch"] == 2
+    assert state["config"]["extra"]["label"] == "DnC"
+    model = load_model(student)  # the evaluation path's loader
+    x = torch.randn(3, 1, 8, 8)
+    f = model.features(x, branch="dense")
+    assert f.shape == (3, model.backbone.feature_dim)
+    # the backbone is the distilled one, not a fresh network or the base model
+    base = load_checkpoint(run_dir / "base")["model"]
+    w = [k for k in base if k.endswith("weight") and base[k].dim() == 4][0]
+    assert not torch.equal(state["model"][w], base[w])
+    # the full student with its K + 1 heads
+    full = load_student(student)
+    bp, ep = full(x)
+    assert bp.shape == (3, model.backbone.feature_dim) and ep.shape == (2, 3, model.backbone.feature_dim)
+    torch.testing.assert_close(full.features(x), f)
+
+
+def test_evaluate_checkpoint_on_the_run_directory(uninterrupted):
+    from sdclr_fast.train import evaluate_checkpoint
+
+    run_dir, _, _ = uninterrupted
+    label, res = evaluate_checkpoint(run_dir, probes=("knn",), data=DATA, device="cpu", knn_k=5)
+    assert label == "DnC"
+    assert 0.0 <= res["knn"].overall <= 100.0
+
+
+def test_student_loss_decreases(uninterrupted):
+    run_dir, _, _ = uninterrupted
+    rows = [json.loads(r) for r in (run_dir / "student" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "epoch"]
+    assert len(losses) == 2 and all(0.0 <= v <= 8.0 for v in losses)
+
+
+# ---------------------------------------------------------------- kill and resume
+def test_kill_in_stage_2_then_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+    full_dir, full_student, _ = uninterrupted
+    real = loop.pretrain
+    # 1) the run is killed inside expert 1, after its first epoch
+    spy = PretrainSpy(real, kill_in="expert_1")
+    monkeypatch.setattr(loop, "pretrain", spy)
+    with pytest.raises(Killed):
+        dnc(tiny_config(), tiny_options(), run_dir=tmp_path, data=DATA)
+    st = dnc_state(tmp_path)["stages"]
+    assert st["base"]["done"] and st["clusters"]["done"] and st["experts"]["0"]["done"]
+    assert "1" not in st["experts"] and "student" not in st
+    partial = load_checkpoint(tmp_path / "expert_1")
+    assert partial["epoch"] == 1 and not partial["finished"]
+    # 2) without --resume the run directory is refused
+    with pytest.raises(ValueError, match="resume"):
+        dnc(tiny_config(), tiny_options(), run_dir=tmp_path, data=DATA)
+    # 3) resume: base and expert 0 are not retrained, expert 1 continues from its epoch 1
+    expert0 = (tmp_path / "expert_0" / "checkpoint.pt").read_bytes()
+    spy = PretrainSpy(real)
+    monkeypatch.setattr(loop, "pretrain", spy)
+    student = dnc(tiny_config(), tiny_options(), run_dir=tmp_path, data=DATA, resume=True)
+    assert [c["run_dir"] for c in spy.calls] == ["expert_1"]
+    assert spy.calls[0]["resume"] is True
+    assert (tmp_path / "expert_0" / "checkpoint.pt").read_bytes() == expert0
+    # 4) every stage ends bit-identical to the uninterrupted run (CPU)
+    for sub in ("base", "expert_0", "expert_1"):
+        _same(load_checkpoint(tmp_path / sub)["model"], load_checkpoint(full_dir / sub)["model"], sub)
+    assert read_clusters(tmp_path)["assignments"].tolist() == read_clusters(full_dir)["assignments"].tolist()
+    a, b = load_checkpoint(student), load_checkpoint(full_student)
+    _same(a["model"], b["model"], "student")
+    _same(a["dnc_heads"], b["dnc_heads"], "heads")
+    # 5) a second resume is a no-op
+    spy = PretrainSpy(real)
+    monkeypatch.setattr(loop, "pretrain", spy)
+    before = student.read_bytes()
+    assert dnc(tiny_config(), tiny_options(), run_dir=tmp_path, data=DATA, resume=True) == student
+    assert spy.calls == [] and student.read_bytes() == before
+
+
+def test_student_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    full_dir, full_student, _ = uninterrupted
+    opt = tiny_options()
+    cfg = load_checkpoint(full_student)["config"]
+    cfg = PretrainConfig.from_dict(cfg)
+    kw = dict(data=DATA, base_checkpoint=full_dir / "base" / "checkpoint.pt",
+              expert_checkpoints=[full_dir / "expert_0" / "checkpoint.pt", full_dir / "expert_1" / "checkpoint.pt"],
+              assignments=read_clusters(full_dir)["assignments"])
+    part = distill_student(cfg, opt, run_dir=tmp_path, stop_at_epoch=1, **kw)
+    assert load_checkpoint(part)["epoch"] == 1
+    with pytest.raises(ValueError, match="resume"):
+        distill_student(cfg, opt, run_dir=tmp_path, **kw)
+    done = distill_student(cfg, opt, run_dir=tmp_path, resume=True, **kw)
+    a, b = load_checkpoint(done), load_checkpoint(full_student)
+    _same(a["model"], b["model"], "model")
+    _same(a["dnc_heads"], b["dnc_heads"], "heads")
+    _same(a["optimizer"], b["optimizer"], "optimizer")
+    # other teachers: refused
+    kw["expert_checkpoints"] = kw["expert_checkpoints"][::-1]
+    with pytest.raises(ValueError, match="other teachers"):
+        distill_student(cfg.replace(epochs=3), opt, run_dir=tmp_path, resume=True, **kw)
+
+
+def test_resume_with_other_options_is_refused(uninterrupted):
+    run_dir, _, _ = uninterrupted
+    with pytest.raises(ValueError, match="k: stored 2, given 3"):
+        dnc(tiny_config(), tiny_options(k=3), run_dir=run_dir, data=DATA, resume=True)
+    with pytest.raises(ValueError, match="lr"):
+        dnc(tiny_config(lr=0.2), tiny_options(), run_dir=run_dir, data=DATA, resume=True)
+
+
+# ---------------------------------------------------------------- variants
+def test_sdclr_base_and_singleton_cluster(tmp_path, monkeypatch):
+    """An SDCLR base (masks, dual BN) and a cluster of one image, which cannot be contrasted:
+    the base model stands in as its expert; the student still trains and loads."""
+    import sdclr_fast.train.dnc as dnc_mod
+
+    def fake_cluster_stage(model, data, opt, **kw):
+        rec = real_stage(model, data, opt, **kw)
+        a = torch.zeros(len(data.train), dtype=torch.long)
+        a[5] = 1  # cluster 1 = one image
+        rec["assignments"], rec["sizes"] = a.tolist(), torch.bincount(a, minlength=2).tolist()
+        return rec
+
+    real_stage = cluster_stage
+    monkeypatch.setattr(dnc_mod, "cluster_stage", fake_cluster_stage)
+    spy = PretrainSpy(loop.pretrain)
+    monkeypatch.setattr(loop, "pretrain", spy)
+    opt = tiny_options(base_method="sdclr", base_epochs=1, expert_epochs=1, student_epochs=1,
+                       distill_target="projection", student_init="base")
+    student = dnc(tiny_config(), opt, run_dir=tmp_path, data=DATA)
+    assert [c["run_dir"] for c in spy.calls] == ["base", "expert_0"]
+    st = dnc_state(tmp_path)["stages"]["experts"]
+    assert st["1"]["trained"] is False and st["1"]["checkpoint"] == str(tmp_path / "base" / "checkpoint.pt")
+    state = load_checkpoint(student)
+    assert state["config"]["method"] == "sdclr" and state["config"]["extra"]["label"] == "DnC (SDCLR base)"
+    assert state["dnc_head_dims"][2] == 16  # regresses the projection (proj_dim 16)
+    model = load_model(student)
+    assert model.features(torch.randn(2, 1, 8, 8), branch="dense").shape[0] == 2
+
+
+def test_cluster_stage_record(uninterrupted):
+    run_dir, _, _ = uninterrupted
+    model = load_model(run_dir / "base" / "checkpoint.pt")
+    rec = cluster_stage(model, DATA, tiny_options(k=3, cluster_on="projection", kmeans_metric="euclidean"), seed=1)
+    assert rec["k"] == 3 and rec["embedding"] == "projection" and rec["metric"] == "euclidean"
+    assert len(rec["assignments"]) == len(DATA.train) and sum(rec["sizes"]) == len(DATA.train)
+    assert rec["sizes"] == sorted(rec["sizes"], reverse=True) and min(rec["sizes"]) > 0
+    assert torch.tensor(rec["centroids"]).shape == (3, 16)
+    with pytest.raises(ValueError, match="exceeds"):
+        cluster_stage(model, DATA, tiny_options(k=len(DATA.train) + 1))
+
+
+def test_canonical_numbering():
+    a = torch.tensor([2, 2, 0, 1, 1, 1, 0, 2, 3])
+    new, order = _canonical(a, 4)
+    # sizes: 0 -> 2, 1 -> 3, 2 -> 3, 3 -> 1; ties broken by first member (2 before 1)
+    assert order == [2, 1, 0, 3]
+    assert new.tolist() == [0, 0, 2, 1, 1, 1, 2, 0, 3]
+
+
+# ---------------------------------------------------------------- options and flags
+@pytest.mark.parametrize("kw, match", [
+    (dict(k=0), "k must be a positive int"),
+    (dict(base_method="byol"), "base_method must be one of"),
+    (dict(expert_epochs=0), "expert_epochs must be a positive int"),
+    (dict(kmeans_backend="sklearn"), "kmeans_backend"),
+    (dict(cluster_on="logits"), "cluster_on"),
+    (dict(distill_target="logits"), "distill_target"),
+    (dict(distill_lr=0.0), "distill_lr"),
+    (dict(base_weight=-1.0), "base_weight"),
+    (dict(base_weight=0.0, expert_weight=0.0), "both be 0"),
+    (dict(student_init="imagenet"), "student_init"),
+])
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DnCConfig(**kw)
+
+
+def test_dnc_flags_parse_and_default_to_none():
+    p = argparse.ArgumentParser()
+    add_dnc_arguments(p)
+    args = p.parse_args([])
+    assert all(v is None for k, v in vars(args).items() if k.startswith("dnc_"))
+    args = p.parse_args(["--dnc-k", "10", "--dnc-base-method", "sdclr", "--dnc-expert-epochs", "3",
+                         "--dnc-distill-lr", "0.05", "--dnc-kmeans-backend", "torch"])
+    assert (args.dnc_k, args.dnc_base_method, args.dnc_expert_epochs, args.dnc_distill_lr) == (10, "sdclr", 3, 0.05)
+    for action in p._actions:
+        if action.dest.startswith("dnc_"):
+            assert action.help, action.dest
+    with pytest.raises(SystemExit):
+        p.parse_args(["--dnc-base-method", "byol"])
+
+
+def test_cli_pretrain_dnc_flags_reach_the_pipeline(monkeypatch, tmp_path):
+    from sdclr_fast.cli import build_parser
+    import sdclr_fast.train.dnc as dnc_mod
+
+    seen = {}
+
+    def fake_dnc(config, options, *, run_dir, resume, init_checkpoint):
+        seen.update(config=config, options=options, run_dir=run_dir, resume=resume)
+        return run_dir / "student" / "checkpoint.pt"
+
+    monkeypatch.setattr(dnc_mod, "dnc", fake_dnc)
+    args = build_parser().parse_args(["pretrain", "--method", "dnc", "--run-dir", str(tmp_path), "--epochs", "7",
+                                      "--dnc-k", "3", "--dnc-base-method", "sdclr", "--dnc-student-epochs", "2"])
+    out = dnc_mod.run_dnc(args)
+    assert out == tmp_path / "student" / "checkpoint.pt"
+    assert seen["options"].k == 3 and seen["options"].base_method == "sdclr" and seen["options"].student_epochs == 2
+    assert seen["config"].method == "sdclr" and seen["config"].epochs == 7 and seen["resume"] is False
