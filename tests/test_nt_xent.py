@@ -1,0 +1,413 @@
+"""nt_xent against the materialised float64 reference: values and gradients, both paths.
+
+The Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, set before
+Triton is imported), so shapes on that path stay small.
+"""
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+import sdclr_fast  # noqa: E402
+from sdclr_fast.ops import nt_xent as op  # noqa: E402
+from sdclr_fast.ops.nt_xent import NTXentLoss, nt_xent  # noqa: E402
+from sdclr_fast.ops.reference import (  # noqa: E402
+    nt_xent_cross_entropy_reference, nt_xent_reference)
+
+SETTINGS = dict(deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
+
+
+# ------------------------------------------------------------------ helpers
+def _inputs(n, d, seed, dtype, kind="randn", scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    z2 = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    if kind == "ties":  # repeated rows and views equal to each other: ties in every row
+        z1[1::2] = z1[0]
+        z2 = z1.clone()
+    elif kind == "zeros":  # zero rows (+0 and -0) and exact zeros in places
+        z1[0] = 0.0
+        z2[-1] = -0.0
+        z1[:, ::3] = 0.0
+    elif kind == "sparse":
+        z1 = torch.where(z1.abs() > 1.0, z1, torch.zeros_like(z1))
+        z2 = torch.where(z2.abs() > 1.0, z2, torch.zeros_like(z2))
+    return z1.to(dtype), z2.to(dtype)
+
+
+def _run(fn, z1, z2, temperature, reduction, weights, labels, normalize, cot, **kw):
+    """Loss and gradients (z1, z2, weights, temperature) of fn; `cot` is the upstream gradient
+    for reduction="none" (random, so the backward sees unequal row gradients)."""
+    z1 = z1.detach().clone().requires_grad_(True)
+    z2 = z2.detach().clone().requires_grad_(True)
+    leaves = [z1, z2]
+    if weights is not None:
+        weights = weights.detach().clone().requires_grad_(True)
+        leaves.append(weights)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().clone().requires_grad_(True)
+        leaves.append(temperature)
+    out = fn(z1, z2, temperature, normalize=normalize, reduction=reduction, weights=weights,
+             labels=labels, **kw)
+    (out.double() * cot).sum().backward() if reduction == "none" else out.backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _compare(fn_kw, z1, z2, temperature=0.2, reduction="mean", weights=None, labels=None,
+             normalize=True, seed=0):
+    """(out, grads) of the op and of the float64 reference on the same (rounded) inputs."""
+    g = torch.Generator().manual_seed(seed + 1)
+    cot = torch.rand(2 * z1.shape[0], generator=g, dtype=torch.float64) + 0.5
+    args = (temperature, reduction, weights, labels, normalize, cot)
+    got = _run(nt_xent, z1, z2, *args, **fn_kw)
+    t64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
+    w64 = weights.double() if weights is not None else None
+    ref = _run(nt_xent_reference, z1.double(), z2.double(), t64, reduction, w64, labels,
+               normalize, cot)
+    ref = ref + (_natural_scales(z1, z2, float(temperature), reduction, w64, normalize, cot),)
+    return got, ref, args
+
+
+def _natural_scales(z1, z2, tau, reduction, w, normalize, cot):
+    """Size of the terms each output is summed from, so that a near-zero result (cancelling
+    terms, e.g. one label for every row) is compared at the precision of its terms:
+    loss, dz, dweights, dtau."""
+    z = torch.cat([z1, z2]).double()
+    m = z.shape[0]
+    up = cot if reduction == "none" else torch.full((m,), 1.0 / m if reduction == "mean" else 1.0,
+                                                    dtype=torch.float64)
+    up_w = up * w.abs() if w is not None else up
+    norms = z.norm(dim=1)
+    if normalize:
+        zmax = 1.0
+        rmax = 1.0 / norms[norms > 0].min().item() if (norms > 0).any() else 1.0
+    else:
+        zmax, rmax = max(z.abs().max().item(), norms.max().item()), 1.0
+    smax = norms.max().item() ** 2 / tau if not normalize else 1.0 / tau
+    smax += 1.0 + math.log(m)  # bound on |loss_i|
+    return [smax * up_w.sum().item(), 4 * up_w.max().item() * zmax * rmax / tau,
+            smax * up.max().item(), 2 * up_w.sum().item() * smax / tau]
+
+
+def _close(got, ref, rtol, atol):
+    """rtol on every element, atol relative to the natural scale of the output's terms."""
+    (out, grads), (rout, rgrads, scales) = got, ref
+    torch.testing.assert_close(out.double(), rout, rtol=rtol, atol=atol * scales[0])
+    kinds = [1, 1] + [2] * (len(grads) > 2 and grads[2].dim() == 1) + [3]
+    for a, b, kind in zip(grads, rgrads, kinds):
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * scales[kind])
+
+
+def _lowp_rule(got, ref, z1, z2, args, dtype, factor=2.0):
+    """flash-attention rule: error vs float64 <= factor x the same-dtype reference's error
+    plus one unit of the dtype at the output's magnitude (or the natural scale of its terms,
+    where they cancel to about zero)."""
+    lowp = _run(nt_xent_reference, z1, z2, *args)
+    (out, grads), (rout, rgrads, scales), (lout, lgrads) = got, ref, lowp
+    pairs = [(out, lout, rout, scales[0])] + [(a, b, c, scales[1]) for a, b, c in
+                                              zip(grads[:2], lgrads[:2], rgrads[:2])]
+    for mine, theirs, truth, natural in pairs:
+        assert torch.isfinite(mine).all()
+        err = (mine.double() - truth).abs().max().item()
+        base = (theirs.double() - truth).abs().max().item()
+        if not torch.isfinite(theirs).all():
+            base = float("inf")
+        tol = factor * base + EPS[dtype] * max(truth.abs().max().item(), natural)
+        assert err <= tol, (err, base)
+
+
+def _labels(kind, n, seed, classes):
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed + 2)
+    return torch.randint(0, classes, (n if kind == "n" else 2 * n,), generator=g)
+
+
+def _weights(kind, n, seed, dtype):
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed + 3)
+    w = torch.rand(2 * n, generator=g, dtype=torch.float64) * 2
+    if kind == "zeros":
+        w[::2] = 0.0
+    return w.to(dtype)
+
+
+# ------------------------------------------------------------------ PyTorch path
+case = dict(
+    n=st.integers(1, 160), d=st.integers(1, 70), seed=st.integers(0, 2 ** 16),
+    tau=st.floats(0.05, 1.0), reduction=st.sampled_from(["mean", "sum", "none"]),
+    weights=st.sampled_from([None, "rand", "zeros"]), labels=st.sampled_from([None, "n", "2n"]),
+    classes=st.integers(1, 12), normalize=st.booleans(), tau_tensor=st.booleans(),
+    kind=st.sampled_from(["randn", "randn", "ties", "zeros", "sparse"]))
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(**case)
+def test_torch_path_float64(n, d, seed, tau, reduction, weights, labels, classes, normalize,
+                            tau_tensor, kind):
+    z1, z2 = _inputs(n, d, seed, torch.float64, kind, scale=1.0 if normalize else 0.3)
+    temperature = torch.tensor(tau, dtype=torch.float64) if tau_tensor else tau
+    got, ref, _ = _compare(dict(_backend="torch"), z1, z2, temperature, reduction,
+                           _weights(weights, n, seed, torch.float64),
+                           _labels(labels, n, seed, classes), normalize, seed)
+    _close(got, ref, rtol=1e-9, atol=1e-11)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(n=st.integers(1, 120), d=st.integers(1, 50), seed=st.integers(0, 2 ** 16),
+       tau=st.floats(0.05, 1.0), labels=st.sampled_from([None, "n", "2n"]),
+       reduction=st.sampled_from(["mean", "none"]))
+def test_torch_path_float32(n, d, seed, tau, labels, reduction):
+    z1, z2 = _inputs(n, d, seed, torch.float32)
+    got, ref, _ = _compare(dict(_backend="torch"), z1, z2, tau, reduction, None,
+                           _labels(labels, n, seed, 5), True, seed)
+    _close(got, ref, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@settings(max_examples=12, **SETTINGS)
+@given(n=st.integers(1, 100), d=st.integers(2, 70), seed=st.integers(0, 2 ** 16),
+       tau=st.floats(0.05, 1.0), labels=st.sampled_from([None, "n"]))
+def test_torch_path_low_precision(dtype, n, d, seed, tau, labels):
+    z1, z2 = _inputs(n, d, seed, dtype)
+    got, ref, args = _compare(dict(_backend="torch"), z1, z2, tau, "mean", None,
+                              _labels(labels, n, seed, 4), True, seed)
+    assert got[0].dtype == dtype and got[1][0].dtype == dtype
+    _lowp_rule(got, ref, z1, z2, args, dtype)
+
+
+def test_torch_path_blocks(monkeypatch):
+    """Several row blocks, the last one partial: the block loop must not change the result."""
+    monkeypatch.setattr(op, "_CPU_BLOCK_ELEMS", 16 * 150)
+    z1, z2 = _inputs(70, 19, 5, torch.float64)
+    for labels in (None, _labels("2n", 70, 5, 7)):
+        got, ref, _ = _compare(dict(_backend="torch"), z1, z2, 0.3, "none",
+                               _weights("rand", 70, 5, torch.float64), labels, True, 5)
+        _close(got, ref, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(10, generator=g, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    for lab in (None, labels):
+        for normalize in (True, False):
+            for reduction in ("mean", "none"):
+                assert torch.autograd.gradcheck(
+                    lambda a, b, ww, t: nt_xent(a, b, t, weights=ww, labels=lab,
+                                                normalize=normalize, reduction=reduction),
+                    (z1, z2, w, tau))
+
+
+def test_cross_entropy_reference_agrees():
+    z1, z2 = _inputs(33, 17, 1, torch.float64)
+    torch.testing.assert_close(nt_xent(z1, z2, 0.2), nt_xent_cross_entropy_reference(z1, z2, 0.2))
+
+
+def test_fp16_small_temperature_does_not_overflow():
+    """Large logits (tau = 0.05, nearly parallel rows): finite and close to float64."""
+    z1, z2 = _inputs(64, 32, 3, torch.float64)
+    z2 = z1 + 0.01 * z2
+    z1, z2 = z1.half(), z2.half()
+    for backend in ("torch", "triton"):
+        got, ref, _ = _compare(dict(_backend=backend), z1, z2, 0.05, "none", None, None, True)
+        assert torch.isfinite(got[0]).all() and all(torch.isfinite(t).all() for t in got[1])
+        torch.testing.assert_close(got[0].double(), ref[0], rtol=4e-3, atol=2e-3)
+        # unnormalised too: |S| reaches hundreds, far above exp's fp16 range
+        got, ref, _ = _compare(dict(_backend=backend), z1, z2, 0.05, "mean", None, None, False)
+        assert torch.isfinite(got[0]) and all(torch.isfinite(t).all() for t in got[1])
+
+
+# ------------------------------------------------------------------ Triton path (interpreter)
+@pytest.mark.slow
+@settings(max_examples=60, **SETTINGS)
+@given(n=st.integers(1, 40), d=st.integers(1, 48), seed=st.integers(0, 2 ** 16),
+       tau=st.floats(0.05, 1.0), reduction=st.sampled_from(["mean", "sum", "none"]),
+       weights=st.sampled_from([None, "rand", "zeros"]), labels=st.sampled_from([None, "n", "2n"]),
+       classes=st.integers(1, 8), normalize=st.booleans(), tau_tensor=st.booleans(),
+       kind=st.sampled_from(["randn", "ties", "zeros", "sparse"]),
+       block_d=st.sampled_from([None, None, 16]))
+def test_triton_float32(n, d, seed, tau, reduction, weights, labels, classes, normalize,
+                        tau_tensor, kind, block_d):
+    """fp32 tl.dot is exact in the interpreter, so the kernels match float64 to fp32 rounding.
+    block_d=16 forces the chunked-D path at small D."""
+    z1, z2 = _inputs(n, d, seed, torch.float32, kind, scale=1.0 if normalize else 0.3)
+    temperature = torch.tensor(tau) if tau_tensor else tau
+    got, ref, _ = _compare(dict(_backend="triton", _block_d=block_d), z1, z2, temperature,
+                           reduction, _weights(weights, n, seed, torch.float32),
+                           _labels(labels, n, seed, classes), normalize, seed)
+    _close(got, ref, rtol=3e-5, atol=3e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@settings(max_examples=20, **SETTINGS)
+@given(n=st.integers(1, 40), d=st.integers(2, 48), seed=st.integers(0, 2 ** 16),
+       tau=st.floats(0.05, 1.0), labels=st.sampled_from([None, "2n"]))
+def test_triton_low_precision(dtype, n, d, seed, tau, labels):
+    z1, z2 = _inputs(n, d, seed, dtype)
+    got, ref, args = _compare(dict(_backend="triton"), z1, z2, tau, "mean", None,
+                              _labels(labels, n, seed, 4), True, seed)
+    assert got[0].dtype == dtype and got[1][0].dtype == dtype
+    _lowp_rule(got, ref, z1, z2, args, dtype)
+
+
+def test_triton_edge_shapes():
+    """One pair, D = 1, rows spanning several row/column tiles (M = 2 * 37 > 2 * 32)."""
+    for n, d in ((1, 1), (1, 5), (2, 3), (37, 20)):
+        z1, z2 = _inputs(n, d, n + d, torch.float32)
+        got, ref, _ = _compare(dict(_backend="triton"), z1, z2, 0.2, "none",
+                               _weights("rand", n, 0, torch.float32), None, True, 1)
+        _close(got, ref, rtol=3e-5, atol=3e-6)
+
+
+def test_force_triton_env(monkeypatch):
+    """SDCLR_FAST_FORCE_TRITON=1 routes CPU tensors to the kernels (read at call time)."""
+    calls = []
+    k = op._kernels()
+    real = k.forward
+    monkeypatch.setattr(k, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    z1, z2 = _inputs(4, 8, 0, torch.float32)
+    nt_xent(z1, z2)
+    assert not calls
+    monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+    torch.testing.assert_close(nt_xent(z1, z2), nt_xent_reference(z1, z2))
+    assert calls
+
+
+# ------------------------------------------------------------------ API
+def test_public_exports():
+    assert sdclr_fast.nt_xent is nt_xent and sdclr_fast.NTXentLoss is NTXentLoss
+
+
+def test_reduction_none_order_and_dtype():
+    z1, z2 = _inputs(6, 5, 0, torch.float32)
+    rows = nt_xent(z1, z2, reduction="none")
+    assert rows.shape == (12,) and rows.dtype == torch.float32
+    torch.testing.assert_close(rows, nt_xent_reference(z1, z2, reduction="none"))
+    # swapping the views swaps the halves
+    torch.testing.assert_close(nt_xent(z2, z1, reduction="none"), torch.cat([rows[6:], rows[:6]]))
+
+
+def test_rows_without_positives_count_in_the_mean():
+    z1, z2 = _inputs(4, 6, 0, torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])  # only rows 0 and 7 have a positive
+    rows = nt_xent(z1, z2, labels=labels, reduction="none")
+    assert (rows[1:7] == 0).all() and (rows[[0, 7]] != 0).all()
+    torch.testing.assert_close(nt_xent(z1, z2, labels=labels), rows.sum() / 8)
+
+
+def test_labels_equal_to_pair_index_is_two_view():
+    z1, z2 = _inputs(9, 7, 0, torch.float64)
+    torch.testing.assert_close(nt_xent(z1, z2, labels=torch.arange(9)), nt_xent(z1, z2))
+
+
+def test_module_and_learnable_temperature():
+    z1, z2 = _inputs(8, 6, 0, torch.float64)
+    loss_fn = NTXentLoss(0.3, reduction="sum")
+    torch.testing.assert_close(loss_fn(z1, z2), nt_xent(z1, z2, 0.3, reduction="sum"))
+    assert "temperature=0.3" in repr(loss_fn)
+    learn = NTXentLoss(torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64)))
+    assert [p for p in learn.parameters()] == [learn.temperature]
+    learn(z1, z2).backward()
+    t = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    nt_xent_reference(z1, z2, t).backward()
+    torch.testing.assert_close(learn.temperature.grad, t.grad)
+    buf = NTXentLoss(torch.tensor(0.25))
+    assert "temperature" in dict(buf.named_buffers())
+    torch.testing.assert_close(buf(z1.float(), z2.float()), nt_xent(z1.float(), z2.float(), 0.25))
+
+
+def test_temperature_schedule_recompiles_nothing():
+    z1, z2 = _inputs(5, 16, 0, torch.float32)
+    k = op._kernels()
+    nt_xent(z1, z2, torch.tensor(0.2), _backend="triton")
+    before = len(k._nt_xent_fwd_kernel.cache.get(0, {})) if hasattr(
+        k._nt_xent_fwd_kernel, "cache") else None
+    for tau in (0.1, 0.3, torch.tensor(0.7)):
+        torch.testing.assert_close(nt_xent(z1, z2, tau, _backend="triton"),
+                                   nt_xent_reference(z1, z2, tau))
+    if before is not None:
+        assert len(k._nt_xent_fwd_kernel.cache.get(0, {})) == before
+
+
+def test_torch_compile_training_step():
+    """Inside a compiled step the op is a graph break; values and gradients stay right."""
+    lin = torch.nn.Linear(6, 5, dtype=torch.float64)
+    x1, x2 = _inputs(7, 6, 0, torch.float64)
+
+    def step(a, b):
+        loss = nt_xent(lin(a), lin(b), 0.2)
+        loss.backward()
+        return loss
+
+    compiled = torch.compile(step, backend="aot_eager")
+    loss = compiled(x1, x2)
+    grads = [p.grad.clone() for p in lin.parameters()]
+    lin.zero_grad()
+    ref = nt_xent_reference(lin(x1), lin(x2), 0.2)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for a, p in zip(grads, lin.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_gather_distributed_without_process_group_is_local():
+    z1, z2 = _inputs(5, 4, 0, torch.float64)
+    torch.testing.assert_close(nt_xent(z1, z2, gather_distributed=True), nt_xent(z1, z2))
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call, match", [
+    (lambda z: nt_xent(z, z[:, :3]), "same shape"),
+    (lambda z: nt_xent(z[:0], z[:0]), "at least one row"),
+    (lambda z: nt_xent(z[0], z[0]), "z1 must be a 2-d"),
+    (lambda z: nt_xent(z, z.long()), "z2 must be a floating-point"),
+    (lambda z: nt_xent(z, z.double()), "z2 has dtype"),
+    (lambda z: nt_xent(z, z.to("meta")), "z2 is on meta"),
+    (lambda z: nt_xent(z.tolist(), z), "z1 must be a torch.Tensor"),
+    (lambda z: nt_xent(z, z, 0.0), "temperature must be finite and > 0"),
+    (lambda z: nt_xent(z, z, -0.1), "temperature must be finite and > 0"),
+    (lambda z: nt_xent(z, z, float("nan")), "temperature must be finite and > 0"),
+    (lambda z: nt_xent(z, z, float("inf")), "temperature must be finite and > 0"),
+    (lambda z: nt_xent(z, z, torch.tensor(0.0)), "temperature must be finite and > 0"),
+    (lambda z: nt_xent(z, z, torch.tensor(float("nan"))), "temperature must be finite"),
+    (lambda z: nt_xent(z, z, torch.tensor([0.1, 0.2])), "temperature must be a number or a 1"),
+    (lambda z: nt_xent(z, z, "0.2"), "temperature must be a positive number"),
+    (lambda z: nt_xent(z, z, True), "temperature must be a positive number"),
+    (lambda z: nt_xent(z, z, reduction="avg"), "reduction must be one of"),
+    (lambda z: nt_xent(z, z, normalize=1), "normalize must be a bool"),
+    (lambda z: nt_xent(z, z, weights=torch.ones(4)), r"weights must be a tensor of shape \(2N,\)"),
+    (lambda z: nt_xent(z, z, weights=torch.ones(8, dtype=torch.long)),
+     "weights must be a floating-point"),
+    (lambda z: nt_xent(z, z, labels=torch.zeros(3, dtype=torch.long)), "labels must be a 1-d"),
+    (lambda z: nt_xent(z, z, labels=torch.zeros(4, 2, dtype=torch.long)), "labels must be a 1-d"),
+    (lambda z: nt_xent(z, z, labels=torch.zeros(4)), "labels must be an integer tensor"),
+    (lambda z: nt_xent(z, z, _backend="cuda"), "_backend must be"),
+    (lambda z: nt_xent(z.double(), z.double(), _backend="triton"), "float32/float16/bfloat16"),
+])
+def test_bad_input(call, match):
+    z = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=match):
+        call(z)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_name_the_tensor(bad):
+    z = torch.randn(4, 5)
+    zb = z.clone()
+    zb[2, 1] = bad
+    with pytest.raises(ValueError, match="z1 holds NaN or inf"):
+        nt_xent(zb, z)
+    with pytest.raises(ValueError, match="z2 holds NaN or inf"):
+        nt_xent(z, zb)
