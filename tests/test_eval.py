@@ -11,6 +11,7 @@ from torch import nn
 
 from sdclr_fast.data import ContrastiveData, ImageSet
 from sdclr_fast.data.assemble import assemble
+from sdclr_fast.eval.linear import step_factor
 from sdclr_fast.eval import (EvalResult, balancedness, evaluate_backbone, evaluate_predictions, extract_features,
                              group_classes, knn_predict, linear_probe, mean_std, parse_probe, per_class_accuracy,
                              plot_per_class_accuracy, write_report)
@@ -147,12 +148,33 @@ def test_linear_probe_with_flip_views():
     assert torch.equal(r2.predictions, r.predictions)
 
 
-def test_linear_probe_step_schedule_is_used():
-    # With gamma=0 every step after the first milestone has lr 0: the weights freeze there.
+def test_step_schedule_matches_sdclr():
+    # SDCLR steps MultiStepLR at the start of each epoch: 9 epochs at 30, 10 at 3, 11 at 0.3.
+    lrs = [30 * step_factor(e, (10, 20), 0.1) for e in range(30)]
+    assert lrs[:9] == [30] * 9 and lrs[9:19] == pytest.approx([3] * 10) and lrs[19:] == pytest.approx([0.3] * 11)
+    # With gamma=0 the lr is 0 from epoch milestone - 1 on: the weights freeze there.
     x, y = _separable(10, 3, 6, seed=6)
-    a = linear_probe(x, y, x, 3, epochs=4, milestones=(2,), gamma=0.0)
+    a = linear_probe(x, y, x, 3, epochs=4, milestones=(3,), gamma=0.0)
     b = linear_probe(x, y, x, 3, epochs=2, milestones=(5,))
     torch.testing.assert_close(a.fc.weight, b.fc.weight, rtol=0, atol=0)
+
+
+def test_linear_probe_selects_best_val_epoch():
+    x, y = _separable(20, 3, 6, seed=10)
+    xt, _ = _separable(5, 3, 6, seed=11)
+    # Validation labels that only an untrained-like classifier matches: the early epoch must win.
+    xv, yv = _separable(5, 3, 6, seed=12)
+    r = linear_probe(x, y, xt, 3, epochs=6, val_features=xv, val_labels=yv)
+    assert len(r.val_accuracies) == 6 and r.val_accuracies[r.best_epoch] == max(r.val_accuracies)
+    assert r.best_epoch == r.val_accuracies.index(max(r.val_accuracies))   # first best
+    wrong = (yv + 1) % 3
+    r2 = linear_probe(x, y, xt, 3, epochs=6, val_features=xv, val_labels=wrong)
+    best = r2.best_epoch
+    ref = linear_probe(x, y, xt, 3, epochs=best + 1, milestones=(2, 4))
+    torch.testing.assert_close(r2.fc.weight, ref.fc.weight, rtol=0, atol=0)
+    torch.testing.assert_close(r2.predictions, ref.predictions, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="together"):
+        linear_probe(x, y, xt, 3, val_features=xv)
 
 
 def test_linear_probe_errors_and_divergence():
@@ -239,7 +261,7 @@ class _TinyNet(nn.Module):
         return self.bn(self.conv(x)).relu().mean(dim=(2, 3))
 
 
-def _tiny_data(per_class=(12, 8, 6, 4), test_per_class=6, size=6):
+def _tiny_data(per_class=(12, 8, 6, 4), test_per_class=6, size=6, with_val=False):
     # Class c is an image of brightness 60 * c plus noise, so simple features separate the classes.
     g = torch.Generator().manual_seed(0)
 
@@ -250,8 +272,10 @@ def _tiny_data(per_class=(12, 8, 6, 4), test_per_class=6, size=6):
 
     tx, ty = make(per_class)
     sx, sy = make([test_per_class] * len(per_class))
+    vx, vy = make([2] * len(per_class)) if with_val else (None, None)
     return assemble("tiny", num_classes=len(per_class), class_names=[str(i) for i in range(len(per_class))],
-                    train_images=tx, train_labels=ty, test_images=sx, test_labels=sy, ratio=None, seed=0)
+                    train_images=tx, train_labels=ty, test_images=sx, test_labels=sy, val_images=vx,
+                    val_labels=vy, ratio=None, seed=0)
 
 
 def test_extract_features_eval_mode_and_restore():
@@ -318,6 +342,14 @@ def test_evaluate_backbone_end_to_end(tmp_path):
         evaluate_backbone(flatten, data, on="val")
     with pytest.raises(ValueError, match="probe_options may not set"):
         evaluate_backbone(flatten, data, probe_options=dict(seed=3))
+    with pytest.raises(ValueError, match="select_on_val"):
+        evaluate_backbone(flatten, data, select_on_val=True)
+    with_val = _tiny_data(with_val=True)
+    assert len(with_val.val) == 8
+    sel = evaluate_backbone(flatten, with_val, probes=("linear", "knn"), probe_options=dict(epochs=5, lr=1.0))
+    assert sel["linear"].overall >= 90 and sel["knn"].overall >= 90
+    on_val = evaluate_backbone(flatten, with_val, probes=("knn",), on="val")
+    assert on_val["knn"].overall >= 90
     assert parse_probe("fewshot-0.01") == ("fewshot", 0.01) and parse_probe("fewshot-100") == ("fewshot", 100)
 
 

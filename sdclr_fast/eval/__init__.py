@@ -36,7 +36,8 @@ def parse_probe(probe: str):
 
 def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_size: int = 512, flip: bool = False,
                       on: str = "test", probe_options: dict | None = None, knn_k: int = 200,
-                      knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None) -> dict:
+                      knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None,
+                      select_on_val: bool | None = None) -> dict:
     """Evaluate ``encoder`` on a :class:`~sdclr_fast.data.ContrastiveData`; returns {probe: EvalResult}.
 
     probes: any of "linear" (full-shot probe on ``data.probe_train``, 30 epochs), "fewshot-<k>"
@@ -45,6 +46,8 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     on:     "test" or "val" (CIFAR's held-out 5k) - which images are classified.
     flip:   train the probes with the horizontal-flip augmentation (see ``linear_probe``).
     probe_options: extra keyword arguments for ``linear_probe`` (lr, schedule, normalize, ...).
+    select_on_val: report the probe epoch with the best accuracy on ``data.val`` (SDCLR's
+            protocol); None = whenever the data set has a val split and ``on="test"``.
     module: the nn.Module to freeze when ``encoder`` is a lambda (see ``extract_features``);
             ``functools.partial(model.features, branch="dense")`` is recognised on its own.
 
@@ -58,13 +61,22 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     if target is None:
         raise ValueError(f"data set {data.name!r} has no {on} split")
     opts = dict(probe_options or {})
-    bad = {"preset", "num_classes", "seed", "device"} & set(opts)
+    bad = {"preset", "num_classes", "seed", "device", "val_features", "val_labels"} & set(opts)
     if bad:
         raise ValueError(f"probe_options may not set {sorted(bad)} (evaluate_backbone sets them)")
     train = extract_features(encoder, data.probe_train, data.mean, data.std, batch_size=batch_size,
                              device=device, flip=flip, autocast_dtype=autocast_dtype, module=module)
     test = extract_features(encoder, target, data.mean, data.std, batch_size=batch_size, device=device,
                             autocast_dtype=autocast_dtype, module=module)
+    if select_on_val is None:
+        select_on_val = data.val is not None and on == "test"
+    if select_on_val and (data.val is None or on != "test"):
+        raise ValueError("select_on_val needs a data set with a val split and on='test'")
+    val = None
+    if select_on_val and any(kind != "knn" for _, kind, _ in parsed):
+        val = extract_features(encoder, data.val, data.mean, data.std, batch_size=batch_size, device=device,
+                               autocast_dtype=autocast_dtype, module=module)
+        opts.update(val_features=val.features, val_labels=val.labels)
     counts = data.class_counts
     out = {}
     for name, kind, shots in parsed:

@@ -1,19 +1,24 @@
 """Linear probe on precomputed features of a frozen backbone (the SDCLR protocol).
 
 SDCLR's linear evaluation (train_cifar.py, run with --fixto layer4 --fixbn) freezes the backbone
-with BN in eval mode, re-initialises the fc layer and trains it with SGD lr 30, momentum 0.9,
-weight decay 0, batch 128, step decay x0.1: 30 epochs with milestones 10, 20 (full shot, the
-balanced train set) or 100 epochs with milestones 40, 60 (few shot). Because the backbone is
-frozen and in eval mode, its output for a given input image never changes, so training the fc
-layer on features computed once gives the same optimisation problem at a fraction of the cost.
+with BN in eval mode, replaces the fc layer (weight ~ N(0, 0.01^2), bias 0) and trains it with
+SGD lr 30, momentum 0.9, weight decay 0, batch 128 and step decay x0.1: 30 epochs with
+milestones 10, 20 (full shot, the balanced train set) or 100 epochs with milestones 40, 60 (few
+shot). Its scheduler is stepped at the start of every epoch, so the decay takes effect from the
+milestone-th epoch (1-based): for the full-shot run 9 epochs at lr 30, 10 at 3 and 11 at 0.3;
+this module does the same. After every epoch SDCLR measures the validation accuracy and reports
+the test accuracy of the epoch with the best one (the first, on ties); pass ``val_features`` /
+``val_labels`` to do that, otherwise the last epoch is used.
 
-One difference to know about: SDCLR's probe trains on augmented images (RandomCrop 32 with
-padding 4 and horizontal flip). The default here uses the un-augmented images; pass features
-from ``extract_features(..., flip=True)`` (shape (2, N, D)) to sample the flip per image and
-step as SDCLR does. The padded random crop is not reproduced (it would need 81x more feature
-passes). SDCLR also feeds un-normalised [0, 1] images; normalising with the data's mean/std
-only rescales the first conv's input, which a frozen backbone trained with the same
-normalisation expects.
+Because the backbone is frozen and in eval mode, its output for a given input image never
+changes, so training the fc layer on features computed once is the same optimisation problem at
+a fraction of the cost. One difference to know about: SDCLR's probe trains on augmented images
+(RandomCrop 32 with padding 4, horizontal flip). By default the un-augmented images are used
+here; features from ``extract_features(..., flip=True)`` (shape (2, N, D)) make the probe sample
+the flip per image and step as SDCLR does. The padded random crop is not reproduced (it would
+take 81 feature passes per image). SDCLR also feeds un-normalised [0, 1] images; here the
+eval transform normalises with the data's mean/std, which is what a backbone pretrained with
+this package's augmentation (also normalised) expects.
 """
 from __future__ import annotations
 
@@ -33,10 +38,12 @@ PRESETS = {
 
 @dataclass
 class ProbeResult:
-    fc: nn.Linear                 # the trained classifier (on the probe's device)
+    fc: nn.Linear                 # the classifier used for the predictions (best on val, else last)
     predictions: torch.Tensor     # int64 (M,) predicted classes of the test features
-    losses: list = field(default_factory=list)  # mean training loss per epoch
-    feature_mean: torch.Tensor | None = None    # set with normalize="standardize"
+    losses: list = field(default_factory=list)        # mean training loss per epoch
+    val_accuracies: list = field(default_factory=list)  # % per epoch, when val features are given
+    best_epoch: int = -1          # 0-based epoch whose classifier made the predictions
+    feature_mean: torch.Tensor | None = None          # set with normalize="standardize"
     feature_std: torch.Tensor | None = None
 
 
@@ -59,11 +66,22 @@ def _normalise(x, how, mean=None, std=None):
     return (x - mean) / std
 
 
+def step_factor(epoch: int, milestones, gamma: float) -> float:
+    """lr multiplier of 0-based ``epoch`` under SDCLR's step schedule (decay from epoch m - 1 on)."""
+    return gamma ** sum(epoch + 1 >= m for m in milestones)
+
+
+def _predict(fc, x):
+    with torch.no_grad():
+        return torch.cat([fc(x[i:i + 8192]).argmax(1) for i in range(0, x.shape[0], 8192)])
+
+
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  num_classes: int, *, preset: str = "full", epochs: int | None = None, lr: float = 30.0,
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128,
                  schedule: str = "step", milestones=None, gamma: float = 0.1, normalize: str | None = None,
-                 seed: int = 0, device=None) -> ProbeResult:
+                 val_features: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
+                 init_std: float = 0.01, seed: int = 0, device=None) -> ProbeResult:
     """Train a fresh linear classifier on ``train_features`` and predict ``test_features``.
 
     train_features: float (N, D), or (V, N, D) views of which one is drawn per image and step
@@ -71,11 +89,14 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     preset:         "full" (30 epochs, step at 10, 20) or "fewshot" (100 epochs, step at 40, 60);
                     ``epochs`` / ``milestones`` override it. A custom ``epochs`` without
                     milestones scales the preset's milestones (same fractions of the run).
-    schedule:       "step" (x``gamma`` at each milestone epoch, as SDCLR) or "cosine" (per step,
-                    from lr to 0).
+    schedule:       "step" (x ``gamma`` from each milestone epoch on, as SDCLR) or "cosine" (per
+                    step, from lr to 0).
     normalize:      None (raw features, SDCLR), "l2" (unit-norm rows) or "standardize" (per
                     dimension, with the training features' mean and std).
-    seed:           the fc initialisation (nn.Linear's U(+-1/sqrt(D))) and the batch order.
+    val_features, val_labels: pick the epoch with the best validation accuracy (SDCLR) instead
+                    of the last one.
+    init_std:       fc weight ~ N(0, init_std^2), bias 0 (SDCLR's re-initialisation).
+    seed:           the fc initialisation, batch order and view draws.
     device:         where to train (default: the features' device).
     """
     _check_features(train_features, train_labels, "train_features")
@@ -85,6 +106,14 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     d = train_features.shape[-1]
     if test_features.shape[-1] != d:
         raise ValueError(f"test_features have {test_features.shape[-1]} dimensions, train_features {d}")
+    if (val_features is None) != (val_labels is None):
+        raise ValueError("give val_features and val_labels together")
+    if val_features is not None:
+        _check_features(val_features, val_labels, "val_features")
+        if val_features.dim() == 3:
+            val_features = val_features[0]
+        if val_features.shape[-1] != d:
+            raise ValueError(f"val_features have {val_features.shape[-1]} dimensions, train_features {d}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     if train_labels.min() < 0 or train_labels.max() >= num_classes:
@@ -95,8 +124,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
     if normalize not in (None, "l2", "standardize"):
         raise ValueError(f"normalize must be None, 'l2' or 'standardize', got {normalize!r}")
-    if not (lr > 0) or not math.isfinite(lr):
+    if not isinstance(lr, numbers.Real) or not (lr > 0) or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not (init_std >= 0):
+        raise ValueError(f"init_std must be >= 0, got {init_std!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     base = PRESETS[preset]
@@ -112,39 +143,42 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     x = train_features.to(device, torch.float32)
     y = train_labels.to(device, torch.int64)
     xt = test_features.to(device, torch.float32)
+    xv = yv = None
     mean = std = None
     if normalize == "standardize":
         flat = x.reshape(-1, d)
         mean, std = flat.mean(0), flat.std(0, unbiased=False).clamp_min(1e-6)
     x, xt = _normalise(x, normalize, mean, std), _normalise(xt, normalize, mean, std)
+    if val_features is not None:
+        xv = _normalise(val_features.to(device, torch.float32), normalize, mean, std)
+        yv = val_labels.to(device, torch.int64)
 
     gen = torch.Generator().manual_seed(int(seed))
-    bound = 1.0 / math.sqrt(d)
     fc = nn.Linear(d, num_classes).to(device)
     with torch.no_grad():
-        fc.weight.copy_(torch.empty(num_classes, d).uniform_(-bound, bound, generator=gen))
-        fc.bias.copy_(torch.empty(num_classes).uniform_(-bound, bound, generator=gen))
+        fc.weight.copy_(torch.randn(num_classes, d, generator=gen) * init_std)
+        fc.bias.zero_()
     opt = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = y.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     views = x.shape[0] if x.dim() == 3 else 1
-    losses = []
+    losses, val_acc = [], []
+    best_epoch, best_acc, best_state = epochs - 1, -1.0, None
     step = 0
     for epoch in range(epochs):
-        if schedule == "step":
-            factor = gamma ** sum(epoch >= m for m in milestones)
+        factor = step_factor(epoch, milestones, gamma)
         order = torch.randperm(n, generator=gen).to(device)
         view = torch.randint(views, (n,), generator=gen).to(device) if views > 1 else None
         running = torch.zeros((), device=device)
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            xb = x[view[idx], idx] if view is not None else x[idx]
+            xb = x[view[idx], idx] if view is not None else x.index_select(0, idx)
             if schedule == "cosine":
                 factor = 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = lr * factor
-            loss = F.cross_entropy(fc(xb), y[idx])
+            loss = F.cross_entropy(fc(xb), y.index_select(0, idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -156,6 +190,13 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                 f"linear probe diverged in epoch {epoch} (loss {losses[-1]}) at lr={lr}; the mean feature "
                 f"norm is {float(x.reshape(-1, d).norm(dim=1).mean()):.3g}. Try normalize='l2' or "
                 f"'standardize', or a lower lr")
-    with torch.no_grad():
-        preds = torch.cat([fc(xt[i:i + 8192]).argmax(1) for i in range(0, xt.shape[0], 8192)])
-    return ProbeResult(fc=fc, predictions=preds, losses=losses, feature_mean=mean, feature_std=std)
+        if xv is not None:
+            acc = 100.0 * float((_predict(fc, xv) == yv).float().mean())
+            val_acc.append(acc)
+            if acc > best_acc:  # strictly better: the first best epoch wins, as in SDCLR
+                best_acc, best_epoch = acc, epoch
+                best_state = {k: v.clone() for k, v in fc.state_dict().items()}
+    if best_state is not None:
+        fc.load_state_dict(best_state)
+    return ProbeResult(fc=fc, predictions=_predict(fc, xt), losses=losses, val_accuracies=val_acc,
+                       best_epoch=best_epoch, feature_mean=mean, feature_std=std)
