@@ -64,14 +64,16 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     bad = {"preset", "num_classes", "seed", "device", "val_features", "val_labels"} & set(opts)
     if bad:
         raise ValueError(f"probe_options may not set {sorted(bad)} (evaluate_backbone sets them)")
-    train = extract_features(encoder, data.probe_train, data.mean, data.std, batch_size=batch_size,
-                             device=device, flip=flip, autocast_dtype=autocast_dtype, module=module)
-    test = extract_features(encoder, target, data.mean, data.std, batch_size=batch_size, device=device,
-                            autocast_dtype=autocast_dtype, module=module)
     if select_on_val is None:
         select_on_val = data.val is not None and on == "test"
     if select_on_val and (data.val is None or on != "test"):
         raise ValueError("select_on_val needs a data set with a val split and on='test'")
+    # Resolve the few-shot subsets first: a bad shots value fails before any feature pass.
+    fewshot_pos = {name: data.fewshot_positions(shots) for name, kind, shots in parsed if kind == "fewshot"}
+    train = extract_features(encoder, data.probe_train, data.mean, data.std, batch_size=batch_size,
+                             device=device, flip=flip, autocast_dtype=autocast_dtype, module=module)
+    test = extract_features(encoder, target, data.mean, data.std, batch_size=batch_size, device=device,
+                            autocast_dtype=autocast_dtype, module=module)
     val = None
     if select_on_val and any(kind != "knn" for _, kind, _ in parsed):
         val = extract_features(encoder, data.val, data.mean, data.std, batch_size=batch_size, device=device,
@@ -87,7 +89,7 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
         else:
             feats, labels = train.features, train.labels
             if kind == "fewshot":
-                pos = data.fewshot_positions(shots).to(labels.device)
+                pos = fewshot_pos[name].to(labels.device)
                 feats, labels = feats[..., pos, :], labels[pos]
             preds = linear_probe(feats, labels, test.features, data.num_classes,
                                  preset="full" if kind == "linear" else "fewshot", seed=seed, **opts).predictions
