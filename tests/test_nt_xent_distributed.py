@@ -1,0 +1,175 @@
+"""gather_distributed=True on two gloo processes equals one process holding the whole batch.
+
+Single-process batch: [z1 of rank 0, z1 of rank 1; z2 of rank 0, z2 of rank 1], so the
+positive of rank r's local row i (view 1) is global row N + r n + i. Convention under test:
+each rank's "mean" is over its own 2n rows, the ranks' mean equals the single-process loss,
+and the gradient reaching each rank's z is world_size x the single-process gradient, which
+DDP's averaging turns into the single-process parameter gradient.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import socket  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
+from sdclr_fast.ops.reference import nt_xent_reference  # noqa: E402
+
+WORLD = 2
+N, D, D_IN = 5, 7, 6
+
+# name: (dtype, backend, reduction, labels kind, weights, normalize)
+CASES = {
+    "two_view": (torch.float64, "torch", "mean", None, False, True),
+    "two_view_sum_weights": (torch.float64, "torch", "none", None, True, True),
+    "labels_n": (torch.float64, "torch", "mean", "n", True, True),
+    "labels_2n": (torch.float64, "torch", "none", "2n", False, False),
+    "triton_two_view": (torch.float32, "triton", "none", None, True, True),
+    "triton_labels": (torch.float32, "triton", "mean", "2n", False, True),
+}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data(name):
+    """Every rank's inputs, generated identically in all processes."""
+    dtype, _, reduction, labels, weights, _ = CASES[name]
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    z1 = torch.randn(WORLD, N, D, generator=g, dtype=torch.float64).to(dtype)
+    z2 = torch.randn(WORLD, N, D, generator=g, dtype=torch.float64).to(dtype)
+    lab = None
+    if labels == "n":
+        lab = torch.randint(0, 3, (WORLD, N), generator=g)
+    elif labels == "2n":
+        lab = torch.randint(0, 4, (WORLD, 2 * N), generator=g)
+    w = torch.rand(WORLD, 2 * N, generator=g, dtype=torch.float64).to(dtype) if weights else None
+    cot = torch.rand(WORLD, 2 * N, generator=g, dtype=torch.float64) + 0.5
+    return z1, z2, lab, w, cot
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(7)
+    x1 = torch.randn(WORLD, N, D_IN, generator=g, dtype=torch.float64)
+    x2 = torch.randn(WORLD, N, D_IN, generator=g, dtype=torch.float64)
+    lin = torch.nn.Linear(D_IN, D, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(D, D_IN, generator=g, dtype=torch.float64))
+        lin.bias.copy_(torch.randn(D, generator=g, dtype=torch.float64))
+    return x1, x2, lin
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, (dtype, backend, reduction, _, _, normalize) in CASES.items():
+            z1, z2, lab, w, cot = _data(name)
+            a = z1[rank].clone().requires_grad_(True)
+            b = z2[rank].clone().requires_grad_(True)
+            out = nt_xent(a, b, 0.3, normalize=normalize, reduction=reduction,
+                          weights=None if w is None else w[rank],
+                          labels=None if lab is None else lab[rank],
+                          gather_distributed=True, _backend=backend)
+            (out.double() * cot[rank]).sum().backward() if reduction == "none" else out.backward()
+            results[name] = (out.detach(), a.grad, b.grad)
+        # DDP: averaged parameter gradients must equal the single-process ones.
+        x1, x2, lin = _ddp_data()
+        model = torch.nn.parallel.DistributedDataParallel(lin)
+        loss = nt_xent(model(x1[rank]), model(x2[rank]), 0.2, gather_distributed=True)
+        loss.backward()
+        results["ddp"] = (loss.detach(), lin.weight.grad, lin.bias.grad)
+        # Unequal local batches are refused on every rank.
+        try:
+            k = N if rank == 0 else N - 1
+            nt_xent(torch.randn(k, D), torch.randn(k, D), gather_distributed=True)
+        except ValueError as exc:
+            results["unequal"] = str(exc)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(name):
+    dtype, _, reduction, labels, weights, normalize = CASES[name]
+    z1, z2, lab, w, cot = _data(name)
+    a = torch.cat(list(z1)).double().requires_grad_(True)
+    b = torch.cat(list(z2)).double().requires_grad_(True)
+    if labels == "n":
+        lab = torch.cat(list(lab))
+    elif labels == "2n":
+        lab = torch.cat([lab[:, :N].reshape(-1), lab[:, N:].reshape(-1)])
+    split = lambda t: torch.cat([t[:, :N].reshape(-1), t[:, N:].reshape(-1)])  # noqa: E731
+    w = split(w.double()) if w is not None else None
+    out = nt_xent_reference(a, b, 0.3, normalize=normalize, reduction=reduction, weights=w,
+                            labels=lab)
+    if reduction == "none":
+        # each rank scales its rows' gradient by its own cot; the single process sees them all
+        (out * split(cot)).sum().backward()
+    else:
+        out.backward()
+    return out.detach(), a.grad, b.grad
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def _rows(t, r):
+    """Rank r's rows of a single-process per-row tensor (2 * WORLD * N, ...)."""
+    return torch.cat([t[r * N:(r + 1) * N], t[WORLD * N + r * N:WORLD * N + (r + 1) * N]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_single_process(results, name):
+    dtype, _, reduction, *_ = CASES[name]
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    out, ga, gb = _single(name)
+    if reduction == "none":
+        for r in range(WORLD):
+            torch.testing.assert_close(results[r][name][0].double(), _rows(out, r), **tol)
+    else:
+        mean = sum(results[r][name][0].double() for r in range(WORLD)) / WORLD
+        torch.testing.assert_close(mean, out, **tol)
+    # For "none" every rank's loss is a plain function of its rows; the gather's summed
+    # backward makes each z's gradient the single-process one (x WORLD for "mean").
+    factor = 1.0 if reduction == "none" else WORLD
+    for r in range(WORLD):
+        torch.testing.assert_close(results[r][name][1].double(), ga[r * N:(r + 1) * N] * factor,
+                                   **tol)
+        torch.testing.assert_close(results[r][name][2].double(), gb[r * N:(r + 1) * N] * factor,
+                                   **tol)
+
+
+@pytest.mark.slow
+def test_ddp_parameter_gradients_match_single_process(results):
+    x1, x2, lin = _ddp_data()
+    loss = nt_xent_reference(lin(torch.cat(list(x1))), lin(torch.cat(list(x2))), 0.2)
+    loss.backward()
+    for r in range(WORLD):
+        got_loss, gw, gb = results[r]["ddp"]
+        torch.testing.assert_close(gw, lin.weight.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gb, lin.bias.grad, rtol=1e-9, atol=1e-12)
+    mean = sum(results[r]["ddp"][0] for r in range(WORLD)) / WORLD
+    torch.testing.assert_close(mean, loss.detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_unequal_local_batches_are_refused(results):
+    for r in range(WORLD):
+        assert "same N on every rank" in results[r]["unequal"]
