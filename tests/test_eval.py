@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sdclr_fast.data import ContrastiveData, ImageSet
+from sdclr_fast.data import ContrastiveData
 from sdclr_fast.data.assemble import assemble
 from sdclr_fast.eval.linear import step_factor
 from sdclr_fast.eval import (EvalResult, balancedness, evaluate_backbone, evaluate_predictions, extract_features,

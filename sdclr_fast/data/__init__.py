@@ -11,7 +11,7 @@ Typical use::
 from __future__ import annotations
 
 from .augment import EvalTransform, TwoViewAugment, eval_transform
-from .base import ContrastiveData, ImageSet, load_split, save_split
+from .base import ContrastiveData, ImageSet, check_image_size, load_split, save_split
 from .loader import Batch, BatchIterator
 from .splits import check_nonneg_int, check_ratio, long_tail_counts
 
@@ -51,8 +51,6 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     check_ratio(ratio)
     check_nonneg_int(seed, "seed")
     check_nonneg_int(split, "split")
-    from .base import check_image_size
-
     image_size = check_image_size(image_size)
     if split_file is not None:
         saved = load_split(split_file)  # fail before reading any image files
