@@ -575,3 +575,23 @@ def test_eval_transform_exact():
     torch.testing.assert_close(EvalTransform(mean, std)(x), out, rtol=0, atol=0)
     with pytest.raises(ValueError, match="uint8"):
         eval_transform(x.float(), mean, std)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_and_views_on_cuda():
+    s = _imageset(n=40)
+    it = BatchIterator(s, 8, seed=1, device="cuda")
+    cpu = BatchIterator(s, 8, seed=1)
+    for gb, cb in zip(it, cpu):
+        assert gb.images.is_cuda and gb.labels.is_cuda
+        assert torch.equal(gb.images.cpu(), cb.images) and torch.equal(gb.index.cpu(), cb.index)
+    streamed = BatchIterator(s, 8, seed=1, device="cuda", preload=False)
+    assert torch.equal(torch.cat([b.index.cpu() for b in streamed]), torch.cat([b.index for b in cpu]))
+    aug = TwoViewAugment(4, 1, (0.5,), (0.25,)).cuda()
+    torch.manual_seed(0)
+    v1, v2 = aug(s.images[:8].cuda())
+    assert v1.is_cuda and v1.shape == (8, 1, 4, 4) and v1.dtype == torch.float32
+    torch.manual_seed(0)
+    w1, _ = aug(s.images[:8].cuda())
+    assert torch.equal(v1, w1)

@@ -36,6 +36,8 @@ def cifar_dir(root, num_classes: int) -> Path:
 
 
 def _unpickle(path: Path) -> dict:
+    # The CIFAR distribution format is pickle, which can run code when loaded: point root only at
+    # files from the official archive (or another source you trust).
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")
