@@ -437,13 +437,13 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
     # ---- stage 1: the base model
     base_dir = run_dir / "base"
     if stages.get("base", {}).get("done"):
-        base_ckpt = Path(stages["base"]["checkpoint"])
+        base_ckpt = _abs(stages["base"]["checkpoint"], run_dir)
         print(f"DnC base: done ({base_ckpt})")
     else:
         print(f"DnC stage 1/3: base {options.base_method} model, {base_cfg.epochs} epochs -> {base_dir}")
         base_ckpt = _pt.pretrain(base_cfg, run_dir=base_dir, data=data, resume=resume,
                                  init_checkpoint=init_checkpoint)
-        stages["base"] = {"done": True, "checkpoint": str(base_ckpt)}
+        stages["base"] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir)}
         _write_json(state_path, state)
 
     # ---- stage 2a: k-means on the base embeddings
@@ -461,7 +461,7 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
                                device=device, amp=amp)
         del base_model
         _write_json(clusters_path, record)
-        stages["clusters"] = {"done": True, "file": str(clusters_path), "sizes": record["sizes"],
+        stages["clusters"] = {"done": True, "file": CLUSTERS_NAME, "sizes": record["sizes"],
                               "backend": record["backend"]}
         _write_json(state_path, state)
         clusters = read_clusters(clusters_path)
@@ -474,14 +474,14 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
     for k in range(options.k):
         key = str(k)
         if experts.get(key, {}).get("done"):
-            expert_ckpts.append(Path(experts[key]["checkpoint"]))
-            print(f"DnC expert {k}: done ({experts[key]['checkpoint']})")
+            expert_ckpts.append(_abs(experts[key]["checkpoint"], run_dir))
+            print(f"DnC expert {k}: done ({expert_ckpts[-1]})")
             continue
         members = (assignments == k).nonzero().flatten()
         if members.numel() < 2:
             # one image has no negative and no other view pairs: nothing to contrast
             print(f"DnC expert {k}: cluster has {members.numel()} image(s); the base model is its expert")
-            experts[key] = {"done": True, "checkpoint": str(base_ckpt), "size": int(members.numel()),
+            experts[key] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir), "size": int(members.numel()),
                             "trained": False}
             expert_ckpts.append(base_ckpt)
             _write_json(state_path, state)
@@ -492,14 +492,15 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
               f"-> {run_dir / f'expert_{k}'}")
         ckpt = _pt.pretrain(cfg_k, run_dir=run_dir / f"expert_{k}", indices=members, data=data,
                             init_checkpoint=base_ckpt, resume=resume)
-        experts[key] = {"done": True, "checkpoint": str(ckpt), "size": int(members.numel()), "trained": True}
+        experts[key] = {"done": True, "checkpoint": _rel(ckpt, run_dir), "size": int(members.numel()),
+                        "trained": True}
         _write_json(state_path, state)
         expert_ckpts.append(Path(ckpt))
 
     # ---- stage 3: the student
     student_dir = run_dir / "student"
     if stages.get("student", {}).get("done"):
-        student_ckpt = Path(stages["student"]["checkpoint"])
+        student_ckpt = _abs(stages["student"]["checkpoint"], run_dir)
         print(f"DnC student: done ({student_ckpt})")
     else:
         print(f"DnC stage 3/3: distilling base + {options.k} experts into a student, "
@@ -509,9 +510,17 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
                                        assignments=assignments, resume=resume)
         final = run_dir / CHECKPOINT_NAME
         _link_or_copy(student_ckpt, final)
-        stages["student"] = {"done": True, "checkpoint": str(student_ckpt), "final": str(final)}
+        stages["student"] = {"done": True, "checkpoint": _rel(student_ckpt, run_dir), "final": CHECKPOINT_NAME}
         _write_json(state_path, state)
     return student_ckpt
+
+
+def _rel(path, root):
+    return os.path.relpath(Path(path).resolve(), Path(root).resolve())
+
+
+def _abs(path, root):
+    return Path(root) / path
 
 
 def _link_or_copy(src, dst):
@@ -552,7 +561,9 @@ def distill_student(config: PretrainConfig, options: DnCConfig, *, run_dir, data
                          f"got shape {tuple(assignments.shape)}")
     if len(expert_checkpoints) != options.k:
         raise ValueError(f"expected {options.k} expert checkpoints, got {len(expert_checkpoints)}")
-    teacher_paths = {"base": str(base_checkpoint), "experts": [str(p) for p in expert_checkpoints]}
+    # relative to the student's folder, so that a moved run directory still resumes
+    teacher_paths = {"base": _rel(base_checkpoint, run_dir),
+                     "experts": [_rel(p, run_dir) for p in expert_checkpoints]}
 
     resumed = None
     if ckpt_path.exists():
@@ -656,7 +667,7 @@ def distill_student(config: PretrainConfig, options: DnCConfig, *, run_dir, data
                     base_t, expert_t = teacher_targets(x, c, base_teacher, experts, embed)
                     base_p, expert_p = student(x)
                 loss = student_loss(base_p, base_t, expert_p, expert_t, c, options)
-                if not torch.isfinite(loss):
+                if not bool(torch.isfinite(loss.detach())):
                     raise _pt.NonFiniteLossError(
                         f"student loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; the last "
                         f"good checkpoint was kept. Lower --dnc-distill-lr or disable --amp, then --resume.")
@@ -667,7 +678,7 @@ def distill_student(config: PretrainConfig, options: DnCConfig, *, run_dir, data
                 loss_sum += loss.detach()
                 global_step += 1
                 if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
-                    lval = float(loss)
+                    lval = float(loss.detach())
                     lr = optimizer.param_groups[0]["lr"]
                     if bar is not None:
                         bar.set_postfix(loss=f"{lval:.4f}", lr=f"{lr:.3g}")
