@@ -54,10 +54,11 @@ def plot_per_class_accuracy(results: dict, path, *, title: str | None = None) ->
             ax.axhline(np.mean([getattr(r, g) for r in runs]), color=_GROUP_COLOURS[g], ls="--", lw=1)
         stats = mean_std(runs)
         ax.set_xscale("log")
-        ax.set_title(f"{method}: {stats['overall'][0]:.1f}% (std {stats['std'][0]:.1f})", fontsize=10)
+        splits = f", mean of {len(runs)} splits" if len(runs) > 1 else ""
+        ax.set_title(f"{method}: {stats['overall'][0]:.1f}% (std {stats['std'][0]:.1f}{splits})", fontsize=10)
         ax.set_xlabel("training images of the class")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best", framealpha=0.8)
     axes[0][0].set_ylabel("test accuracy of the class (%)")
     if title:
         fig.suptitle(title, fontsize=11)
