@@ -26,6 +26,11 @@ e.g. `magnitude_masks(..., block=(32, 32))`, make most tiles empty at high spars
 masks at 90% leave almost every tile occupied and run at dense speed. `prepare_mask(mask,
 block=...)` picks another tile (powers of two >= 16).
 
+Layout: the kernels take any strides, but on a GPU the 16-bit loads are only wide (and
+software-pipelined) along a unit-stride channel dimension: use channels-last activations and
+weights (`model.to(memory_format=torch.channels_last)`), as cuDNN prefers for tensor cores too.
+NCHW inputs work at lower speed.
+
 Testing switch: with SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"`,
 CPU tensors go through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is
 imported so that they run in the interpreter.
@@ -144,7 +149,7 @@ class MaskTiles:
     lists derived from it drive the kernels (see kernels/masked_conv.py). Built by
     `prepare_mask`; immutable."""
 
-    mask: torch.Tensor  # the mask as uint8 (a view of a bool mask), weight's shape and strides
+    mask: torch.Tensor  # the mask as uint8, weight's shape, channels-last strides (see below)
     groups: int
     og: int
     cg: int
@@ -243,7 +248,10 @@ def prepare_mask(mask, groups=1, block=None):
     tiles = entry["tiles"].get((groups, block))
     if tiles is None:
         keep = entry["keep"]
-        tiles = MaskTiles(mask=keep.view(torch.uint8), **_build_tiles(keep, groups, block))
+        # Channels-last (O, KH, KW, C) storage: a mask tile row is then contiguous along the
+        # in-channels, so the kernels load it with wide, pipelinable copies.
+        mask_u8 = keep.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        tiles = MaskTiles(mask=mask_u8, **_build_tiles(keep, groups, block))
         entry["tiles"][(groups, block)] = tiles
     return tiles
 
@@ -285,7 +293,7 @@ class _MaskedConv2dTriton(torch.autograd.Function):
     """Triton path: the mask is applied inside the kernels; empty tiles are skipped."""
 
     @staticmethod
-    def forward(ctx, x, weight, tiles, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, mask, tiles, bias, stride, padding, dilation, groups):
         k = _kernels()
         N, _, H, W = x.shape
         O, _, KH, KW = weight.shape
@@ -296,8 +304,9 @@ class _MaskedConv2dTriton(torch.autograd.Function):
         geom = (stride, padding, dilation, groups)
         if y.numel():
             k.conv_forward(x, weight, tiles.mask, bias, y, tiles, geom)
-        # Saving the mask makes autograd refuse a backward after an in-place mask change.
-        ctx.save_for_backward(x, weight, tiles.mask)
+        # `mask` is saved only so that autograd refuses a backward after an in-place change
+        # (the tiles were built from the mask as it was in forward).
+        ctx.save_for_backward(x, weight, mask)
         ctx.tiles = tiles
         ctx.conf = (geom, bias is not None)
         return y
@@ -309,7 +318,7 @@ class _MaskedConv2dTriton(torch.autograd.Function):
         x, weight, _ = ctx.saved_tensors
         tiles = ctx.tiles
         geom, has_bias = ctx.conf
-        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        need_x, need_w, _, _, need_b = ctx.needs_input_grad[:5]
         gx = gw = gb = None
         if need_x:
             gx = torch.empty_like(x)
@@ -319,7 +328,7 @@ class _MaskedConv2dTriton(torch.autograd.Function):
             gw = k.conv_backward_weight(x, grad_y, tiles.mask, tiles, geom, weight.dtype)
         if need_b and has_bias:
             gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
-        return gx, gw, None, gb, None, None, None, None
+        return gx, gw, None, None, gb, None, None, None, None
 
 
 def _is_channels_last(x):
@@ -368,7 +377,8 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         bias = bias.to(dt) if bias is not None else None
     if _use_triton(x, _backend):
         tiles = prepare_mask(mask, groups)
-        return _MaskedConv2dTriton.apply(x, weight, tiles, bias, stride, pad, dilation, groups)
+        return _MaskedConv2dTriton.apply(x, weight, mask.detach(), tiles, bias, stride, pad,
+                                         dilation, groups)
     scale = _mask_scale(mask, weight.dtype)
     return _MaskedConv2dTorch.apply(x, weight, mask.detach(), scale, bias, stride, pad, dilation,
                                     groups)
