@@ -305,6 +305,26 @@ def test_kernels_compile_for_gpu(arch):
         assert int(n_async) > 0, (name, dt, "loads not pipelined")
 
 
+def test_dispatch_policy(monkeypatch):
+    from sdclr_fast.ops.masked_conv import _backend_for
+
+    x = torch.randn(1, 64, 4, 4, device=TRITON_DEVICE)
+    gen = torch.Generator().manual_seed(9)
+    sparse = make_mask("block", (64, 64, 3, 3), gen, block=(32, 32), p=0.0).to(TRITON_DEVICE)
+    dense = torch.ones(64, 64, 3, 3, dtype=torch.bool, device=TRITON_DEVICE)
+    assert _backend_for(x, dense, 1, "triton") == "triton"
+    assert _backend_for(x, sparse, 1, "torch") == "torch"
+    if CUDA:  # auto: Triton only where tiles can be skipped
+        assert _backend_for(x, sparse, 1, "auto") == "triton"
+        assert _backend_for(x, dense, 1, "auto") == "torch"
+        monkeypatch.setenv("SDCLR_FAST_MASKED_CONV_DENSE", "1.0")
+        assert _backend_for(x, dense, 1, "auto") == "triton"
+    else:  # CPU tensors take the PyTorch path unless forced
+        assert _backend_for(x, sparse, 1, "auto") == "torch"
+        monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+        assert _backend_for(x, dense, 1, "auto") == "triton"
+
+
 # ------------------------------------------------------------------ tile-occupancy map
 def brute_occupancy(m, groups, block):
     O, Cg, KH, KW = m.shape

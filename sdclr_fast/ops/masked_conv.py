@@ -26,6 +26,12 @@ e.g. `magnitude_masks(..., block=(32, 32))`, make most tiles empty at high spars
 masks at 90% leave almost every tile occupied and run at dense speed. `prepare_mask(mask,
 block=...)` picks another tile (powers of two >= 16).
 
+Dispatch on CUDA: a mask whose tiles are mostly occupied (unstructured 90% masks occupy ~all
+32 x 32 tiles) gains nothing from skipping, so above SDCLR_FAST_MASKED_CONV_DENSE (default
+0.75, read at call time) of occupied tiles the op takes the PyTorch path (cuDNN) instead.
+The default is a guess until measured on an H100 with bench/bench_masked_conv.py, which
+reports both paths.
+
 Layout: the kernels take any strides, but on a GPU the 16-bit loads are only wide (and
 software-pipelined) along a unit-stride channel dimension: use channels-last activations and
 weights (`model.to(memory_format=torch.channels_last)`), as cuDNN prefers for tensor cores too.
@@ -335,17 +341,27 @@ def _is_channels_last(x):
     return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _use_triton(x, backend):
+def _dense_threshold():
+    return float(os.environ.get("SDCLR_FAST_MASKED_CONV_DENSE", "0.75"))
+
+
+def _backend_for(x, mask, groups, backend):
+    """'triton' or 'torch'. auto: Triton on CUDA for fp32/fp16/bf16 when the mask empties
+    enough weight tiles; with more than SDCLR_FAST_MASKED_CONV_DENSE (default 0.75) of the
+    tiles occupied (e.g. unstructured masks) there is little to skip and cuDNN on the
+    recomputed masked weight is the faster kernel."""
     if backend == "torch":
-        return False
+        return "torch"
     if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
         if x.dtype not in _TRITON_DTYPES:
             raise ValueError(f"the Triton kernels take x of dtype float32/float16/bfloat16, got "
                              f"{x.dtype}")
-        return True
+        return "triton"
     if backend != "auto":
         raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return x.is_cuda and x.dtype in _TRITON_DTYPES
+    if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+        return "torch"
+    return "triton" if prepare_mask(mask, groups).tile_density <= _dense_threshold() else "torch"
 
 
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -356,8 +372,9 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
     x: (N, C, H, W), NCHW or channels-last; weight: (O, C/groups, KH, KW); mask: bool (or 0/1)
     tensor of the weight's shape; bias: (O,) or None; stride, dilation: int or pair (>= 1);
     padding: int, pair, "same" or "valid". CUDA fp32/fp16/bf16 runs the Triton kernels (fp32
-    uses TF32 when torch.backends.cudnn.allow_tf32 is set, as F.conv2d does); everything else
-    the PyTorch path."""
+    uses TF32 when torch.backends.cudnn.allow_tf32 is set, as F.conv2d does) unless the mask
+    leaves too few weight tiles empty to pay off (see SDCLR_FAST_MASKED_CONV_DENSE); everything
+    else runs the PyTorch path. `_backend` ("auto", "triton", "torch") is for tests/benches."""
     _check(x, weight, mask, bias, groups)
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
@@ -375,7 +392,7 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         dt = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    if _use_triton(x, _backend):
+    if _backend_for(x, mask, groups, _backend) == "triton":
         tiles = prepare_mask(mask, groups)
         return _MaskedConv2dTriton.apply(x, weight, mask.detach(), tiles, bias, stride, pad,
                                          dilation, groups)
