@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import os
+import statistics
 import sys
 import time
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
-                           sync, time_ms, write_json)
+                           time_ms, write_json)
 from sdclr_fast.ops.reference import magnitude_masks_reference, nt_xent_reference  # noqa: E402
 
 CIFAR10_LT_IMAGES = 11165
@@ -193,22 +194,49 @@ def _memory_run(run):
     run()
 
 
-def measure(kind, batch, width, device, reps, with_memory):
-    model, run = _setup(kind, batch, width, device)
-    ms = time_ms(run, device, warmup=2, reps=reps)
-    # Pruning, timed on its own (once per epoch in both implementations).
-    prune = (lambda: official_update_masks(model)) if kind == "official" else (
-        lambda: model.update_masks(sparsity=SPARSITY))
-    prune_ms = time_ms(prune, device, warmup=1, reps=max(3, reps // 2))
-    if not with_memory:
-        mem = None
-    elif torch.device(device).type == "cuda":
-        mem = cuda_peak_bytes(run, device)
+def _prune_fn(kind, model):
+    if kind == "official":
+        return lambda: official_update_masks(model)
+    return lambda: model.update_masks(sparsity=SPARSITY)
+
+
+def _interleaved_ms(runs, reps, warmup=1):
+    """Median wall time of each fn, the fns run alternately so that load changes on a shared CPU
+    hit them alike."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(batch, width, device, reps, with_memory):
+    kinds = ("official", "fast")
+    built = {k: _setup(k, batch, width, device) for k in kinds}
+    if torch.device(device).type == "cuda":
+        step_ms = {k: time_ms(built[k][1], device) for k in kinds}
+        prune_ms = {k: time_ms(_prune_fn(k, built[k][0]), device) for k in kinds}
     else:
-        mem = cpu_peak_bytes(functools.partial(_memory_setup, kind, batch, width), _memory_run)
-    params = sum(p.numel() for p in model.parameters())
-    del model, run
-    return {"step_ms": ms, "prune_ms": prune_ms, "peak": mem, "params": params}
+        step_ms = _interleaved_ms({k: built[k][1] for k in kinds}, reps)
+        prune_ms = _interleaved_ms({k: _prune_fn(k, built[k][0]) for k in kinds}, max(3, reps))
+    out = {}
+    for k in kinds:
+        model, run = built[k]
+        if not with_memory:
+            mem = None
+        elif torch.device(device).type == "cuda":
+            mem = cuda_peak_bytes(run, device)
+        else:
+            mem = cpu_peak_bytes(functools.partial(_memory_setup, k, batch, width), _memory_run)
+        out[k] = {"step_ms": step_ms[k], "prune_ms": prune_ms[k], "peak": mem,
+                  "params": sum(p.numel() for p in model.parameters())}
+    del built
+    return out
 
 
 def main(argv=None):
@@ -232,7 +260,7 @@ def main(argv=None):
 
     rows, records = [], []
     for b in batches:
-        res = {k: measure(k, b, args.width, device, reps, with_memory) for k in ("official", "fast")}
+        res = measure(b, args.width, device, reps, with_memory)
         steps = CIFAR10_LT_IMAGES // b
         rec = {"batch": b, "steps_per_epoch": steps}
         for k, r in res.items():

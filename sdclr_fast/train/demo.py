@@ -86,7 +86,9 @@ def run_demo(*, methods=("simclr", "sdclr"), budget_minutes: float = 15.0, run_d
         per_step = {m: _seconds_per_step(m, data, data_root, device, seed) for m in contrastive if m not in stored}
         for m, s in per_step.items():
             print(f"calibration: {m} {s:.3f} s/step ({BATCH / s:.0f} images/s)")
-        shares = len(methods) + (1 if "dnc" in methods else 0)  # DnC trains several models
+        # DnC trains a base model, experts covering the data once per epoch, and a student that
+        # also runs every teacher: about three runs' worth of steps.
+        shares = len(contrastive) + (3 if "dnc" in methods else 0)
         epoch_s = sum(per_step.values()) * steps_per_epoch / max(len(per_step), 1)
         budget_s -= time.perf_counter() - t_start
         epochs = int(max(1, min(MAX_EPOCHS, math.floor(budget_s / shares / epoch_s))))

@@ -337,11 +337,13 @@ def _pretrain(config, run_dir, ckpt_path, indices, init_checkpoint, data, resume
                 value, ep, st, gs = item
                 v = float(value)
                 if not math.isfinite(v):
-                    kept_ckpt = (f"the last good checkpoint {str(ckpt_path)!r} (after epoch {done}) was kept"
-                                 if ckpt_path.exists() else "no checkpoint had been written yet")
-                    raise NonFiniteLossError(
-                        f"loss became {v} at epoch {ep + 1}, step {st + 1} (global step {gs + 1}); "
-                        f"the run stopped and {kept_ckpt}. Lower --lr or disable --amp, then --resume.")
+                    if ckpt_path.exists():
+                        kept_ckpt = (f"the last good checkpoint {str(ckpt_path)!r} (after epoch {done}) was "
+                                     f"kept. Lower --lr or disable --amp, then --resume")
+                    else:
+                        kept_ckpt = "no checkpoint had been written yet. Lower --lr or disable --amp"
+                    raise NonFiniteLossError(f"loss became {v} at epoch {ep + 1}, step {st + 1} (global step "
+                                             f"{gs + 1}); the run stopped and {kept_ckpt}.")
                 return v
 
             bar = _progress(config, dist_info, steps_per_epoch, epoch)
