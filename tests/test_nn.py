@@ -676,3 +676,36 @@ def test_pruned_branch_through_triton_kernels(monkeypatch):
     model.float()
     monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
     torch.testing.assert_close(model(x, branch="pruned").double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_both_branches_without_graph_breaks():
+    """Under torch.compile the pruned convs trace as conv(x, w * m) (masked_conv2d is opaque to
+    dynamo); values and gradients equal eager, the branch flags are restored."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1, bias=False), DualBatchNorm2d(8), nn.ReLU(),
+                             MaskedConv2d(8, 8, 1, stride=2, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SelfCompetitor(backbone, ProjectionHead(8, 8, 4, num_layers=2, dual_bn=True))
+    model.update_masks(0.6)
+    gen = torch.Generator().manual_seed(14)
+    v1, v2 = torch.randn(4, 3, 6, 6, generator=gen), torch.randn(4, 3, 6, 6, generator=gen)
+
+    def step(m, a, b):
+        return nt_xent_reference(m(a, branch="dense"), m(b, branch="pruned"))
+
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(step)(copy.deepcopy(model), v1, v2)
+    assert explain.graph_break_count == 0
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss_c = compiled(twin, v1, v2)
+    loss_c.backward()
+    loss = step(model, v1, v2)
+    loss.backward()
+    torch.testing.assert_close(loss_c, loss)
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+    for (n, b), (_, c) in zip(model.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(c, b, msg=n)
+    assert twin.active_branch == "dense" and not twin.backbone[0].mask_enabled
+    assert twin.head.net[1].branch == "dense"
