@@ -143,6 +143,36 @@ def test_triton_matches_reference(case, dtype):
     check_against_reference(x, w, m, b, gy, "triton", **conf)
 
 
+@pytest.mark.slow
+@settings(max_examples=12, **HYP)
+@given(groups=st.sampled_from([1, 2]), cg=st.sampled_from([1, 15, 17, 33, 40]),
+       og=st.sampled_from([3, 16, 31, 40]), k=st.sampled_from([1, 3]), stride=st.integers(1, 2),
+       kind=st.sampled_from(["block", "block_tap", "random"]),
+       block=st.sampled_from([(16, 16), (32, 32), (8, 16)]), p=st.sampled_from([0.1, 0.5]),
+       dtype=st.sampled_from(DTYPES), channels_last=st.booleans(), seed=st.integers(0, 999))
+def test_triton_many_tiles(groups, cg, og, k, stride, kind, block, p, dtype, channels_last, seed):
+    """Channel counts across tile edges with block masks: skipped, partial and full tiles."""
+    case = dict(n=1, groups=groups, cg=cg, og=og, k=k, k2=None, stride=stride, dilation=1,
+                padding=k // 2, h=4, w=3, mask="random", density=p, bias=True,
+                channels_last=channels_last, seed=seed)
+    x, w, _, b, gy, conf = build(case, dtype, TRITON_DEVICE)
+    m = make_mask(kind, w.shape, torch.Generator().manual_seed(seed), block=block, p=p)
+    check_against_reference(x, w, m.to(TRITON_DEVICE), b, gy, "triton", **conf)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend):
+    dev = "cpu" if backend == "torch" else TRITON_DEVICE
+    x = torch.randn(0, 4, 5, 5, device=dev, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, device=dev, requires_grad=True)
+    b = torch.randn(3, device=dev, requires_grad=True)
+    m = torch.rand(3, 4, 3, 3, device=dev) < 0.5
+    y = masked_conv2d(x, w, m, b, padding=1, _backend=backend)
+    assert y.shape == (0, 3, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not w.grad.any() and not b.grad.any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
 def test_triton_small_fixed(dtype, mask_kind):
