@@ -110,10 +110,15 @@ def main():
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     ap.add_argument("--memory-format", choices=["channels_last", "contiguous"], default=None,
                     help="activations and weights; default channels_last on CUDA, contiguous on CPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (a busy shared machine measures steadier with 1)")
     ap.add_argument("--layers", nargs="*", help="only these layer names")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
