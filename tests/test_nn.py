@@ -238,12 +238,17 @@ def test_masked_conv_mask_change_after_forward_refuses_stale_backward():
 
 
 @pytest.mark.slow
-def test_masked_conv_triton_path_channels_last(monkeypatch):
-    """The module through the Triton kernels (interpreter on CPU), channels-last input."""
+@pytest.mark.parametrize("module_channels_last", [False, True])
+def test_masked_conv_triton_path_channels_last(monkeypatch, module_channels_last):
+    """The module through the Triton kernels (interpreter on CPU), channels-last input; with
+    `module.to(memory_format=channels_last)` the weight and the mask buffer are channels-last too."""
     monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
     gen = torch.Generator().manual_seed(3)
     dev = "cuda" if CUDA else "cpu"
     conv = MaskedConv2d(5, 6, 3, stride=2, padding=1, device=dev)
+    if module_channels_last:
+        conv.to(memory_format=torch.channels_last)
+        assert not conv.mask.is_contiguous() and not conv.weight.is_contiguous()
     conv.set_mask((torch.rand(conv.weight.shape, generator=gen) < 0.5).to(dev))
     x = torch.randn(2, 5, 7, 7, generator=gen).to(dev).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
