@@ -63,7 +63,11 @@ def _compare(fn_kw, z1, z2, temperature=0.2, reduction="mean", weights=None, lab
              normalize=True, seed=0):
     """(out, grads) of the op and of the float64 reference on the same (rounded) inputs."""
     g = torch.Generator().manual_seed(seed + 1)
-    cot = torch.rand(2 * z1.shape[0], generator=g, dtype=torch.float64) + 0.5
+    # upstream gradients of both signs for "none": the PyTorch path folds g >= 0 into the
+    # exponent and takes another branch otherwise
+    cot = torch.rand(2 * z1.shape[0], generator=g, dtype=torch.float64) * 2.5 - 1.0
+    if seed % 2:
+        cot = cot.abs()
     args = (temperature, reduction, weights, labels, normalize, cot)
     got = _run(nt_xent, z1, z2, *args, **fn_kw)
     t64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
@@ -191,6 +195,41 @@ def test_torch_path_blocks(monkeypatch):
         got, ref, _ = _compare(dict(_backend="torch"), z1, z2, 0.3, "none",
                                _weights("rand", 70, 5, torch.float64), labels, True, 5)
         _close(got, ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiny_temperature_underflow(backend, dtype):
+    """tau = 0.005 with anti-parallel rows: exp(S - 1/tau) underflows to 0 for whole rows, so
+    the PyTorch path's fixed-shift log-sum-exp must fall back to the row max."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the kernels take 16/32-bit floats")
+    z1, z2 = _inputs(6, 5, 0, dtype)
+    z1 = torch.cat([z1, -z1[:1] * 3])
+    z2 = torch.cat([z2, z1[:1]])
+    for normalize in (True, False):
+        got, ref, args = _compare(dict(_backend=backend), z1, z2, 0.005, "none",
+                                  _weights("rand", 7, 0, dtype), None, normalize)
+        assert torch.isfinite(got[0]).all()
+        if dtype == torch.float64:
+            _close(got, ref, 1e-9, 1e-11)
+        else:
+            # fp32 rounds every score by eps * |S| (|S| = 200 here, 1e4 unnormalised), which
+            # moves each exp(S - lse) by that relative amount: the first-order bound (the
+            # fp32 reference's own error is of the same order)
+            z = torch.cat([z1, z2]).double()
+            smax = (1.0 if normalize else z.norm(dim=1).max().item() ** 2) / 0.005
+            for mine, truth in zip([got[0]] + got[1], [ref[0]] + ref[1]):
+                bound = 4 * EPS[dtype] * smax * max(truth.abs().max().item(), 1.0)
+                assert (mine.double() - truth).abs().max().item() <= bound
+
+
+def test_negative_weights():
+    z1, z2 = _inputs(9, 7, 0, torch.float64)
+    w = torch.linspace(-1, 1, 18, dtype=torch.float64)
+    for labels in (None, _labels("n", 9, 0, 3)):
+        got, ref, _ = _compare(dict(_backend="torch"), z1, z2, 0.2, "sum", w, labels)
+        _close(got, ref, 1e-9, 1e-11)
 
 
 def test_gradcheck_float64():

@@ -156,12 +156,22 @@ def _cpu_block(m):
     return max(16, min(1024, _CPU_BLOCK_ELEMS // max(m, 1)))
 
 
-def _torch_forward(zh, inv_tau, R, keys):
+# exp(S - shift) summed over a row below this means the fixed shift lost precision to underflow
+_UNDERFLOW = {torch.float32: 1e-20, torch.float64: 1e-200}
+
+
+def _torch_forward(zh, inv_tau, R, keys, normalize):
     """PyTorch path over row blocks. zh: (M, D) normalised rows; keys None = two-view pairs
     (row i < R pairs with (i + R/2) mod R). Returns loss (R,), lse (M,) (+inf beyond R),
-    cnt (R,)."""
+    cnt (R,).
+
+    Each pass over a (B, M) block costs about half a matmul on a CPU, so passes are saved:
+    1/tau is folded into one operand of the matmul, and with normalised rows S <= 1/tau lets
+    the log-sum-exp use the fixed shift 1/tau instead of a row max (rows whose sum underflows
+    are redone with torch.logsumexp)."""
     M = zh.shape[0]
     dt = zh.dtype
+    zs = zh * inv_tau
     loss = torch.empty(R, dtype=dt, device=zh.device)
     lse = torch.full((M,), float("inf"), dtype=dt, device=zh.device)
     cnt = torch.ones(R, dtype=torch.int64, device=zh.device)
@@ -169,40 +179,67 @@ def _torch_forward(zh, inv_tau, R, keys):
     half = R // 2
     for s in range(0, R, B):
         e = min(s + B, R)
-        S = torch.mm(zh[s:e], zh.t()).mul_(inv_tau)
+        S = torch.mm(zs[s:e], zh.t())
         S.diagonal(offset=s).fill_(float("-inf"))
-        lse_b = torch.logsumexp(S, dim=1)
-        lse[s:e] = lse_b
         if keys is None:
             rows = torch.arange(s, e, device=zh.device)
             pos = torch.where(rows < half, rows + half, rows - half)
-            loss[s:e] = lse_b - S.gather(1, pos[:, None]).squeeze(1)
+            pos_term = S.gather(1, pos[:, None]).squeeze(1)
         else:
             same = keys[s:e, None] == keys[None, :]
             same.diagonal(offset=s).fill_(False)
             c = same.sum(1)
             psum = torch.where(same, S, torch.zeros((), dtype=dt, device=zh.device)).sum(1)
-            loss[s:e] = torch.where(c > 0, lse_b - psum / c.clamp_min(1), torch.zeros_like(lse_b))
+            pos_term = psum / c.clamp_min(1)
             cnt[s:e] = c
+            del same
+        if normalize:
+            total = S.sub_(inv_tau).exp_().sum(1)
+            bad = (total < _UNDERFLOW[dt]).nonzero().squeeze(1)
+            lse_b = total.log_().add_(inv_tau)
+            if bad.numel():
+                redo = torch.mm(zs[s + bad], zh.t())
+                redo[torch.arange(bad.numel(), device=zh.device), s + bad] = float("-inf")
+                lse_b[bad] = torch.logsumexp(redo, dim=1)
+        else:
+            lse_b = torch.logsumexp(S, dim=1)
+        del S
+        lse[s:e] = lse_b
+        loss_b = lse_b - pos_term
+        if keys is not None:
+            loss_b = torch.where(cnt[s:e] > 0, loss_b, torch.zeros_like(loss_b))
+        loss[s:e] = loss_b
     return loss, lse, cnt
 
 
 def _torch_backward(zh, inv_tau, R, keys, lse, g, gy):
     """dL/dzhat (M, D) by row blocks: dzhat_k = (1/tau) sum_j A_kj zhat_j with
-    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j)."""
+    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j).
+
+    With g >= 0 (the usual case) g_k P_kj = exp(S_kj - (lse_k - log g_k)), which saves two
+    passes over each block."""
     M = zh.shape[0]
+    zs = zh * inv_tau
     dzh = torch.empty_like(zh)
     B = _cpu_block(M)
     half = R // 2
+    folded = bool((g >= 0).all())
+    if folded:
+        c = lse - torch.log(g)  # g = 0 -> +inf -> exp(-inf) = 0
     for s in range(0, M, B):
         e = min(s + B, M)
         ncol = M if s < R else R  # rows past R only pair with the query rows
-        S = torch.mm(zh[s:e], zh[:ncol].t()).mul_(inv_tau)
-        if s < R:
-            A = (S - lse[s:e, None]).exp_().mul_(g[s:e, None])
-            A.add_(S.sub_(lse[None, :ncol]).exp_().mul_(g[None, :ncol]))
+        S = torch.mm(zs[s:e], zh[:ncol].t())
+        if folded:
+            A = S.sub_(c[None, :ncol]).exp_() if s >= R else None
+            if s < R:
+                A = torch.sub(S, c[s:e, None]).exp_()
+                A.add_(S.sub_(c[None, :ncol]).exp_())
         else:
-            A = S.sub_(lse[None, :ncol]).exp_().mul_(g[None, :ncol])
+            A = S.sub(lse[None, :ncol]).exp_().mul_(g[None, :ncol])
+            if s < R:
+                A.add_(S.sub_(lse[s:e, None]).exp_().mul_(g[s:e, None]))
+        del S
         A.diagonal(offset=s).zero_()
         if keys is None:
             q = min(e, R)
@@ -215,8 +252,8 @@ def _torch_backward(zh, inv_tau, R, keys, lse, g, gy):
             same.diagonal(offset=s).fill_(False)
             A.sub_(torch.where(same, gy[s:e, None] + gy[None, :ncol],
                                torch.zeros((), dtype=A.dtype, device=A.device)))
-        torch.mm(A, zh[:ncol], out=dzh[s:e])
-    return dzh.mul_(inv_tau)
+        torch.mm(A, zs[:ncol], out=dzh[s:e])
+    return dzh
 
 
 # ------------------------------------------------------------------ autograd
@@ -248,8 +285,8 @@ class _NTXentRows(torch.autograd.Function):
             cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
             tv = float(tau.detach()) if tau is not None else tau_value
             r, through = _inv_norms(u, cdt)
-            zh = u.to(cdt) * r[:, None] if normalize else u.to(cdt)
-            loss, lse, cnt = _torch_forward(zh, 1.0 / tv, R, keys)
+            zh = u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
+            loss, lse, cnt = _torch_forward(zh, 1.0 / tv, R, keys, normalize)
             ctx.save_for_backward(zh, r, through, keys, None, lse, cnt, tau)
             ctx.tau_value = tv
         ctx.conf = (R, normalize, use_triton, block_d, u.dtype)

@@ -1,0 +1,230 @@
+"""nt_xent vs the materialised PyTorch NT-Xent, forward + backward, for 2N = 512 .. 65,536.
+
+Two references, measured in the same run: SDCLR's own formulation (`nt_xent_reference`: full
+2N x 2N matrix, masked log-sum-exp) and the cross-entropy formulation most libraries use
+(`nt_xent_cross_entropy_reference`). Time is the median of forward + backward (dz1, dz2); peak
+memory is what one forward + backward adds (CUDA: max_memory_allocated; CPU: the peak RSS of a
+fresh process). ratio = reference / op (above 1: the op is faster / leaner). A reference that
+would not fit (CPU: estimated above --max-ref-gib) is skipped, and its memory is extrapolated
+from the largest measured size as M^2 (marked "~"); CUDA OOM is reported as "OOM".
+Writes JSON to bench/results/nt_xent_<device>_<dtype>.json.
+
+    .venv/bin/python bench/bench_nt_xent.py                          # CPU: 2N = 512 .. 32768
+    .venv/bin/python bench/bench_nt_xent.py --quick                  # 2N = 512 .. 4096
+    .venv/bin/python bench/bench_nt_xent.py --device cuda --dtype bfloat16
+"""
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))  # the repo root, for a source checkout
+sys.path.insert(0, _HERE)
+
+import torch  # noqa: E402
+
+from _common import (cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
+                     time_ms, write_json)
+from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
+from sdclr_fast.ops.reference import (nt_xent_cross_entropy_reference,  # noqa: E402
+                                      nt_xent_reference)
+
+IMPLS = {
+    "op": lambda z1, z2, t: nt_xent(z1, z2, t),
+    "sdclr_ref": lambda z1, z2, t: nt_xent_reference(z1, z2, t),
+    "ce_ref": lambda z1, z2, t: nt_xent_cross_entropy_reference(z1, z2, t),
+}
+TEMPERATURE = 0.2
+
+
+def make_inputs(rows, dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = rows // 2
+    z1 = torch.randn(n, dim, generator=g).to(device, dtype).requires_grad_()
+    z2 = torch.randn(n, dim, generator=g).to(device, dtype).requires_grad_()
+    return z1, z2
+
+
+def step(impl, z1, z2):
+    loss = IMPLS[impl](z1, z2, TEMPERATURE)
+    return torch.autograd.grad(loss, (z1, z2))
+
+
+def _mem_setup(impl, rows, dim, dtype):
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    return impl, make_inputs(rows, dim, dtype, "cpu")
+
+
+def _mem_run(state):
+    impl, (z1, z2) = state
+    step(impl, z1, z2)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(queue, setup, run):
+    """Like _common.cpu_peak_bytes' child, but from VmHWM reset through clear_refs: ru_maxrss
+    of a spawned child starts at the parent's RSS (Linux folds the forked mm's high-water mark
+    into it at exec), which hides every peak below the parent's size."""
+    try:
+        state = setup()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        before = _status_kib("VmRSS")
+        run(state)
+        queue.put(("ok", (_status_kib("VmHWM") - before) * 1024))
+    except Exception as exc:  # report, don't hang the parent
+        queue.put(("error", repr(exc)))
+
+
+def cpu_peak_bytes_hwm(setup, run):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_child, args=(queue, setup, run))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"memory measurement failed: {value}")
+    return value
+
+
+def ref_bytes_estimate(rows, dtype):
+    """Peak of the materialised references: about eight live (2N, 2N) buffers (scores, masked
+    scores, softmax, gradients, the dense index-backward); 2N = 2048 fp32 measures 132 MiB."""
+    return 8 * rows * rows * torch.tensor([], dtype=dtype).element_size()
+
+
+def measure(impl, rows, dim, dtype, device, reps, memory):
+    cuda = device.type == "cuda"
+    z1, z2 = make_inputs(rows, dim, dtype, device)
+    try:
+        ms = time_ms(lambda: step(impl, z1, z2), device, warmup=1 if not cuda else 2, reps=reps)
+        peak = None
+        if memory:
+            if cuda:
+                peak = cuda_peak_bytes(lambda: step(impl, z1, z2), device)
+            else:
+                del z1, z2
+                peak = cpu_peak_bytes_hwm(functools.partial(_mem_setup, impl, rows, dim, dtype),
+                                          _mem_run)
+        return ms, peak
+    except torch.OutOfMemoryError:
+        return "OOM", None
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _fmt_ms(v):
+    return f"{v:.2f}" if isinstance(v, float) else (v or "-")
+
+
+def _ratio(ref, op):
+    if isinstance(ref, (int, float)) and isinstance(op, (int, float)) and op > 0:
+        return f"{ref / op:.2f}x"
+    return "-"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--rows", type=int, nargs="*", help="2N values (default 512 .. 65536)")
+    ap.add_argument("--quick", action="store_true", help="2N <= 4096, few repetitions")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
+    ap.add_argument("--max-ref-gib", type=float, default=9.0,
+                    help="CPU: skip a reference whose estimated peak exceeds this")
+    ap.add_argument("--time-cap-s", type=float, default=60.0,
+                    help="CPU: stop timing an implementation after one step slower than this")
+    ap.add_argument("--out", default=None, help="JSON path")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    if args.rows:
+        sizes = args.rows
+    elif args.quick:
+        sizes = [512, 1024, 2048, 4096]
+    else:
+        sizes = [512, 1024, 2048, 4096, 8192, 16384, 32768] + ([65536] if cuda else [])
+    memory = not args.no_memory
+
+    rows_out, records = [], []
+    slow = set()
+    last_ref_peak = {}
+    for rows in sizes:
+        rec = {"rows": rows, "dim": args.dim}
+        for impl in IMPLS:
+            ms = peak = None
+            est = False
+            too_big = (not cuda and impl != "op"
+                       and ref_bytes_estimate(rows, dtype) > args.max_ref_gib * 2 ** 30)
+            if impl in slow or too_big:
+                ms = "skipped"
+                if impl in last_ref_peak and memory:
+                    r0, p0 = last_ref_peak[impl]
+                    peak, est = p0 * (rows / r0) ** 2, True
+            else:
+                if cuda:
+                    reps = 10
+                else:  # one probe step decides how many repetitions fit
+                    z1, z2 = make_inputs(rows, args.dim, dtype, device)
+                    t0 = time.perf_counter()
+                    step(impl, z1, z2)
+                    probe = time.perf_counter() - t0
+                    del z1, z2
+                    reps = 3 if args.quick else max(3, min(10, int(20 / max(probe, 1e-3))))
+                    if probe > args.time_cap_s:
+                        slow.add(impl)
+                ms, peak = measure(impl, rows, args.dim, dtype, device, reps, memory)
+                if impl != "op" and isinstance(peak, (int, float)):
+                    last_ref_peak[impl] = (rows, peak)
+            rec[f"{impl}_ms"] = ms
+            rec[f"{impl}_peak_bytes"] = peak
+            rec[f"{impl}_peak_estimated"] = est
+        records.append(rec)
+        row = {"rows": rows, "op_ms": _fmt_ms(rec["op_ms"])}
+        for ref in ("sdclr_ref", "ce_ref"):
+            row[f"{ref}_ms"] = _fmt_ms(rec[f"{ref}_ms"])
+            row[f"{ref}_speed"] = _ratio(rec[f"{ref}_ms"], rec["op_ms"])
+        if memory:
+            row["op_mem"] = fmt_bytes(rec["op_peak_bytes"])
+            for ref in ("sdclr_ref", "ce_ref"):
+                p = rec[f"{ref}_peak_bytes"]
+                mark = "~" if rec[f"{ref}_peak_estimated"] else ""
+                row[f"{ref}_mem"] = mark + fmt_bytes(p) if p is not None else "-"
+                row[f"{ref}_mem_ratio"] = mark + _ratio(p, rec["op_peak_bytes"])
+        rows_out.append(row)
+        print(f"2N={rows} done", flush=True)
+
+    columns = [("rows", "2N"), ("op_ms", "op ms"), ("sdclr_ref_ms", "sdclr-ref ms"),
+               ("sdclr_ref_speed", "speedup"), ("ce_ref_ms", "ce-ref ms"),
+               ("ce_ref_speed", "speedup")]
+    if memory:
+        columns += [("op_mem", "op peak"), ("sdclr_ref_mem", "sdclr-ref peak"),
+                    ("sdclr_ref_mem_ratio", "mem ratio"), ("ce_ref_mem", "ce-ref peak"),
+                    ("ce_ref_mem_ratio", "mem ratio")]
+    print(f"\nnt_xent forward + backward, D={args.dim}, {dtype}, tau={TEMPERATURE}, "
+          f"device={device}")
+    print_table(rows_out, columns)
+    name = f"nt_xent_{device.type}_{str(dtype).replace('torch.', '')}"
+    write_json(name, {"bench": "nt_xent", "machine": machine_info(device), "dtype": str(dtype),
+                      "dim": args.dim, "temperature": TEMPERATURE, "results": records},
+               args.out)
+
+
+if __name__ == "__main__":
+    main()
