@@ -272,6 +272,7 @@ def conv_forward(x, weight, mask, bias, y, tiles, geom):
     _, _, OH, OW = y.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
     upcast, block_m, launch = _common(x.dtype)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
     grid = (triton.cdiv(N * OH * OW, block_m), tiles.o_tiles, groups)
     _masked_conv_fwd_kernel[grid](
         x, weight, mask, bias if bias is not None else weight, y, tiles.fwd_idx, tiles.fwd_cnt,

@@ -207,17 +207,20 @@ def test_triton_multi_tile_block_masks(dtype, kind, block):
 
 
 def test_triton_noncontiguous_grad_and_weight():
-    """grad_y with stride 0 (from .sum()) and a weight that is a transposed view."""
+    """grad_y with stride 0 (from .sum()), a weight that is a transposed view, a strided bias."""
     dev = TRITON_DEVICE
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 5, 6, 6, generator=gen).to(dev).requires_grad_()
     w_store = torch.randn(5, 7, 3, 3, generator=gen).to(dev)
     w = w_store.transpose(0, 1).requires_grad_()  # (7, 5, 3, 3), non-contiguous leaf-like view
     m = (torch.rand(7, 5, 3, 3, generator=gen) < 0.6).to(dev)
-    masked_conv2d(x, w, m, padding=1, _backend="triton").sum().backward()
+    b = torch.randn(14, generator=gen).to(dev)[::2]  # strided bias view
+    masked_conv2d(x, w, m, b, padding=1, _backend="triton").sum().backward()
     x2 = x.detach().clone().requires_grad_()
     w2 = w.detach().clone().requires_grad_()
-    F.conv2d(x2, w2 * m, padding=1).sum().backward()
+    torch.testing.assert_close(masked_conv2d(x2, w2, m, b, padding=1, _backend="triton"),
+                               F.conv2d(x2, w2 * m, b, padding=1), rtol=1e-5, atol=1e-5)
+    F.conv2d(x2, w2 * m, b, padding=1).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
 

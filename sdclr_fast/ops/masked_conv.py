@@ -1,7 +1,7 @@
 """Mask-applied (pruned) 2-d convolution: `masked_conv2d(x, weight, mask, ...)`.
 
 Equal in value and gradients to `F.conv2d(x, weight * mask, bias, ...)`, but the masked weight
-is never kept for backward (and on CUDA never written at all):
+is never kept for backward (and the Triton kernels never write it at all):
 
 * CUDA (fp32 / fp16 / bf16): Triton implicit-GEMM kernels (kernels/masked_conv.py) for the
   forward, grad_input and grad_weight that apply the mask in registers and skip the weight
@@ -23,7 +23,7 @@ Tile skipping: the kernels cut the (out-channels x in-channels) plane of every t
 `block` = (block_o, block_c) tiles, by default (32, 32) where a group has at least 32 channels
 (16, or the next power of two, below that). Block masks whose blocks are multiples of the tile,
 e.g. `magnitude_masks(..., block=(32, 32))`, make most tiles empty at high sparsity; unstructured
-masks at 90% leave almost every tile occupied and run at dense speed. `prepare_mask(mask,
+masks at 90% leave almost every tile occupied (nothing to skip). `prepare_mask(mask,
 block=...)` picks another tile (powers of two >= 16).
 
 Dispatch on CUDA: a mask whose tiles are mostly occupied (unstructured 90% masks occupy ~all
