@@ -328,12 +328,15 @@ def test_sync_batchnorm_conversion_keeps_dual_behaviour():
 
 
 # ====================================================================== the self-competitor
-@pytest.mark.parametrize("sparsity,scope", [(0.9, "global"), (0.5, "layer"), (0.0, "global")])
-def test_self_competitor_gradient_equals_two_plain_models(sparsity, scope):
+@pytest.mark.parametrize("sparsity,scope,method,in_channels,size", [
+    (0.9, "global", "sdclr", 3, 12), (0.5, "layer", "sdclr", 1, 7), (0.0, "global", "sdclr", 3, 9),
+    (0.9, "global", "simclr", 3, 8)])
+def test_self_competitor_gradient_equals_two_plain_models(sparsity, scope, method, in_channels, size):
     """L = NT-Xent(z_dense(v1), z_pruned(v2)) with one backward through the shared weights gives
     the sum of the dense copy's gradient and the masked pruned copy's gradient (times the mask),
-    BN parameters and statistics per branch, and the same loss."""
-    model = tiny_model()
+    BN parameters and statistics per branch, and the same loss. (SimCLR models have plain BN,
+    shared by both branches: its gradient is the sum too.)"""
+    model = tiny_model(method=method, in_channels=in_channels)
     kept = model.update_masks(sparsity=sparsity, scope=scope)
     assert 0 < kept <= 1
     model.train()
@@ -341,8 +344,8 @@ def test_self_competitor_gradient_equals_two_plain_models(sparsity, scope):
     dense.train()
     pruned.train()
     gen = torch.Generator().manual_seed(7)
-    v1 = torch.randn(5, 3, 12, 12, generator=gen, dtype=torch.float64)
-    v2 = torch.randn(5, 3, 12, 12, generator=gen, dtype=torch.float64)
+    v1 = torch.randn(5, in_channels, size, size, generator=gen, dtype=torch.float64)
+    v2 = torch.randn(5, in_channels, size, size, generator=gen, dtype=torch.float64)
 
     loss = nt_xent_reference(model(v1, branch="dense"), model(v2, branch="pruned"), 0.2)
     loss.backward()

@@ -1,5 +1,12 @@
 """Modules: `MaskedConv2d`, dual batch norm, SDCLR's `SelfCompetitor`, ResNet backbones and
-projection heads, and `build_model` (the model of a SimCLR / SDCLR run)."""
+projection heads, and `build_model` (the model of a SimCLR / SDCLR run).
+
+    model = build_model(arch="resnet18", method="sdclr", in_channels=3, width=64)
+    kept = model.update_masks(sparsity=0.9)          # once per epoch, from the dense weights
+    loss = nt_xent(model(v1, branch="dense"), model(v2, branch="pruned"), 0.2)
+    loss.backward()                                  # one backward: SDCLR's gradient
+    feats = model.features(x, branch="dense")        # what the linear probe sees
+"""
 from .dual_bn import BRANCHES, DualBatchNorm1d, DualBatchNorm2d
 from .heads import ProjectionHead, sdclr_head, simclr_head
 from .masked_conv import MaskedConv2d
