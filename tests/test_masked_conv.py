@@ -67,7 +67,9 @@ def check_against_reference(x, w, m, b, gy, backend, **conf):
     """Op in x's dtype vs float64 reference; its error must be <= 2x the same-dtype PyTorch
     reference's error + atol."""
     dtype = x.dtype
-    ours = run(lambda *a, **k: masked_conv2d(*a, **k, _backend=backend), x, w, m, b, gy, **conf)
+    block = conf.pop("block", None)
+    ours = run(lambda *a, **k: masked_conv2d(*a, **k, block=block, _backend=backend), x, w, m, b,
+               gy, **conf)
     f64 = run(masked_conv2d_reference, x.double(), w.double(), m, None if b is None else b.double(),
               gy.double(), **conf)
     same = run(masked_conv2d_reference, x, w, m, b, gy, **conf)
@@ -188,9 +190,10 @@ def test_triton_small_fixed(dtype, mask_kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kind,block", [("block", (32, 32)), ("block_tap", (16, 16)),
-                                        ("random", None)])
-def test_triton_multi_tile_block_masks(dtype, kind, block):
+@pytest.mark.parametrize("kind,block,tile", [("block", (32, 32), None), ("block_tap", (16, 16), None),
+                                             ("random", None, None), ("block", (16, 16), (16, 64)),
+                                             ("block_tap", (64, 16), (64, 16))])
+def test_triton_multi_tile_block_masks(dtype, kind, block, tile):
     """Several weight tiles per tap, some empty: the skipped tiles must not change the result."""
     gen = torch.Generator().manual_seed(2)
     O, C = 64, 48
@@ -199,9 +202,10 @@ def test_triton_multi_tile_block_masks(dtype, kind, block):
     m = make_mask(kind, w.shape, gen, block=block or (1, 1), p=0.3)
     gy = torch.randn(1, O, 4, 5, generator=gen)
     dev = TRITON_DEVICE
+    conf = dict(padding=1) if tile is None else dict(padding=1, block=tile)
     check_against_reference(x.to(dev, dtype), w.to(dev, dtype), m.to(dev), None,
-                            gy.to(dev, dtype), "triton", padding=1)
-    tiles = prepare_mask(m.to(dev))
+                            gy.to(dev, dtype), "triton", **conf)
+    tiles = prepare_mask(m.to(dev), block=tile)
     if kind != "random":
         assert tiles.tile_density < 1.0
 

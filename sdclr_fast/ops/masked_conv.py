@@ -345,7 +345,7 @@ def _dense_threshold():
     return float(os.environ.get("SDCLR_FAST_MASKED_CONV_DENSE", "0.75"))
 
 
-def _backend_for(x, mask, groups, backend):
+def _backend_for(x, mask, groups, backend, block=None):
     """'triton' or 'torch'. auto: Triton on CUDA for fp32/fp16/bf16 when the mask empties
     enough weight tiles; with more than SDCLR_FAST_MASKED_CONV_DENSE (default 0.75) of the
     tiles occupied (e.g. unstructured masks) there is little to skip and cuDNN on the
@@ -361,11 +361,12 @@ def _backend_for(x, mask, groups, backend):
         raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
         return "torch"
-    return "triton" if prepare_mask(mask, groups).tile_density <= _dense_threshold() else "torch"
+    dense = prepare_mask(mask, groups, block).tile_density > _dense_threshold()
+    return "torch" if dense else "triton"
 
 
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  _backend="auto"):
+                  block=None, _backend="auto"):
     """`F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)` without the masked
     weight copy; grad_weight is mask * dW (pruned weights get no gradient from this op).
 
@@ -374,7 +375,9 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
     padding: int, pair, "same" or "valid". CUDA fp32/fp16/bf16 runs the Triton kernels (fp32
     uses TF32 when torch.backends.cudnn.allow_tf32 is set, as F.conv2d does) unless the mask
     leaves too few weight tiles empty to pay off (see SDCLR_FAST_MASKED_CONV_DENSE); everything
-    else runs the PyTorch path. `_backend` ("auto", "triton", "torch") is for tests/benches."""
+    else runs the PyTorch path. block: the kernels' (block_o, block_c) weight tile (powers of
+    two >= 16; default `default_block`), e.g. to match coarser pruning blocks. `_backend`
+    ("auto", "triton", "torch") is for tests and benches."""
     _check(x, weight, mask, bias, groups)
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
@@ -392,8 +395,8 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         dt = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    if _backend_for(x, mask, groups, _backend) == "triton":
-        tiles = prepare_mask(mask, groups)
+    if _backend_for(x, mask, groups, _backend, block) == "triton":
+        tiles = prepare_mask(mask, groups, block)
         return _MaskedConv2dTriton.apply(x, weight, mask.detach(), tiles, bias, stride, pad,
                                          dilation, groups)
     scale = _mask_scale(mask, weight.dtype)
