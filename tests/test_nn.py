@@ -717,3 +717,16 @@ def test_torch_compile_traces_both_branches_without_graph_breaks():
         torch.testing.assert_close(c, b, msg=n)
     assert twin.active_branch == "dense" and not twin.backbone[0].mask_enabled
     assert twin.head.net[1].branch == "dense"
+
+
+def test_modules_replaced_after_construction_follow_the_branch():
+    model = tiny_model(width=2)
+    new_bn = DualBatchNorm1d(model.head.hidden_dim).double()
+    model.head.net[1] = new_bn
+    seen = []
+    new_bn.register_forward_pre_hook(lambda m, i: seen.append(m.branch))
+    model.eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    model(x, branch="pruned")
+    model(x, branch="dense")
+    assert seen == ["pruned", "dense"] and new_bn.branch == "dense"

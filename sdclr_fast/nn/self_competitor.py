@@ -75,11 +75,16 @@ class SelfCompetitor(nn.Module):
         return self._branch
 
     def _set_branch(self, name):
+        # Walks the module tree on every switch (two per SDCLR step, well under a millisecond of
+        # host time, overlapped with GPU work) rather than caching the modules, so that modules
+        # replaced after construction (e.g. by hand) can never keep a stale branch.
         pruned = name == "pruned"
         for m in self.backbone.modules():
             if isinstance(m, MaskedConv2d):
                 m.mask_enabled = pruned
-        for m in self.modules():
+            elif isinstance(m, _DualBatchNorm):
+                m.branch = name
+        for m in self.head.modules():
             if isinstance(m, _DualBatchNorm):
                 m.branch = name
         self._branch = name
