@@ -343,3 +343,54 @@ def test_evaluate_checkpoint_reports_groups(tmp_path):
     out = write_outputs({label: res}, tmp_path / "report", title="t")
     assert out["report"].exists() and all(p.exists() for p in out["plots"])
     assert json.loads(out["report"].with_suffix(".json").read_text())
+
+
+# ---------------------------------------------------------------- demo planning
+def test_demo_budget_plan_and_stratified_subset():
+    from sdclr_fast.train.demo import BATCH, plan_budget, stratified_subset
+
+    # Enough time for 5 epochs of 1000 images at 1 s per step of BATCH for each of two methods.
+    steps = 5 * 1000 / BATCH
+    epochs, frac = plan_budget(2 * steps * 1.0, {"simclr": 1.0, "sdclr": 1.0}, 1000, dnc=False)
+    assert (epochs, frac) == (5, 1.0)
+    # Too slow for one epoch: one epoch over a fraction of the data.
+    epochs, frac = plan_budget(0.5 * 2 * (1000 / BATCH), {"simclr": 1.0, "sdclr": 1.0}, 1000, dnc=False)
+    assert epochs == 1 and frac == pytest.approx(0.5)
+    # DnC counts as three more runs.
+    e_dnc, _ = plan_budget(5 * steps, {"simclr": 1.0, "sdclr": 1.0}, 1000, dnc=True)
+    assert e_dnc == 5
+    labels = torch.tensor([0] * 100 + [1] * 10 + [2] * 1)
+    idx = stratified_subset(labels, 0.25, seed=0)
+    counts = torch.bincount(labels[idx]).tolist()
+    assert counts == [25, 3, 1] and torch.equal(idx, torch.sort(idx).values)
+    assert torch.equal(idx, stratified_subset(labels, 0.25, seed=0))
+
+
+# ---------------------------------------------------------------- DDP on CPU (gloo)
+def _ddp_worker(rank, world, port, run_dir, method):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    pretrain(tiny_config(method, epochs=2), run_dir=run_dir, data=tiny_data(), stop_at_epoch=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sdclr", "simclr"])
+def test_ddp_two_processes_on_cpu(tmp_path, method):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), method), nprocs=2, join=True)
+    st = _state(tmp_path / "checkpoint.pt")
+    assert st["epoch"] == 1 and len(st["rng"]) == 2  # one RNG state per process
+    # Per-process augmentation differs, so the two processes' saved RNG states do too.
+    assert not torch.equal(st["rng"][0]["torch"], st["rng"][1]["torch"])
+    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert len(rows) == 1 and math.isfinite(rows[0]["loss"])
+    # Resuming with a different number of processes is refused rather than silently inexact.
+    with pytest.raises(ValueError, match="2 process"):
+        pretrain(tiny_config(method), run_dir=tmp_path, data=DATA, resume=True)

@@ -302,8 +302,11 @@ def _pretrain(config, run_dir, ckpt_path, indices, init_checkpoint, data, resume
 
     base = model
     if dist_info.enabled and config.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        base = model
+        if device.type == "cuda":
+            # Both BN children of every dual BN are converted; parameters and buffers are kept.
+            base = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif dist_info.is_main:
+            print("note: SyncBatchNorm needs CUDA; BN statistics stay per process on this CPU run")
     step_module: nn.Module = ContrastiveForward(base, config.method)
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -379,8 +382,8 @@ def _pretrain(config, run_dir, ckpt_path, indices, init_checkpoint, data, resume
                     lr = optimizer.param_groups[0]["lr"]
                     if bar is not None:
                         bar.set_postfix(loss=f"{lval:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-                    log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr},
-                              global_step)
+                    log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr,
+                               "epoch_time_s": time.perf_counter() - t_epoch}, global_step)
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
