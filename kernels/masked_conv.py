@@ -20,6 +20,7 @@ loads nor MMA work, and their grad_weight entries stay zero.
 All kernels accumulate in fp32 and address tensors through their strides (NCHW and
 channels-last alike). Offsets that involve the batch index are computed in int64.
 """
+import functools
 import os
 
 import torch
@@ -305,12 +306,17 @@ def conv_backward_input(grad_y, weight, mask, grad_x, tiles, geom):
     return grad_x
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_splits(n_tiles, m_total, block_m, device):
     """Slices of the M reduction per weight tile: enough programs to fill the GPU (layers with
     few weight tiles and a large batch, e.g. the stem), but at least 8 M-blocks per slice."""
     if interpreting() or device.type != "cuda":
         return 1 if m_total <= 4 * block_m else 2
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(4 * sms, max(n_tiles, 1))
     return max(1, min(want, m_total // (8 * block_m)))
 

@@ -477,6 +477,7 @@ def test_cpu_path_gradcheck(conf):
         lambda x, w, b: masked_conv2d(x, w, m, b, **conf, _backend="torch"), (x, w, b))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_same_padding_even_kernel_both_backends():
     """Asymmetric 'same' padding (even kernel) matches F.conv2d's bottom/right convention."""
     gen = torch.Generator().manual_seed(8)
