@@ -23,7 +23,18 @@ from sdclr_fast.ops.reference import masked_conv2d_reference  # noqa: E402
 
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_on_gpu():
+    """The kernels follow cudnn.allow_tf32 like F.conv2d, but cuDNN may still pick a non-TF32
+    algorithm for some shapes; compare fp32 at full precision on both sides."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 # ------------------------------------------------------------------ helpers
@@ -246,6 +257,17 @@ def test_triton_grad_weight_split_reduction():
     for splits in (1, 2, 3, 7):
         got = k.conv_backward_weight(x, gy, tiles.mask, tiles, geom, torch.float32, splits=splits)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_dot_precision_follows_cudnn_flag():
+    from sdclr_fast.ops.masked_conv import _kernels
+
+    k = _kernels()
+    torch.backends.cudnn.allow_tf32 = False  # restored by the autouse fixture
+    assert k._dot_precision(torch.float32) == "ieee"
+    torch.backends.cudnn.allow_tf32 = True
+    assert k._dot_precision(torch.float32) == ("ieee" if k.interpreting() else "tf32")
+    assert k._dot_precision(torch.bfloat16) == "tf32"  # the default, ignored for 16-bit inputs
 
 
 def test_pruned_nonfinite_weights():
