@@ -81,31 +81,37 @@ def _compare(fn_kw, z1, z2, temperature=0.2, reduction="mean", weights=None, lab
 def _natural_scales(z1, z2, tau, reduction, w, normalize, cot):
     """Size of the terms each output is summed from, so that a near-zero result (cancelling
     terms, e.g. one label for every row) is compared at the precision of its terms:
-    loss, dz, dweights, dtau."""
+    loss, dz (per row: (2N, 1)), dweights, dtau."""
     z = torch.cat([z1, z2]).double()
     m = z.shape[0]
-    up = cot if reduction == "none" else torch.full((m,), 1.0 / m if reduction == "mean" else 1.0,
-                                                    dtype=torch.float64)
+    up = cot.abs() if reduction == "none" else torch.full(
+        (m,), 1.0 / m if reduction == "mean" else 1.0, dtype=torch.float64)
     up_w = up * w.abs() if w is not None else up
     norms = z.norm(dim=1)
-    if normalize:
-        zmax = 1.0
-        rmax = 1.0 / norms[norms > 0].min().item() if (norms > 0).any() else 1.0
+    if normalize:  # zhat = z / max(|z|, eps): the chain rule scales row k's gradient by r_k
+        zmax, r = 1.0, 1.0 / norms.clamp_min(1e-12)
     else:
-        zmax, rmax = max(z.abs().max().item(), norms.max().item()), 1.0
-    smax = norms.max().item() ** 2 / tau if not normalize else 1.0 / tau
-    smax += 1.0 + math.log(m)  # bound on |loss_i|
-    return [smax * up_w.sum().item(), 4 * up_w.max().item() * zmax * rmax / tau,
-            smax * up.max().item(), 2 * up_w.sum().item() * smax / tau]
+        zmax, r = norms.max().item(), torch.ones(m, dtype=torch.float64)
+    smax = zmax * zmax / tau + 1.0 + math.log(m)  # bound on |S| and |loss_i|
+    dz = 4 * up_w.max().item() * zmax / tau * r[:, None]
+    return [smax * up_w.sum().item(), dz, smax * up.max().item(),
+            2 * up_w.sum().item() * smax / tau]
 
 
 def _close(got, ref, rtol, atol):
-    """rtol on every element, atol relative to the natural scale of the output's terms."""
+    """|got - ref| <= rtol |ref| + atol * (natural scale of the output's terms)."""
     (out, grads), (rout, rgrads, scales) = got, ref
-    torch.testing.assert_close(out.double(), rout, rtol=rtol, atol=atol * scales[0])
-    kinds = [1, 1] + [2] * (len(grads) > 2 and grads[2].dim() == 1) + [3]
-    for a, b, kind in zip(grads, rgrads, kinds):
-        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * scales[kind])
+    kinds = [0, 1, 1] + [2] * (len(grads) > 2 and grads[2].dim() == 1) + [3]
+    for a, b, kind in zip([out] + list(grads), [rout] + list(rgrads), kinds):
+        assert a.shape == b.shape
+        scale = scales[kind]
+        if kind == 1:
+            scale = scale[: a.shape[0]] if a is grads[0] else scale[a.shape[0]:]
+        err = (a.double() - b).abs()
+        bound = rtol * b.abs() + atol * scale
+        assert torch.isfinite(a).all() and (err <= bound).all(), (
+            f"output {kind}: worst excess {(err - bound).max().item():.3g}, max err "
+            f"{err.max().item():.3g}")
 
 
 def _lowp_rule(got, ref, z1, z2, args, dtype, factor=2.0):
@@ -114,8 +120,10 @@ def _lowp_rule(got, ref, z1, z2, args, dtype, factor=2.0):
     where they cancel to about zero)."""
     lowp = _run(nt_xent_reference, z1, z2, *args)
     (out, grads), (rout, rgrads, scales), (lout, lgrads) = got, ref, lowp
-    pairs = [(out, lout, rout, scales[0])] + [(a, b, c, scales[1]) for a, b, c in
-                                              zip(grads[:2], lgrads[:2], rgrads[:2])]
+    n = z1.shape[0]
+    pairs = [(out, lout, rout, scales[0]),
+             (grads[0], lgrads[0], rgrads[0], scales[1][:n].max().item()),
+             (grads[1], lgrads[1], rgrads[1], scales[1][n:].max().item())]
     for mine, theirs, truth, natural in pairs:
         assert torch.isfinite(mine).all()
         err = (mine.double() - truth).abs().max().item()
