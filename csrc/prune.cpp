@@ -9,6 +9,9 @@
 //   abs_ge_masks(Tensor[] tensors, Tensor threshold) -> Tensor[]
 //       bool masks |w| >= t (contiguous, shape of w), one threshold for all (threshold.numel()
 //       == 1) or one per tensor; a single fused parallel pass over every tensor.
+//   topk_abs_masks(Tensor[] tensors, int[] k, bool per_tensor) -> (Tensor, Tensor[])
+//       both at once: thresholds (1 pooled, or one per tensor) and the masks |w| >= threshold.
+//       On CPU, large inputs take one fused pass (see fused_select_and_mask).
 //
 // The selection is a most-significant-digit radix select on the bit patterns of |w| (see
 // prune.h): pass 1 histograms the top 16 bits of every key, the bin holding rank k fixes
@@ -22,7 +25,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
+#include <limits>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+#include <tuple>
 #include <mutex>
 #include <vector>
 
@@ -44,6 +54,7 @@ struct Chunk {
   const void* data;
   int64_t begin, len;
   Elem elem;
+  bool* out;  // mask of the segment (fused select + mask), else nullptr
 };
 
 Elem elem_of(const at::Tensor& t, int64_t i, const char* op) {
@@ -129,10 +140,37 @@ int64_t find_non_finite(const std::vector<Segment>& segs) {
   return -1;
 }
 
+// Histogram of digit [lo, hi) of the keys in chunks[cb, ce) whose bits above hi equal want
+// (all keys when hi is the top: pass 1).
+template <Domain D>
+void histogram(const std::vector<Chunk>& chunks, int64_t cb, int64_t ce, int hi, int lo,
+               typename DomainTraits<D>::Key want, int64_t* h) {
+  using Key = typename DomainTraits<D>::Key;
+  const Key mask = static_cast<Key>((int64_t(1) << (hi - lo)) - 1);
+  const bool first = hi == DomainTraits<D>::kBits;
+  for (int64_t c = cb; c < ce; ++c) {
+    const Chunk& ch = chunks[c];
+    visit<D>(ch.elem, [&](auto tag) {
+      using T = decltype(tag);
+      const T* p = static_cast<const T*>(ch.data) + ch.begin;
+      if (first) {
+        for (int64_t i = 0; i < ch.len; ++i) ++h[abs_key<D>(p[i]) >> lo];
+      } else {
+        for (int64_t i = 0; i < ch.len; ++i) {
+          const Key key = abs_key<D>(p[i]);
+          if ((key >> hi) == want) ++h[(key >> lo) & mask];
+        }
+      }
+    });
+  }
+}
+
 // Key of the k-th smallest |w| (0-based) among the elements of segs (n > k >= 0 of them).
+// parallel: split every pass over the threads (one big selection); otherwise run on the
+// calling thread (many selections scheduled over the threads by the caller).
 template <Domain D>
 typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64_t n, int64_t k,
-                                         const char* op) {
+                                         const char* op, bool parallel) {
   using Key = typename DomainTraits<D>::Key;
   constexpr int kBits = DomainTraits<D>::kBits;
   // 16-bit digits keep pass count low for big inputs; small ones use 8-bit digits so that
@@ -142,9 +180,10 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
   std::vector<Chunk> chunks;
   for (const auto& s : segs) {
     for (int64_t b = 0; b < s.n; b += kChunk) {
-      chunks.push_back({s.data, b, std::min(kChunk, s.n - b), s.elem});
+      chunks.push_back({s.data, b, std::min(kChunk, s.n - b), s.elem, nullptr});
     }
   }
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
 
   Key prefix = 0;
   int hi = kBits;  // bits [hi, kBits) of the answer are known (= prefix)
@@ -154,31 +193,19 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
   while (hi > 0) {
     const int lo = std::max(hi - digit, 0);
     const int64_t nb = int64_t(1) << (hi - lo);
-    const Key mask = static_cast<Key>(nb - 1);
     const bool first = hi == kBits;
     const Key want = first ? Key(0) : static_cast<Key>(prefix >> hi);
     hist.assign(nb, 0);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
-      std::vector<int64_t> local(nb, 0);
-      int64_t* h = local.data();
-      for (int64_t c = cb; c < ce; ++c) {
-        const Chunk& ch = chunks[c];
-        visit<D>(ch.elem, [&](auto tag) {
-          using T = decltype(tag);
-          const T* p = static_cast<const T*>(ch.data) + ch.begin;
-          if (first) {
-            for (int64_t i = 0; i < ch.len; ++i) ++h[abs_key<D>(p[i]) >> lo];
-          } else {
-            for (int64_t i = 0; i < ch.len; ++i) {
-              const Key key = abs_key<D>(p[i]);
-              if ((key >> hi) == want) ++h[(key >> lo) & mask];
-            }
-          }
-        });
-      }
-      std::lock_guard<std::mutex> g(merge);
-      for (int64_t b = 0; b < nb; ++b) hist[b] += local[b];
-    });
+    if (parallel && nchunks > 1) {
+      at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+        std::vector<int64_t> local(nb, 0);
+        histogram<D>(chunks, cb, ce, hi, lo, want, local.data());
+        std::lock_guard<std::mutex> g(merge);
+        for (int64_t b = 0; b < nb; ++b) hist[b] += local[b];
+      });
+    } else {
+      histogram<D>(chunks, 0, nchunks, hi, lo, want, hist.data());
+    }
     if (first) {
       const int64_t top = static_cast<int64_t>(DomainTraits<D>::kNonFinite >> lo);
       bool suspicious = false;
@@ -197,6 +224,223 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
   return prefix;
 }
 
+// ---------------------------------------------------------------- fused select + mask
+// Above kFastMin elements the threshold and the masks come from ONE pass over the data: a
+// strided sample of kSample keys brackets the k-th key, [lo, hi], with a wide safety margin;
+// the pass (branch-free, vectorised) writes a byte per element, 1 above the bracket, 0 below,
+// 2 inside, counts the keys below and inside, and collects the few keys inside (with the
+// address of their byte) while each strip is still in L1; the exact threshold is then
+// selected among them and their bytes set to 0 or 1. The sample only decides speed, never
+// the result: if the bracket misses rank k or holds too many keys (ties), the radix select
+// and a plain mask pass run instead.
+constexpr int64_t kFastMin = int64_t(1) << 16;
+constexpr int64_t kSample = int64_t(1) << 15;  // sample positions j * n / kSample (pooled order)
+
+std::vector<Chunk> make_chunks(const std::vector<Segment>& segs, const std::vector<bool*>& outs) {
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Segment& s = segs[i];
+    for (int64_t b = 0; b < s.n; b += kChunk) {
+      chunks.push_back({s.data, b, std::min(kChunk, s.n - b), s.elem, outs[i]});
+    }
+  }
+  return chunks;
+}
+
+template <Domain D>
+typename DomainTraits<D>::Key key_at(const Segment& s, int64_t i) {
+  typename DomainTraits<D>::Key key{};
+  visit<D>(s.elem, [&](auto tag) {
+    using T = decltype(tag);
+    key = abs_key<D>(static_cast<const T*>(s.data)[i]);
+  });
+  return key;
+}
+
+template <Domain D>
+void mask_by_key(const std::vector<Chunk>& chunks, int64_t cb, int64_t ce,
+                 typename DomainTraits<D>::Key t) {
+  for (int64_t c = cb; c < ce; ++c) {
+    const Chunk& ch = chunks[c];
+    visit<D>(ch.elem, [&](auto tag) {
+      using T = decltype(tag);
+      const T* p = static_cast<const T*>(ch.data) + ch.begin;
+      bool* o = ch.out + ch.begin;
+      for (int64_t i = 0; i < ch.len; ++i) o[i] = abs_key<D>(p[i]) >= t;
+    });
+  }
+}
+
+// Calls f(i) for every i < len with o[i] == 2, 16 bytes per compare where SSE2 exists.
+template <typename F>
+inline void for_each_two(const uint8_t* o, int64_t len, F&& f) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  const __m128i two = _mm_set1_epi8(2);
+  for (; i + 16 <= len; i += 16) {
+    unsigned m = static_cast<unsigned>(_mm_movemask_epi8(
+        _mm_cmpeq_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o + i)), two)));
+    while (m) {
+      f(i + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+#endif
+  for (; i < len; ++i) {
+    if (o[i] == 2) f(i);
+  }
+}
+
+template <Domain D>
+struct ChunkResult {
+  int64_t below = 0, inside = 0;
+  uint64_t max_key = 0;
+  std::vector<typename DomainTraits<D>::Key> keys;  // keys inside the bracket
+  std::vector<uint8_t*> where;                      // and their mask bytes
+};
+
+// The fused pass over one chunk, strip by strip: a branch-free vectorised loop writes the
+// bytes and counts, then, while the strip is still in L1, the few bytes marked 2 are found
+// with 16-byte compares and their keys collected. `budget` bounds the keys collected over all
+// chunks (tie-heavy data that fooled the sample): past it, collection stops and the caller
+// falls back.
+template <Domain D, typename T>
+void bracket_chunk(const T* __restrict__ p, uint8_t* __restrict__ o, int64_t len,
+                   typename DomainTraits<D>::Key lo, typename DomainTraits<D>::Key hi,
+                   ChunkResult<D>& res, std::atomic<int64_t>& budget) {
+  using Key = typename DomainTraits<D>::Key;
+  const Key span = static_cast<Key>(hi - lo);
+  constexpr int64_t kStrip = 1 << 12;  // 16 KiB of float32: stays in L1 for the collection
+  for (int64_t s0 = 0; s0 < len; s0 += kStrip) {
+    const int64_t s1 = std::min(len, s0 + kStrip);
+    uint32_t below = 0, inside = 0;
+    Key mx = 0;
+    for (int64_t i = s0; i < s1; ++i) {
+      const Key key = abs_key<D>(p[i]);
+      const uint32_t above = key > hi;
+      const uint32_t in = static_cast<Key>(key - lo) <= span;
+      o[i] = static_cast<uint8_t>(above | (in << 1));
+      below += key < lo;
+      inside += in;
+      mx = key > mx ? key : mx;
+    }
+    res.below += below;
+    res.inside += inside;
+    res.max_key = std::max<uint64_t>(res.max_key, mx);
+    if (inside && budget.fetch_sub(inside, std::memory_order_relaxed) >= inside) {
+      for_each_two(o + s0, s1 - s0, [&](int64_t i) {
+        res.keys.push_back(abs_key<D>(p[s0 + i]));
+        uint8_t* byte = o + s0 + i;
+        res.where.push_back(byte);
+      });
+    }
+  }
+}
+
+template <Domain D>
+bool fused_select_and_mask(const std::vector<Segment>& segs, const std::vector<Chunk>& chunks,
+                           int64_t n, int64_t k, bool parallel, const char* op,
+                           typename DomainTraits<D>::Key* result) {
+  using Key = typename DomainTraits<D>::Key;
+  // 1. bracket from the sample: ranks r -+ (4 sigma + 16) of the sample's order statistics
+  std::vector<Key> sample(kSample);
+  {
+    size_t si = 0;
+    int64_t base = 0;
+    for (int64_t j = 0; j < kSample; ++j) {
+      const int64_t pos = j * n / kSample;
+      while (pos >= base + segs[si].n) base += segs[si++].n;
+      sample[j] = key_at<D>(segs[si], pos - base);
+    }
+  }
+  const double q = static_cast<double>(k) / static_cast<double>(n);
+  const double r = q * kSample;
+  const double d = 4.0 * std::sqrt(kSample * q * (1.0 - q)) + 16.0;
+  const int64_t lo_i = static_cast<int64_t>(std::floor(r - d));
+  const int64_t hi_i = static_cast<int64_t>(std::ceil(r + d));
+  Key lo = 0, hi = std::numeric_limits<Key>::max();
+  auto from = sample.begin();
+  if (lo_i > 0) {
+    std::nth_element(sample.begin(), sample.begin() + lo_i, sample.end());
+    lo = sample[lo_i];
+    from = sample.begin() + lo_i + 1;
+  }
+  if (hi_i < kSample - 1) {
+    std::nth_element(from, sample.begin() + hi_i, sample.end());
+    hi = sample[hi_i];
+  }
+  const Key span = static_cast<Key>(hi - lo);
+  int64_t in_sample = 0;
+  for (Key key : sample) in_sample += static_cast<Key>(key - lo) <= span;
+  if (in_sample * 8 > kSample) return false;  // tie-heavy: the bracket would hold too much
+
+  // 2. the pass
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  std::vector<ChunkResult<D>> per_chunk(nchunks);
+  std::atomic<int64_t> budget{n / 4};
+  auto pass = [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      visit<D>(ch.elem, [&](auto tag) {
+        using T = decltype(tag);
+        bracket_chunk<D>(static_cast<const T*>(ch.data) + ch.begin,
+                         reinterpret_cast<uint8_t*>(ch.out + ch.begin), ch.len, lo, hi,
+                         per_chunk[c], budget);
+      });
+    }
+  };
+  if (parallel && nchunks > 1) {
+    at::parallel_for(0, nchunks, 1, pass);
+  } else {
+    pass(0, nchunks);
+  }
+  int64_t below = 0, inside = 0, collected = 0;
+  uint64_t max_key = 0;
+  for (const auto& c : per_chunk) {
+    below += c.below;
+    inside += c.inside;
+    collected += static_cast<int64_t>(c.keys.size());
+    max_key = std::max(max_key, c.max_key);
+  }
+  if (max_key >= static_cast<uint64_t>(DomainTraits<D>::kNonFinite)) {
+    const int64_t bad = find_non_finite<D>(segs);
+    TORCH_CHECK_VALUE(bad < 0, op, ": tensors[", bad,
+                      "] contains NaN or inf; magnitude pruning needs finite weights");
+  }
+  if (collected != inside || k < below || k >= below + inside) return false;
+
+  // 3. the exact threshold among the collected keys, then their bytes become 0 or 1
+  std::vector<Key> sel;
+  sel.reserve(inside);
+  for (const auto& c : per_chunk) sel.insert(sel.end(), c.keys.begin(), c.keys.end());
+  std::nth_element(sel.begin(), sel.begin() + (k - below), sel.end());
+  const Key t = sel[k - below];
+  for (const auto& c : per_chunk) {
+    for (size_t i = 0; i < c.keys.size(); ++i) *c.where[i] = c.keys[i] >= t ? 1 : 0;
+  }
+  *result = t;
+  return true;
+}
+
+// Threshold key of rank k among segs and the masks key >= threshold written to outs.
+template <Domain D>
+typename DomainTraits<D>::Key select_and_mask(const std::vector<Segment>& segs,
+                                             const std::vector<bool*>& outs, int64_t n,
+                                             int64_t k, bool parallel, const char* op) {
+  using Key = typename DomainTraits<D>::Key;
+  const std::vector<Chunk> chunks = make_chunks(segs, outs);
+  Key t{};
+  if (n >= kFastMin && fused_select_and_mask<D>(segs, chunks, n, k, parallel, op, &t)) return t;
+  t = select_key<D>(segs, n, k, op, parallel);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  if (parallel && nchunks > 1) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) { mask_by_key<D>(chunks, cb, ce, t); });
+  } else {
+    mask_by_key<D>(chunks, 0, nchunks, t);
+  }
+  return t;
+}
+
 template <typename F>
 void dispatch_domain(Domain d, F&& f) {
   switch (d) {
@@ -205,6 +449,34 @@ void dispatch_domain(Domain d, F&& f) {
     case Domain::F32: f(std::integral_constant<Domain, Domain::F32>{}); break;
     case Domain::F64: f(std::integral_constant<Domain, Domain::F64>{}); break;
   }
+}
+
+// Runs f(i, parallel) for every non-empty segment. Segments above a fair share of the work
+// get every thread in turn (parallel = true); the rest (all layers of a ResNet) run one per
+// thread, largest first from a shared queue, so that a layer-wise call costs one parallel
+// region instead of one per layer and pass.
+template <typename F>
+void run_per_tensor(const std::vector<Segment>& segs, F&& f) {
+  int64_t total = 0;
+  for (const auto& s : segs) total += s.n;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  std::vector<int64_t> small;
+  for (int64_t i = 0; i < static_cast<int64_t>(segs.size()); ++i) {
+    const int64_t n = segs[i].n;
+    if (n == 0) continue;
+    if (threads > 1 && n * threads > total && n >= 2 * kChunk) {
+      f(i, true);
+    } else {
+      small.push_back(i);
+    }
+  }
+  std::stable_sort(small.begin(), small.end(),
+                   [&](int64_t a, int64_t b) { return segs[a].n > segs[b].n; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, static_cast<int64_t>(small.size())), 1,
+                   [&](int64_t, int64_t) {
+    for (int64_t j = next++; j < static_cast<int64_t>(small.size()); j = next++) f(small[j], false);
+  });
 }
 
 at::ScalarType threshold_dtype(Domain d) { return d == Domain::F64 ? at::kDouble : at::kFloat; }
@@ -221,7 +493,7 @@ at::Tensor kth_abs_value_cpu(at::TensorList tensors, int64_t k) {
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;
     using V = typename DomainTraits<D>::Value;
-    *out.data_ptr<V>() = key_value<D>(select_key<D>(p.segs, n, k, op));
+    *out.data_ptr<V>() = key_value<D>(select_key<D>(p.segs, n, k, op, /*parallel=*/true));
   });
   return out;
 }
@@ -243,10 +515,9 @@ at::Tensor kth_abs_value_per_tensor_cpu(at::TensorList tensors, at::IntArrayRef 
     constexpr Domain D = decltype(dc)::value;
     using V = typename DomainTraits<D>::Value;
     V* o = out.data_ptr<V>();
-    for (int64_t i = 0; i < g; ++i) {
-      if (p.segs[i].n == 0) continue;
-      o[i] = key_value<D>(select_key<D>({p.segs[i]}, p.segs[i].n, k[i], op));
-    }
+    run_per_tensor(p.segs, [&](int64_t i, bool parallel) {
+      o[i] = key_value<D>(select_key<D>({p.segs[i]}, p.segs[i].n, k[i], op, parallel));
+    });
   });
   return out;
 }
@@ -309,6 +580,55 @@ std::vector<at::Tensor> abs_ge_masks_cpu(at::TensorList tensors, const at::Tenso
   return outs;
 }
 
+std::tuple<at::Tensor, std::vector<at::Tensor>> topk_abs_masks_cpu(at::TensorList tensors,
+                                                                   at::IntArrayRef k,
+                                                                   bool per_tensor) {
+  const char* op = "topk_abs_masks";
+  Prepared p = prepare(tensors, op);
+  const int64_t g = static_cast<int64_t>(p.segs.size());
+  std::vector<at::Tensor> masks;
+  std::vector<bool*> outs;
+  for (int64_t i = 0; i < g; ++i) {
+    masks.push_back(at::empty(tensors[i].sizes(), at::TensorOptions().dtype(at::kBool)));
+    outs.push_back(masks.back().data_ptr<bool>());
+  }
+  const auto tdtype = at::TensorOptions().dtype(threshold_dtype(p.domain));
+  if (!per_tensor) {
+    TORCH_CHECK_VALUE(k.size() == 1, op, ": k must hold one rank when per_tensor is false, got ",
+                      k.size());
+    int64_t n = 0;
+    for (const auto& s : p.segs) n += s.n;
+    TORCH_CHECK_VALUE(n > 0, op, ": the tensors hold no elements");
+    TORCH_CHECK_VALUE(k[0] >= 0 && k[0] < n, op, ": k must be in [0, ", n, ") for ", n,
+                      " elements, got ", k[0]);
+    at::Tensor thr = at::empty({1}, tdtype);
+    dispatch_domain(p.domain, [&](auto dc) {
+      constexpr Domain D = decltype(dc)::value;
+      using V = typename DomainTraits<D>::Value;
+      *thr.data_ptr<V>() = key_value<D>(select_and_mask<D>(p.segs, outs, n, k[0], true, op));
+    });
+    return {thr, masks};
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(k.size()) == g, op, ": k must have one entry per tensor (",
+                    g, "), got ", k.size());
+  for (int64_t i = 0; i < g; ++i) {
+    const int64_t n = p.segs[i].n;
+    TORCH_CHECK_VALUE((n == 0 && k[i] == 0) || (k[i] >= 0 && k[i] < n), op, ": k[", i,
+                      "] must be in [0, ", n, ") for tensors[", i, "] with ", n,
+                      " elements (0 for an empty tensor), got ", k[i]);
+  }
+  at::Tensor thr = at::zeros({g}, tdtype);
+  dispatch_domain(p.domain, [&](auto dc) {
+    constexpr Domain D = decltype(dc)::value;
+    using V = typename DomainTraits<D>::Value;
+    V* o = thr.data_ptr<V>();
+    run_per_tensor(p.segs, [&](int64_t i, bool parallel) {
+      o[i] = key_value<D>(select_and_mask<D>({p.segs[i]}, {outs[i]}, p.segs[i].n, k[i], parallel, op));
+    });
+  });
+  return {thr, masks};
+}
+
 }  // namespace
 }  // namespace sdclr_fast
 
@@ -316,12 +636,14 @@ TORCH_LIBRARY(sdclr_fast, m) {
   m.def("kth_abs_value(Tensor[] tensors, int k) -> Tensor");
   m.def("kth_abs_value_per_tensor(Tensor[] tensors, int[] k) -> Tensor");
   m.def("abs_ge_masks(Tensor[] tensors, Tensor threshold) -> Tensor[]");
+  m.def("topk_abs_masks(Tensor[] tensors, int[] k, bool per_tensor) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(sdclr_fast, CPU, m) {
   m.impl("kth_abs_value", &sdclr_fast::kth_abs_value_cpu);
   m.impl("kth_abs_value_per_tensor", &sdclr_fast::kth_abs_value_per_tensor_cpu);
   m.impl("abs_ge_masks", &sdclr_fast::abs_ge_masks_cpu);
+  m.impl("topk_abs_masks", &sdclr_fast::topk_abs_masks_cpu);
 }
 
 // Importing sdclr_fast._C runs the registrations above (and those of prune_cuda.cu where the

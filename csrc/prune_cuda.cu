@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <tuple>
 #include <cstring>
 #include <vector>
 
@@ -378,6 +379,21 @@ std::vector<at::Tensor> abs_ge_masks_cuda(at::TensorList tensors, const at::Tens
   return outs;
 }
 
+// Selection then one mask launch (the thresholds never leave the device).
+std::tuple<at::Tensor, std::vector<at::Tensor>> topk_abs_masks_cuda(at::TensorList tensors,
+                                                                    at::IntArrayRef k,
+                                                                    bool per_tensor) {
+  at::Tensor thr;
+  if (per_tensor) {
+    thr = kth_abs_value_per_tensor_cuda(tensors, k);
+  } else {
+    TORCH_CHECK_VALUE(k.size() == 1, "topk_abs_masks: k must hold one rank when per_tensor is "
+                      "false, got ", k.size());
+    thr = kth_abs_value_cuda(tensors, k[0]).reshape({1});
+  }
+  return {thr, abs_ge_masks_cuda(tensors, thr)};
+}
+
 }  // namespace
 }  // namespace sdclr_fast
 
@@ -385,4 +401,5 @@ TORCH_LIBRARY_IMPL(sdclr_fast, CUDA, m) {
   m.impl("kth_abs_value", &sdclr_fast::kth_abs_value_cuda);
   m.impl("kth_abs_value_per_tensor", &sdclr_fast::kth_abs_value_per_tensor_cuda);
   m.impl("abs_ge_masks", &sdclr_fast::abs_ge_masks_cuda);
+  m.impl("topk_abs_masks", &sdclr_fast::topk_abs_masks_cuda);
 }

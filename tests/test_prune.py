@@ -141,6 +141,26 @@ def test_large_inputs_take_the_16_bit_digit_path(dtype, case):
                   R.magnitude_masks_reference(ts, sparsity, scope=scope))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_fused_pass_falls_back_when_the_sample_misleads(dtype, sparsity):
+    """Large inputs take a fused pass bracketed by the strided sample j * n / 2**15. Data built
+    against that sample must still give the exact masks (through the radix fallback)."""
+    n = 2**17
+    g = torch.Generator().manual_seed(3)
+    # the bracket misses rank k: every sampled element is far above the rest
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    x[::4] = 1000 + torch.rand(n // 4, generator=g, dtype=torch.float64)
+    # the bracket holds far too many keys: the unsampled 3/4 all tie inside it
+    y = torch.ones(n, dtype=torch.float64)
+    y[::4] = torch.linspace(0.5, 1.5, n // 4, dtype=torch.float64)
+    for w in (x, y):
+        w = w.to(dtype)
+        for scope in ("global", "layer"):
+            _same(P.magnitude_masks([w], sparsity, scope=scope),
+                  R.magnitude_masks_reference([w], sparsity, scope=scope))
+
+
 def test_semantics_by_hand():
     w = torch.tensor([-3.0, 1.0, -0.0, 2.0, 0.0, -1.0, 5.0])
     # sorted |w| = 0 0 1 1 2 3 5; ceil(0.5 * 7) = 4 -> threshold 2

@@ -13,6 +13,10 @@ Registered ops (``torch.ops.sdclr_fast.*``, fake implementations below so they t
 * ``kth_abs_value(Tensor[] tensors, int k) -> Tensor``: k-th smallest |w| (0-based) pooled.
 * ``kth_abs_value_per_tensor(Tensor[] tensors, int[] k) -> Tensor``: one per tensor.
 * ``abs_ge_masks(Tensor[] tensors, Tensor threshold) -> Tensor[]``: masks ``|w| >= t``.
+* ``topk_abs_masks(Tensor[] tensors, int[] k, bool per_tensor) -> (Tensor, Tensor[])``: the
+  thresholds and the masks together; on CPU large inputs take a single fused pass (a sample
+  brackets the threshold, the pass writes the masks and collects the few keys inside the
+  bracket, the exact threshold is selected among them and their mask bytes patched).
 
 Thresholds are float32 (float16/bfloat16/float32 magnitudes convert to float32 exactly), or
 float64 when a tensor is float64.
@@ -61,6 +65,12 @@ def _kth_abs_value_per_tensor_fake(tensors, k):
 @torch.library.register_fake("sdclr_fast::abs_ge_masks")
 def _abs_ge_masks_fake(tensors, threshold):
     return [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+
+
+@torch.library.register_fake("sdclr_fast::topk_abs_masks")
+def _topk_abs_masks_fake(tensors, k, per_tensor):
+    thresholds = tensors[0].new_empty((len(k),), dtype=_threshold_dtype(tensors))
+    return thresholds, _abs_ge_masks_fake(tensors, None)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -165,11 +175,11 @@ def magnitude_masks(tensors, sparsity, scope="global", block=None):
         n = sum(t.numel() for t in tensors)
         if n == 0:
             raise ValueError("tensors: the tensors hold no elements")
-        threshold = _ops.kth_abs_value(tensors, kth_index(s, n))
+        _, masks = _ops.topk_abs_masks(tensors, [kth_index(s, n)], False)
     else:
         ks = [kth_index(s, t.numel()) if t.numel() else 0 for t in tensors]
-        threshold = _ops.kth_abs_value_per_tensor(tensors, ks)
-    return list(_ops.abs_ge_masks(tensors, threshold.reshape(-1)))
+        _, masks = _ops.topk_abs_masks(tensors, ks, True)
+    return list(masks)
 
 
 def _block_masks(tensors, s, scope, block):
