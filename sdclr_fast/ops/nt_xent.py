@@ -31,7 +31,10 @@ Options beyond the plain loss:
   [z1 of rank 0, z1 of rank 1, ...; z2 of rank 0, z2 of rank 1, ...], and the gradient that
   reaches each rank's z1 / z2 is world_size times the single-process gradient of those rows,
   so after DDP's gradient averaging (sum / world_size) the parameter gradients equal the
-  single-process ones exactly. `weights` and `labels` are the local ones; labels are gathered.
+  single-process ones exactly. With "sum" the ranks' losses add up to the single-process sum
+  and each z gets exactly the single-process gradient (DDP's averaging then divides by
+  world_size); "none" returns the local rows' losses. `weights` and `labels` are the local
+  ones; labels are gathered with the rows.
 
 Checks: bad arguments raise ValueError naming the argument; z1 / z2 holding NaN or inf, and a
 non-positive or non-finite temperature, are rejected too, which costs one device sync per call.
