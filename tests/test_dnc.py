@@ -257,7 +257,11 @@ def test_student_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
               expert_checkpoints=[full_dir / "expert_0" / "checkpoint.pt", full_dir / "expert_1" / "checkpoint.pt"],
               assignments=read_clusters(full_dir)["assignments"])
     part = distill_student(cfg, opt, run_dir=tmp_path, stop_at_epoch=1, **kw)
-    assert load_checkpoint(part)["epoch"] == 1
+    after_one = load_checkpoint(part)
+    assert after_one["epoch"] == 1 and not after_one["finished"]
+    # guards the equality below against a loop that does not train: epoch 2 moves the weights
+    w = [k for k in after_one["model"] if k.endswith("weight") and after_one["model"][k].dim() == 4][0]
+    assert not torch.equal(after_one["model"][w], load_checkpoint(full_student)["model"][w])
     with pytest.raises(ValueError, match="resume"):
         distill_student(cfg, opt, run_dir=tmp_path, **kw)
     done = distill_student(cfg, opt, run_dir=tmp_path, resume=True, **kw)
@@ -317,6 +321,10 @@ def test_cluster_stage_record(uninterrupted):
     assert len(rec["assignments"]) == len(DATA.train) and sum(rec["sizes"]) == len(DATA.train)
     assert rec["sizes"] == sorted(rec["sizes"], reverse=True) and min(rec["sizes"]) > 0
     assert torch.tensor(rec["centroids"]).shape == (3, 16)
+    # per-cluster class histogram (for inspection only): rows sum to the sizes, columns to the classes
+    counts = torch.tensor(rec["class_counts"])
+    assert counts.shape == (3, 4) and counts.sum(1).tolist() == rec["sizes"]
+    assert counts.sum(0).tolist() == DATA.class_counts.tolist()
     with pytest.raises(ValueError, match="exceeds"):
         cluster_stage(model, DATA, tiny_options(k=len(DATA.train) + 1))
 

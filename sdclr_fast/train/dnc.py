@@ -344,11 +344,16 @@ def cluster_stage(model, data, opt: DnCConfig, *, seed=0, batch_size=512, device
     assignments, order = _canonical(res.assignments.cpu(), opt.k)
     centroids = res.centroids.cpu()[torch.tensor(order)]
     sizes = torch.bincount(assignments, minlength=opt.k)
+    # labels are never seen by the method; this table is only for inspecting the clusters
+    classes = int(data.num_classes)
+    class_counts = torch.zeros(opt.k, classes, dtype=torch.long)
+    class_counts.index_put_((assignments, data.train.labels), torch.ones_like(assignments), accumulate=True)
     return {
         "k": opt.k, "backend": res.backend, "metric": res.metric, "embedding": opt.cluster_on,
         "iterations": res.iterations, "inertia": res.inertia, "seed": int(seed),
         "embed_seconds": t_embed, "kmeans_seconds": time.perf_counter() - t0 - t_embed,
         "sizes": sizes.tolist(),
+        "class_counts": class_counts.tolist(),
         "train_indices": data.train.indices.tolist(),
         "assignments": assignments.tolist(),
         "centroids": centroids.tolist(),

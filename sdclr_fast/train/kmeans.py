@@ -155,6 +155,14 @@ def _reseed_empty(x, labels, centroids, metric):
     return len(empty)
 
 
+def _sq_dists(x, c):
+    """(n, m) squared L2 distances, blocked over rows (memory O(block * m), not O(n * m * d))."""
+    out = torch.empty(x.shape[0], c.shape[0], dtype=x.dtype, device=x.device)
+    for s in range(0, x.shape[0], _BLOCK):
+        out[s:s + _BLOCK] = _dist_to(x[s:s + _BLOCK], c, "euclidean")
+    return out
+
+
 def kmeans_plusplus(x, k, generator, n_trials=None):
     """Greedy k-means++ seeding (Arthur & Vassilvitskii 2007; the greedy variant sklearn uses):
     the first centre uniformly at random; for each next one, ``n_trials`` candidates
@@ -173,7 +181,7 @@ def kmeans_plusplus(x, k, generator, n_trials=None):
     if n_trials is None:
         n_trials = 2 + int(math.log(k))
     chosen = [int(torch.randint(n, (1,), generator=generator))]
-    closest = ((x - x[chosen[0]]) ** 2).sum(1)
+    closest = _sq_dists(x, x[chosen])[:, 0]
     for _ in range(1, k):
         w = closest.double().cpu()
         total = float(w.sum())
@@ -183,11 +191,10 @@ def kmeans_plusplus(x, k, generator, n_trials=None):
             cand = torch.randint(n, (1,), generator=generator)
         cand = cand.to(x.device)
         # potential after adding each candidate; the first minimum wins ties
-        d = ((x[None, :, :] - x[cand][:, None, :]) ** 2).sum(-1)
-        new_closest = torch.minimum(closest[None, :], d)
-        best = int(torch.argmin(new_closest.double().sum(1)))
+        new_closest = torch.minimum(closest[:, None], _sq_dists(x, x[cand]))
+        best = int(torch.argmin(new_closest.double().sum(0)))
         chosen.append(int(cand[best]))
-        closest = new_closest[best]
+        closest = new_closest[:, best].contiguous()
     return torch.tensor(chosen, dtype=torch.long)
 
 
