@@ -207,6 +207,9 @@ def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=N
 
 def _pretrain(config, run_dir, ckpt_path, indices, init_checkpoint, data, resume, stop_at_epoch, dist_info):
     device = resolve_device(config, dist_info)
+    if device.type == "cuda":
+        # Shapes are fixed for a whole run, so cuDNN's autotuner pays off after the first steps.
+        torch.backends.cudnn.benchmark = True
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
 
