@@ -36,7 +36,7 @@ from torch.nn.utils import prune as torch_prune  # noqa: E402
 from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
                      print_table, time_ms, write_json)
 from sdclr_fast.ops import reference as R  # noqa: E402
-from sdclr_fast.ops.prune import magnitude_masks  # noqa: E402
+from sdclr_fast.ops.prune import magnitude_masks, magnitude_threshold  # noqa: E402
 
 SPARSITY = 0.9
 
@@ -70,12 +70,14 @@ MODELS = {"resnet18": resnet18_cifar_shapes, "resnet50": resnet50_cifar_shapes}
 
 
 def make_weights(model, device, seed=0):
-    """Kaiming-like random weights of the model's conv layers."""
+    """Kaiming-like random weights of the model's conv layers, generated in place (no
+    temporaries, so that the peak-memory baseline is just the weights)."""
     g = torch.Generator().manual_seed(seed)
     ws = []
     for s in MODELS[model]():
         fan_in = s[1] * s[2] * s[3]
-        ws.append((torch.randn(s, generator=g) * (2.0 / fan_in) ** 0.5).to(device))
+        w = torch.empty(s).normal_(generator=g).mul_((2.0 / fan_in) ** 0.5)
+        ws.append(w.to(device))
     return ws
 
 
@@ -136,9 +138,10 @@ def torch_prune_l1(ws, scope):
 
 
 def _thresholds(ws, scope):
+    """The thresholds the floors compare against (equal to the sort rule's: checked in main)."""
     if scope == "global":
-        return R.magnitude_threshold_reference(ws, SPARSITY).to(ws[0].device).reshape(1)
-    return torch.stack([R.magnitude_threshold_reference([w], SPARSITY) for w in ws]).to(ws[0].device)
+        return magnitude_threshold(ws, SPARSITY).reshape(1)
+    return torch.stack([magnitude_threshold([w], SPARSITY) for w in ws])
 
 
 def floor(ws, scope, thr):
@@ -176,6 +179,14 @@ def peak_bytes(fn, model, device, scope, ws, thr, with_memory):
                           functools.partial(_mem_run, fn))
 
 
+def timed(fn, device, reps):
+    """Median time; slow methods (seconds per call) get fewer repetitions, at least 3."""
+    first = time_ms(fn, device, warmup=1, reps=1)
+    if torch.device(device).type != "cuda" and first > 500:
+        reps = max(3, min(reps, int(3000 / first)))
+    return time_ms(fn, device, warmup=0, reps=reps)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -204,14 +215,17 @@ def main():
             for name, fn in METHODS:
                 if name == "prune.L1Unstructured" and args.quick and model != "resnet18":
                     continue
-                t = time_ms(lambda: fn(ws, scope), device, warmup=1, reps=reps)
+                t = timed(lambda: fn(ws, scope), device, reps)
                 mem = peak_bytes(fn, model, device, scope, ws, None, with_memory)
                 base = t if base is None else base
                 rows.append(dict(model=model, n=n, scope=scope, method=name, ms=t, peak=mem,
                                  ratio=t / base))
             thr = _thresholds(ws, scope)
+            ref_thr = ([R.magnitude_threshold_reference(ws, SPARSITY)] if scope == "global" else
+                       [R.magnitude_threshold_reference([w], SPARSITY) for w in ws])
+            assert torch.equal(thr.cpu(), torch.stack(ref_thr).reshape(-1))
             for name, fn in FLOORS:
-                t = time_ms(lambda: fn(ws, scope, thr), device, warmup=1, reps=reps)
+                t = timed(lambda: fn(ws, scope, thr), device, reps)
                 mem = peak_bytes(fn, model, device, scope, ws, thr, with_memory)
                 rows.append(dict(model=model, n=n, scope=scope, method=name, ms=t, peak=mem,
                                  ratio=base / t))
@@ -224,8 +238,12 @@ def main():
     print_table(table, [("model", "model"), ("n", "weights"), ("scope", "scope"),
                         ("method", "method"), ("ms", "time ms"), ("ratio", "ratio"),
                         ("peak", "peak mem")])
+    info = machine_info(device)
+    if hasattr(os, "getloadavg"):  # the CPU numbers are only as good as the machine is quiet
+        info["load_average_at_end"] = os.getloadavg()
+        print(f"load average at the end: {info['load_average_at_end']}")
     write_json(f"prune_{torch.device(device).type}",
-               dict(machine=machine_info(device), sparsity=SPARSITY, rows=rows), args.out)
+               dict(machine=info, sparsity=SPARSITY, rows=rows), args.out)
 
 
 if __name__ == "__main__":
