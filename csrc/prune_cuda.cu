@@ -14,8 +14,8 @@
 // float32 takes 3 hist + 3 select launches, a list of one 16-bit dtype 2 + 2. The state
 // (prefix, rank) stays on the device between passes; the only host sync is reading the
 // NaN/inf flag at the end, so that the error can be raised.
-// Only device-generic c10 headers: c10/cuda/* needs build-generated headers that CPU wheels of
-// torch lack, and this file must compile with nvcc against any torch (make cuda-check).
+// Device-generic c10 headers where possible: c10/cuda/* needs build-generated headers that CPU
+// wheels of torch lack, and this file must compile with nvcc against any torch (make cuda-check).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/Stream.h>
@@ -23,6 +23,14 @@
 #include <torch/library.h>
 
 #include <cuda_runtime.h>
+
+// A CUDA build of torch ships c10/cuda (its generated config header included): take the current
+// stream from there. Headers of a CPU-only torch (the standalone nvcc check) lack it; there
+// the generic c10::Stream handle stands in, so that everything else still gets compiled.
+#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+#include <c10/cuda/CUDAStream.h>
+#define SDCLR_FAST_HAVE_C10_CUDA 1
+#endif
 
 #include <cub/block/block_scan.cuh>
 
@@ -177,8 +185,12 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------- host side
 // The stream PyTorch has made current on the device (what torch.cuda.stream(...) sets).
 cudaStream_t current_stream(at::Device device) {
+#ifdef SDCLR_FAST_HAVE_C10_CUDA
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+#else
   const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
   return static_cast<cudaStream_t>(impl.getStream(device).native_handle());
+#endif
 }
 
 void check_launch(const char* kernel) {
