@@ -88,15 +88,17 @@ def _prepare(x, metric):
     return x
 
 
-def _dist_to(x, c, metric):
-    """(n, m) distances: 1 - cos for cosine (x, c unit), squared L2 for euclidean."""
+def _dist_to(x, c, metric, x_sq=None):
+    """(n, m) distances: 1 - cos for cosine (x, c unit), squared L2 for euclidean (``x_sq``: the
+    rows' squared norms when the caller has them, to avoid an (n, d) temporary per call)."""
     if metric == "cosine":
         return (1.0 - x @ c.t()).clamp_min_(0.0)
-    return ((x * x).sum(1, keepdim=True) - 2.0 * (x @ c.t())
-            + (c * c).sum(1)[None, :]).clamp_min_(0.0)
+    if x_sq is None:
+        x_sq = (x * x).sum(1)
+    return torch.addmm((c * c).sum(1)[None, :], x, c.t(), alpha=-2.0).add_(x_sq[:, None]).clamp_min_(0.0)
 
 
-def assign(x, centroids, metric="cosine"):
+def assign(x, centroids, metric="cosine", x_sq=None):
     """Nearest centroid of every row of x and the distance to it (blocked over rows).
 
     Ties go to the lowest centroid index. x is used as given (normalise it first for cosine).
@@ -104,7 +106,7 @@ def assign(x, centroids, metric="cosine"):
     labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     dist = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     for s in range(0, x.shape[0], _BLOCK):
-        d = _dist_to(x[s:s + _BLOCK], centroids, metric)
+        d = _dist_to(x[s:s + _BLOCK], centroids, metric, None if x_sq is None else x_sq[s:s + _BLOCK])
         dist[s:s + _BLOCK], labels[s:s + _BLOCK] = d.min(dim=1)
     return labels, dist
 
@@ -155,11 +157,11 @@ def _reseed_empty(x, labels, centroids, metric):
     return len(empty)
 
 
-def _sq_dists(x, c):
+def _sq_dists(x, c, x_sq):
     """(n, m) squared L2 distances, blocked over rows (memory O(block * m), not O(n * m * d))."""
     out = torch.empty(x.shape[0], c.shape[0], dtype=x.dtype, device=x.device)
     for s in range(0, x.shape[0], _BLOCK):
-        out[s:s + _BLOCK] = _dist_to(x[s:s + _BLOCK], c, "euclidean")
+        out[s:s + _BLOCK] = _dist_to(x[s:s + _BLOCK], c, "euclidean", x_sq[s:s + _BLOCK])
     return out
 
 
@@ -180,8 +182,9 @@ def kmeans_plusplus(x, k, generator, n_trials=None):
     n = x.shape[0]
     if n_trials is None:
         n_trials = 2 + int(math.log(k))
+    x_sq = (x * x).sum(1)
     chosen = [int(torch.randint(n, (1,), generator=generator))]
-    closest = _sq_dists(x, x[chosen])[:, 0]
+    closest = _sq_dists(x, x[chosen], x_sq)[:, 0]
     for _ in range(1, k):
         w = closest.double().cpu()
         total = float(w.sum())
@@ -191,7 +194,7 @@ def kmeans_plusplus(x, k, generator, n_trials=None):
             cand = torch.randint(n, (1,), generator=generator)
         cand = cand.to(x.device)
         # potential after adding each candidate; the first minimum wins ties
-        new_closest = torch.minimum(closest[:, None], _sq_dists(x, x[cand]))
+        new_closest = torch.minimum(closest[:, None], _sq_dists(x, x[cand], x_sq))
         best = int(torch.argmin(new_closest.double().sum(0)))
         chosen.append(int(cand[best]))
         closest = new_closest[:, best].contiguous()
@@ -205,9 +208,10 @@ def lloyd(x, centroids, iters, metric="cosine"):
     k = centroids.shape[0]
     centroids = centroids.clone()
     labels = None
+    x_sq = (x * x).sum(1) if metric == "euclidean" else None
     it = 0
     for it in range(1, max(iters, 1) + 1):
-        new, _ = assign(x, centroids, metric)
+        new, _ = assign(x, centroids, metric, x_sq)
         _reseed_empty(x, new, centroids, metric)
         converged = labels is not None and torch.equal(new, labels)
         labels = new
