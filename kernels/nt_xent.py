@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_D = 256
 
 

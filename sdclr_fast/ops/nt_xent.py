@@ -318,7 +318,7 @@ class _NTXentRows(torch.autograd.Function):
         if tau is not None and ctx.needs_input_grad[1]:
             # sum_k zhat_k . dzhat_k = 2 sum_ij G_ij S_ij and dS/dtau = -S/tau.
             tv = tau.detach().to(zh) if tau_value is None else tau_value
-            grad_tau = (-(zh * dzh).sum() / (2 * tv)).to(tau.dtype).reshape(tau.shape)
+            grad_tau = (-(zh * dzh).sum() / (2 * tv)).to(tau).reshape(tau.shape)  # tau's device
         grad_u = None
         if ctx.needs_input_grad[0]:
             grad_u = _chain(zh, dzh, r.to(zh.dtype), through, normalize).to(dtype)
