@@ -387,3 +387,20 @@ def test_cli_pretrain_dnc_flags_reach_the_pipeline(monkeypatch, tmp_path):
     assert out == tmp_path / "student" / "checkpoint.pt"
     assert seen["options"].k == 3 and seen["options"].base_method == "sdclr" and seen["options"].student_epochs == 2
     assert seen["config"].method == "sdclr" and seen["config"].epochs == 7 and seen["resume"] is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_student_stage_on_cuda_with_amp(uninterrupted, tmp_path):
+    """The distillation step on the GPU path (bf16 autocast, channels_last, data on the device)."""
+    full_dir, full_student, _ = uninterrupted
+    cfg = PretrainConfig.from_dict(load_checkpoint(full_student)["config"]).replace(
+        device="cuda", amp=True, channels_last=True, epochs=1)
+    path = distill_student(cfg, tiny_options(), run_dir=tmp_path, data=DATA,
+                           base_checkpoint=full_dir / "base" / "checkpoint.pt",
+                           expert_checkpoints=[full_dir / "expert_0" / "checkpoint.pt",
+                                               full_dir / "expert_1" / "checkpoint.pt"],
+                           assignments=read_clusters(full_dir)["assignments"])
+    state = load_checkpoint(path)
+    assert state["finished"] and 0.0 <= state["last_epoch_metrics"]["loss"] <= 8.0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

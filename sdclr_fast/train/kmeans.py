@@ -232,7 +232,10 @@ def _faiss_lloyd(x, init, iters, metric, seed):
                       # no subsampling and no warning on small clusters: cluster every point
                       min_points_per_centroid=1, max_points_per_centroid=n // k + 1)
     xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
-    km.train(xn, init_centroids=np.ascontiguousarray(init.cpu().numpy(), dtype=np.float32))
+    try:
+        km.train(xn, init_centroids=np.ascontiguousarray(init.cpu().numpy(), dtype=np.float32))
+    except TypeError:  # faiss before 1.7.1 has no init_centroids: its own seeded init
+        km.train(xn)
     cent = torch.from_numpy(km.centroids.copy()).to(x.device)
     return cent, len(km.obj)
 
