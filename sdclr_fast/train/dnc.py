@@ -32,7 +32,12 @@ Choices made here (documented because DnC has no public code):
   arguments; for an SDCLR base the dense branch is trained and evaluated) plus one MLP
   prediction head per teacher. Its checkpoint has the same format as a pretraining checkpoint
   (``model`` / ``model_args`` / ``config``), with the heads stored under ``dnc_heads``, so
-  :func:`sdclr_fast.train.load_model` and the evaluation path load it unchanged.
+  :func:`sdclr_fast.train.load_model` and the evaluation path load it unchanged. The student's
+  own projection head is not trained (distillation never uses it); only its backbone matters.
+* **Cost.** Experts partition the data, so ``expert_epochs`` cost about that many epochs of the
+  full set in total; a student epoch costs about 1.5-2 contrastive epochs (two extra no-grad
+  teacher forwards per view: the base and the owning expert). With all budgets equal to E, DnC
+  costs about 3.5-4 x E contrastive epochs.
 * **Tiny clusters.** An expert trains with batch ``min(batch_size, cluster size)``; a cluster
   of fewer than two images cannot be contrasted, so the base model serves as its expert.
 * **Resume.** ``dnc.json`` records each finished stage (and each finished expert). With
@@ -64,8 +69,8 @@ from .checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_chec
 from .config import METHODS, PretrainConfig
 from .distill import DnCStudent, teacher_targets
 
-__all__ = ["DnCConfig", "add_dnc_arguments", "run_dnc", "dnc", "cluster_stage", "embed_images",
-           "read_clusters", "dnc_state", "STATE_NAME", "CLUSTERS_NAME"]
+__all__ = ["DnCConfig", "add_dnc_arguments", "run_dnc", "dnc", "cluster_stage", "embed_images", "distill_student",
+           "load_student", "read_clusters", "dnc_state", "STATE_NAME", "CLUSTERS_NAME"]
 
 STATE_NAME = "dnc.json"
 CLUSTERS_NAME = "clusters.json"
