@@ -44,13 +44,22 @@ def cuda_peak_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def _peak_rss_bytes():
+    # VmHWM belongs to the address space, so it starts afresh at exec; ru_maxrss would carry
+    # the parent's high-water mark into the spawned child.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(queue, setup, run):
     try:
         state = setup()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_rss_bytes()
         run(state)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        queue.put(("ok", (after - before) * 1024))  # ru_maxrss is in KiB on Linux
+        queue.put(("ok", _peak_rss_bytes() - before))
     except Exception as exc:  # report, don't hang the parent
         queue.put(("error", repr(exc)))
 
@@ -63,7 +72,14 @@ def cpu_peak_bytes(setup, run):
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, setup, run))
     proc.start()
-    status, value = queue.get()
+    while True:  # a child that dies without reporting must not hang the bench
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except Exception:
+            if not proc.is_alive():
+                status, value = "error", f"child exited with code {proc.exitcode}"
+                break
     proc.join()
     if status != "ok":
         raise RuntimeError(f"memory measurement failed: {value}")
