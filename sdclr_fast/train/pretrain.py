@@ -13,9 +13,8 @@ Everything a run needs to continue after a kill is checkpointed atomically at th
 epoch (model with masks and dual-BN statistics, optimiser, scheduler, all RNG states including
 the data-order generator); a resumed CPU run ends with weights bit-identical to an
 uninterrupted one. On CUDA they agree only to rounding: cuDNN's autotuner (enabled, the shapes
-are fixed) may pick other convolution algorithms in another process, several backward kernels
-accumulate with atomics, and kornia's augmentation draws on the CUDA generator, whose state is
-restored but whose kernels are not bit-reproducible across algorithm choices. Under DDP every
+are fixed) may pick other convolution algorithms in another process, and several backward
+kernels accumulate with atomics (the RNG states, CUDA's included, are restored). Under DDP every
 process's RNG states are saved, so a resume needs the same number of processes.
 """
 from __future__ import annotations
