@@ -84,7 +84,8 @@ class OfficialBlock(nn.Module):
 
 
 class OfficialResNet18(nn.Module):
-    """ResNet-18 with the CIFAR stem and SDCLR's 512-512-512-128 projection head (dual BN)."""
+    """ResNet-18 with the CIFAR stem and SDCLR's 512-512-512-128 projection head (dual BN), the
+    same parameters as sdclr_fast.nn.build_model(method="sdclr")."""
 
     def __init__(self, in_channels=3, width=64, proj_dim=128):
         super().__init__()
@@ -98,8 +99,8 @@ class OfficialResNet18(nn.Module):
             layers += [OfficialBlock(cin, cout, stride, b), OfficialBlock(cout, cout, 1, b)]
             cin = cout
         self.layers = nn.Sequential(*layers)
-        self.fc1, self.hbn1 = nn.Linear(cin, cin), OfficialDualBN(cin, b, nn.BatchNorm1d)
-        self.fc2, self.hbn2 = nn.Linear(cin, cin), OfficialDualBN(cin, b, nn.BatchNorm1d)
+        self.fc1, self.hbn1 = nn.Linear(cin, cin, bias=False), OfficialDualBN(cin, b, nn.BatchNorm1d)
+        self.fc2, self.hbn2 = nn.Linear(cin, cin, bias=False), OfficialDualBN(cin, b, nn.BatchNorm1d)
         self.fc3 = nn.Linear(cin, proj_dim)
 
     def forward(self, x):
@@ -236,6 +237,8 @@ def measure(batch, width, device, reps, with_memory):
         out[k] = {"step_ms": step_ms[k], "prune_ms": prune_ms[k], "peak": mem,
                   "params": sum(p.numel() for p in model.parameters())}
     del built
+    # Same network on both sides, or the comparison means nothing.
+    assert out["official"]["params"] == out["fast"]["params"], {k: v["params"] for k, v in out.items()}
     return out
 
 
