@@ -333,6 +333,16 @@ def test_opcheck(i):
     torch.library.opcheck(_ops.kth_abs_value_per_tensor.default, (ts, ks))
     torch.library.opcheck(_ops.abs_ge_masks.default, (ts, torch.tensor([0.5])))
     torch.library.opcheck(_ops.abs_ge_masks.default, (ts, torch.full((len(ts),), 0.25)))
+    torch.library.opcheck(_ops.topk_abs_masks.default, (ts, [n // 2], False))
+    torch.library.opcheck(_ops.topk_abs_masks.default, (ts, ks, True))
+
+
+def test_opcheck_fused_path():
+    """Large enough for the fused one-pass CPU path of topk_abs_masks."""
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(300, 257, generator=g), torch.randn(40_000, generator=g)]
+    n = sum(t.numel() for t in ts)
+    torch.library.opcheck(_ops.topk_abs_masks.default, (ts, [int(0.9 * n)], False))
 
 
 def test_torch_compile():
@@ -455,3 +465,4 @@ def test_cuda_large_and_errors(dtype):
     torch.library.opcheck(_ops.kth_abs_value.default, ([t.cuda() for t in ts[1:]], 5))
     torch.library.opcheck(_ops.abs_ge_masks.default, ([t.cuda() for t in ts[1:]],
                                                       torch.tensor([0.5], device="cuda")))
+    torch.library.opcheck(_ops.topk_abs_masks.default, ([t.cuda() for t in ts[1:]], [5], False))
