@@ -3,10 +3,10 @@
 Every script measures the op and its plain-PyTorch reference in the same run and reports the
 ratio reference / op (above 1 means the op is faster or leaner).
 """
+import gc
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import time
 
@@ -44,22 +44,25 @@ def cuda_peak_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def _peak_rss_bytes():
-    # VmHWM belongs to the address space, so it starts afresh at exec; ru_maxrss would carry
-    # the parent's high-water mark into the spawned child.
+def _status_bytes(key):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def _child(queue, setup, run):
     try:
         state = setup()
-        before = _peak_rss_bytes()
+        gc.collect()
+        # Reset the peak-RSS mark so that temporaries of setup() cannot hide what run() adds
+        # (ru_maxrss could not even be reset, and a spawned child inherits the parent's).
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS")
         run(state)
-        queue.put(("ok", _peak_rss_bytes() - before))
+        queue.put(("ok", _status_bytes("VmHWM") - before))
     except Exception as exc:  # report, don't hang the parent
         queue.put(("error", repr(exc)))
 
