@@ -4,19 +4,22 @@ Two references, measured in the same run: SDCLR's own formulation (`nt_xent_refe
 2N x 2N matrix, masked log-sum-exp) and the cross-entropy formulation most libraries use
 (`nt_xent_cross_entropy_reference`). Time is the median of forward + backward (dz1, dz2); peak
 memory is what one forward + backward adds (CUDA: max_memory_allocated; CPU: the peak RSS of a
-fresh process). ratio = reference / op (above 1: the op is faster / leaner). A reference that
+fresh process). On a CPU the implementations are timed in interleaved rounds, so that other
+load on a shared machine hits them alike. ratio = reference / op (above 1: the op is faster / leaner). A reference that
 would not fit (CPU: estimated above --max-ref-gib) is skipped, and its memory is extrapolated
 from the largest measured size as M^2 (marked "~"); CUDA OOM is reported as "OOM".
 Writes JSON to bench/results/nt_xent_<device>_<dtype>.json.
 
     .venv/bin/python bench/bench_nt_xent.py                          # CPU: 2N = 512 .. 32768
     .venv/bin/python bench/bench_nt_xent.py --quick                  # 2N = 512 .. 4096
+    .venv/bin/python bench/bench_nt_xent.py --threads 1              # steadier on a busy CPU
     .venv/bin/python bench/bench_nt_xent.py --device cuda --dtype bfloat16
 """
 import argparse
 import functools
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 
@@ -104,25 +107,42 @@ def ref_bytes_estimate(rows, dtype):
     return 8 * rows * rows * torch.tensor([], dtype=dtype).element_size()
 
 
-def measure(impl, rows, dim, dtype, device, reps, memory):
-    cuda = device.type == "cuda"
+def cuda_case(impl, rows, dim, dtype, device, memory):
+    """do_bench time and max_memory_allocated of one implementation ("OOM" if it does not
+    fit)."""
     z1, z2 = make_inputs(rows, dim, dtype, device)
     try:
-        ms = time_ms(lambda: step(impl, z1, z2), device, warmup=1 if not cuda else 2, reps=reps)
-        peak = None
-        if memory:
-            if cuda:
-                peak = cuda_peak_bytes(lambda: step(impl, z1, z2), device)
-            else:
-                del z1, z2
-                peak = cpu_peak_bytes_hwm(functools.partial(_mem_setup, impl, rows, dim, dtype),
-                                          _mem_run)
+        ms = time_ms(lambda: step(impl, z1, z2), device)
+        peak = cuda_peak_bytes(lambda: step(impl, z1, z2), device) if memory else None
         return ms, peak
     except torch.OutOfMemoryError:
         return "OOM", None
     finally:
-        if cuda:
-            torch.cuda.empty_cache()
+        del z1, z2
+        torch.cuda.empty_cache()
+
+
+def cpu_times(impls, rows, dim, dtype, quick, time_cap_s):
+    """Median wall time per implementation from interleaved rounds (each round runs every
+    implementation once, in rotating order), so that load from other processes on a shared
+    CPU hits all of them alike. The first round is the warm-up; an implementation slower than
+    time_cap_s there is timed by that one step only."""
+    z1, z2 = make_inputs(rows, dim, dtype, "cpu")
+    first = {}
+    for impl in impls:
+        t0 = time.perf_counter()
+        step(impl, z1, z2)
+        first[impl] = time.perf_counter() - t0
+    active = [i for i in impls if first[i] <= time_cap_s]
+    rounds = 3 if quick else max(3, min(10, int(60 / max(sum(first[i] for i in active), 1e-3))))
+    times = {i: [] for i in impls}
+    for r in range(rounds if active else 0):
+        for k in range(len(active)):
+            impl = active[(r + k) % len(active)]
+            t0 = time.perf_counter()
+            step(impl, z1, z2)
+            times[impl].append((time.perf_counter() - t0) * 1e3)
+    return {i: statistics.median(times[i]) if times[i] else first[i] * 1e3 for i in impls}
 
 
 def _fmt_ms(v):
@@ -148,8 +168,13 @@ def main():
                     help="CPU: skip a reference whose estimated peak exceeds this")
     ap.add_argument("--time-cap-s", type=float, default=60.0,
                     help="CPU: stop timing an implementation after one step slower than this")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch threads (default torch's; 1 is steadier on a shared CPU)")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -167,31 +192,28 @@ def main():
     last_ref_peak = {}
     for rows in sizes:
         rec = {"rows": rows, "dim": args.dim}
+        run = [i for i in IMPLS if i == "op" or cuda or (
+            i not in slow and ref_bytes_estimate(rows, dtype) <= args.max_ref_gib * 2 ** 30)]
+        times = {} if cuda else cpu_times(run, rows, args.dim, dtype, args.quick, args.time_cap_s)
         for impl in IMPLS:
             ms = peak = None
             est = False
-            too_big = (not cuda and impl != "op"
-                       and ref_bytes_estimate(rows, dtype) > args.max_ref_gib * 2 ** 30)
-            if impl in slow or too_big:
+            if impl not in run:
                 ms = "skipped"
                 if impl in last_ref_peak and memory:
                     r0, p0 = last_ref_peak[impl]
                     peak, est = p0 * (rows / r0) ** 2, True
+            elif cuda:
+                ms, peak = cuda_case(impl, rows, args.dim, dtype, device, memory)
             else:
-                if cuda:
-                    reps = 10
-                else:  # one probe step decides how many repetitions fit
-                    z1, z2 = make_inputs(rows, args.dim, dtype, device)
-                    t0 = time.perf_counter()
-                    step(impl, z1, z2)
-                    probe = time.perf_counter() - t0
-                    del z1, z2
-                    reps = 3 if args.quick else max(3, min(10, int(20 / max(probe, 1e-3))))
-                    if probe > args.time_cap_s:
-                        slow.add(impl)
-                ms, peak = measure(impl, rows, args.dim, dtype, device, reps, memory)
-                if impl != "op" and isinstance(peak, (int, float)):
-                    last_ref_peak[impl] = (rows, peak)
+                ms = times[impl]
+                if ms > args.time_cap_s * 1e3:
+                    slow.add(impl)
+                if memory:
+                    peak = cpu_peak_bytes_hwm(
+                        functools.partial(_mem_setup, impl, rows, args.dim, dtype), _mem_run)
+            if impl != "op" and isinstance(peak, (int, float)) and not est:
+                last_ref_peak[impl] = (rows, peak)
             rec[f"{impl}_ms"] = ms
             rec[f"{impl}_peak_bytes"] = peak
             rec[f"{impl}_peak_estimated"] = est
