@@ -18,6 +18,12 @@ from sdclr_fast.ops.nt_xent import NTXentLoss, nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (  # noqa: E402
     nt_xent_cross_entropy_reference, nt_xent_reference)
 
+# Triton on CPU tensors runs only in the interpreter; on a GPU machine run the CUDA tests with
+# TRITON_INTERPRET=0 (`TRITON_INTERPRET=0 pytest -m cuda tests/test_nt_xent.py`).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interp = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+CPU_BACKENDS = ["torch", "triton"] if INTERPRET else ["torch"]
+
 SETTINGS = dict(deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
@@ -68,6 +74,7 @@ def _compare(fn_kw, z1, z2, temperature=0.2, reduction="mean", weights=None, lab
     cot = torch.rand(2 * z1.shape[0], generator=g, dtype=torch.float64) * 2.5 - 1.0
     if seed % 2:
         cot = cot.abs()
+    cot = cot.to(z1.device)
     args = (temperature, reduction, weights, labels, normalize, cot)
     got = _run(nt_xent, z1, z2, *args, **fn_kw)
     t64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
@@ -85,13 +92,13 @@ def _natural_scales(z1, z2, tau, reduction, w, normalize, cot):
     z = torch.cat([z1, z2]).double()
     m = z.shape[0]
     up = cot.abs() if reduction == "none" else torch.full(
-        (m,), 1.0 / m if reduction == "mean" else 1.0, dtype=torch.float64)
+        (m,), 1.0 / m if reduction == "mean" else 1.0, dtype=torch.float64, device=z.device)
     up_w = up * w.abs() if w is not None else up
     norms = z.norm(dim=1)
     if normalize:  # zhat = z / max(|z|, eps): the chain rule scales row k's gradient by r_k
         zmax, r = 1.0, 1.0 / norms.clamp_min(1e-12)
     else:
-        zmax, r = norms.max().item(), torch.ones(m, dtype=torch.float64)
+        zmax, r = norms.max().item(), torch.ones(m, dtype=torch.float64, device=z.device)
     smax = zmax * zmax / tau + 1.0 + math.log(m)  # bound on |S| and |loss_i|
     dz = 4 * up_w.max().item() * zmax / tau * r[:, None]
     return [smax * up_w.sum().item(), dz, smax * up.max().item(),
@@ -206,7 +213,7 @@ def test_torch_path_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("torch", torch.float32),
-                                            ("triton", torch.float32)])
+                                            pytest.param("triton", torch.float32, marks=interp)])
 def test_tiny_temperature_underflow(backend, dtype):
     """tau = 0.005 with anti-parallel rows: exp(S - 1/tau) underflows to 0 for whole rows, so
     the PyTorch path's fixed-shift log-sum-exp must fall back to the row max."""
@@ -264,7 +271,7 @@ def test_fp16_small_temperature_does_not_overflow():
     z1, z2 = _inputs(64, 32, 3, torch.float64)
     z2 = z1 + 0.01 * z2
     z1, z2 = z1.half(), z2.half()
-    for backend in ("torch", "triton"):
+    for backend in CPU_BACKENDS:
         got, ref, _ = _compare(dict(_backend=backend), z1, z2, 0.05, "none", None, None, True)
         assert torch.isfinite(got[0]).all() and all(torch.isfinite(t).all() for t in got[1])
         torch.testing.assert_close(got[0].double(), ref[0], rtol=4e-3, atol=2e-3)
@@ -274,6 +281,7 @@ def test_fp16_small_temperature_does_not_overflow():
 
 
 # ------------------------------------------------------------------ Triton path (interpreter)
+@interp
 @pytest.mark.slow
 @settings(max_examples=60, **SETTINGS)
 @given(n=st.integers(1, 40), d=st.integers(1, 48), seed=st.integers(0, 2 ** 16),
@@ -294,6 +302,7 @@ def test_triton_float32(n, d, seed, tau, reduction, weights, labels, classes, no
     _close(got, ref, rtol=3e-5, atol=3e-6)
 
 
+@interp
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @settings(max_examples=20, **SETTINGS)
@@ -307,6 +316,7 @@ def test_triton_low_precision(dtype, n, d, seed, tau, labels):
     _lowp_rule(got, ref, z1, z2, args, dtype)
 
 
+@interp
 def test_triton_edge_shapes():
     """One pair, D = 1, rows spanning several row/column tiles (M = 2 * 37 > 2 * 32)."""
     for n, d in ((1, 1), (1, 5), (2, 3), (37, 20)):
@@ -316,6 +326,7 @@ def test_triton_edge_shapes():
         _close(got, ref, rtol=3e-5, atol=3e-6)
 
 
+@interp
 def test_force_triton_env(monkeypatch):
     """SDCLR_FAST_FORCE_TRITON=1 routes CPU tensors to the kernels (read at call time)."""
     calls = []
@@ -373,6 +384,7 @@ def test_module_and_learnable_temperature():
     torch.testing.assert_close(buf(z1.float(), z2.float()), nt_xent(z1.float(), z2.float(), 0.25))
 
 
+@interp
 def test_temperature_schedule():
     """Python and tensor temperatures reach the kernels as runtime values (read from memory):
     results follow the schedule, and on a GPU the compiled-kernel cache does not grow."""
@@ -458,6 +470,29 @@ def test_non_finite_inputs_name_the_tensor(bad):
         nt_xent(zb, z)
     with pytest.raises(ValueError, match="z2 holds NaN or inf"):
         nt_xent(z, zb)
+
+
+# ------------------------------------------------------------------ compiled kernels on a GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                    reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, d, labels", [(1, 16, None), (37, 100, None), (300, 128, "2n"),
+                                          (129, 300, None), (64, 257, "n")])
+def test_cuda_kernels(dtype, n, d, labels):
+    """The compiled kernels (tiles, tensor cores, D chunks above 256) against float64, with the
+    2x rule against the same-dtype reference; fp32 is compared to the fp32 reference likewise
+    (TF32 stays off, as in torch.matmul's default)."""
+    z1, z2 = _inputs(n, d, n + d, dtype)
+    lab = _labels(labels, n, 0, 5)
+    w = _weights("rand", n, 0, dtype)
+    got, ref, args = _compare(dict(), z1.cuda(), z2.cuda(), 0.1, "none",
+                              w.cuda(), lab.cuda() if lab is not None else None, True, 1)
+    got = (got[0].cpu(), [t.cpu() for t in got[1]])
+    ref = (ref[0].cpu(), [t.cpu() for t in ref[1]], [t.cpu() if isinstance(t, torch.Tensor)
+                                                     else t for t in ref[2]])
+    args = (args[0], args[1], w, lab, args[4], args[5].cpu())
+    _lowp_rule(got, ref, z1, z2, args, dtype)
 
 
 # ------------------------------------------------------------------ GPU lowering without a GPU
