@@ -17,7 +17,6 @@ Writes JSON to bench/results/nt_xent_<device>_<dtype>.json.
 """
 import argparse
 import functools
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 
-from _common import (cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
+from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
                      time_ms, write_json)
 from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (nt_xent_cross_entropy_reference,  # noqa: E402
@@ -64,41 +63,6 @@ def _mem_setup(impl, rows, dim, dtype):
 def _mem_run(state):
     impl, (z1, z2) = state
     step(impl, z1, z2)
-
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _peak_child(queue, setup, run):
-    """Like _common.cpu_peak_bytes' child, but from VmHWM reset through clear_refs: ru_maxrss
-    of a spawned child starts at the parent's RSS (Linux folds the forked mm's high-water mark
-    into it at exec), which hides every peak below the parent's size."""
-    try:
-        state = setup()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _status_kib("VmRSS")
-        run(state)
-        queue.put(("ok", (_status_kib("VmHWM") - before) * 1024))
-    except Exception as exc:  # report, don't hang the parent
-        queue.put(("error", repr(exc)))
-
-
-def cpu_peak_bytes_hwm(setup, run):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_child, args=(queue, setup, run))
-    proc.start()
-    status, value = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"memory measurement failed: {value}")
-    return value
 
 
 def ref_bytes_estimate(rows, dtype):
@@ -210,7 +174,7 @@ def main():
                 if ms > args.time_cap_s * 1e3:
                     slow.add(impl)
                 if memory:
-                    peak = cpu_peak_bytes_hwm(
+                    peak = cpu_peak_bytes(
                         functools.partial(_mem_setup, impl, rows, args.dim, dtype), _mem_run)
             if impl != "op" and isinstance(peak, (int, float)) and not est:
                 last_ref_peak[impl] = (rows, peak)
