@@ -28,7 +28,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))  # the repo root, for a source checkout
 sys.path.insert(0, _HERE)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune as torch_prune  # noqa: E402

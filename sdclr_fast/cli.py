@@ -86,11 +86,11 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=None,
                    help=f"NT-Xent temperature (default {d.temperature:g})")
     g.add_argument("--sparsity", type=float, default=None,
-                   help=f"SDCLR: fraction of backbone conv weights pruned in the self-competitor "
+                   help="SDCLR: fraction of backbone conv weights pruned in the self-competitor "
                         f"(default {d.sparsity:g}); masks are recomputed at the start of every epoch")
     g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
-                   help=f"SDCLR: one magnitude threshold over all convs (global, the paper's, default) or "
-                        f"one per conv (layer)")
+                   help="SDCLR: one magnitude threshold over all convs (global, the paper's, default) or "
+                        "one per conv (layer)")
     g.add_argument("--seed", type=int, default=None,
                    help=f"seed of the split draw, the initial weights, the data order and the augmentation "
                         f"(default {d.seed})")

@@ -22,13 +22,7 @@ from sdclr_fast.data.fmnist import DEFAULT_DIR, read_idx
 FMNIST_COUNTS = [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensor ops on a shared 2-core machine are slower with intra-op threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- split rules

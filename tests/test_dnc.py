@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sdclr_fast.data import ContrastiveData, ImageSet
+from sdclr_fast.data import ContrastiveData
 from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
 import sdclr_fast.train.pretrain as loop
 from sdclr_fast.train.dnc import (CLUSTERS_NAME, DnCConfig, _canonical, add_dnc_arguments, cluster_stage, dnc,
@@ -16,33 +16,16 @@ from sdclr_fast.train.dnc import (CLUSTERS_NAME, DnCConfig, _canonical, add_dnc_
 from sdclr_fast.train.kmeans import kmeans
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on a shared 2-core machine: one thread is faster and bit-reproducible
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from synthetic import separable_images  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _images(counts, seed, size=8):
-    """Class c: a bright square in a class-specific quadrant on noise (separable classes)."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c, n in enumerate(counts):
-        x = torch.randint(0, 60, (n, 1, size, size), generator=g)
-        r, q = divmod(c, 2)
-        h = size // 2
-        x[:, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
-        xs.append(x.clamp(0, 255).to(torch.uint8))
-        ys.append(torch.full((n,), c, dtype=torch.int64))
-    x, y = torch.cat(xs), torch.cat(ys)
-    return ImageSet(x, y, torch.arange(len(y)))
 
 
 DATA = ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
-                       train=_images([24, 16, 12, 8], seed=1), probe_train=_images([8, 8, 8, 8], seed=2),
-                       val=None, test=_images([6, 6, 6, 6], seed=3), class_order=torch.arange(4),
+                       train=separable_images([24, 16, 12, 8], seed=1), probe_train=separable_images([8, 8, 8, 8], seed=2),
+                       val=None, test=separable_images([6, 6, 6, 6], seed=3), class_order=torch.arange(4),
                        mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})
 
 

@@ -17,13 +17,7 @@ from sdclr_fast.eval import (EvalResult, balancedness, evaluate_backbone, evalua
                              plot_per_class_accuracy, write_report)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensor ops on a shared 2-core machine are much slower with intra-op threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- groups and metrics

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdclr_fast.data import ContrastiveData, ImageSet
+from sdclr_fast.data import ContrastiveData
 from sdclr_fast.ops.reference import magnitude_masks_reference
 from sdclr_fast.train import (CheckpointError, NonFiniteLossError, PretrainConfig, load_checkpoint, load_model,
                               read_metrics, save_checkpoint, warmup_cosine_factor)
@@ -18,34 +18,17 @@ from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.checkpoint import capture_rng, restore_rng
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine run faster (and identically) with one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from synthetic import separable_images  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _images(counts, seed, size=8):
-    """Class c: a bright square at a class-specific corner on noise, so classes are separable."""
-    g = torch.Generator().manual_seed(seed)
-    xs, ys = [], []
-    for c, n in enumerate(counts):
-        x = torch.randint(0, 60, (n, 1, size, size), generator=g)
-        r, q = divmod(c, 2)
-        h = size // 2
-        x[:, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
-        xs.append(x.clamp(0, 255).to(torch.uint8))
-        ys.append(torch.full((n,), c, dtype=torch.int64))
-    x, y = torch.cat(xs), torch.cat(ys)
-    return ImageSet(x, y, torch.arange(len(y)))
 
 
 def tiny_data():
-    train = _images([24, 12, 8, 4], seed=1)
-    probe = _images([8, 8, 8, 8], seed=2)
-    test = _images([6, 6, 6, 6], seed=3)
+    train = separable_images([24, 12, 8, 4], seed=1)
+    probe = separable_images([8, 8, 8, 8], seed=2)
+    test = separable_images([6, 6, 6, 6], seed=3)
     return ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
                            train=train, probe_train=probe, val=None, test=test,
                            class_order=torch.arange(4), mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})

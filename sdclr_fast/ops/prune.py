@@ -22,14 +22,18 @@ Thresholds are float32 (float16/bfloat16/float32 magnitudes convert to float32 e
 float64 when a tensor is float64.
 """
 import fnmatch
-import math
 import numbers
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-import sdclr_fast._C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+try:
+    import sdclr_fast._C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+except ImportError as exc:  # a source checkout that was never built
+    raise ImportError(
+        "sdclr_fast._C, the C++ pruning extension, is not built: run `make setup`, or "
+        "`pip install --no-build-isolation -e .` in the repository") from exc
 
 from .reference import kth_index
 

@@ -1,0 +1,19 @@
+"""A tiny, separable image data set for the training, DnC and CLI tests."""
+import torch
+
+from sdclr_fast.data import ImageSet
+
+
+def separable_images(counts, seed, size=8):
+    """Class c: a bright square in a class-specific quadrant on noise; counts[c] images of it."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for c, n in enumerate(counts):
+        x = torch.randint(0, 60, (n, 1, size, size), generator=g)
+        r, q = divmod(c, 2)
+        h = size // 2
+        x[:, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 150
+        xs.append(x.clamp(0, 255).to(torch.uint8))
+        ys.append(torch.full((n,), c, dtype=torch.int64))
+    x, y = torch.cat(xs), torch.cat(ys)
+    return ImageSet(x, y, torch.arange(len(y)))
