@@ -183,6 +183,9 @@ def _nt_xent_bwd_kernel(
         gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
         key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
         valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+        # The diagonal S_ii is left out of lse, so at small tau exp2(S_ii - lse_i) overflows:
+        # mask before the exponent instead of discarding an inf afterwards.
+        s = tl.where(valid, s, float("-inf"))
         a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
              + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
         same = valid & (key_j[None, :] == key_k[:, None])
