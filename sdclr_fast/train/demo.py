@@ -124,6 +124,9 @@ def run_demo(*, methods=("simclr", "sdclr"), budget_minutes: float = 15.0, run_d
             print(f"calibration: {m} {sec:.2f} s per step of {BATCH} ({BATCH / sec:.0f} images/s)")
         budget_s = budget_minutes * 60 * (1 - EVAL_SHARE) - (time.perf_counter() - t_start)
         epochs, fraction = plan_budget(budget_s, per_step, len(data.train), "dnc" in methods)
+    elif epochs is None and stored:
+        # every contrastive run is stored: DnC's stages get the length those runs trained for
+        epochs = max(cfg.epochs for cfg, _ in stored.values())
     epochs = epochs or 1
     indices = None if fraction >= 1 else stratified_subset(data.train.labels, fraction, seed)
     n_images = len(data.train) if indices is None else len(indices)
