@@ -16,7 +16,7 @@ from sdclr_fast.train.dnc import (CLUSTERS_NAME, DnCConfig, _canonical, add_dnc_
 from sdclr_fast.train.kmeans import kmeans
 
 
-from synthetic import separable_images  # noqa: E402
+from helpers import assert_same_state, separable_images  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,19 +43,6 @@ def tiny_options(**kw):
     return DnCConfig(**base)
 
 
-def _same(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 class Killed(RuntimeError):
@@ -218,11 +205,11 @@ def test_kill_in_stage_2_then_resume_equals_uninterrupted(uninterrupted, tmp_pat
     assert (tmp_path / "expert_0" / "checkpoint.pt").read_bytes() == expert0
     # 4) every stage ends bit-identical to the uninterrupted run (CPU)
     for sub in ("base", "expert_0", "expert_1"):
-        _same(load_checkpoint(tmp_path / sub)["model"], load_checkpoint(full_dir / sub)["model"], sub)
+        assert_same_state(load_checkpoint(tmp_path / sub)["model"], load_checkpoint(full_dir / sub)["model"], sub)
     assert read_clusters(tmp_path)["assignments"].tolist() == read_clusters(full_dir)["assignments"].tolist()
     a, b = load_checkpoint(student), load_checkpoint(full_student)
-    _same(a["model"], b["model"], "student")
-    _same(a["dnc_heads"], b["dnc_heads"], "heads")
+    assert_same_state(a["model"], b["model"], "student")
+    assert_same_state(a["dnc_heads"], b["dnc_heads"], "heads")
     # 5) a second resume is a no-op
     spy = PretrainSpy(real)
     monkeypatch.setattr(loop, "pretrain", spy)
@@ -249,9 +236,9 @@ def test_student_kill_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
         distill_student(cfg, opt, run_dir=tmp_path, **kw)
     done = distill_student(cfg, opt, run_dir=tmp_path, resume=True, **kw)
     a, b = load_checkpoint(done), load_checkpoint(full_student)
-    _same(a["model"], b["model"], "model")
-    _same(a["dnc_heads"], b["dnc_heads"], "heads")
-    _same(a["optimizer"], b["optimizer"], "optimizer")
+    assert_same_state(a["model"], b["model"], "model")
+    assert_same_state(a["dnc_heads"], b["dnc_heads"], "heads")
+    assert_same_state(a["optimizer"], b["optimizer"], "optimizer")
     # other teachers: refused
     kw["expert_checkpoints"] = kw["expert_checkpoints"][::-1]
     with pytest.raises(ValueError, match="other teachers"):

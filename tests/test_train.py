@@ -18,7 +18,7 @@ from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.checkpoint import capture_rng, restore_rng
 
 
-from synthetic import separable_images  # noqa: E402
+from helpers import assert_same_state, separable_images  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,19 +49,6 @@ def _state(path):
     return load_checkpoint(path)
 
 
-def _assert_same_tensors(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 # ---------------------------------------------------------------- resume
@@ -76,8 +63,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, method):
     resumed = pretrain(cfg, run_dir=tmp_path / "part", data=DATA, resume=True)
     a, b = _state(full), _state(resumed)
     assert a["epoch"] == b["epoch"] == 2 and a["finished"] and b["finished"]
-    _assert_same_tensors(a["model"], b["model"], "model")
-    _assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+    assert_same_state(a["model"], b["model"], "model")
+    assert_same_state(a["optimizer"], b["optimizer"], "optimizer")
     assert a["scheduler"] == b["scheduler"]
     # The resumed run's metrics have one row per epoch, the interrupted ones dropped.
     rows = [r for r in read_metrics(tmp_path / "part") if r["kind"] == "epoch"]
@@ -173,7 +160,7 @@ def test_load_model_restores_the_trained_model(tmp_path):
     path = pretrain(tiny_config(epochs=1), run_dir=tmp_path, data=DATA)
     model = load_model(path)
     assert not model.training
-    _assert_same_tensors(model.state_dict(), _state(path)["model"], "model")
+    assert_same_state(model.state_dict(), _state(path)["model"], "model")
     with torch.no_grad():
         x = torch.randn(5, 1, 8, 8)
         z = model(x, branch="dense")
