@@ -102,25 +102,6 @@ Prepared prepare(at::TensorList tensors, const char* op) {
   return p;
 }
 
-// Calls f(T{}) with the element type of e, instantiating only the types domain D can hold.
-template <Domain D, typename F>
-void visit(Elem e, F&& f) {
-  if constexpr (D == Domain::F16) {
-    f(c10::Half{});
-  } else if constexpr (D == Domain::BF16) {
-    f(c10::BFloat16{});
-  } else {
-    switch (e) {
-      case Elem::F16: f(c10::Half{}); break;
-      case Elem::BF16: f(c10::BFloat16{}); break;
-      case Elem::F32: f(float{}); break;
-      case Elem::F64:
-        if constexpr (D == Domain::F64) f(double{});
-        break;
-    }
-  }
-}
-
 // First tensor of the group holding a NaN/inf, or -1. Only run when pass 1 saw keys in the
 // top bins (inf/NaN, or huge finite values sharing those bins).
 template <Domain D>
@@ -486,9 +467,7 @@ at::Tensor kth_abs_value_cpu(at::TensorList tensors, int64_t k) {
   Prepared p = prepare(tensors, op);
   int64_t n = 0;
   for (const auto& s : p.segs) n += s.n;
-  TORCH_CHECK_VALUE(n > 0, op, ": the tensors hold no elements");
-  TORCH_CHECK_VALUE(k >= 0 && k < n, op, ": k must be in [0, ", n, ") for ", n,
-                    " elements, got ", k);
+  check_pooled_rank(op, n, k);
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(threshold_dtype(p.domain)));
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;
@@ -502,14 +481,8 @@ at::Tensor kth_abs_value_per_tensor_cpu(at::TensorList tensors, at::IntArrayRef 
   const char* op = "kth_abs_value_per_tensor";
   Prepared p = prepare(tensors, op);
   const int64_t g = static_cast<int64_t>(p.segs.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(k.size()) == g, op, ": k must have one entry per tensor (",
-                    g, "), got ", k.size());
-  for (int64_t i = 0; i < g; ++i) {
-    const int64_t n = p.segs[i].n;
-    TORCH_CHECK_VALUE((n == 0 && k[i] == 0) || (k[i] >= 0 && k[i] < n), op, ": k[", i,
-                      "] must be in [0, ", n, ") for tensors[", i, "] with ", n,
-                      " elements (0 for an empty tensor), got ", k[i]);
-  }
+  check_rank_count(op, g, k.size());
+  for (int64_t i = 0; i < g; ++i) check_tensor_rank(op, i, p.segs[i].n, k[i]);
   at::Tensor out = at::zeros({g}, at::TensorOptions().dtype(threshold_dtype(p.domain)));
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;
@@ -598,9 +571,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> topk_abs_masks_cpu(at::TensorLis
                       k.size());
     int64_t n = 0;
     for (const auto& s : p.segs) n += s.n;
-    TORCH_CHECK_VALUE(n > 0, op, ": the tensors hold no elements");
-    TORCH_CHECK_VALUE(k[0] >= 0 && k[0] < n, op, ": k must be in [0, ", n, ") for ", n,
-                      " elements, got ", k[0]);
+    check_pooled_rank(op, n, k[0]);
     at::Tensor thr = at::empty({1}, tdtype);
     dispatch_domain(p.domain, [&](auto dc) {
       constexpr Domain D = decltype(dc)::value;
@@ -609,14 +580,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> topk_abs_masks_cpu(at::TensorLis
     });
     return {thr, masks};
   }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(k.size()) == g, op, ": k must have one entry per tensor (",
-                    g, "), got ", k.size());
-  for (int64_t i = 0; i < g; ++i) {
-    const int64_t n = p.segs[i].n;
-    TORCH_CHECK_VALUE((n == 0 && k[i] == 0) || (k[i] >= 0 && k[i] < n), op, ": k[", i,
-                      "] must be in [0, ", n, ") for tensors[", i, "] with ", n,
-                      " elements (0 for an empty tensor), got ", k[i]);
-  }
+  check_rank_count(op, g, k.size());
+  for (int64_t i = 0; i < g; ++i) check_tensor_rank(op, i, p.segs[i].n, k[i]);
   at::Tensor thr = at::zeros({g}, tdtype);
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;

@@ -12,6 +12,7 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 namespace sdclr_fast {
@@ -87,6 +88,46 @@ C10_HOST_DEVICE inline typename DomainTraits<D>::Value key_value(typename Domain
     memcpy(&d, &u, sizeof(d));
     return d;
   }
+}
+
+// Calls f(T{}) with the element type of e, instantiating only the types domain D can hold.
+// Host and device: the CPU passes and the CUDA kernels dispatch the same way.
+#pragma nv_exec_check_disable
+template <Domain D, typename F>
+C10_HOST_DEVICE inline void visit(Elem e, F&& f) {
+  if constexpr (D == Domain::F16) {
+    f(c10::Half{});
+  } else if constexpr (D == Domain::BF16) {
+    f(c10::BFloat16{});
+  } else {
+    switch (e) {
+      case Elem::F16: f(c10::Half{}); break;
+      case Elem::BF16: f(c10::BFloat16{}); break;
+      case Elem::F32: f(float{}); break;
+      case Elem::F64:
+        if constexpr (D == Domain::F64) f(double{});
+        break;
+    }
+  }
+}
+
+// Argument checks shared by the CPU and CUDA ops: the rank of a pooled selection, and one rank
+// per tensor (0 for an empty tensor, which has no threshold).
+inline void check_pooled_rank(const char* op, int64_t n, int64_t k) {
+  TORCH_CHECK_VALUE(n > 0, op, ": the tensors hold no elements");
+  TORCH_CHECK_VALUE(k >= 0 && k < n, op, ": k must be in [0, ", n, ") for ", n,
+                    " elements, got ", k);
+}
+
+inline void check_rank_count(const char* op, int64_t tensors, size_t ranks) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(ranks) == tensors, op,
+                    ": k must have one entry per tensor (", tensors, "), got ", ranks);
+}
+
+inline void check_tensor_rank(const char* op, int64_t i, int64_t n, int64_t k) {
+  TORCH_CHECK_VALUE((n == 0 && k == 0) || (k >= 0 && k < n), op, ": k[", i,
+                    "] must be in [0, ", n, ") for tensors[", i, "] with ", n,
+                    " elements (0 for an empty tensor), got ", k);
 }
 
 }  // namespace sdclr_fast

@@ -62,25 +62,6 @@ struct DevChunk {
   int32_t pad;
 };
 
-// Calls f(T{}) for the element type, instantiating only what domain D can hold.
-template <Domain D, typename F>
-__device__ __forceinline__ void visit_elem(int32_t e, F&& f) {
-  if constexpr (D == Domain::F16) {
-    f(c10::Half{});
-  } else if constexpr (D == Domain::BF16) {
-    f(c10::BFloat16{});
-  } else {
-    switch (static_cast<Elem>(e)) {
-      case Elem::F16: f(c10::Half{}); break;
-      case Elem::BF16: f(c10::BFloat16{}); break;
-      case Elem::F32: f(float{}); break;
-      case Elem::F64:
-        if constexpr (D == Domain::F64) f(double{});
-        break;
-    }
-  }
-}
-
 template <Domain D>
 __global__ void __launch_bounds__(kThreads)
     radix_hist_kernel(const DevChunk* __restrict__ chunks, const uint64_t* __restrict__ prefix,
@@ -97,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   const Key want = first ? Key(0) : static_cast<Key>(prefix[c.group] >> hi);
   const Key mask = static_cast<Key>(nb - 1);
   bool saw_bad = false;
-  visit_elem<D>(c.elem, [&](auto tag) {
+  visit<D>(static_cast<Elem>(c.elem), [&](auto tag) {
     using T = decltype(tag);
     const T* p = static_cast<const T*>(c.data) + c.begin;
     if (first) {
@@ -320,9 +301,7 @@ at::Tensor kth_abs_value_cuda(at::TensorList tensors, int64_t k) {
   const c10::DeviceGuard guard(p.keep[0].device());
   int64_t n = 0;
   for (const auto& t : p.keep) n += t.numel();
-  TORCH_CHECK_VALUE(n > 0, op, ": the tensors hold no elements");
-  TORCH_CHECK_VALUE(k >= 0 && k < n, op, ": k must be in [0, ", n, ") for ", n,
-                    " elements, got ", k);
+  check_pooled_rank(op, n, k);
   at::Tensor out = at::empty({1}, p.keep[0].options().dtype(threshold_dtype(p.domain)));
   const auto chunks = make_chunks(p, /*per_tensor=*/false, nullptr);
   dispatch_domain(p.domain, [&](auto dc) {
@@ -336,14 +315,11 @@ at::Tensor kth_abs_value_per_tensor_cuda(at::TensorList tensors, at::IntArrayRef
   Prepared p = prepare(tensors, op);
   const c10::DeviceGuard guard(p.keep[0].device());
   const int64_t g = static_cast<int64_t>(p.keep.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(k.size()) == g, op, ": k must have one entry per tensor (",
-                    g, "), got ", k.size());
+  check_rank_count(op, g, k.size());
   std::vector<int64_t> ranks(g);
   for (int64_t i = 0; i < g; ++i) {
     const int64_t n = p.keep[i].numel();
-    TORCH_CHECK_VALUE((n == 0 && k[i] == 0) || (k[i] >= 0 && k[i] < n), op, ": k[", i,
-                      "] must be in [0, ", n, ") for tensors[", i, "] with ", n,
-                      " elements (0 for an empty tensor), got ", k[i]);
+    check_tensor_rank(op, i, n, k[i]);
     ranks[i] = n == 0 ? -1 : k[i];
   }
   at::Tensor out = at::empty({g}, p.keep[0].options().dtype(threshold_dtype(p.domain)));
