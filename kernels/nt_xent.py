@@ -44,6 +44,16 @@ def interpreting():
 
 
 @triton.jit
+def _load_tile(u_ptr, offs_r, r_ok, offs_d, D, s_um, s_ud, UPCAST: tl.constexpr):
+    """(rows, BLOCK_D) tile of u, zero outside the rows and past D, fp32 when UPCAST."""
+    t = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
+                mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
             PRECISION: tl.constexpr):
@@ -51,22 +61,14 @@ def _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
     preloaded (BLOCK_M, BLOCK_D) row tile and the column tile is returned for reuse."""
     offs_d = tl.arange(0, BLOCK_D)
     if D_CHUNKS == 1:
-        k = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
-                    mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
+        k = _load_tile(u_ptr, offs_n, col_ok, offs_d, D, s_um, s_ud, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     else:
         s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in range(D_CHUNKS):
             d = c * BLOCK_D + offs_d
-            qc = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + d[None, :] * s_ud,
-                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            kc = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * s_um + d[None, :] * s_ud,
-                         mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-            if UPCAST:
-                qc = qc.to(tl.float32)
-                kc = kc.to(tl.float32)
+            qc = _load_tile(u_ptr, offs_m, row_ok, d, D, s_um, s_ud, UPCAST)
+            kc = _load_tile(u_ptr, offs_n, col_ok, d, D, s_um, s_ud, UPCAST)
             s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
         k = s  # unused placeholder with D chunks
     return s, k
@@ -86,10 +88,7 @@ def _nt_xent_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
     # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
     scale = tl.load(scale_ptr) * LOG2E
     if NORMALIZE:
@@ -148,10 +147,7 @@ def _nt_xent_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
     inv_tau = tl.load(scale_ptr)
     scale = inv_tau * LOG2E
     if NORMALIZE:
@@ -196,10 +192,7 @@ def _nt_xent_bwd_kernel(
         if D_CHUNKS == 1:
             v = k
         else:
-            v = tl.load(u_ptr + offs_n.to(tl.int64)[:, None] * s_um + d_out[None, :] * s_ud,
-                        mask=col_ok[:, None] & (d_out[None, :] < D), other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
+            v = _load_tile(u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud, UPCAST)
         acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
 
     acc = acc * inv_tau
