@@ -139,15 +139,10 @@ def config_from_args(args, **overrides) -> PretrainConfig:
 
 def cmd_pretrain(args) -> int:
     if args.method == "dnc":
-        try:
-            from .train.dnc import run_dnc
-        except ModuleNotFoundError as exc:
-            if exc.name == "sdclr_fast.train.dnc":
-                raise SystemExit("--method dnc: the DnC module sdclr_fast.train.dnc is not available in this "
-                                 "installation") from None
-            raise
-        result = run_dnc(args)
-        return 0 if result is None or not isinstance(result, int) else result
+        from .train.dnc import run_dnc
+
+        run_dnc(args)
+        return 0
     from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from .train.pretrain import pretrain
 
@@ -300,13 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain with SimCLR, SDCLR or DnC; checkpoints every epoch, --resume "
                                    "continues a killed run. Defaults are the SDCLR paper's CIFAR settings.")
     add_pretrain_arguments(p)
-    try:
-        from .train.dnc import add_dnc_arguments
-    except ModuleNotFoundError as exc:
-        if exc.name != "sdclr_fast.train.dnc":
-            raise
-    else:
-        add_dnc_arguments(p)
+    from .train.dnc import add_dnc_arguments
+
+    add_dnc_arguments(p)
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("eval", help="evaluate pretrained runs (linear probe, few-shot, kNN)",
                        description="Evaluate checkpoints with a frozen backbone: accuracy overall and on the "

@@ -311,10 +311,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-try:
-    from sdclr_fast.kernels import masked_conv as K
-except ModuleNotFoundError:  # source checkout
-    from kernels import masked_conv as K
+from sdclr_fast.kernels import masked_conv as K
 
 arch, = sys.argv[1:]
 ptr = {"x_ptr": "*D", "w_ptr": "*D", "b_ptr": "*D", "y_ptr": "*D", "dy_ptr": "*D", "dx_ptr": "*D",

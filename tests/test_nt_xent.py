@@ -505,7 +505,7 @@ from triton.compiler import ASTSource
 try:
     from sdclr_fast.kernels import nt_xent as k
 except ModuleNotFoundError:
-    from kernels import nt_xent as k
+    from sdclr_fast.kernels import nt_xent as k
 meta, launch = k._config(__import__("torch").bfloat16, 128)
 ptrs = dict(u_ptr="*bf16", r_ptr="*fp32", key_ptr="*i32", scale_ptr="*fp32", loss_ptr="*fp32",
             lse2_ptr="*fp32", cnt_ptr="*i32", g_ptr="*fp32", gy_ptr="*fp32", dz_ptr="*fp32")

@@ -54,10 +54,10 @@ _CACHE_ATTR = "_sdclr_fast_mask_tiles"
 
 
 def _kernels():
-    try:  # installed package: kernels/ is mapped to sdclr_fast.kernels (setup.py package_dir)
-        from sdclr_fast.kernels import masked_conv as k
-    except ModuleNotFoundError:  # source checkout run from the repo root
-        from kernels import masked_conv as k
+    # imported on first use so that CPU-only callers never load Triton; kernels/ is installed as
+    # sdclr_fast.kernels (setup.py package_dir)
+    from sdclr_fast.kernels import masked_conv as k
+
     return k
 
 

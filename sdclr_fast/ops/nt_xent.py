@@ -61,10 +61,10 @@ _CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch path (8 MiB in
 
 
 def _kernels():
-    try:  # installed package: kernels/ is mapped to sdclr_fast.kernels (setup.py package_dir)
-        from sdclr_fast.kernels import nt_xent as k
-    except ModuleNotFoundError:  # source checkout run from the repo root
-        from kernels import nt_xent as k
+    # imported on first use so that CPU-only callers never load Triton; kernels/ is installed as
+    # sdclr_fast.kernels (setup.py package_dir)
+    from sdclr_fast.kernels import nt_xent as k
+
     return k
 
 
