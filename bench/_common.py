@@ -18,6 +18,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def set_threads(n):
+    """Use n torch CPU threads here and in the fresh processes of cpu_peak_bytes (they read
+    OMP_NUM_THREADS when torch starts)."""
+    if n:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+
+
 def time_ms(fn, device="cpu", warmup=2, reps=10):
     """Median wall time of fn() in milliseconds; triton.testing.do_bench on CUDA."""
     if torch.device(device).type == "cuda":

@@ -20,7 +20,7 @@ sys.path.insert(0, _HERE)
 import torch  # noqa: E402
 
 from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
-                     print_table, time_ms, write_json)
+                     print_table, set_threads, time_ms, write_json)
 from sdclr_fast.ops.masked_conv import masked_conv2d, prepare_mask  # noqa: E402
 from sdclr_fast.ops.reference import masked_conv2d_reference  # noqa: E402
 
@@ -116,9 +116,7 @@ def main():
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the memory subprocesses
+    set_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))

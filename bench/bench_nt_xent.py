@@ -29,7 +29,7 @@ sys.path.insert(0, _HERE)
 import torch  # noqa: E402
 
 from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
-                     time_ms, write_json)
+                     set_threads, time_ms, write_json)
 from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (nt_xent_cross_entropy_reference,  # noqa: E402
                                       nt_xent_reference)
@@ -56,7 +56,6 @@ def step(impl, z1, z2):
 
 
 def _mem_setup(impl, rows, dim, dtype):
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     return impl, make_inputs(rows, dim, dtype, "cpu")
 
 
@@ -136,9 +135,7 @@ def main():
                     help="CPU: torch threads (default torch's; 1 is steadier on a shared CPU)")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        os.environ["BENCH_THREADS"] = str(args.threads)  # for the memory subprocesses
+    set_threads(args.threads)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
