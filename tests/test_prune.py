@@ -161,6 +161,34 @@ def test_fused_pass_falls_back_when_the_sample_misleads(dtype, sparsity):
                   R.magnitude_masks_reference([w], sparsity, scope=scope))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_fused_pass_reports_non_finite(dtype, value):
+    """The one-pass path flags NaN/inf inside its vectorised loop: one bad element anywhere in a
+    large tensor (sampled position or not, first or last strip) is reported with its index."""
+    for pos in (0, 1, 2**16 + 7, 2**17 - 1):
+        bad = torch.randn(2**17, dtype=torch.float64).to(dtype)
+        bad[pos] = value
+        with pytest.raises(ValueError, match=r"tensors\[1\] contains NaN or inf"):
+            P.magnitude_masks([torch.randn(100).to(dtype), bad], 0.9)
+        with pytest.raises(ValueError, match=r"tensors\[0\] contains NaN or inf"):
+            P.magnitude_masks([bad], 0.5, scope="layer")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+def test_fused_pass_mixed_dtypes(sparsity):
+    """Large lists of mixed dtypes take the fused path in the float32 (or float64) key domain."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(64, 64, 3, 3), (128, 32, 3, 3), (7, 5), (256, 128, 1, 1)]
+    for dtypes in ([torch.float32, torch.float16, torch.bfloat16, torch.float32],
+                   [torch.float16, torch.float64, torch.bfloat16, torch.float32]):
+        ts = [(torch.randn(s, generator=g, dtype=torch.float64) * (i + 1)).to(d)
+              for i, (s, d) in enumerate(zip(shapes, dtypes))]
+        assert torch.equal(P.magnitude_threshold(ts, sparsity),
+                           R.magnitude_threshold_reference(ts, sparsity))
+        _same(P.magnitude_masks(ts, sparsity), R.magnitude_masks_reference(ts, sparsity))
+
+
 def test_semantics_by_hand():
     w = torch.tensor([-3.0, 1.0, -0.0, 2.0, 0.0, -1.0, 5.0])
     # sorted |w| = 0 0 1 1 2 3 5; ceil(0.5 * 7) = 4 -> threshold 2
