@@ -217,7 +217,7 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
 
 // ---------------------------------------------------------------- fused select + mask
 // Above kFastMin elements the threshold and the masks come from ONE pass over the data: a
-// strided sample of kSample keys brackets the k-th key, [lo, hi], with a wide safety margin;
+// strided sample of S keys (n / 64, clamped to [2^12, 2^15]) brackets the k-th key, [lo, hi], with a wide safety margin;
 // the pass (branch-free, vectorised) writes a byte per element, 1 above the bracket, 0 below,
 // 2 inside, counts the keys below and inside, and, while each strip is still in L1, collects
 // the few keys inside (with their offset in the chunk) and histograms them into kBins bins
@@ -226,7 +226,9 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
 // decides speed, never the result: if the bracket misses rank k or holds too many keys
 // (ties), the radix select and a plain mask pass run instead.
 constexpr int64_t kFastMin = int64_t(1) << 16;
-constexpr int64_t kSample = int64_t(1) << 15;  // sample positions j * n / kSample (pooled order)
+// Sample positions j * n / S in pooled order. Smaller inputs (one layer of a layer-wise call)
+// take fewer samples: the gather and its selection would otherwise outweigh the pass.
+constexpr int64_t kSampleMin = int64_t(1) << 12, kSampleMax = int64_t(1) << 15;
 constexpr int kBinBits = 12;
 static_assert(kChunk <= (int64_t(1) << 16), "offsets in a chunk are stored as uint16");
 
@@ -377,6 +379,7 @@ bool fused_select_and_mask(const std::vector<Segment>& segs, const std::vector<C
   // The strided reads miss the cache one by one, so the threads share them.
   std::vector<int64_t> seg_end(segs.size());
   for (size_t i = 0; i < segs.size(); ++i) seg_end[i] = (i ? seg_end[i - 1] : 0) + segs[i].n;
+  const int64_t kSample = std::clamp(n / 64, kSampleMin, kSampleMax);
   std::vector<Key> sample(kSample);
   maybe_parallel(parallel, kSample, [&](int64_t jb, int64_t je) {
     size_t si = std::upper_bound(seg_end.begin(), seg_end.end(), jb * n / kSample) - seg_end.begin();
