@@ -217,7 +217,8 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
 
 // ---------------------------------------------------------------- fused select + mask
 // Above kFastMin elements the threshold and the masks come from ONE pass over the data: a
-// strided sample of S keys (n / 64, clamped to [2^12, 2^15]) brackets the k-th key, [lo, hi], with a wide safety margin;
+// strided sample of S keys (a power of two near n / 64, in [2^12, 2^15]) brackets the k-th
+// key, [lo, hi], with a wide safety margin;
 // the pass (branch-free, vectorised) writes a byte per element, 1 above the bracket, 0 below,
 // 2 inside, counts the keys below and inside, and, while each strip is still in L1, collects
 // the few keys inside (with their offset in the chunk) and histograms them into kBins bins
@@ -226,9 +227,9 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
 // decides speed, never the result: if the bracket misses rank k or holds too many keys
 // (ties), the radix select and a plain mask pass run instead.
 constexpr int64_t kFastMin = int64_t(1) << 16;
-// Sample positions j * n / S in pooled order. Smaller inputs (one layer of a layer-wise call)
-// take fewer samples: the gather and its selection would otherwise outweigh the pass.
-constexpr int64_t kSampleMin = int64_t(1) << 12, kSampleMax = int64_t(1) << 15;
+// Sample positions j * n / S in pooled order (S a power of two: a shift, not a division).
+// Smaller inputs (one layer of a layer-wise call) take fewer samples: the gather and its selection would otherwise outweigh the pass.
+constexpr int kSampleMinBits = 12, kSampleMaxBits = 15;
 constexpr int kBinBits = 12;
 static_assert(kChunk <= (int64_t(1) << 16), "offsets in a chunk are stored as uint16");
 
@@ -379,19 +380,21 @@ bool fused_select_and_mask(const std::vector<Segment>& segs, const std::vector<C
   // The strided reads miss the cache one by one, so the threads share them.
   std::vector<int64_t> seg_end(segs.size());
   for (size_t i = 0; i < segs.size(); ++i) seg_end[i] = (i ? seg_end[i - 1] : 0) + segs[i].n;
-  const int64_t kSample = std::clamp(n / 64, kSampleMin, kSampleMax);
-  std::vector<Key> sample(kSample);
-  maybe_parallel(parallel, kSample, [&](int64_t jb, int64_t je) {
-    size_t si = std::upper_bound(seg_end.begin(), seg_end.end(), jb * n / kSample) - seg_end.begin();
+  int sample_bits = kSampleMinBits;
+  while (sample_bits < kSampleMaxBits && (n >> (sample_bits + 1 + 6)) > 0) ++sample_bits;
+  const int64_t samples = int64_t(1) << sample_bits;
+  std::vector<Key> sample(samples);
+  maybe_parallel(parallel, samples, [&](int64_t jb, int64_t je) {
+    size_t si = std::upper_bound(seg_end.begin(), seg_end.end(), (jb * n) >> sample_bits) - seg_end.begin();
     for (int64_t j = jb; j < je; ++j) {
-      const int64_t pos = j * n / kSample;
+      const int64_t pos = (j * n) >> sample_bits;
       while (pos >= seg_end[si]) ++si;
       sample[j] = key_at<D>(segs[si], pos - (seg_end[si] - segs[si].n));
     }
   });
   const double q = static_cast<double>(k) / static_cast<double>(n);
-  const double r = q * kSample;
-  const double d = 3.5 * std::sqrt(kSample * q * (1.0 - q)) + 8.0;
+  const double r = q * samples;
+  const double d = 3.5 * std::sqrt(samples * q * (1.0 - q)) + 8.0;
   const int64_t lo_i = static_cast<int64_t>(std::floor(r - d));
   const int64_t hi_i = static_cast<int64_t>(std::ceil(r + d));
   Key lo = 0, hi = std::numeric_limits<Key>::max() >> 1;  // keys have the sign bit clear
@@ -401,14 +404,14 @@ bool fused_select_and_mask(const std::vector<Segment>& segs, const std::vector<C
     lo = sample[lo_i];
     from = sample.begin() + lo_i + 1;
   }
-  if (hi_i < kSample - 1) {
+  if (hi_i < samples - 1) {
     std::nth_element(from, sample.begin() + hi_i, sample.end());
     hi = sample[hi_i];
   }
   const Key span = static_cast<Key>(hi - lo);
   int64_t in_sample = 0;
   for (Key key : sample) in_sample += static_cast<Key>(key - lo) <= span;
-  if (in_sample * 8 > kSample) return false;  // tie-heavy: the bracket would hold too much
+  if (in_sample * 8 > samples) return false;  // tie-heavy: the bracket would hold too much
   int shift = 0;
   while ((span >> shift) >= (Key(1) << kBinBits)) ++shift;
   const int64_t nbins = static_cast<int64_t>(span >> shift) + 1;
@@ -419,7 +422,7 @@ bool fused_select_and_mask(const std::vector<Segment>& segs, const std::vector<C
   std::vector<int64_t> hist(nbins, 0);
   std::mutex merge;
   std::atomic<int64_t> budget{n / 4};
-  const int64_t expect = 2 * kChunk * in_sample / kSample + 64;  // collected keys per chunk
+  const int64_t expect = 2 * kChunk * in_sample / samples + 64;  // collected keys per chunk
   maybe_parallel(parallel, nchunks, [&](int64_t cb, int64_t ce) {
     std::vector<int64_t> local(nbins, 0);
     for (int64_t c = cb; c < ce; ++c) {

@@ -144,8 +144,8 @@ def test_large_inputs_take_the_16_bit_digit_path(dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
 def test_fused_pass_falls_back_when_the_sample_misleads(dtype, sparsity):
-    """Large inputs take a fused pass bracketed by the strided sample j * n / S, S = n / 64 here
-    (every 64th element, so x[::4] holds all of it). Data built against that sample must still
+    """Large inputs take a fused pass bracketed by the strided sample j * n / S, S = 2**12 here
+    (every 32nd element, so x[::4] holds all of it). Data built against that sample must still
     give the exact masks (through the radix fallback)."""
     n = 2**17
     g = torch.Generator().manual_seed(3)
