@@ -517,6 +517,33 @@ def test_float_mask_accepted_and_validated():
         masked_conv2d(x, w, mf * 0.5)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_casts_like_conv2d(backend):
+    """Under autocast, fp32 weights meet bf16 activations (as in an AMP training step): the op
+    casts x, weight and bias to the autocast dtype like F.conv2d does, and the fp32 weight gets
+    the gradient of the bf16 computation."""
+    dev = "cpu" if backend == "torch" else TRITON_DEVICE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g).to(dev)
+    w = torch.randn(5, 4, 3, 3, generator=g).to(dev).requires_grad_()
+    b = torch.randn(5, generator=g).to(dev).requires_grad_()
+    m = (torch.rand(5, 4, 3, 3, generator=g) < 0.5).to(dev)
+    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+        y = masked_conv2d(x.bfloat16(), w, m, b, padding=1, _backend=backend)
+        assert y.dtype == torch.bfloat16
+        ref = F.conv2d(x, w.detach() * m, b.detach(), padding=1)
+    assert ref.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    # The same op on inputs cast by hand, outside autocast: identical values and gradients.
+    wb = w.detach().bfloat16().requires_grad_()
+    bb = b.detach().bfloat16().requires_grad_()
+    yb = masked_conv2d(x.bfloat16(), wb, m, bb, padding=1, _backend=backend)
+    yb.float().square().sum().backward()
+    assert torch.equal(y, yb)
+    assert torch.equal(w.grad, wb.grad.float()) and torch.equal(b.grad, bb.grad.float())
+
+
 def test_no_grad_needed_inputs():
     """Only the weight needs a gradient (x frozen): grad_x is skipped, grad_w still right."""
     for backend, dev in (("torch", "cpu"), ("triton", TRITON_DEVICE)):

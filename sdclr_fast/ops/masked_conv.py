@@ -365,6 +365,21 @@ def _backend_for(x, mask, groups, backend, block=None):
     return "torch" if dense else "triton"
 
 
+def _autocast(x, weight, bias):
+    """Under autocast, cast x, weight and bias to the autocast dtype, as autocast does for
+    F.conv2d (activations usually arrive in it already, the weights are fp32)."""
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.float64:
+        return x, weight, bias
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    return cast(x), cast(weight), cast(bias)
+
+
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                   block=None, _backend="auto"):
     """`F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)` without the masked
@@ -378,6 +393,7 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
     else runs the PyTorch path. block: the kernels' (block_o, block_c) weight tile (powers of
     two >= 16; default `default_block`), e.g. to match coarser pruning blocks. `_backend`
     ("auto", "triton", "torch") is for tests and benches."""
+    x, weight, bias = _autocast(x, weight, bias)
     _check(x, weight, mask, bias, groups)
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
@@ -391,10 +407,6 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         if _out_size(size, k, s, p, d) < 1:
             raise ValueError(f"x {name} {size} (padded by {p} per side) is smaller than the "
                              f"dilated kernel {d * (k - 1) + 1}")
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        dt = torch.get_autocast_dtype("cuda")
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
     if _backend_for(x, mask, groups, _backend, block) == "triton":
         tiles = prepare_mask(mask, groups, block)
         return _MaskedConv2dTriton.apply(x, weight, mask.detach(), tiles, bias, stride, pad,
