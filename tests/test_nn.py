@@ -100,8 +100,9 @@ def plain_copy(model, branch):
     for 'pruned', and that branch's BN parameters and running statistics."""
     head_layers = sum(isinstance(m, nn.Linear) for m in model.head.modules())
     width = model.backbone.width
+    ref = next(model.parameters())
     plain = _PlainNet(model.backbone.in_channels, width, model.head.out_dim, head_layers).to(
-        next(model.parameters()).dtype)
+        ref.device, ref.dtype)
     src = model.state_dict()
     state = {}
     for name in plain.state_dict():
@@ -243,6 +244,8 @@ def test_masked_conv_triton_path_channels_last(monkeypatch, module_channels_last
     """The module through the Triton kernels (interpreter on CPU), channels-last input; with
     `module.to(memory_format=channels_last)` the weight and the mask buffer are channels-last too."""
     monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+    # fp32 on a GPU: the kernels follow cudnn.allow_tf32 (on by default); compare at full precision.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     gen = torch.Generator().manual_seed(3)
     dev = "cuda" if CUDA else "cpu"
     conv = MaskedConv2d(5, 6, 3, stride=2, padding=1, device=dev)
@@ -683,6 +686,7 @@ def test_pruned_branch_through_triton_kernels(monkeypatch):
     want = plain_copy(model.double(), "pruned").eval()(x.double())
     model.float()
     monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.testing.assert_close(model(x, branch="pruned").double(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -712,7 +716,7 @@ def test_torch_compile_traces_both_branches_without_graph_breaks():
     loss.backward()
     torch.testing.assert_close(loss_c, loss)
     for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=n)
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m, n=n: f"{n}: {m}")
     for (n, b), (_, c) in zip(model.named_buffers(), twin.named_buffers()):
         torch.testing.assert_close(c, b, msg=n)
     assert twin.active_branch == "dense" and not twin.backbone[0].mask_enabled
