@@ -77,16 +77,19 @@ class SelfCompetitor(nn.Module):
     def _set_branch(self, name):
         # Walks the module tree on every switch (two per SDCLR step, well under a millisecond of
         # host time, overlapped with GPU work) rather than caching the modules, so that modules
-        # replaced after construction (e.g. by hand) can never keep a stale branch.
+        # replaced after construction (e.g. by hand) can never keep a stale branch. The dual BN
+        # flag is written as the plain attribute, not through the `branch` property: dynamo in
+        # torch 2.11 drops property setters on modules, and a compiled SDCLR step then ran the
+        # pruned view through the dense BN (`name` is validated by every caller).
         pruned = name == "pruned"
         for m in self.backbone.modules():
             if isinstance(m, MaskedConv2d):
                 m.mask_enabled = pruned
             elif isinstance(m, _DualBatchNorm):
-                m.branch = name
+                m._branch = name
         for m in self.head.modules():
             if isinstance(m, _DualBatchNorm):
-                m.branch = name
+                m._branch = name
         self._branch = name
 
     @contextlib.contextmanager
