@@ -4,7 +4,8 @@
 # torch for this GPU only, run the tests with compiled Triton kernels (TRITON_INTERPRET=0),
 # then every benchmark on the GPU. Logs and JSON go to OUTDIR (default bench/results/gpu).
 #
-#   bench/run_gpu.sh [OUTDIR]   env: PYTHON=python3 TESTS=1 BENCH=1 QUICK=0 BENCHES='nt_xent ...'
+#   bench/run_gpu.sh [OUTDIR]   env: PYTHON=python3 TESTS=1 BENCH=1 QUICK=0 BENCHES="nt_xent ..."
+# The data and DnC tests also need kornia in that Python.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
