@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -239,18 +239,26 @@ def conv_weights(draw):
 @settings(**SETTINGS)
 @given(ws=conv_weights(), sparsity=sparsities, block=st.tuples(st.integers(1, 4), st.integers(1, 4)),
        scope=st.sampled_from(["global", "layer"]))
+@example(ws=[torch.full((4, 1, 1, 2), 389527.03008776193, dtype=torch.float64),
+             torch.zeros(0, 1, 1, 1, dtype=torch.float64)], sparsity=0.5, block=(3, 1),
+         scope="global")  # equal means that round apart in the last bit (6x/6 vs 2x/2)
 def test_block_masks_match_reference(ws, sparsity, block, scope):
+    """Scores equal the mean-based reference to the last bit or so (summation order); the
+    masks equal the reference's selection over the op's own scores exactly."""
+    scores = []
     for w in ws:
         got = P.block_scores(w, block)
         ref = R.block_scores_reference(w, block)
         assert got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=1e-15, atol=0)
+        scores.append(got)
     if scope == "global" and all(w.numel() == 0 for w in ws):
         with pytest.raises(ValueError, match="no elements"):
             P.magnitude_masks(ws, sparsity, scope=scope, block=block)
         return
     masks = P.magnitude_masks(ws, sparsity, scope=scope, block=block)
-    _same(masks, R.magnitude_block_masks_reference(ws, sparsity, block, scope=scope))
+    _same(masks, R.magnitude_block_masks_reference(ws, sparsity, block, scope=scope,
+                                                   scores=scores))
     for w, m in zip(ws, masks):  # whole blocks, all taps: constant over (kh, kw) and each block
         if m.numel():
             assert torch.equal(m, m[:, :, :1, :1].expand_as(m))

@@ -103,10 +103,15 @@ def block_scores_reference(weight, block):
     return scores
 
 
-def magnitude_block_masks_reference(tensors, sparsity, block, scope="global"):
+def magnitude_block_masks_reference(tensors, sparsity, block, scope="global", scores=None):
     """Block masks: blocks ranked by block_scores_reference with the sort rule of
-    magnitude_threshold_reference (pooled or per tensor), kept blocks expanded to the weight."""
-    scores = [block_scores_reference(w, block) for w in tensors]
+    magnitude_threshold_reference (pooled or per tensor), kept blocks expanded to the weight.
+    `scores` (one per tensor) ranks given scores instead: block means computed in another
+    order can differ in the last bit, which flips near-ties; passing the op's own scores
+    checks the selection exactly."""
+    if scores is None:
+        scores = [block_scores_reference(w, block) for w in tensors]
+    scores = [sc.detach().cpu() for sc in scores]
     if scope == "global":
         thresholds = [magnitude_threshold_reference(scores, sparsity)] * len(scores)
     else:
