@@ -451,15 +451,25 @@ def test_tile_map_cached_and_recomputed_on_inplace_change():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_mask_changed_between_forward_and_backward_raises(backend):
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_mask_captured_at_forward(backend, mask_dtype):
+    """An in-place change of the mask between forward and backward does not reach that
+    backward: the gradients are those of the mask the forward used."""
     dev = "cpu" if backend == "torch" else TRITON_DEVICE
-    x = torch.randn(1, 2, 4, 4, device=dev, requires_grad=True)
-    w = torch.randn(3, 2, 3, 3, device=dev, requires_grad=True)
-    m = torch.ones(3, 2, 3, 3, dtype=torch.bool, device=dev)
-    y = masked_conv2d(x, w, m, _backend=backend)
-    m[0] = False
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 2, 4, 4, generator=g).to(dev).requires_grad_()
+    w = torch.randn(3, 2, 3, 3, generator=g).to(dev).requires_grad_()
+    m = (torch.rand(3, 2, 3, 3, generator=g) < 0.5).to(dev, mask_dtype)
+    m0 = m.clone()
+    y = masked_conv2d(x, w, m, padding=1, _backend=backend)
+    m.zero_()
+    gy = torch.randn(y.shape, generator=g).to(dev)
+    y.backward(gy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.conv2d(x2, w2 * m0, padding=1).backward(gy)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert bool((w.grad[~m0.bool()] == 0).all())
 
 
 # ------------------------------------------------------------------ CPU path

@@ -1,18 +1,22 @@
 """Mask-applied (pruned) 2-d convolution: `masked_conv2d(x, weight, mask, ...)`.
 
-Equal in value and gradients to `F.conv2d(x, weight * mask, bias, ...)`, but the masked weight
-is never kept for backward (and the Triton kernels never write it at all):
+Equal in value and gradients to `F.conv2d(x, weight * mask, bias, ...)`:
 
 * CUDA (fp32 / fp16 / bf16): Triton implicit-GEMM kernels (kernels/masked_conv.py) for the
   forward, grad_input and grad_weight that apply the mask in registers and skip the weight
-  tiles the mask empties. The tile map (`MaskTiles`) is built once per mask change and cached
-  on the mask tensor (keyed on its version counter and storage pointer), so a mask that stays
-  fixed for an epoch, as in SDCLR, costs one small pass per epoch.
-* CPU (and CUDA float64): `F.conv2d` on `weight * mask` forward, and one
-  `aten.convolution_backward` call (oneDNN on CPU) for all three gradients; only x, weight and
-  the mask are saved, the masked weight is recomputed in backward. A bool mask is cached as
-  0/1 in the weight's dtype (once per mask change; pass a float mask of the weight's dtype to
-  avoid that copy).
+  tiles the mask empties; no masked copy of the weight is ever written. The tile map
+  (`MaskTiles`) is built once per mask change and cached on the mask tensor (keyed on its
+  version counter and storage pointer), so a mask that stays fixed for an epoch, as in SDCLR,
+  costs one small pass per epoch.
+* CPU (and CUDA when the tiles are mostly occupied, or float64): plain autograd on
+  `F.conv2d(x, weight * scale)`, `scale` the mask as 0/1 in the weight's dtype, cached with the
+  mask (a float multiply is ~20x faster than a bool one on CPU). Autograd keeps the masked
+  copy for backward, one weight-sized tensor: a custom autograd Function that recomputed it
+  instead cost twice the host time of `F.conv2d` per call, and host time is what a small
+  convolution on a GPU waits for.
+
+The mask is captured at forward time: changing it in place before the backward does not change
+the gradients of that forward (both paths hold their own copy of it).
 
 Pruned weights get zero gradient. Non-finite values in pruned weights: the PyTorch path
 propagates them exactly as `F.conv2d(x, weight * mask)` does (nan * 0 = nan); the Triton
@@ -223,11 +227,9 @@ def _cached(mask):
 
 
 def _mask_scale(mask, dtype):
-    """The mask as 0/1 in `dtype`: the mask itself when it already is, else a copy cached with
-    the mask (one weight-sized tensor per mask change, instead of a cast every call)."""
-    if mask.dtype == dtype:
-        _cached(mask)  # validates 0/1 once per change
-        return mask.detach()
+    """The mask as 0/1 in `dtype`, a copy cached with the mask (one weight-sized tensor per mask
+    change instead of a cast every call; a copy even when the mask has that dtype, so that the
+    forward keeps its mask whatever happens to the caller's tensor)."""
     entry = _cached(mask)
     scale = entry.get(dtype)
     if scale is None:
@@ -267,39 +269,11 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-class _MaskedConv2dTorch(torch.autograd.Function):
-    """CPU / float64 path: saves x, weight and the mask, never the masked weight (recomputed in
-    backward, one elementwise pass). `scale` is the mask in the weight's dtype: a float multiply
-    is ~20x faster than multiplying by a bool tensor on CPU."""
-
-    @staticmethod
-    def forward(ctx, x, weight, mask, scale, bias, stride, padding, dilation, groups):
-        y = F.conv2d(x, weight * scale, bias, stride, padding, dilation, groups)
-        # `mask` is saved only so that autograd refuses a backward after an in-place change.
-        ctx.save_for_backward(x, weight, scale, mask)
-        ctx.conf = (stride, padding, dilation, groups, bias is not None)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, scale, _ = ctx.saved_tensors
-        stride, padding, dilation, groups, has_bias = ctx.conf
-        need_x, need_w, _, _, need_b = ctx.needs_input_grad[:5]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad_y, x, weight * scale, [weight.shape[0]] if has_bias else None,
-            list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [need_x, need_w, need_b and has_bias])
-        if gw is not None:
-            gw = gw.mul_(scale)
-        return gx, gw, None, None, gb, None, None, None, None
-
-
 class _MaskedConv2dTriton(torch.autograd.Function):
     """Triton path: the mask is applied inside the kernels; empty tiles are skipped."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, tiles, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, tiles, bias, stride, padding, dilation, groups):
         k = _kernels()
         N, _, H, W = x.shape
         O, _, KH, KW = weight.shape
@@ -310,9 +284,8 @@ class _MaskedConv2dTriton(torch.autograd.Function):
         geom = (stride, padding, dilation, groups)
         if y.numel():
             k.conv_forward(x, weight, tiles.mask, bias, y, tiles, geom)
-        # `mask` is saved only so that autograd refuses a backward after an in-place change
-        # (the tiles were built from the mask as it was in forward).
-        ctx.save_for_backward(x, weight, mask)
+        # The tiles (and their copy of the mask) are those of the mask as it was in forward.
+        ctx.save_for_backward(x, weight)
         ctx.tiles = tiles
         ctx.conf = (geom, bias is not None)
         return y
@@ -321,10 +294,10 @@ class _MaskedConv2dTriton(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         k = _kernels()
-        x, weight, _ = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         tiles = ctx.tiles
         geom, has_bias = ctx.conf
-        need_x, need_w, _, _, need_b = ctx.needs_input_grad[:5]
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
         gx = gw = gb = None
         if need_x:
             gx = torch.empty_like(x)
@@ -334,7 +307,7 @@ class _MaskedConv2dTriton(torch.autograd.Function):
             gw = k.conv_backward_weight(x, grad_y, tiles.mask, tiles, geom, weight.dtype)
         if need_b and has_bias:
             gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
-        return gx, gw, None, None, gb, None, None, None, None
+        return gx, gw, None, gb, None, None, None, None
 
 
 def _is_channels_last(x):
@@ -409,8 +382,6 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
                              f"dilated kernel {d * (k - 1) + 1}")
     if _backend_for(x, mask, groups, _backend, block) == "triton":
         tiles = prepare_mask(mask, groups, block)
-        return _MaskedConv2dTriton.apply(x, weight, mask.detach(), tiles, bias, stride, pad,
-                                         dilation, groups)
-    scale = _mask_scale(mask, weight.dtype)
-    return _MaskedConv2dTorch.apply(x, weight, mask.detach(), scale, bias, stride, pad, dilation,
-                                    groups)
+        return _MaskedConv2dTriton.apply(x, weight, tiles, bias, stride, pad, dilation, groups)
+    return F.conv2d(x, weight * _mask_scale(mask, weight.dtype), bias, stride, pad, dilation,
+                    groups)
