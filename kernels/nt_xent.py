@@ -28,6 +28,7 @@ D up to MAX_BLOCK_D is held in one register tile; larger D is processed in chunk
 the dot is accumulated over chunks; backward: one program per output chunk, each recomputing
 the scores).
 """
+import functools
 import os
 
 import torch
@@ -209,13 +210,23 @@ def _dot_precision(dtype):
     return "tf32"
 
 
+def _cdiv(a, b):
+    # plain integer ceil-division: triton.cdiv is a constexpr function, ~6 us per host call
+    return -(-a // b)
+
+
 def _config(dtype, D, block_d=None):
     """Tile sizes and launch options. block_d overrides the D chunk (a power of two >= 16;
-    tests use it to exercise the chunked path at small D)."""
-    interp = interpreting()
+    tests use it to exercise the chunked path at small D). Cached: it runs twice per step."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return _config_cached(dtype, D, block_d, interpreting(), tf32)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_cached(dtype, D, block_d, interp, tf32):
     if block_d is None:
-        block_d = min(max(16, triton.next_power_of_2(D)), MAX_BLOCK_D)
-    d_chunks = triton.cdiv(D, block_d)
+        block_d = min(max(16, 1 << max(D - 1, 0).bit_length()), MAX_BLOCK_D)
+    d_chunks = _cdiv(D, block_d)
     if interp:
         block_m, block_n, launch = 32, 32, {}
     else:
@@ -223,8 +234,9 @@ def _config(dtype, D, block_d=None):
         small = dtype != torch.float32 and block_d <= 128
         block_m, block_n = (128, 64) if small else (64, 64)
         launch = {"num_warps": 8 if small or block_d > 64 else 4, "num_stages": 2}
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
-                UPCAST=interp, PRECISION=_dot_precision(dtype)), launch
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
+                UPCAST=interp, PRECISION=_dot_precision(dtype))
+    return meta, launch
 
 
 def forward(u, r, keys, inv_tau, R, normalize, block_d=None):
@@ -236,9 +248,11 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None):
     M, D = u.shape
     meta, launch = _config(u.dtype, D, block_d)
     loss = torch.empty(R, device=u.device, dtype=torch.float32)
-    lse2 = torch.full((M,), float("inf"), device=u.device, dtype=torch.float32)
+    # rows past R (other ranks' rows) are never queries: +inf there; the kernel writes the rest
+    lse2 = (torch.empty(M, device=u.device, dtype=torch.float32) if M == R else
+            torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
     cnt = torch.empty(R, device=u.device, dtype=torch.int32)
-    grid = (triton.cdiv(R, meta["BLOCK_M"]),)
+    grid = (_cdiv(R, meta["BLOCK_M"]),)
     _nt_xent_fwd_kernel[grid](
         u, r, keys, inv_tau, loss, lse2, cnt, R, M, D, u.stride(0), u.stride(1),
         NORMALIZE=normalize, **meta, **launch)
@@ -253,7 +267,7 @@ def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None):
     M, D = u.shape
     meta, launch = _config(u.dtype, D, block_d)
     dz = torch.empty((M, D), device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
+    grid = (_cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
     _nt_xent_bwd_kernel[grid](
         u, r, keys, inv_tau, lse2, g, gy, dz, R, M, D, u.stride(0), u.stride(1),
         dz.stride(0), dz.stride(1), NORMALIZE=normalize, **meta, **launch)

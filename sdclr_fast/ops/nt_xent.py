@@ -45,6 +45,7 @@ Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="trit
 tensors through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is imported so
 that they run in the interpreter.
 """
+import functools
 import math
 import os
 import numbers
@@ -121,18 +122,21 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels):
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
 
-    # Value checks, gathered into one host sync.
-    flags = [torch.isfinite(z1).all(), torch.isfinite(z2).all()]
+
+def _check_values(z1, z2, u, temperature):
+    """NaN/inf in z1 or z2 (u = [z1; z2]), or a non-positive temperature tensor: ValueError.
+    One pass over the rows and one host sync; which input is bad is worked out on failure."""
+    flags = [torch.isfinite(u.detach()).all()]
     tau_on_dev = isinstance(temperature, torch.Tensor) and temperature.device == z1.device
     if tau_on_dev:
         t = temperature.detach().reshape(())
         flags.append(torch.isfinite(t) & (t > 0))
-    ok = torch.stack(flags).tolist()
-    for name, good in zip(("z1", "z2"), ok):
-        if not good:
-            raise ValueError(f"{name} holds NaN or inf values")
+    ok = torch.stack(flags).tolist() if tau_on_dev else [bool(flags[0])]
+    if not ok[0]:
+        name = "z1" if not bool(torch.isfinite(z1).all()) else "z2"
+        raise ValueError(f"{name} holds NaN or inf values")
     if isinstance(temperature, torch.Tensor):
-        good = ok[2] if tau_on_dev else bool(
+        good = ok[1] if tau_on_dev else bool(
             torch.isfinite(temperature).all() and (temperature > 0).all())
         if not good:
             raise ValueError(f"temperature must be finite and > 0, got {temperature.item()!r}")
@@ -151,9 +155,20 @@ def _chain(zh, dzh, r, through_norm, normalize):
     above eps (below it the norm is clamped and zhat = u / eps is linear in u)."""
     if not normalize:
         return dzh
-    proj = (zh * dzh).sum(1, keepdim=True)
-    du = dzh - torch.where(through_norm[:, None], zh * proj, torch.zeros_like(zh))
-    return du.mul_(r[:, None])
+    proj = (zh * dzh).sum(1, keepdim=True).mul_(through_norm[:, None])
+    return torch.addcmul(dzh, zh, proj, value=-1).mul_(r[:, None])
+
+
+# Small read-only tensors that every step would otherwise build again (host time is what a
+# small loss on a GPU waits for): 1 / tau for a Python-float temperature, and the two-view keys.
+@functools.lru_cache(maxsize=16)
+def _const_inv_tau(tau_value, device):
+    return torch.full((1,), 1.0 / tau_value, device=device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_keys(m, half, device):
+    return torch.arange(m, device=device, dtype=torch.int32).remainder_(half)
 
 
 def _cpu_block(m):
@@ -271,15 +286,17 @@ class _NTXentRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, tau, tau_value, keys, R, normalize, use_triton, block_d):
         M = u.shape[0]
+        # Two views in one process: every row has exactly one positive (cnt = 1), which saves
+        # the backward five small ops.
+        ctx.one_positive = keys is None and M == R
         if use_triton:
             k = _kernels()
             if tau is not None:
                 inv_tau = (1.0 / tau.detach().to(device=u.device, dtype=torch.float32)).reshape(1)
             else:
-                inv_tau = torch.full((1,), 1.0 / tau_value, device=u.device, dtype=torch.float32)
+                inv_tau = _const_inv_tau(tau_value, u.device)
             if keys is None:  # the pair index is the key: row i and row i + R/2 share it
-                half = R // 2
-                keys = torch.arange(M, device=u.device, dtype=torch.int32).remainder_(half)
+                keys = _pair_keys(M, R // 2, u.device)
             keys = keys.to(torch.int32).contiguous()
             u = u.contiguous()
             r, through = _inv_norms(u, torch.float32)
@@ -302,11 +319,13 @@ class _NTXentRows(torch.autograd.Function):
         x, r, through, keys, inv_tau, lse, cnt, tau = ctx.saved_tensors
         R, normalize, use_triton, block_d, dtype = ctx.conf
         M = x.shape[0]
-        has_pos = cnt > 0
-        g = torch.zeros(M, dtype=lse.dtype, device=lse.device)
-        g[:R] = torch.where(has_pos, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
-        gy = g.clone()
-        gy[:R] /= cnt.clamp_min(1)
+        if ctx.one_positive:
+            g = gy = grad_loss.to(lse.dtype).contiguous()
+        else:
+            g = torch.zeros(M, dtype=lse.dtype, device=lse.device)
+            g[:R] = torch.where(cnt > 0, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
+            gy = g.clone()
+            gy[:R] /= cnt.clamp_min(1)
         if use_triton:
             dzh = _kernels().backward(x, r, keys, inv_tau, lse, g, gy, R, normalize, block_d)
             zh = x.float() * r[:, None] if normalize else x.float()
@@ -337,8 +356,9 @@ def _dist_world(gather_distributed):
     return dist.get_rank(), dist.get_world_size()
 
 
-def _gather_rows(z1, z2, labels, rank, world):
-    """Local rows first, then the other ranks' rows; keys = global pair index or label."""
+def _gather_rows(z1, local, labels, rank, world):
+    """Local rows ([z1; z2]) first, then the other ranks' rows; keys = global pair index or
+    label."""
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_nn
 
@@ -348,7 +368,6 @@ def _gather_rows(z1, z2, labels, rank, world):
     sizes = [int(s) for s in sizes]
     if any(s != n for s in sizes):
         raise ValueError(f"gather_distributed needs the same N on every rank, got {sizes}")
-    local = torch.cat([z1, z2])
     gathered = dist_nn.all_gather(local)  # backward: sum of all ranks' gradients
     u = torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
     order = [rank] + [q for q in range(world) if q != rank]
@@ -396,12 +415,13 @@ def nt_xent(z1, z2, temperature=0.2, *, normalize=True, reduction="mean", weight
     use_triton = _use_triton(z1, _backend)
     world = _dist_world(gather_distributed)
     n = z1.shape[0]
+    u = torch.cat([z1, z2])
+    _check_values(z1, z2, u, temperature)
     if world is not None:
-        u, keys = _gather_rows(z1, z2, labels, *world)
+        u, keys = _gather_rows(z1, u, labels, *world)
         if labels is None and not use_triton:
             keys = None  # the PyTorch path pairs the leading local rows by index
     else:
-        u = torch.cat([z1, z2])
         keys = None
         if labels is not None:
             lab = labels.to(z1.device)
