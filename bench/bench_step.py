@@ -159,6 +159,8 @@ def fast_step(step_module, opt, v1, v2, amp):
 
 # ---------------------------------------------------------------- set-up shared by timing and memory
 def _setup(kind, batch, width, device):
+    """kind: "official", "fast", or "fast+compile" (the fast step with the forward compiled by
+    torch.compile, as `sdclr-fast pretrain --compile` runs it)."""
     torch.manual_seed(0)
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -176,7 +178,10 @@ def _setup(kind, batch, width, device):
         step = functools.partial(official_step, model, opt)
     else:
         model.update_masks(sparsity=SPARSITY)
-        step = functools.partial(fast_step, ContrastiveForward(model, "sdclr"), opt)
+        step_module = ContrastiveForward(model, "sdclr")
+        if kind == "fast+compile":
+            step_module = torch.compile(step_module)
+        step = functools.partial(fast_step, step_module, opt)
     model.train()
     fmt = torch.channels_last if cuda else torch.contiguous_format
     v1 = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
@@ -216,8 +221,8 @@ def _interleaved_ms(runs, reps, warmup=1):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure(batch, width, device, reps, with_memory):
-    kinds = ("official", "fast")
+def measure(batch, width, device, reps, with_memory, compile_=False):
+    kinds = ("official", "fast") + (("fast+compile",) if compile_ else ())
     built = {k: _setup(k, batch, width, device) for k in kinds}
     if torch.device(device).type == "cuda":
         step_ms = {k: time_ms(built[k][1], device) for k in kinds}
@@ -238,7 +243,7 @@ def measure(batch, width, device, reps, with_memory):
                   "params": sum(p.numel() for p in model.parameters())}
     del built
     # Same network on both sides, or the comparison means nothing.
-    assert out["official"]["params"] == out["fast"]["params"], {k: v["params"] for k, v in out.items()}
+    assert len({v["params"] for v in out.values()}) == 1, {k: v["params"] for k, v in out.items()}
     return out
 
 
@@ -250,6 +255,8 @@ def main(argv=None):
                     help="per-step batch sizes (default: 512 on CUDA, 32 on CPU; --quick: 256 / 16)")
     ap.add_argument("--width", type=int, default=64, help="ResNet-18 width (default 64, the standard)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (default 5; --quick 3)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the fast step with torch.compile (as `pretrain --compile`)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/step.json)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -263,7 +270,7 @@ def main(argv=None):
 
     rows, records = [], []
     for b in batches:
-        res = measure(b, args.width, device, reps, with_memory)
+        res = measure(b, args.width, device, reps, with_memory, args.compile)
         steps = CIFAR10_LT_IMAGES // b
         rec = {"batch": b, "steps_per_epoch": steps}
         for k, r in res.items():
@@ -271,16 +278,17 @@ def main(argv=None):
             rec[k] = dict(r, images_per_s=b / r["step_ms"] * 1e3,
                           epoch_images_per_s=steps * b / epoch_ms * 1e3,
                           prune_fraction_of_epoch=r["prune_ms"] / epoch_ms)
-        rec["speedup"] = rec["fast"]["images_per_s"] / rec["official"]["images_per_s"]
-        rec["epoch_speedup"] = rec["fast"]["epoch_images_per_s"] / rec["official"]["epoch_images_per_s"]
+            r = rec[k]
+            r["speedup"] = r["images_per_s"] / rec["official"]["images_per_s"]
+            r["epoch_speedup"] = r["epoch_images_per_s"] / rec["official"]["epoch_images_per_s"]
+        rec["speedup"], rec["epoch_speedup"] = rec["fast"]["speedup"], rec["fast"]["epoch_speedup"]
         records.append(rec)
-        for k in ("official", "fast"):
+        for k in res:
             r = rec[k]
             rows.append({"impl": k, "batch": b, "step": f"{r['step_ms']:.1f} ms", "img_s": f"{r['images_per_s']:.1f}",
                          "epoch_img_s": f"{r['epoch_images_per_s']:.1f}", "prune": f"{r['prune_ms']:.1f} ms",
                          "prune_pct": f"{100 * r['prune_fraction_of_epoch']:.3f}%", "peak": fmt_bytes(r["peak"]),
-                         "ratio": f"{rec['speedup']:.2f}x" if k == "fast" else "1.00x",
-                         "epoch_ratio": f"{rec['epoch_speedup']:.2f}x" if k == "fast" else "1.00x"})
+                         "ratio": f"{r['speedup']:.2f}x", "epoch_ratio": f"{r['epoch_speedup']:.2f}x"})
     print(f"SDCLR training step, ResNet-18 width {args.width}, 32x32, {device} "
           f"({'bf16 autocast' if cuda else 'fp32'}); epoch = CIFAR-10-LT, {CIFAR10_LT_IMAGES} images")
     print_table(rows, [("impl", "impl"), ("batch", "batch"), ("step", "step time"), ("img_s", "images/s"),
