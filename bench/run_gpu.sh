@@ -41,7 +41,8 @@ if [ "${BENCH:-1}" = 1 ]; then
   q=; [ "${QUICK:-0}" = 1 ] && q=--quick
   for b in ${BENCHES:-nt_xent step masked_conv prune}; do
     echo "== bench_$b ($(date +%T))" | tee -a "$OUT/bench.log"
-    timeout ${BENCH_TIMEOUT:-300} $PY bench/bench_$b.py --device cuda $q --out "$OUT/$b.json" 2>&1 \
+    extra=; [ "$b" = step ] && extra=--compile
+    timeout ${BENCH_TIMEOUT:-300} $PY bench/bench_$b.py --device cuda $q $extra --out "$OUT/$b.json" 2>&1 \
       | tee -a "$OUT/bench.log" || status=1
   done
 fi
