@@ -228,7 +228,8 @@ typename DomainTraits<D>::Key select_key(const std::vector<Segment>& segs, int64
 // (ties), the radix select and a plain mask pass run instead.
 constexpr int64_t kFastMin = int64_t(1) << 16;
 // Sample positions j * n / S in pooled order (S a power of two: a shift, not a division).
-// Smaller inputs (one layer of a layer-wise call) take fewer samples: the gather and its selection would otherwise outweigh the pass.
+// Smaller inputs (one layer of a layer-wise call) take fewer samples: the gather and its
+// selection would otherwise outweigh the pass.
 constexpr int kSampleMinBits = 12, kSampleMaxBits = 15;
 constexpr int kBinBits = 12;
 static_assert(kChunk <= (int64_t(1) << 16), "offsets in a chunk are stored as uint16");

@@ -21,15 +21,12 @@ All kernels accumulate in fp32 and address tensors through their strides (NCHW a
 channels-last alike). Offsets that involve the batch index are computed in int64.
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._host import cdiv, interpreting
 
 
 @triton.jit
@@ -249,11 +246,6 @@ _NUM_WARPS = 4
 _NUM_STAGES = 3
 
 
-def _cdiv(a, b):
-    # plain integer ceil-division: triton.cdiv is a constexpr function, ~6 us per host call
-    return -(-a // b)
-
-
 def _dot_precision(dtype):
     """fp32 follows PyTorch's cuDNN setting (TF32 unless torch.backends.cudnn.allow_tf32 is
     off); the interpreter is exact anyway. fp16/bf16 take the default (ignored for them)."""
@@ -279,7 +271,7 @@ def conv_forward(x, weight, mask, bias, y, tiles, geom):
     (sh, sw), (ph, pw), (dh, dw), groups = geom
     upcast, block_m, launch = _common(x.dtype)
     bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
-    grid = (_cdiv(N * OH * OW, block_m), tiles.o_tiles, groups)
+    grid = (cdiv(N * OH * OW, block_m), tiles.o_tiles, groups)
     _masked_conv_fwd_kernel[grid](
         x, weight, mask, bias if bias is not None else weight, y, tiles.fwd_idx, tiles.fwd_cnt,
         N, H, W, OH, OW, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles, tiles.fwd_idx.shape[1],
@@ -298,7 +290,7 @@ def conv_backward_input(grad_y, weight, mask, grad_x, tiles, geom):
     _, _, OH, OW = grad_y.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
     upcast, block_m, launch = _common(grad_y.dtype)
-    grid = (_cdiv(N * H * W, block_m), tiles.c_tiles, groups)
+    grid = (cdiv(N * H * W, block_m), tiles.c_tiles, groups)
     _masked_conv_bwd_input_kernel[grid](
         grad_y, weight, mask, grad_x, tiles.bwd_idx, tiles.bwd_cnt,
         N, H, W, OH, OW, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles, tiles.bwd_idx.shape[1],
@@ -322,7 +314,7 @@ def _num_splits(n_tiles, m_total, block_m, device):
     if interpreting() or device.type != "cuda":
         return 1 if m_total <= 4 * block_m else 2
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    want = _cdiv(4 * sms, max(n_tiles, 1))
+    want = cdiv(4 * sms, max(n_tiles, 1))
     return max(1, min(want, m_total // (8 * block_m)))
 
 
@@ -340,8 +332,8 @@ def conv_backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None):
         return torch.zeros(mask.shape, device=x.device, dtype=out_dtype)
     if splits is None:
         splits = _num_splits(n_tiles, m_total, block_m, x.device)
-    m_per_split = _cdiv(_cdiv(m_total, splits), block_m) * block_m
-    splits = _cdiv(m_total, m_per_split)
+    m_per_split = cdiv(cdiv(m_total, splits), block_m) * block_m
+    splits = cdiv(m_total, m_per_split)
     # fp32 partials, one slab per slice; tiles that are never launched stay zero.
     buf = torch.zeros((splits, O, Cg, KH, KW), device=x.device, dtype=torch.float32)
     _masked_conv_bwd_weight_kernel[(n_tiles, splits)](

@@ -29,19 +29,16 @@ the dot is accumulated over chunks; backward: one program per output chunk, each
 the scores).
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, interpreting
+
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
 MAX_BLOCK_D = 256
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -210,11 +207,6 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _cdiv(a, b):
-    # plain integer ceil-division: triton.cdiv is a constexpr function, ~6 us per host call
-    return -(-a // b)
-
-
 def _config(dtype, D, block_d=None):
     """Tile sizes and launch options. block_d overrides the D chunk (a power of two >= 16;
     tests use it to exercise the chunked path at small D). Cached: it runs twice per step."""
@@ -226,7 +218,7 @@ def _config(dtype, D, block_d=None):
 def _config_cached(dtype, D, block_d, interp, tf32):
     if block_d is None:
         block_d = min(max(16, 1 << max(D - 1, 0).bit_length()), MAX_BLOCK_D)
-    d_chunks = _cdiv(D, block_d)
+    d_chunks = cdiv(D, block_d)
     if interp:
         block_m, block_n, launch = 32, 32, {}
     else:
@@ -252,7 +244,7 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None):
     lse2 = (torch.empty(M, device=u.device, dtype=torch.float32) if M == R else
             torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
     cnt = torch.empty(R, device=u.device, dtype=torch.int32)
-    grid = (_cdiv(R, meta["BLOCK_M"]),)
+    grid = (cdiv(R, meta["BLOCK_M"]),)
     _nt_xent_fwd_kernel[grid](
         u, r, keys, inv_tau, loss, lse2, cnt, R, M, D, u.stride(0), u.stride(1),
         NORMALIZE=normalize, **meta, **launch)
@@ -267,7 +259,7 @@ def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None):
     M, D = u.shape
     meta, launch = _config(u.dtype, D, block_d)
     dz = torch.empty((M, D), device=u.device, dtype=torch.float32)
-    grid = (_cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
+    grid = (cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
     _nt_xent_bwd_kernel[grid](
         u, r, keys, inv_tau, lse2, g, gy, dz, R, M, D, u.stride(0), u.stride(1),
         dz.stride(0), dz.stride(1), NORMALIZE=normalize, **meta, **launch)
