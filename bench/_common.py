@@ -3,6 +3,7 @@
 Every script measures the op and its plain-PyTorch reference in the same run and reports the
 ratio reference / op (above 1 means the op is faster or leaner).
 """
+import argparse
 import gc
 import json
 import multiprocessing as mp
@@ -24,6 +25,27 @@ def set_threads(n):
     if n:
         torch.set_num_threads(n)
         os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+def bench_parser(doc, quick_help, out_default):
+    """The arguments every bench script takes (`sdclr-fast bench` passes --quick and --device to
+    each): --device, --quick, --threads, --out. Add the script's own arguments to the returned
+    parser and read it with parse_bench_args()."""
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (default cuda when available)")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default torch's; 1 measures steadier on a shared machine)")
+    ap.add_argument("--out", default=None, help=f"JSON path (default {out_default})")
+    return ap
+
+
+def parse_bench_args(ap, argv=None):
+    """Parse, then apply --threads (before anything is timed)."""
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    return args
 
 
 def time_ms(fn, device="cpu", warmup=2, reps=10):

@@ -8,7 +8,6 @@ masks at 90% sparsity, op next to the reference measured in the same run; ratio 
     .venv/bin/python bench/bench_masked_conv.py --quick         # a short run
     .venv/bin/python bench/bench_masked_conv.py --device cuda --dtype bfloat16
 """
-import argparse
 import functools
 import os
 import sys
@@ -19,8 +18,8 @@ sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 
-from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
-                     print_table, set_threads, time_ms, write_json)
+from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
+                     parse_bench_args, print_table, time_ms, write_json)
 from sdclr_fast.ops.masked_conv import masked_conv2d, prepare_mask  # noqa: E402
 from sdclr_fast.ops.reference import masked_conv2d_reference  # noqa: E402
 
@@ -101,22 +100,16 @@ def _mem_run(state):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = bench_parser(__doc__, "small batch, few repetitions", "bench/results/masked_conv_<device>.json")
     ap.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--quick", action="store_true", help="small batch, few repetitions")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     ap.add_argument("--memory-format", choices=["channels_last", "contiguous"], default=None,
                     help="activations and weights; default channels_last on CUDA, contiguous on CPU")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (a busy shared machine measures steadier with 1)")
     ap.add_argument("--layers", nargs="*", help="only these layer names")
-    ap.add_argument("--out", default=None, help="JSON path")
-    args = ap.parse_args()
+    args = parse_bench_args(ap)
 
-    set_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))

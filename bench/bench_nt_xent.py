@@ -15,7 +15,6 @@ Writes JSON to bench/results/nt_xent_<device>_<dtype>.json.
     .venv/bin/python bench/bench_nt_xent.py --threads 1              # steadier on a busy CPU
     .venv/bin/python bench/bench_nt_xent.py --device cuda --dtype bfloat16
 """
-import argparse
 import functools
 import os
 import statistics
@@ -28,8 +27,8 @@ sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 
-from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
-                     set_threads, time_ms, write_json)
+from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
+                     parse_bench_args, print_table, time_ms, write_json)
 from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (nt_xent_cross_entropy_reference,  # noqa: E402
                                       nt_xent_reference)
@@ -119,23 +118,17 @@ def _ratio(ref, op):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = bench_parser(__doc__, "2N <= 4096, few repetitions", "bench/results/nt_xent_<device>_<dtype>.json")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--rows", type=int, nargs="*", help="2N values (default 512 .. 65536)")
-    ap.add_argument("--quick", action="store_true", help="2N <= 4096, few repetitions")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory columns")
     ap.add_argument("--max-ref-gib", type=float, default=9.0,
                     help="CPU: skip a reference whose estimated peak exceeds this")
     ap.add_argument("--time-cap-s", type=float, default=60.0,
                     help="CPU: stop timing an implementation after one step slower than this")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU: torch threads (default torch's; 1 is steadier on a shared CPU)")
-    ap.add_argument("--out", default=None, help="JSON path")
-    args = ap.parse_args()
-    set_threads(args.threads)
+    args = parse_bench_args(ap)
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

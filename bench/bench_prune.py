@@ -19,7 +19,6 @@ JSON to bench/results/prune_<device>.json.
     .venv/bin/python bench/bench_prune.py --quick    # ResNet-18 only, fewer repetitions
     .venv/bin/python bench/bench_prune.py --device cuda
 """
-import argparse
 import functools
 import os
 import sys
@@ -32,8 +31,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import prune as torch_prune  # noqa: E402
 
-from _common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
-                     print_table, time_ms, write_json)
+from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
+                     parse_bench_args, print_table, time_ms, write_json)
 from sdclr_fast.ops import reference as R  # noqa: E402
 from sdclr_fast.ops.prune import magnitude_masks, magnitude_threshold  # noqa: E402
 
@@ -187,13 +186,10 @@ def timed(fn, device, reps):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="ResNet-18 only, fewer repetitions")
+    ap = bench_parser(__doc__, "ResNet-18 only, fewer repetitions", "bench/results/prune_<device>.json")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/prune_<device>.json)")
-    args = ap.parse_args()
+    args = parse_bench_args(ap)
     device = args.device
     models = args.models or (["resnet18"] if args.quick else ["resnet18", "resnet50"])
     reps = 5 if args.quick else 15

@@ -15,7 +15,6 @@ both, so it is reported separately and amortised over an epoch of CIFAR-10-LT (1
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import os
@@ -29,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench._common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info, print_table,  # noqa: E402
-                           time_ms, write_json)
+from bench._common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes,  # noqa: E402
+                           machine_info, parse_bench_args, print_table, time_ms, write_json)
 from sdclr_fast.ops.reference import magnitude_masks_reference, nt_xent_reference  # noqa: E402
 
 CIFAR10_LT_IMAGES = 11165
@@ -248,17 +247,14 @@ def measure(batch, width, device, reps, with_memory, compile_=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, no memory measurement on CPU")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap = bench_parser(__doc__, "fewer repetitions, no memory measurement on CPU", "bench/results/step.json")
     ap.add_argument("--batch", type=int, nargs="+", default=None,
                     help="per-step batch sizes (default: 512 on CUDA, 32 on CPU; --quick: 256 / 16)")
     ap.add_argument("--width", type=int, default=64, help="ResNet-18 width (default 64, the standard)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (default 5; --quick 3)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the fast step with torch.compile (as `pretrain --compile`)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/step.json)")
-    args = ap.parse_args(argv)
+    args = parse_bench_args(ap, argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.batch:
