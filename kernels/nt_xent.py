@@ -9,14 +9,19 @@ j != i (the two-view case uses the pair index i mod N as key, so each row has on
 
 forward, one program per BLOCK_M query rows, online log-sum-exp over BLOCK_N column tiles:
     lse_i  = log sum_{j != i} exp(S_ij)
-    loss_i = lse_i - mean_{p in pos(i)} S_ip       (0 where row i has no positive)
-Scores are kept in base-2 units (S * log2 e) so the exponentials are exp2.
+    loss_i = lse_i - mean_{p in pos(i)} S_ip       ("out", SupCon L_out; the two-view loss)
+    loss_i = lse_i - lsep_i,  lsep_i = log sum_{p in pos(i)} exp(S_ip)     ("in", POS_LSE)
+and loss_i = 0 where row i has no positive. The loss is formed as (m_i - pos_i) + log l_i
+(m_i the running max, l_i = sum exp(S - m_i)), so a row whose only column is its positive
+gives exactly 0. Scores are kept in base-2 units (S * log2 e) so the exponentials are exp2.
 
 backward, one program per BLOCK_M output rows k (all M rows) and per D chunk: with g_i the
 upstream gradient of loss_i (0 for rows that are not queries or have no positive) and
 gy_i = g_i / |pos(i)|, S symmetric gives
     dL/dzhat_k = (1/tau) sum_j A_kj zhat_j,
     A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j),   P_ij = exp(S_ij - lse_i),
+and with POS_LSE the positive term is [j in pos(k)] (g_k Q_kj + g_j Q_jk), Q_ij =
+exp(S_ij - lsep_i) (lsep = +inf where a row has no positive, so Q = 0 there),
 so each program owns its output rows and no atomics are needed. Rows beyond R only see the
 query columns (j < R); their lse is +inf, which makes their P terms exactly 0. The chain rule
 through the L2 normalisation runs in PyTorch on the (M, D) result.
@@ -74,10 +79,10 @@ def _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
 
 @triton.jit
 def _nt_xent_fwd_kernel(
-    u_ptr, r_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, cnt_ptr,
+    u_ptr, r_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr,
     R, M, D, s_um, s_ud,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -99,6 +104,8 @@ def _nt_xent_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    mp_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # POS_LSE: over positives
+    lp_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
@@ -119,23 +126,37 @@ def _nt_xent_fwd_kernel(
         m_i = m_new
         key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
         same = valid & (key_j[None, :] == key_i[:, None])
-        pos += tl.sum(tl.where(same, s, 0.0), 1)
         cnt += tl.sum(same.to(tl.int32), 1)
+        if POS_LSE:
+            s_pos = tl.where(same, s, float("-inf"))
+            mp_new = tl.maximum(mp_i, tl.max(s_pos, 1))
+            mp_shift = tl.where(mp_new == float("-inf"), 0.0, mp_new)
+            lp_i = lp_i * tl.exp2(mp_i - mp_shift) + tl.sum(tl.exp2(s_pos - mp_shift[:, None]), 1)
+            mp_i = mp_new
+        else:
+            pos += tl.sum(tl.where(same, s, 0.0), 1)
 
-    lse2 = m_i + tl.log2(l_i)
     has_pos = cnt > 0
-    loss = tl.where(has_pos, (lse2 - pos / tl.maximum(cnt, 1).to(tl.float32)) * LN2, 0.0)
+    # (max - positive term) + log(sum): exactly 0 for a row whose only column is its positive
+    if POS_LSE:
+        lp_i = tl.where(has_pos, lp_i, 1.0)  # no positive: lp = 0, and the loss is 0 anyway
+        loss = tl.where(has_pos, ((m_i - mp_i) + (tl.log2(l_i) - tl.log2(lp_i))) * LN2, 0.0)
+        tl.store(lsep2_ptr + offs_m, tl.where(has_pos, mp_i + tl.log2(lp_i), float("inf")),
+                 mask=row_ok)
+    else:
+        pos_mean = pos / tl.maximum(cnt, 1).to(tl.float32)
+        loss = tl.where(has_pos, ((m_i - pos_mean) + tl.log2(l_i)) * LN2, 0.0)
     tl.store(loss_ptr + offs_m, loss, mask=row_ok)
-    tl.store(lse2_ptr + offs_m, lse2, mask=row_ok)
+    tl.store(lse2_ptr + offs_m, m_i + tl.log2(l_i), mask=row_ok)
     tl.store(cnt_ptr + offs_m, cnt, mask=row_ok)
 
 
 @triton.jit
 def _nt_xent_bwd_kernel(
-    u_ptr, r_ptr, key_ptr, scale_ptr, lse2_ptr, g_ptr, gy_ptr, dz_ptr,
+    u_ptr, r_ptr, key_ptr, scale_ptr, lse2_ptr, lsep2_ptr, g_ptr, gy_ptr, dz_ptr,
     R, M, D, s_um, s_ud, s_dm, s_dd,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -157,6 +178,9 @@ def _nt_xent_bwd_kernel(
     lse2_k = tl.load(lse2_ptr + offs_m, mask=row_ok, other=float("inf"))
     g_k = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
     gy_k = tl.load(gy_ptr + offs_m, mask=row_ok, other=0.0)
+    lsep2_k = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+    if POS_LSE:
+        lsep2_k = tl.load(lsep2_ptr + offs_m, mask=row_ok, other=float("inf"))
     d_out = chunk * BLOCK_D + offs_d
 
     # Rows that are not queries only pair with query columns (the g_j P_jk term).
@@ -183,7 +207,13 @@ def _nt_xent_bwd_kernel(
         a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
              + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
         same = valid & (key_j[None, :] == key_k[:, None])
-        a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
+        if POS_LSE:
+            lsep2_j = tl.load(lsep2_ptr + offs_n, mask=col_ok, other=float("inf"))
+            qp = (g_k[:, None] * tl.exp2(s - lsep2_k[:, None])
+                  + g_j[None, :] * tl.exp2(s - lsep2_j[None, :]))
+            a = a - tl.where(same, qp, 0.0)
+        else:
+            a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
         a = tl.where(valid, a, 0.0)
         if NORMALIZE:
             a = a * r_j[None, :]
@@ -231,9 +261,11 @@ def _config_cached(dtype, D, block_d, interp, tf32):
     return meta, launch
 
 
-def forward(u, r, keys, inv_tau, R, normalize, block_d=None):
-    """Per-row losses (R,) fp32, base-2 log-sum-exp (M,) fp32 (+inf beyond R) and positive
-    counts (R,) int32 for the first R rows of u (M, D) against all M rows.
+def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False):
+    """Per-row losses (R,) fp32, base-2 log-sum-exp (M,) fp32 (+inf beyond R), positive
+    counts (R,) int32 for the first R rows of u (M, D) against all M rows, and with pos_lse
+    ("in" form) the base-2 log-sum-exp over each row's positives (M,) (+inf where none and
+    beyond R; None without pos_lse).
 
     r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32; inv_tau: (1,)
     fp32 tensor on u's device."""
@@ -243,24 +275,30 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None):
     # rows past R (other ranks' rows) are never queries: +inf there; the kernel writes the rest
     lse2 = (torch.empty(M, device=u.device, dtype=torch.float32) if M == R else
             torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
+    lsep2 = None
+    if pos_lse:
+        lsep2 = (torch.empty(M, device=u.device, dtype=torch.float32) if M == R else
+                 torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
     cnt = torch.empty(R, device=u.device, dtype=torch.int32)
     grid = (cdiv(R, meta["BLOCK_M"]),)
     _nt_xent_fwd_kernel[grid](
-        u, r, keys, inv_tau, loss, lse2, cnt, R, M, D, u.stride(0), u.stride(1),
-        NORMALIZE=normalize, **meta, **launch)
-    return loss, lse2, cnt
+        u, r, keys, inv_tau, loss, lse2, lse2 if lsep2 is None else lsep2, cnt, R, M, D,
+        u.stride(0), u.stride(1), NORMALIZE=normalize, POS_LSE=pos_lse, **meta, **launch)
+    return loss, lse2, cnt, lsep2
 
 
-def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None):
+def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None, lsep2=None):
     """dL/dzhat (M, D) fp32, where zhat is the normalised u (u itself without normalize).
 
     g, gy: (M,) fp32 upstream gradient of each row's loss and the same divided by the row's
-    positive count (0 beyond R and for rows without positives)."""
+    positive count (0 beyond R and for rows without positives). lsep2: the forward's
+    log-sum-exp over positives for the "in" form (gy is then unused), None otherwise."""
     M, D = u.shape
     meta, launch = _config(u.dtype, D, block_d)
     dz = torch.empty((M, D), device=u.device, dtype=torch.float32)
     grid = (cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
     _nt_xent_bwd_kernel[grid](
-        u, r, keys, inv_tau, lse2, g, gy, dz, R, M, D, u.stride(0), u.stride(1),
-        dz.stride(0), dz.stride(1), NORMALIZE=normalize, **meta, **launch)
+        u, r, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, dz, R, M, D,
+        u.stride(0), u.stride(1), dz.stride(0), dz.stride(1), NORMALIZE=normalize,
+        POS_LSE=lsep2 is not None, **meta, **launch)
     return dz

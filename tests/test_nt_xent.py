@@ -496,41 +496,85 @@ def test_cuda_kernels(dtype, n, d, labels):
 
 
 # ------------------------------------------------------------------ GPU lowering without a GPU
+# Compiles the kernels of the working tree (kernels/nt_xent.py under the root given as argv[1],
+# imported as the top-level package `kernels`, not an installed copy) for sm_90 with the GPU
+# launch configuration: every constexpr variant the op launches (two-view / "out" labels, the
+# "in" form, D in one tile and in chunks, fp32 and bf16). argv[2] == "broken" compiles a
+# kernel that reads a non-constexpr global instead, which the compiler must reject: the
+# harness is seen to fail.
 _AOT = r"""
 import os, sys
-sys.path.insert(0, sys.argv[1])
+root, mode = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-try:
-    from sdclr_fast.kernels import nt_xent as k
-except ModuleNotFoundError:
-    from sdclr_fast.kernels import nt_xent as k
-meta, launch = k._config(__import__("torch").bfloat16, 128)
-ptrs = dict(u_ptr="*bf16", r_ptr="*fp32", key_ptr="*i32", scale_ptr="*fp32", loss_ptr="*fp32",
-            lse2_ptr="*fp32", cnt_ptr="*i32", g_ptr="*fp32", gy_ptr="*fp32", dz_ptr="*fp32")
-consts = dict(meta, NORMALIZE=True)
-for fn in (k._nt_xent_fwd_kernel, k._nt_xent_bwd_kernel):
-    sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts}),
-                   target=GPUTarget("cuda", 90, 32), options=launch)
-print("ok")
+
+from kernels import nt_xent as k
+
+assert os.path.dirname(os.path.abspath(k.__file__)) == os.path.join(root, "kernels"), k.__file__
+target = GPUTarget("cuda", 90, 32)
+if mode == "broken":
+    SCALE = 2.0  # not tl.constexpr: the interpreter accepts it, the compiler must not
+
+    @triton.jit
+    def _broken(x_ptr):
+        tl.store(x_ptr, tl.load(x_ptr) * SCALE)
+
+    triton.compile(ASTSource(_broken, {"x_ptr": "*fp32"}, {}), target=target)
+    print("compiled")
+    sys.exit(0)
+elem = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+n = 0
+for dtype, d in ((torch.bfloat16, 128), (torch.float32, 128), (torch.bfloat16, 300)):
+    meta, launch = k._config(dtype, d)
+    for pos_lse in (False, True):
+        consts = dict(meta, NORMALIZE=True, POS_LSE=pos_lse)
+        for fn in (k._nt_xent_fwd_kernel, k._nt_xent_bwd_kernel):
+            sig = {a: "constexpr" if a in consts else
+                   elem[dtype] if a == "u_ptr" else
+                   "*i32" if a in ("key_ptr", "cnt_ptr") else
+                   "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+            out = triton.compile(ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names
+                                                     if a in consts}),
+                                 target=target, options=launch)
+            assert out.asm.get("cubin"), (fn.__name__, dtype, d, pos_lse)
+            n += 1
+print("ok", n)
 """
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """The interpreter accepts code that the compiler rejects (e.g. non-constexpr globals):
-    lower both kernels to an sm_90 cubin with the GPU launch configuration (needs only
-    Triton's bundled ptxas, no GPU)."""
+def _aot(mode, tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _AOT, root], env=env, capture_output=True,
-                          text=True, timeout=600)
+    script = tmp_path / "aot.py"  # a file: @triton.jit needs the source of what it compiles
+    script.write_text(_AOT)
+    proc = subprocess.run([sys.executable, str(script), root, mode], env=env,
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's ptxas is not available")
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter accepts code that the compiler rejects (e.g. non-constexpr globals):
+    lower both kernels, in every variant, to sm_90 cubins with the GPU launch configuration
+    (needs only Triton's bundled ptxas, no GPU)."""
+    pytest.importorskip("triton.backends.nvidia")
+    proc = _aot("tree", tmp_path)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "12"], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_kernel_compile_check_rejects_broken_kernel(tmp_path):
+    """The harness of test_kernels_compile_for_sm90 fails on a kernel the compiler rejects."""
+    pytest.importorskip("triton.backends.nvidia")
+    proc = _aot("broken", tmp_path)
+    assert proc.returncode != 0 and "compiled" not in proc.stdout
+    assert "SCALE" in proc.stderr or "constexpr" in proc.stderr, proc.stderr[-3000:]

@@ -51,6 +51,8 @@ import os
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _fwad
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["nt_xent", "NTXentLoss"]
@@ -58,6 +60,7 @@ __all__ = ["nt_xent", "NTXentLoss"]
 _EPS = 1e-12  # F.normalize's eps: rows are divided by max(|z_i|, eps)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
+_MULTI_POSITIVE = ("out", "in")
 _CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch path (8 MiB in fp32)
 
 
@@ -70,45 +73,74 @@ def _kernels():
 
 
 # ------------------------------------------------------------------ argument checks
-def _check(z1, z2, temperature, normalize, reduction, weights, labels):
-    for name, z in (("z1", z1), ("z2", z2)):
-        if not isinstance(z, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 2:
-            raise ValueError(f"{name} must be a 2-d (N, D) tensor, got shape {tuple(z.shape)}")
-        if not z.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
-                         f"{tuple(z2.shape)}")
-    n, d = z1.shape
-    if n == 0 or d == 0:
-        raise ValueError(f"z1 and z2 must hold at least one row and one column, got shape "
-                         f"{tuple(z1.shape)}")
-    if z2.device != z1.device:
-        raise ValueError(f"z2 is on {z2.device} but z1 is on {z1.device}")
-    if z2.dtype != z1.dtype:
-        raise ValueError(f"z2 has dtype {z2.dtype} but z1 has dtype {z1.dtype}")
-    if not isinstance(normalize, bool):
-        raise ValueError(f"normalize must be a bool, got {normalize!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-
+def _check_temperature(temperature, device=None):
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
             raise ValueError(f"temperature must be a number or a 1-element floating tensor, got "
                              f"shape {tuple(temperature.shape)} dtype {temperature.dtype}")
-        if temperature.device != z1.device and temperature.device.type != "cpu":
-            raise ValueError(f"temperature is on {temperature.device} but z1 is on {z1.device}")
+        if device is not None and temperature.device != device and \
+                temperature.device.type != "cpu":
+            raise ValueError(f"temperature is on {temperature.device} but z1 is on {device}")
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature must be a positive number or a 1-element tensor, got "
                          f"{temperature!r}")
     elif not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
 
+
+def _check_options(normalize, reduction, multi_positive):
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize must be a bool, got {normalize!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if multi_positive not in _MULTI_POSITIVE:
+        raise ValueError(f"multi_positive must be one of {_MULTI_POSITIVE}, got "
+                         f"{multi_positive!r}")
+
+
+def _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_positive):
+    """Returns the number of rows whose losses are computed: 2N (two views) or M (one matrix)."""
+    single = z2 is None
+    if not single and not isinstance(z2, torch.Tensor):
+        raise ValueError(f"z2 must be a torch.Tensor (N, D) or None (one matrix z1 with labels), "
+                         f"got {type(z2).__name__}; in the one-matrix form pass the temperature "
+                         f"by keyword: nt_xent(z, temperature=0.1, labels=idx)")
+    for name, z in (("z1", z1),) if single else (("z1", z1), ("z2", z2)):
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"{name} must be a 2-d (N, D) tensor, got shape {tuple(z.shape)}")
+        if not z.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+    if single:
+        m, d = z1.shape
+        if labels is None:
+            raise ValueError("labels must be given with one matrix z1 (M, D) and z2=None: rows "
+                             "with equal labels are positives of each other")
+        if m < 2 or d == 0:
+            raise ValueError(f"z1 must hold at least two rows and one column in the one-matrix "
+                             f"form, got shape {tuple(z1.shape)}")
+        rows, label_lengths, what = m, (m,), f"M = {m}"
+    else:
+        if z1.shape != z2.shape:
+            raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
+                             f"{tuple(z2.shape)}")
+        n, d = z1.shape
+        if n == 0 or d == 0:
+            raise ValueError(f"z1 and z2 must hold at least one row and one column, got shape "
+                             f"{tuple(z1.shape)}")
+        if z2.device != z1.device:
+            raise ValueError(f"z2 is on {z2.device} but z1 is on {z1.device}")
+        if z2.dtype != z1.dtype:
+            raise ValueError(f"z2 has dtype {z2.dtype} but z1 has dtype {z1.dtype}")
+        rows, label_lengths, what = 2 * n, (n, 2 * n), f"N = {n} or 2N = {2 * n}"
+    _check_options(normalize, reduction, multi_positive)
+    _check_temperature(temperature, z1.device)
+
     if weights is not None:
-        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (2 * n,):
-            raise ValueError(f"weights must be a tensor of shape (2N,) = ({2 * n},), got "
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (rows,):
+            form = "(M,)" if single else "(2N,)"
+            raise ValueError(f"weights must be a tensor of shape {form} = ({rows},), got "
                              f"{getattr(weights, 'shape', type(weights).__name__)}")
         if not weights.dtype.is_floating_point:
             raise ValueError(f"weights must be a floating-point tensor, got {weights.dtype}")
@@ -116,16 +148,17 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels):
             raise ValueError(f"weights is on {weights.device} but z1 is on {z1.device}")
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or \
-                labels.shape[0] not in (n, 2 * n):
-            raise ValueError(f"labels must be a 1-d tensor of length N = {n} or 2N = {2 * n}, "
+                labels.shape[0] not in label_lengths:
+            raise ValueError(f"labels must be a 1-d tensor of length {what}, "
                              f"got {getattr(labels, 'shape', type(labels).__name__)}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    return rows
 
 
 def _check_values(z1, z2, u, temperature):
-    """NaN/inf in z1 or z2 (u = [z1; z2]), or a non-positive temperature tensor: ValueError.
-    One pass over the rows and one host sync; which input is bad is worked out on failure."""
+    """NaN/inf in z1 or z2 (u = [z1; z2], or z1 alone), or a non-positive temperature tensor:
+    ValueError. One pass over the rows and one host sync; the bad input is named on failure."""
     flags = [torch.isfinite(u.detach()).all()]
     tau_on_dev = isinstance(temperature, torch.Tensor) and temperature.device == z1.device
     if tau_on_dev:
@@ -133,13 +166,26 @@ def _check_values(z1, z2, u, temperature):
         flags.append(torch.isfinite(t) & (t > 0))
     ok = torch.stack(flags).tolist() if tau_on_dev else [bool(flags[0])]
     if not ok[0]:
-        name = "z1" if not bool(torch.isfinite(z1).all()) else "z2"
+        name = "z1" if z2 is None or not bool(torch.isfinite(z1).all()) else "z2"
         raise ValueError(f"{name} holds NaN or inf values")
     if isinstance(temperature, torch.Tensor):
         good = ok[1] if tau_on_dev else bool(
             torch.isfinite(temperature).all() and (temperature > 0).all())
         if not good:
             raise ValueError(f"temperature must be finite and > 0, got {temperature.item()!r}")
+
+
+def _transformed(*ts):
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD sees any
+    of these tensors: then the op runs its differentiable PyTorch formulation (no host reads,
+    no data-dependent shapes). torch.compile traces the op as before (a graph break at the
+    value checks)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _fwad._current_level >= 0:
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, torch.Tensor) and wrapped(t) for t in ts)
 
 
 # ------------------------------------------------------------------ shared math
@@ -179,61 +225,90 @@ def _cpu_block(m):
 _UNDERFLOW = {torch.float32: 1e-20, torch.float64: 1e-200}
 
 
-def _torch_forward(zh, inv_tau, R, keys, normalize):
+def _torch_forward(zh, inv_tau, R, keys, normalize, pos_lse=False):
     """PyTorch path over row blocks. zh: (M, D) normalised rows; keys None = two-view pairs
-    (row i < R pairs with (i + R/2) mod R). Returns loss (R,), lse (M,) (+inf beyond R),
-    cnt (R,).
+    (row i < R pairs with (i + R/2) mod R). pos_lse: the "in" form (log-sum-exp over the
+    positives). Returns loss (R,), lse (M,) (+inf beyond R), cnt (R,), and lsep (M,) (+inf
+    where a row has no positive and beyond R) or None.
 
     Each pass over a (B, M) block costs about half a matmul on a CPU, so passes are saved:
-    1/tau is folded into one operand of the matmul, and with normalised rows S <= 1/tau lets
-    the log-sum-exp use the fixed shift 1/tau instead of a row max (rows whose sum underflows
-    are redone with torch.logsumexp)."""
+    1/tau is folded into one operand of the matmul, and with normalised rows the log-sum-exp
+    is shifted by the row's positive term (its positive score, the mean of its positives, or
+    their max for "in") instead of a row max: sum_j exp(S_ij - shift) >= 1 cannot underflow,
+    and loss_i = log of that sum is exactly 0 when the positive is the row's only column.
+    Rows whose sum overflows (a negative above the positive by more than the float range),
+    and rows without positives (shift 1/tau >= S) whose sum underflows, are redone with
+    torch.logsumexp."""
     M = zh.shape[0]
     dt = zh.dtype
+    dev = zh.device
     zs = zh * inv_tau
-    loss = torch.empty(R, dtype=dt, device=zh.device)
-    lse = torch.full((M,), float("inf"), dtype=dt, device=zh.device)
-    cnt = torch.ones(R, dtype=torch.int64, device=zh.device)
+    loss = torch.empty(R, dtype=dt, device=dev)
+    lse = torch.full((M,), float("inf"), dtype=dt, device=dev)
+    lsep = torch.full((M,), float("inf"), dtype=dt, device=dev) if pos_lse else None
+    cnt = torch.ones(R, dtype=torch.int64, device=dev)
     B = _cpu_block(M)
     half = R // 2
     for s in range(0, R, B):
         e = min(s + B, R)
         S = torch.mm(zs[s:e], zh.t())
         S.diagonal(offset=s).fill_(float("-inf"))
+        has = Sp = None
         if keys is None:
-            rows = torch.arange(s, e, device=zh.device)
+            rows = torch.arange(s, e, device=dev)
             pos = torch.where(rows < half, rows + half, rows - half)
             pos_term = S.gather(1, pos[:, None]).squeeze(1)
         else:
             same = keys[s:e, None] == keys[None, :]
             same.diagonal(offset=s).fill_(False)
             c = same.sum(1)
-            psum = torch.where(same, S, torch.zeros((), dtype=dt, device=zh.device)).sum(1)
-            pos_term = psum / c.clamp_min(1)
             cnt[s:e] = c
+            has = c > 0
+            if pos_lse:
+                Sp = torch.where(same, S, torch.full((), float("-inf"), dtype=dt, device=dev))
+                pos_term = Sp.amax(1)  # -inf for rows without positives
+            else:
+                psum = torch.where(same, S, torch.zeros((), dtype=dt, device=dev)).sum(1)
+                pos_term = psum / c.clamp_min(1)
             del same
         if normalize:
-            total = S.sub_(inv_tau).exp_().sum(1)
-            bad = (total < _UNDERFLOW[dt]).nonzero().squeeze(1)
-            lse_b = total.log_().add_(inv_tau)
+            shift = pos_term if has is None else torch.where(has, pos_term, inv_tau)
+            if pos_lse:
+                lsep_b = Sp.sub_(shift[:, None]).exp_().sum(1).log_()  # 0 .. log(count)
+            total = S.sub_(shift[:, None]).exp_().sum(1)
+            bad = ((total < _UNDERFLOW[dt]) | (total == float("inf"))).nonzero().squeeze(1)
+            loss_b = total.log_()
+            lse_b = loss_b + shift
+            if pos_lse:
+                loss_b = loss_b - lsep_b
+                lsep_b = lsep_b.add_(shift)
             if bad.numel():
                 redo = torch.mm(zs[s + bad], zh.t())
-                redo[torch.arange(bad.numel(), device=zh.device), s + bad] = float("-inf")
+                redo[torch.arange(bad.numel(), device=dev), s + bad] = float("-inf")
                 lse_b[bad] = torch.logsumexp(redo, dim=1)
+                loss_b[bad] = lse_b[bad] - (lsep_b[bad] if pos_lse else pos_term[bad])
         else:
             lse_b = torch.logsumexp(S, dim=1)
-        del S
+            if pos_lse:
+                lsep_b = torch.logsumexp(Sp.masked_fill_(~has[:, None], 0.0), dim=1)
+                loss_b = lse_b - lsep_b
+            else:
+                loss_b = lse_b - pos_term
+        del S, Sp
         lse[s:e] = lse_b
-        loss_b = lse_b - pos_term
-        if keys is not None:
-            loss_b = torch.where(cnt[s:e] > 0, loss_b, torch.zeros_like(loss_b))
+        if has is not None:
+            loss_b = torch.where(has, loss_b, torch.zeros_like(loss_b))
+            if pos_lse:
+                lsep[s:e] = torch.where(has, lsep_b, torch.full_like(lsep_b, float("inf")))
         loss[s:e] = loss_b
-    return loss, lse, cnt
+    return loss, lse, cnt, lsep
 
 
-def _torch_backward(zh, inv_tau, R, keys, lse, g, gy):
+def _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep=None):
     """dL/dzhat (M, D) by row blocks: dzhat_k = (1/tau) sum_j A_kj zhat_j with
-    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j).
+    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j)   ("out"; the two-view loss),
+    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (g_k Q_kj + g_j Q_jk)   ("in", lsep given),
+    with P_ij = exp(S_ij - lse_i) and Q_ij = exp(S_ij - lsep_i).
 
     With g >= 0 (the usual case) g_k P_kj = exp(S_kj - (lse_k - log g_k)), which saves two
     passes over each block."""
@@ -249,6 +324,15 @@ def _torch_backward(zh, inv_tau, R, keys, lse, g, gy):
         e = min(s + B, M)
         ncol = M if s < R else R  # rows past R only pair with the query rows
         S = torch.mm(zs[s:e], zh[:ncol].t())
+        same = Q = None
+        if keys is not None:
+            same = keys[s:e, None] == keys[None, :ncol]
+            same.diagonal(offset=s).fill_(False)
+            if lsep is not None:  # before S is overwritten below
+                Sp = S.masked_fill(~same, float("-inf"))
+                Q = torch.sub(Sp, lsep[s:e, None]).exp_().mul_(g[s:e, None])
+                Q.add_(Sp.sub_(lsep[None, :ncol]).exp_().mul_(g[None, :ncol]))
+                del Sp
         if folded:
             A = S.sub_(c[None, :ncol]).exp_() if s >= R else None
             if s < R:
@@ -266,83 +350,138 @@ def _torch_backward(zh, inv_tau, R, keys, lse, g, gy):
                 rows = torch.arange(s, q, device=zh.device)
                 pos = torch.where(rows < half, rows + half, rows - half)
                 A.index_put_((rows - s, pos), -(g[s:q] + g[pos]), accumulate=True)
+        elif Q is not None:
+            A.sub_(Q)
         else:
-            same = keys[s:e, None] == keys[None, :ncol]
-            same.diagonal(offset=s).fill_(False)
             A.sub_(torch.where(same, gy[s:e, None] + gy[None, :ncol],
                                torch.zeros((), dtype=A.dtype, device=A.device)))
         torch.mm(A, zs[:ncol], out=dzh[s:e])
     return dzh
 
 
+def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse):
+    """The per-row losses of _NTXentRows in differentiable PyTorch ops over the whole (R, M)
+    score matrix: the route of torch.func transforms and forward-mode AD, and the backward
+    when create_graph=True (double backward). O(R M) memory; no host reads, no data-dependent
+    shapes, so vmap, jvp and higher derivatives see plain PyTorch ops."""
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    z = u.to(cdt)
+    if normalize:
+        z = F.normalize(z, dim=1, eps=_EPS)
+    S = z[:R] @ z.t()
+    S = S / tau.to(device=z.device, dtype=cdt).reshape(()) if tau is not None else S / tau_value
+    eye = torch.eye(R, z.shape[0], dtype=torch.bool, device=z.device)
+    lse = torch.logsumexp(S.masked_fill(eye, float("-inf")), dim=1)
+    if keys is None:  # two views: row i's positive is row (i + R/2) mod R
+        idx = torch.arange(R, device=z.device)
+        return lse - S.gather(1, ((idx + R // 2) % R)[:, None]).squeeze(1)
+    keys = keys.to(z.device)
+    same = (keys[:R, None] == keys[None, :]) & ~eye
+    cnt = same.sum(1)
+    has = cnt > 0
+    if pos_lse:
+        # rows without positives get a finite placeholder: where() must not see NaN gradients
+        pos = torch.logsumexp(S.masked_fill(~same, float("-inf")).masked_fill(~has[:, None], 0.0),
+                              dim=1)
+    else:
+        pos = (S * same).sum(1) / cnt.clamp_min(1)
+    return torch.where(has, lse - pos, torch.zeros_like(lse))
+
+
 # ------------------------------------------------------------------ autograd
 class _NTXentRows(torch.autograd.Function):
-    """Unweighted per-row losses of the first R rows of u (M, D) against all M rows.
+    """Unweighted per-row losses of the first R rows of u (M, D) against all M rows; outputs
+    (loss (R,), lse, cnt, lsep) of which only the loss is differentiable.
 
-    keys: (M,) int keys (row j is a positive of row i iff keys equal, j != i), or None for the
-    two-view pairing of the first R rows (i <-> (i + R/2) mod R) with no positives beyond R.
-    tau: the temperature tensor (possibly requiring grad) or None, then tau_value is used."""
+    keys: (M,) int keys (row j is a positive of row i iff keys equal, j != i; int32 ids < M on
+    the Triton path), or None for the two-view pairing of the first R rows
+    (i <-> (i + R/2) mod R) with no positives beyond R (PyTorch path only).
+    tau: the temperature tensor (possibly requiring grad) or None, then tau_value is used;
+    inv_tau: 1/tau as a (1,) fp32 tensor on u's device (Triton) or a float (PyTorch).
+    r, through: the inverse row norms and the mask of norms >= eps (_inv_norms).
+    pos_lse: the "in" multi-positive form. one_positive: two views in one process, every
+    row has exactly one positive (cnt = 1), which saves the backward five small ops.
+
+    The backward is the fused one; under create_graph=True (double backward) it is the
+    gradient of _rows_dense instead, built with differentiable ops."""
 
     @staticmethod
-    def forward(ctx, u, tau, tau_value, keys, R, normalize, use_triton, block_d):
-        M = u.shape[0]
-        # Two views in one process: every row has exactly one positive (cnt = 1), which saves
-        # the backward five small ops.
-        ctx.one_positive = keys is None and M == R
+    def forward(u, tau, tau_value, inv_tau, keys, r, through, R, normalize, use_triton,
+                block_d, pos_lse, one_positive):
         if use_triton:
-            k = _kernels()
-            if tau is not None:
-                inv_tau = (1.0 / tau.detach().to(device=u.device, dtype=torch.float32)).reshape(1)
-            else:
-                inv_tau = _const_inv_tau(tau_value, u.device)
-            if keys is None:  # the pair index is the key: row i and row i + R/2 share it
-                keys = _pair_keys(M, R // 2, u.device)
-            keys = keys.to(torch.int32).contiguous()
-            u = u.contiguous()
-            r, through = _inv_norms(u, torch.float32)
-            loss, lse, cnt = k.forward(u, r, keys, inv_tau, R, normalize, block_d)
-            ctx.save_for_backward(u, r, through, keys, inv_tau, lse, cnt, tau)
-        else:
-            cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-            tv = float(tau.detach()) if tau is not None else tau_value
-            r, through = _inv_norms(u, cdt)
-            zh = u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
-            loss, lse, cnt = _torch_forward(zh, 1.0 / tv, R, keys, normalize)
-            ctx.save_for_backward(zh, r, through, keys, None, lse, cnt, tau)
-            ctx.tau_value = tv
-        ctx.conf = (R, normalize, use_triton, block_d, u.dtype)
-        return loss
+            return _kernels().forward(u, r, keys, inv_tau, R, normalize, block_d, pos_lse)
+        zh = _normalised(u, r, normalize)
+        return _torch_forward(zh, inv_tau, R, keys, normalize, pos_lse)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        x, r, through, keys, inv_tau, lse, cnt, tau = ctx.saved_tensors
-        R, normalize, use_triton, block_d, dtype = ctx.conf
-        M = x.shape[0]
+    def setup_context(ctx, inputs, output):
+        u, tau, tau_value, inv_tau, keys, r, through, R, normalize, use_triton, block_d, \
+            pos_lse, one_positive = inputs
+        _, lse, cnt, lsep = output
+        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
+        ctx.save_for_backward(u, tau, keys, r, through, lse, cnt, lsep,
+                              inv_tau if use_triton else None)
+        ctx.conf = (tau_value, None if use_triton else inv_tau, R, normalize, use_triton,
+                    block_d, pos_lse)
+        ctx.one_positive = one_positive
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        u, tau, keys, r, through, lse, cnt, lsep, inv_tau_t = ctx.saved_tensors
+        tau_value, inv_tau, R, normalize, use_triton, block_d, pos_lse = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
+            return _NTXentRows._differentiable_backward(ctx, grad_loss)
+        M = u.shape[0]
         if ctx.one_positive:
             g = gy = grad_loss.to(lse.dtype).contiguous()
         else:
             g = torch.zeros(M, dtype=lse.dtype, device=lse.device)
             g[:R] = torch.where(cnt > 0, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
-            gy = g.clone()
-            gy[:R] /= cnt.clamp_min(1)
+            gy = g
+            if not pos_lse:
+                gy = g.clone()
+                gy[:R] /= cnt.clamp_min(1)
         if use_triton:
-            dzh = _kernels().backward(x, r, keys, inv_tau, lse, g, gy, R, normalize, block_d)
-            zh = x.float() * r[:, None] if normalize else x.float()
-            tau_value = None
+            dzh = _kernels().backward(u, r, keys, inv_tau_t, lse, g, gy, R, normalize, block_d,
+                                      lsep)
+            zh = u.float() * r[:, None] if normalize else u.float()
         else:
-            zh = x
-            tau_value = ctx.tau_value
-            dzh = _torch_backward(zh, 1.0 / tau_value, R, keys, lse, g, gy)
+            zh = _normalised(u, r, normalize)
+            dzh = _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep)
         grad_tau = None
         if tau is not None and ctx.needs_input_grad[1]:
             # sum_k zhat_k . dzhat_k = 2 sum_ij G_ij S_ij and dS/dtau = -S/tau.
-            tv = tau.detach().to(zh) if tau_value is None else tau_value
-            grad_tau = (-(zh * dzh).sum() / (2 * tv)).to(tau).reshape(tau.shape)  # tau's device
+            t = tau.detach().to(zh) if use_triton else float(tau.detach())
+            grad_tau = (-(zh * dzh).sum() / (2 * t)).to(tau).reshape(tau.shape)  # tau's device
         grad_u = None
         if ctx.needs_input_grad[0]:
-            grad_u = _chain(zh, dzh, r.to(zh.dtype), through, normalize).to(dtype)
-        return grad_u, grad_tau, None, None, None, None, None, None
+            grad_u = _chain(zh, dzh, r.to(zh.dtype), through, normalize).to(u.dtype)
+        return grad_u, grad_tau, *([None] * 11)
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad_loss):
+        u, tau, keys, *_ = ctx.saved_tensors
+        tau_value, _, R, normalize, use_triton, _, pos_lse = ctx.conf
+        if ctx.one_positive:
+            keys = None  # two views (on the Triton path these keys are the pair index)
+        want = [t for t, need in ((u, ctx.needs_input_grad[0]), (tau, ctx.needs_input_grad[1]))
+                if need]
+        rows = _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse)
+        grads = iter(torch.autograd.grad(rows, want, grad_loss.to(rows.dtype),
+                                         create_graph=True, allow_unused=True))
+        grad_u = next(grads).to(u.dtype) if ctx.needs_input_grad[0] else None
+        grad_tau = None
+        if ctx.needs_input_grad[1]:
+            grad_tau = next(grads)
+            grad_tau = torch.zeros_like(tau) if grad_tau is None else grad_tau.to(tau.dtype)
+        return grad_u, grad_tau, *([None] * 11)
+
+
+def _normalised(u, r, normalize):
+    """zhat in the PyTorch path's compute dtype (float64 for float64 input, else float32):
+    u / max(|u|, eps) as F.normalize divides."""
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
 
 
 # ------------------------------------------------------------------ distributed gather
@@ -356,28 +495,29 @@ def _dist_world(gather_distributed):
     return dist.get_rank(), dist.get_world_size()
 
 
-def _gather_rows(z1, local, labels, rank, world):
-    """Local rows ([z1; z2]) first, then the other ranks' rows; keys = global pair index or
-    label."""
+def _gather_rows(local, labels, two_view, rank, world):
+    """Local rows first, then the other ranks' rows; keys = the global pair index (two views,
+    no labels) or the gathered labels. labels: None or (M_local,)."""
     import torch.distributed as dist
     import torch.distributed.nn.functional as dist_nn
 
-    n = z1.shape[0]
-    sizes = [torch.zeros(1, dtype=torch.int64, device=z1.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=z1.device))
-    sizes = [int(s) for s in sizes]
-    if any(s != n for s in sizes):
-        raise ValueError(f"gather_distributed needs the same N on every rank, got {sizes}")
+    m = local.shape[0]
+    dev = local.device
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=dev))
+    sizes = [int(s) // (2 if two_view else 1) for s in sizes]
+    if any(s != sizes[rank] for s in sizes):
+        what = "N" if two_view else "number of rows M"
+        raise ValueError(f"gather_distributed needs the same {what} on every rank, got {sizes}")
     gathered = dist_nn.all_gather(local)  # backward: sum of all ranks' gradients
     u = torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
     order = [rank] + [q for q in range(world) if q != rank]
     if labels is None:
-        pair = torch.arange(n, device=z1.device)
+        n = m // 2
+        pair = torch.arange(n, device=dev)
         keys = torch.cat([torch.cat([pair + q * n, pair + q * n]) for q in order])
     else:
-        lab = labels.to(z1.device).long()
-        lab = torch.cat([lab, lab]) if lab.shape[0] == n else lab
-        lab = lab.contiguous()
+        lab = labels.to(dev).long().contiguous()
         all_lab = [torch.empty_like(lab) for _ in range(world)]
         dist.all_gather(all_lab, lab)
         keys = torch.cat([all_lab[q] for q in order])
@@ -403,34 +543,70 @@ def _use_triton(z, backend):
     return z.is_cuda and z.dtype in _TRITON_DTYPES
 
 
-def nt_xent(z1, z2, temperature=0.2, *, normalize=True, reduction="mean", weights=None,
-            labels=None, gather_distributed=False, _backend="auto", _block_d=None):
-    """NT-Xent loss of two views z1, z2 (N, D) without the 2N x 2N similarity matrix.
+def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", weights=None,
+            labels=None, multi_positive="out", gather_distributed=False, _backend="auto",
+            _block_d=None):
+    """NT-Xent loss without the M x M similarity matrix.
 
-    Returns a scalar ("mean" over the 2N rows, or "sum") or the 2N per-row losses ("none",
-    rows of z1 first), in the dtype of z1. See the module docstring for labels, weights,
-    temperature tensors and the distributed convention. The value and gradients equal
-    `sdclr_fast.ops.reference.nt_xent_reference`."""
-    _check(z1, z2, temperature, normalize, reduction, weights, labels)
-    use_triton = _use_triton(z1, _backend)
-    world = _dist_world(gather_distributed)
-    n = z1.shape[0]
-    u = torch.cat([z1, z2])
-    _check_values(z1, z2, u, temperature)
-    if world is not None:
-        u, keys = _gather_rows(z1, u, labels, *world)
-        if labels is None and not use_triton:
-            keys = None  # the PyTorch path pairs the leading local rows by index
-    else:
-        keys = None
-        if labels is not None:
-            lab = labels.to(z1.device)
-            keys = torch.cat([lab, lab]) if lab.shape[0] == n else lab
-    if keys is not None:
-        keys = _dense_keys(keys)
+    Two views: z1, z2 (N, D), M = 2N rows [z1; z2], row i's positive is its other view.
+    One matrix: z1 (M, D) of any number of views with z2=None and `labels` (M,) (solo-learn's
+    `indexes`): rows with equal labels are positives of each other, every other row a negative.
+    multi_positive="out" averages the positives' log-probabilities (SupCon L_out, the default),
+    "in" puts the sum of their probabilities inside the log (solo-learn); a row without a
+    positive gives 0 (and counts in the mean).
+
+    Returns a scalar ("mean" over the M rows, or "sum") or the M per-row losses ("none", rows
+    of z1 first), in the dtype of z1. See the module docstring for weights, temperature
+    tensors, higher derivatives, torch.func and the distributed convention. The value and
+    gradients equal `sdclr_fast.ops.reference.nt_xent_reference`."""
+    R = _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_positive)
+    single = z2 is None
+    # "in" equals "out" when every row has exactly one positive (two views without labels)
+    pos_lse = multi_positive == "in" and labels is not None
     tau = temperature if isinstance(temperature, torch.Tensor) else None
     tau_value = None if tau is not None else float(temperature)
-    rows = _NTXentRows.apply(u, tau, tau_value, keys, 2 * n, normalize, use_triton, _block_d)
+    world = _dist_world(gather_distributed)
+    u = z1 if single else torch.cat([z1, z2])
+    lab = labels
+    if lab is not None:
+        lab = lab.to(z1.device)
+        lab = torch.cat([lab, lab]) if lab.shape[0] != R else lab
+
+    if _transformed(z1, z2, temperature, weights, labels):
+        if world is not None:
+            raise ValueError("gather_distributed=True cannot run under torch.func transforms or "
+                             "forward-mode AD")
+        rows = _rows_dense(u, tau, tau_value, lab, R, normalize, pos_lse)
+    else:
+        use_triton = _use_triton(z1, _backend)
+        _check_values(z1, z2, u, temperature)
+        if world is not None:
+            u, keys = _gather_rows(u, lab, not single, *world)
+            if labels is None and not use_triton:
+                keys = None  # the PyTorch path pairs the leading local rows by index
+        else:
+            keys = lab
+        if use_triton:
+            u = u.contiguous()
+            if keys is None:  # the pair index is the key: row i and row i + R/2 share it
+                keys = _pair_keys(u.shape[0], R // 2, u.device)
+            else:
+                keys = _dense_keys(keys)
+            if tau is not None:
+                inv_tau = (1.0 / tau.detach().to(device=u.device, dtype=torch.float32)).reshape(1)
+            else:
+                inv_tau = _const_inv_tau(tau_value, u.device)
+            r, through = _inv_norms(u.detach(), torch.float32)
+        else:
+            if keys is not None:
+                keys = _dense_keys(keys)
+            cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+            tv = float(tau.detach()) if tau is not None else tau_value
+            inv_tau = 1.0 / tv
+            r, through = _inv_norms(u.detach(), cdt)
+        one_positive = labels is None and u.shape[0] == R
+        rows = _NTXentRows.apply(u, tau, tau_value, inv_tau, keys, r, through, R, normalize,
+                                 use_triton, _block_d, pos_lse, one_positive)[0]
     if weights is not None:
         rows = rows * weights.to(rows.dtype)
     if reduction == "none":

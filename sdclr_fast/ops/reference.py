@@ -11,33 +11,40 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- NT-Xent
-def nt_xent_reference(z1, z2, temperature=0.2, *, normalize=True, reduction="mean", weights=None,
-                      labels=None):
-    """NT-Xent as SDCLR / SimCLR define it, with the full (2N, 2N) similarity matrix.
+def nt_xent_reference(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean",
+                      weights=None, labels=None, multi_positive="out"):
+    """NT-Xent as SDCLR / SimCLR define it, with the full (M, M) similarity matrix.
 
-    Row i's positive is its other view (or, with `labels`, every other row of the same label,
-    averaged); the log-sum-exp runs over all j != i.
+    Two views z1, z2 (N, D): M = 2N rows [z1; z2], row i's positive is its other view.
+    With `labels` ((N,) for both views or (2N,); or (M,) with z2=None, one (M, D) matrix of any
+    number of views) every other row of the same label is a positive: "out" averages the
+    positives' log-probabilities (SupCon L_out), "in" sums their probabilities inside the log
+    (solo-learn). Rows without a positive give 0. The log-sum-exp runs over all j != i.
     """
-    z = torch.cat([z1, z2], dim=0)
-    n2 = z.shape[0]
-    n = n2 // 2
+    z = z1 if z2 is None else torch.cat([z1, z2], dim=0)
+    m = z.shape[0]
     if normalize:
         z = F.normalize(z, dim=1)
     sim = (z @ z.t()) / temperature
-    eye = torch.eye(n2, dtype=torch.bool, device=z.device)
+    eye = torch.eye(m, dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1)
     if labels is None:
-        idx = torch.arange(n2, device=z.device)
-        pos = sim[idx, (idx + n) % n2]
-        per_row = lse - pos
+        idx = torch.arange(m, device=z.device)
+        positive = torch.zeros(m, m, dtype=torch.bool, device=z.device)
+        positive[idx, (idx + m // 2) % m] = True
     else:
         labels = labels.to(z.device)
-        if labels.shape[0] == n:
+        if labels.shape[0] == m // 2 and z2 is not None:
             labels = torch.cat([labels, labels])
         positive = (labels[:, None] == labels[None, :]) & ~eye
-        count = positive.sum(1)
-        pos_mean = (sim * positive).sum(1) / count.clamp_min(1)
-        per_row = torch.where(count > 0, lse - pos_mean, torch.zeros_like(lse))
+    count = positive.sum(1)
+    if multi_positive == "in":
+        # rows without positives: a finite placeholder, so that where() has no NaN gradient
+        pos_sim = sim.masked_fill(~positive, float("-inf")).masked_fill(count[:, None] == 0, 0.0)
+        pos_term = torch.logsumexp(pos_sim, dim=1)
+    else:
+        pos_term = (sim * positive).sum(1) / count.clamp_min(1)
+    per_row = torch.where(count > 0, lse - pos_term, torch.zeros_like(lse))
     if weights is not None:
         per_row = per_row * weights.to(per_row)
     if reduction == "none":
