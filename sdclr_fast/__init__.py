@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "nt_xent": "sdclr_fast.ops.nt_xent",
     "NTXentLoss": "sdclr_fast.ops.nt_xent",
+    "info_nce": "sdclr_fast.ops.info_nce",
+    "MemoryBank": "sdclr_fast.ops.info_nce",
     "magnitude_threshold": "sdclr_fast.ops.prune",
     "magnitude_masks": "sdclr_fast.ops.prune",
     "prune_model": "sdclr_fast.ops.prune",

@@ -139,3 +139,35 @@ def masked_conv2d_reference(x, weight, mask, bias=None, stride=1, padding=0, dil
     """Convolution with the mask multiplied into a copy of the weight (what the official code
     does every forward)."""
     return F.conv2d(x, weight * mask.to(weight.dtype), bias, stride, padding, dilation, groups)
+
+
+# ---------------------------------------------------------------- InfoNCE (query / key / bank)
+def info_nce_reference(query, key, temperature=0.2, *, negatives=None, symmetric=False,
+                       normalize=True, reduction="mean", weights=None, labels=None,
+                       in_batch_negatives=True):
+    """InfoNCE with the full (M, M + Q) logit matrix: row i of `query` against all keys (or,
+    with in_batch_negatives=False, only its own key k_i) and the Q `negatives`; the positive
+    is k_i (with `labels`, every key of the same label, averaged). symmetric=True appends the
+    M key -> query rows (no bank in that direction); weights (M,) apply to both directions."""
+    q, k, n = query, key, negatives
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        n = F.normalize(n, dim=1) if n is not None else None
+    m = q.shape[0]
+    eye = torch.eye(m, dtype=torch.bool, device=q.device)
+    pos = eye if labels is None else labels[:, None].to(q.device) == labels[None, :].to(q.device)
+    sim = (q @ k.t()) / temperature
+    in_batch = sim if in_batch_negatives else sim.masked_fill(~eye, float("-inf"))
+    logits = torch.cat([in_batch, (q @ n.t()) / temperature], 1) if n is not None else in_batch
+    count = pos.sum(1)
+    per_row = torch.logsumexp(logits, 1) - (sim * pos).sum(1) / count
+    if symmetric:
+        per_row = torch.cat([per_row, torch.logsumexp(sim.t(), 1) - (sim.t() * pos).sum(1) / count])
+        weights = torch.cat([weights, weights]) if weights is not None else None
+    if weights is not None:
+        per_row = per_row * weights.to(per_row)
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.mean()

@@ -1,0 +1,755 @@
+"""Fused InfoNCE of queries against keys and an optional bank of extra negatives.
+
+    qhat, khat, nhat = L2-normalised query (M, D), key (M, D), negatives (Q, D),
+    S = qhat [khat; nhat]^T / tau  (M, M + Q),
+    loss_i = -S[i, i] + logsumexp_{j in cols(i)} S[i, j],
+
+with cols(i) = all M keys and the Q negatives (in_batch_negatives=True: SimCLR's
+cross-view form, CLIP, MoCLR), or only k_i and the Q negatives (in_batch_negatives=False:
+MoCo's queue, lightly's memory-bank NTXentLoss: logits [q.k_i, q.n_1 .. q.n_Q] / tau with
+target 0). Neither path stores the (M, M + Q) matrix:
+
+* CUDA fp32 / fp16 / bf16: Triton kernels (kernels/info_nce.py): an online log-sum-exp per
+  row over column tiles of [key; negatives] in the forward (per-row lse kept), tiles
+  recomputed in the backward; one kernel produces the query gradient and another the key /
+  negatives gradients, so no atomics. Extra memory O((M + Q) D).
+* everything else (CPU, float64): the same algorithm in PyTorch over row blocks (BLAS matmul
+  of a block of queries against all columns, reduced and discarded; the key / negatives
+  gradients accumulate block by block). Extra memory O((M + Q) D) plus a fixed ~25 MiB.
+
+Options:
+* `symmetric=True` appends the key -> query direction (row j of key against all queries,
+  positive q_j), as CLIP does ("mean" is the mean of the 2M rows = the mean of both
+  directions). The `negatives` bank is used by the query -> key direction only: a bank
+  holds key-side embeddings, which are not candidates for a key anchor. (ALBEF-style
+  training with one queue per side calls info_nce once per direction with its own bank.)
+  MoCLR / DnC's "symmetric over views" is a different thing: two calls,
+  info_nce(online(v1), target(v2)) + info_nce(online(v2), target(v1)).
+* `labels` (M,) integers: every key with query i's label is a positive (query i and key i
+  share label i, so each row has at least one); loss_i = lse_i - mean_{p in pos(i)} S_ip
+  (SupCon-style average of positive log-probabilities). Bank entries are always negatives.
+  Needs in_batch_negatives=True.
+* `weights` (M,): per-row weights (differentiable), applied before the reduction, to both
+  directions when symmetric.
+* `temperature`: a number or a 1-element tensor; a tensor that requires grad gets its
+  gradient (learnable temperature, as in CLIP).
+* `negatives` is usually a detached bank (MemoryBank.negatives()); if it requires grad it
+  gets its gradient too.
+* `gather_distributed=True` under torch.distributed (initialised, world size > 1): keys (and
+  queries when symmetric) of all ranks are the in-batch negatives, gathered with
+  torch.distributed.nn.functional.all_gather (its backward sums every rank's gradient).
+  Every rank holds the same M; each rank returns the loss of its own rows reduced over them,
+  so the mean of the ranks' "mean" losses is the single-process loss of the concatenated
+  batch, and the gradient reaching each rank's inputs is world_size x the single-process one
+  (DDP's averaging then gives the single-process parameter gradient); "sum" adds up to the
+  single-process sum with exactly its gradients. Labels are gathered with the rows. With
+  in_batch_negatives=False there is nothing to gather (MemoryBank.enqueue gathers the keys
+  for the queue instead, as MoCo does).
+
+Autograd: first derivatives come from the fused backward. When the backward runs in grad
+mode (create_graph=True, torch.func.grad / jacrev), it instead evaluates the gradient formula
+with plain PyTorch ops on the materialised (M, M + Q) matrix, so that second derivatives
+(and torch.func transforms) are exact; that path costs the reference's memory. torch.vmap
+runs the op once per batch element.
+
+Checks: bad arguments raise ValueError naming the argument; NaN/inf in query, key or
+negatives and a non-positive temperature too (one device sync per call; skipped under vmap).
+
+Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"` sends CPU
+tensors through the Triton kernels; set TRITON_INTERPRET=1 before Triton is imported.
+"""
+import functools
+import math
+import numbers
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["info_nce", "InfoNCELoss", "MemoryBank", "momentum_update_"]
+
+_EPS = 1e-12  # F.normalize's eps: rows are divided by max(|z_i|, eps)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+_CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch path (8 MiB in fp32)
+_LN2 = math.log(2.0)
+
+
+def _kernels():
+    # imported on first use so that CPU-only callers never load Triton
+    from sdclr_fast.kernels import info_nce as k
+
+    return k
+
+
+# ------------------------------------------------------------------ argument checks
+def _check_matrix(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-d tensor, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check(query, key, temperature, negatives, symmetric, normalize, reduction, weights, labels,
+           in_batch_negatives):
+    _check_matrix("query", query)
+    _check_matrix("key", key)
+    if query.shape != key.shape:
+        raise ValueError(f"query and key must have the same shape (M, D), got "
+                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+    m, d = query.shape
+    if m == 0 or d == 0:
+        raise ValueError(f"query and key must hold at least one row and one column, got shape "
+                         f"{tuple(query.shape)}")
+    if key.device != query.device:
+        raise ValueError(f"key is on {key.device} but query is on {query.device}")
+    if key.dtype != query.dtype:
+        raise ValueError(f"key has dtype {key.dtype} but query has dtype {query.dtype}")
+    if negatives is not None:
+        _check_matrix("negatives", negatives)
+        if negatives.shape[1] != d:
+            raise ValueError(f"negatives must have D = {d} columns like query, got shape "
+                             f"{tuple(negatives.shape)}")
+        if negatives.device != query.device:
+            raise ValueError(f"negatives is on {negatives.device} but query is on "
+                             f"{query.device}")
+        if negatives.dtype != query.dtype:
+            raise ValueError(f"negatives has dtype {negatives.dtype} but query has dtype "
+                             f"{query.dtype} (cast the bank with .to(query.dtype))")
+    for name, flag in (("symmetric", symmetric), ("normalize", normalize),
+                       ("in_batch_negatives", in_batch_negatives)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    if not in_batch_negatives:
+        if negatives is None or negatives.shape[0] == 0:
+            raise ValueError("in_batch_negatives=False needs a non-empty negatives bank "
+                             "(with only the positive every loss would be 0)")
+        if symmetric:
+            raise ValueError("symmetric=True needs in_batch_negatives=True (the key -> query "
+                             "direction has no negatives otherwise)")
+        if labels is not None:
+            raise ValueError("labels need in_batch_negatives=True (they select positives among "
+                             "the in-batch keys)")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
+            raise ValueError(f"temperature must be a number or a 1-element floating tensor, got "
+                             f"shape {tuple(temperature.shape)} dtype {temperature.dtype}")
+        if temperature.device != query.device and temperature.device.type != "cpu":
+            raise ValueError(f"temperature is on {temperature.device} but query is on "
+                             f"{query.device}")
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a positive number or a 1-element tensor, got "
+                         f"{temperature!r}")
+    elif not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (m,):
+            raise ValueError(f"weights must be a tensor of shape (M,) = ({m},), got "
+                             f"{getattr(weights, 'shape', type(weights).__name__)}")
+        if not weights.dtype.is_floating_point:
+            raise ValueError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if weights.device != query.device:
+            raise ValueError(f"weights is on {weights.device} but query is on {query.device}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (m,):
+            raise ValueError(f"labels must be a tensor of shape (M,) = ({m},), got "
+                             f"{getattr(labels, 'shape', type(labels).__name__)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+
+
+def _batched(t):
+    """Whether t is (or wraps) a vmap BatchedTensor, whose values cannot be read."""
+    fc = torch._C._functorch
+    while isinstance(t, torch.Tensor) and fc.is_functorch_wrapped_tensor(t):
+        if fc.is_batchedtensor(t):
+            return True
+        t = fc.get_unwrapped(t)
+    return False
+
+
+def _check_values(tensors, temperature):
+    """NaN/inf in the named tensors or a non-positive temperature tensor: ValueError. One
+    host sync; which input is bad is worked out on failure."""
+    if any(_batched(t) for _, t in tensors) or _batched(temperature):
+        return  # under vmap values cannot be read
+    flags = [torch.isfinite(t.detach()).all() for _, t in tensors]
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.detach().reshape(()).to(tensors[0][1].device)
+        flags.append(torch.isfinite(t) & (t > 0))
+    ok = torch.stack(flags).tolist()
+    for (name, _), good in zip(tensors, ok):
+        if not good:
+            raise ValueError(f"{name} holds NaN or inf values")
+    if isinstance(temperature, torch.Tensor) and not ok[-1]:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature.item()!r}")
+
+
+# ------------------------------------------------------------------ shared math
+# _inv_norms and _chain repeat the helpers of ops/nt_xent.py (merge candidates).
+def _inv_norms(u, dtype):
+    """1 / max(|u_i|, eps) in `dtype`, and the mask norm >= eps where the normalisation's
+    gradient goes through the norm (F.normalize's clamp)."""
+    norm = torch.linalg.vector_norm(u, dim=1, dtype=dtype)
+    return 1.0 / norm.clamp_min(_EPS), norm >= _EPS
+
+
+def _chain(zh, dzh, r, through, normalize):
+    """dL/du from dL/dzhat, zhat = r u: r (dzhat - zhat (zhat . dzhat)) where the norm is at
+    least eps (below it zhat = u / eps is linear in u)."""
+    if not normalize:
+        return dzh
+    proj = (zh * dzh).sum(1, keepdim=True) * through[:, None]
+    return (dzh - zh * proj) * r[:, None]
+
+
+def _prepared(u, cdt, normalize):
+    """(zhat in cdt, r, through) of a row matrix, or Nones for a missing one."""
+    if u is None:
+        return None, None, None
+    r, through = _inv_norms(u, cdt)
+    zh = u.to(cdt) * r[:, None] if normalize else u.to(cdt)
+    return zh, r, through
+
+
+def _cpu_block(cols):
+    return max(16, min(1024, _CPU_BLOCK_ELEMS // max(cols, 1)))
+
+
+def _pos_term(S, s, e, keys_r, keys_c, ncol):
+    """mean of S over each row's positives and the counts: row s + t of the block pairs with
+    column s + t (keys None), or with every column of its key."""
+    if keys_r is None:
+        return S.diagonal(offset=s)[: e - s], None
+    same = keys_r[s:e, None] == keys_c[None, :ncol]
+    c = same.sum(1)
+    return torch.where(same, S[:, :ncol], torch.zeros((), dtype=S.dtype, device=S.device)).sum(1) / c, c
+
+
+def _torch_forward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch):
+    """PyTorch path over row blocks. xh (Cq, D) normalised queries, yh (Ck, D) keys (the local
+    M rows first, then other ranks' rows), nh (Q, D) or None. Returns the per-row losses (M, or
+    2M when symmetric), lse of the query rows (Cq,) and of the key rows (Ck,) (+inf beyond M and
+    for a direction not computed), positive counts (M,) of each direction (None: one)."""
+    dt, dev = xh.dtype, xh.device
+    Cq, Ck = xh.shape[0], yh.shape[0]
+    xs = xh * inv_tau
+    lse1 = torch.full((Cq,), float("inf"), dtype=dt, device=dev)
+    lse2 = torch.full((Ck,), float("inf"), dtype=dt, device=dev)
+    loss1 = torch.empty(M, dtype=dt, device=dev)
+    cnt1 = cnt2 = None
+    if in_batch:
+        cols = torch.cat([yh, nh]) if nh is not None else yh
+        B = _cpu_block(cols.shape[0])
+        if keys_x is not None:
+            cnt1 = torch.empty(M, dtype=torch.int64, device=dev)
+        for s in range(0, M, B):
+            e = min(s + B, M)
+            S = torch.mm(xs[s:e], cols.t())
+            pos, c = _pos_term(S, s, e, keys_x, keys_y, Ck)
+            if c is not None:
+                cnt1[s:e] = c
+            lse1[s:e] = torch.logsumexp(S, 1)
+            loss1[s:e] = lse1[s:e] - pos
+    else:
+        B = _cpu_block(nh.shape[0])
+        for s in range(0, M, B):
+            e = min(s + B, M)
+            diag = (xs[s:e] * yh[s:e]).sum(1)
+            lse = torch.logaddexp(diag, torch.logsumexp(torch.mm(xs[s:e], nh.t()), 1))
+            lse1[s:e] = lse
+            loss1[s:e] = lse - diag
+    if not symmetric:
+        return loss1, lse1, lse2, cnt1, cnt2
+    ys = yh * inv_tau
+    loss2 = torch.empty(M, dtype=dt, device=dev)
+    if keys_y is not None:
+        cnt2 = torch.empty(M, dtype=torch.int64, device=dev)
+    B = _cpu_block(Cq)
+    for s in range(0, M, B):
+        e = min(s + B, M)
+        T = torch.mm(ys[s:e], xh.t())
+        pos, c = _pos_term(T, s, e, keys_y, keys_x, Cq)
+        if c is not None:
+            cnt2[s:e] = c
+        lse2[s:e] = torch.logsumexp(T, 1)
+        loss2[s:e] = lse2[s:e] - pos
+    return torch.cat([loss1, loss2]), lse1, lse2, cnt1, cnt2
+
+
+def _sub_positives(A, s, e, keys_r, keys_c, ncol, wr, wc):
+    """A[t, j] -= wr[s + t] + wc[j] where column j is a positive of row s + t (wc may be None)."""
+    if keys_r is None:
+        rows = torch.arange(e - s, device=A.device)
+        v = wr[s:e] if wc is None else wr[s:e] + wc[s:e]
+        A[rows, rows + s] -= v
+        return
+    same = keys_r[s:e, None] == keys_c[None, :ncol]
+    v = wr[s:e, None] if wc is None else wr[s:e, None] + wc[None, :ncol]
+    A[:, :ncol] -= torch.where(same, v, torch.zeros((), dtype=A.dtype, device=A.device))
+
+
+def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch, lse1, lse2,
+                    g, gy, h, hy, need_y, need_n):
+    """dL/dxhat (Cq, D), dL/dyhat (Ck, D) and dL/dnhat (Q, D) (None where not needed) by row
+    blocks: dS_ij = g_i (P_ij - Y_ij) + h_j (P'_ji - Y'_ji) with P, P' the softmaxes of the
+    two directions and Y, Y' their normalised positive masks; dxhat = dS [yhat; nhat] / tau,
+    d[yhat; nhat] = dS^T xhat / tau. g, gy = g / cnt: (M,) upstream of the query rows; h, hy
+    of the key rows (None unless symmetric)."""
+    Cq, Ck = xh.shape[0], yh.shape[0]
+    xs = xh * inv_tau
+    dx = torch.empty_like(xh)
+    dy = torch.zeros_like(yh) if need_y else None
+    dn = torch.zeros_like(nh) if need_n else None
+    if in_batch:
+        cols = torch.cat([yh, nh]) if nh is not None else yh
+        B = _cpu_block(cols.shape[0])
+        for s in range(0, M, B):
+            e = min(s + B, M)
+            S = torch.mm(xs[s:e], cols.t())
+            A = torch.sub(S, lse1[s:e, None]).exp_().mul_(g[s:e, None])
+            if symmetric:
+                A[:, :M] += S[:, :M].sub_(lse2[None, :M]).exp_().mul_(h[None, :])
+            del S
+            _sub_positives(A, s, e, keys_x, keys_y, Ck, gy, hy)
+            torch.mm(A, cols, out=dx[s:e])
+            if need_y:
+                dy.addmm_(A[:, :Ck].t(), xh[s:e])
+            if need_n:
+                dn.addmm_(A[:, Ck:].t(), xh[s:e])
+        if symmetric and Cq > M:  # other ranks' queries: only the key -> query terms
+            B = _cpu_block(M)
+            for s in range(M, Cq, B):
+                e = min(s + B, Cq)
+                A = torch.mm(xs[s:e], yh[:M].t()).sub_(lse2[None, :M]).exp_().mul_(h[None, :])
+                if keys_x is not None:
+                    same = keys_x[s:e, None] == keys_y[None, :M]
+                    A -= torch.where(same, hy[None, :], torch.zeros((), dtype=A.dtype))
+                torch.mm(A, yh[:M], out=dx[s:e])
+                if need_y:
+                    dy[:M].addmm_(A.t(), xh[s:e])
+    else:
+        B = _cpu_block(nh.shape[0])
+        a_d = torch.empty(M, dtype=xh.dtype, device=xh.device)
+        for s in range(0, M, B):
+            e = min(s + B, M)
+            A = torch.mm(xs[s:e], nh.t()).sub_(lse1[s:e, None]).exp_().mul_(g[s:e, None])
+            diag = (xs[s:e] * yh[s:e]).sum(1)
+            a_d[s:e] = g[s:e] * (torch.exp(diag - lse1[s:e]) - 1)  # positive column
+            torch.mm(A, nh, out=dx[s:e])
+            dx[s:e] += a_d[s:e, None] * yh[s:e]
+            if need_n:
+                dn.addmm_(A.t(), xh[s:e])
+        if need_y:
+            dy = a_d[:, None] * xh
+    dx *= inv_tau
+    if dy is not None:
+        dy *= inv_tau
+    if dn is not None:
+        dn *= inv_tau
+    return dx, dy, dn
+
+
+def _grads_create_graph(x, y, n, tau, tau_value, keys_x, keys_y, grad_rows, conf, cdt):
+    """The same gradients from plain PyTorch ops on the materialised (Cq, Ck + Q) matrix, so
+    that autograd can differentiate them again (double backward, torch.func)."""
+    M, symmetric, in_batch, normalize = conf[:4]
+    dtypes = [t.dtype for t in (x, y, n) if t is not None]
+    xh, yh = x.to(cdt), y.to(cdt)
+    nh = n.to(cdt) if n is not None else None
+    rx = ry = rn = None
+    if normalize:
+        def norm(u):
+            nrm = torch.linalg.vector_norm(u, dim=1)
+            r = 1.0 / nrm.clamp_min(_EPS)
+            return u * r[:, None], r, nrm >= _EPS
+        xh, rx, tx = norm(xh)
+        yh, ry, ty = norm(yh)
+        if nh is not None:
+            nh, rn, tn = norm(nh)
+    t = tau.reshape(()).to(cdt) if tau is not None else tau_value
+    Cq, Ck = xh.shape[0], yh.shape[0]
+    cols = torch.cat([yh, nh]) if nh is not None else yh
+    S = xh @ cols.t() / t
+    dev = x.device
+    ar = torch.arange(M, device=dev)
+    if keys_x is None:
+        pos1 = ar[:, None] == torch.arange(Ck, device=dev)[None, :]
+    else:
+        pos1 = keys_x[:M, None] == keys_y[None, :]
+    valid = torch.ones(M, cols.shape[0], dtype=torch.bool, device=dev)
+    if not in_batch:
+        valid[:, :Ck] = pos1
+    P1 = torch.softmax(S[:M].masked_fill(~valid, float("-inf")), 1)
+    Y1 = pos1.to(cdt) / pos1.sum(1, keepdim=True)
+    g = grad_rows[:M].to(cdt)
+    dS1 = g[:, None] * (P1 - F.pad(Y1, (0, cols.shape[0] - Ck)))
+    dS = torch.cat([dS1, torch.zeros(Cq - M, cols.shape[0], dtype=cdt, device=dev)])
+    if symmetric:
+        T = S[:, :M].t()  # (M, Cq): key rows against all queries
+        if keys_x is None:
+            pos2 = ar[:, None] == torch.arange(Cq, device=dev)[None, :]
+        else:
+            pos2 = keys_y[:M, None] == keys_x[None, :]
+        P2 = torch.softmax(T, 1)
+        h = grad_rows[M:].to(cdt)
+        dT = h[:, None] * (P2 - pos2.to(cdt) / pos2.sum(1, keepdim=True))
+        dS = torch.cat([dS[:, :M] + dT.t(), dS[:, M:]], 1)
+    dxh = dS @ cols / t
+    dcols = dS.t() @ xh / t
+    dyh, dnh = dcols[:Ck], dcols[Ck:]
+    gtau = None
+    if tau is not None:
+        gtau = (-(xh * dxh).sum() / t).to(tau.dtype).reshape(tau.shape)
+    if normalize:
+        dxh = _chain(xh, dxh, rx, tx, True)
+        dyh = _chain(yh, dyh, ry, ty, True)
+        if nh is not None:
+            dnh = _chain(nh, dnh, rn, tn, True)
+    return (dxh.to(dtypes[0]), dyh.to(dtypes[0]),
+            dnh.to(dtypes[0]) if n is not None else None, gtau)
+
+
+# ------------------------------------------------------------------ autograd
+@functools.lru_cache(maxsize=16)
+def _const_inv_tau(tau_value, device):
+    return torch.full((1,), 1.0 / tau_value, device=device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _index_keys(m, device):
+    return torch.arange(m, device=device, dtype=torch.int32)
+
+
+class _InfoNCERows(torch.autograd.Function):
+    """Unweighted per-row losses of the first M rows of x (queries, (Cq, D)) against the
+    columns [y; n] (keys (Ck, D), negatives (Q, D) or None), and of the first M rows of y
+    against x when symmetric.
+
+    keys_x / keys_y: int positive keys of the rows of x / y (query i and key j are positives
+    iff equal), or None: query i <-> key i only. tau: temperature tensor or None (then
+    tau_value). conf = (M, symmetric, in_batch, normalize, use_triton, block_d).
+    Returns (rows, lse1, lse2, cnt1, cnt2); only rows is differentiable."""
+
+    @staticmethod
+    def forward(x, y, n, tau, keys_x, keys_y, tau_value, conf):
+        M, symmetric, in_batch, normalize, use_triton, block_d = conf
+        if use_triton:
+            k = _kernels()
+            inv_tau = ((1.0 / tau.detach().to(device=x.device, dtype=torch.float32)).reshape(1)
+                       if tau is not None else _const_inv_tau(tau_value, x.device))
+            x, y = x.contiguous(), y.contiguous()
+            n = n.contiguous() if n is not None else None
+            kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
+            ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
+            rx, _ = _inv_norms(x, torch.float32)
+            ry, _ = _inv_norms(y, torch.float32)
+            rn = _inv_norms(n, torch.float32)[0] if n is not None else None
+            loss1, lse1, cnt1 = k.forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize,
+                                          not in_batch, block_d)
+            if symmetric:
+                loss2, lse2, cnt2 = k.forward(y, ry, ky, x, rx, kx, None, None, inv_tau, M,
+                                              normalize, False, block_d)
+                return torch.cat([loss1, loss2]), lse1, lse2, cnt1, cnt2
+            lse2 = torch.full((y.shape[0],), float("inf"), device=x.device)
+            return loss1, lse1, lse2, cnt1, cnt1
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        tv = float(tau.detach()) if tau is not None else tau_value
+        xh, yh, nh = (_prepared(u, cdt, normalize)[0] for u in (x, y, n))
+        rows, lse1, lse2, cnt1, cnt2 = _torch_forward(xh, yh, nh, 1.0 / tv, M, keys_x, keys_y,
+                                                      symmetric, in_batch)
+        one = torch.ones(M, dtype=torch.int64, device=x.device)
+        return rows, lse1, lse2, one if cnt1 is None else cnt1, one if cnt2 is None else cnt2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, y, n, tau, keys_x, keys_y, tau_value, conf = inputs
+        rows, lse1, lse2, cnt1, cnt2 = output
+        ctx.mark_non_differentiable(lse1, lse2, cnt1, cnt2)
+        ctx.save_for_backward(x, y, n, tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2)
+        ctx.tau_value = tau_value
+        ctx.conf = conf
+
+    @staticmethod
+    def backward(ctx, grad_rows, *_):
+        x, y, n, tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2 = ctx.saved_tensors
+        M, symmetric, in_batch, normalize, use_triton, block_d = ctx.conf
+        need_x, need_y, need_n, need_tau = ctx.needs_input_grad[:4]
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if torch.is_grad_enabled():  # create_graph / torch.func: differentiable recompute
+            gx, gy, gn, gt = _grads_create_graph(x, y, n, tau, ctx.tau_value, keys_x, keys_y,
+                                                 grad_rows, ctx.conf, cdt)
+            return (gx if need_x else None, gy if need_y else None, gn if need_n else None,
+                    gt if need_tau else None, None, None, None, None)
+        grad_rows = grad_rows.to(cdt)
+        g = grad_rows[:M]
+        gpos = g / cnt1.to(cdt)
+        h = hpos = None
+        if symmetric:
+            h = grad_rows[M:]
+            hpos = h / cnt2.to(cdt)
+        tv = float(tau.detach()) if tau is not None else ctx.tau_value
+        (xh, rx, tx), (yh, ry, ty), (nh, rn, tn) = (_prepared(u, cdt, normalize)
+                                                    for u in (x, y, n))
+        need_n = need_n and n is not None
+        if use_triton:
+            k = _kernels()
+            inv_tau = torch.full((1,), 1.0 / tv, device=x.device, dtype=torch.float32)
+            kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
+            ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
+            rx32, ry32 = rx.float(), ry.float()
+            rn32 = rn.float() if rn is not None else None
+            dxh, dyh, dnh = k.backward(
+                x.contiguous(), rx32, kx, y.contiguous(), ry32, ky,
+                n.contiguous() if n is not None else None, rn32, inv_tau, M, normalize,
+                not in_batch, symmetric, lse1, lse2, g.float(), gpos.float(),
+                h.float() if h is not None else None, hpos.float() if h is not None else None,
+                need_x or need_tau, need_y, need_n, block_d)
+        else:
+            dxh, dyh, dnh = _torch_backward(xh, yh, nh, 1.0 / tv, M, keys_x, keys_y, symmetric,
+                                            in_batch, lse1, lse2, g, gpos, h, hpos, need_y,
+                                            need_n)
+        gt = None
+        if need_tau and tau is not None:
+            gt = (-(xh * dxh.to(cdt)).sum() / tv).to(tau.dtype).reshape(tau.shape)
+        gx = _chain(xh, dxh.to(cdt), rx, tx, normalize).to(x.dtype) if need_x else None
+        gy = _chain(yh, dyh.to(cdt), ry, ty, normalize).to(y.dtype) if need_y else None
+        gn = _chain(nh, dnh.to(cdt), rn, tn, normalize).to(n.dtype) if need_n else None
+        return gx, gy, gn, gt, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, y, n, tau, keys_x, keys_y, tau_value, conf):
+        # one call per batch element (the kernels have no batch dimension)
+        args = (x, y, n, tau, keys_x, keys_y)
+        outs = []
+        for b in range(info.batch_size):
+            sl = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims[:6])]
+            outs.append(_InfoNCERows.apply(*sl, tau_value, conf))
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * 5
+
+
+# ------------------------------------------------------------------ distributed gather
+def _dist_world(gather_distributed):
+    if not gather_distributed:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _check_same_rows(m, device, world):
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=device))
+    sizes = [int(s) for s in sizes]
+    if any(s != m for s in sizes):
+        raise ValueError(f"gather_distributed needs the same M on every rank, got {sizes}")
+
+
+def _gather_rows(local, rank, world):
+    """[local; the other ranks' rows in rank order]; gradients of the other ranks' copies flow
+    back to their owners (all_gather's backward sums them)."""
+    import torch.distributed.nn.functional as dist_nn
+
+    gathered = dist_nn.all_gather(local.contiguous())
+    return torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
+
+
+def _gather_plain(t, rank, world):
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat([t] + [parts[q] for q in range(world) if q != rank])
+
+
+# ------------------------------------------------------------------ public API
+def _use_triton(z, backend):
+    if backend == "torch":
+        return False
+    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
+        if z.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"the Triton kernels take query/key of dtype "
+                             f"float32/float16/bfloat16, got {z.dtype}")
+        return True
+    if backend != "auto":
+        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return z.is_cuda and z.dtype in _TRITON_DTYPES
+
+
+def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, normalize=True,
+             reduction="mean", weights=None, labels=None, gather_distributed=False,
+             in_batch_negatives=True, _backend="auto", _block_d=None):
+    """InfoNCE of query (M, D) against key (M, D) (row i's positive is k_i) and the optional
+    negatives (Q, D), without the (M, M + Q) logit matrix.
+
+    Returns a scalar ("mean" over the M rows, 2M when symmetric; or "sum") or the per-row
+    losses ("none": the M query rows, then the M key rows when symmetric), in the dtype of
+    query. See the module docstring for the options. Values and gradients equal
+    `sdclr_fast.ops.reference.info_nce_reference`."""
+    _check(query, key, temperature, negatives, symmetric, normalize, reduction, weights, labels,
+           in_batch_negatives)
+    use_triton = _use_triton(query, _backend)
+    if negatives is not None and negatives.shape[0] == 0:
+        negatives = None
+    named = [("query", query), ("key", key)]
+    if negatives is not None:
+        named.append(("negatives", negatives))
+    _check_values(named, temperature)
+    m = query.shape[0]
+    world = _dist_world(gather_distributed) if in_batch_negatives else None
+    x, y = query, key
+    keys_x = keys_y = None
+    if labels is not None:
+        keys_x = labels.to(query.device)
+    if world is not None:
+        _check_same_rows(m, query.device, world[1])
+        y = _gather_rows(key, *world)
+        if symmetric:
+            x = _gather_rows(query, *world)
+        if labels is not None:
+            all_lab = _gather_plain(keys_x, *world)
+            keys_x = all_lab if symmetric else keys_x
+            keys_y = all_lab
+    elif labels is not None:
+        keys_y = keys_x
+    if keys_x is not None:
+        # labels of any range as int32 ids (the kernels compare int32 keys)
+        inv = torch.unique(torch.cat([keys_x, keys_y]), return_inverse=True)[1].to(torch.int32)
+        keys_x, keys_y = inv[: keys_x.shape[0]], inv[keys_x.shape[0]:]
+    tau = temperature if isinstance(temperature, torch.Tensor) else None
+    tau_value = None if tau is not None else float(temperature)
+    conf = (m, symmetric, in_batch_negatives, normalize, use_triton, _block_d)
+    rows = _InfoNCERows.apply(x, y, negatives, tau, keys_x, keys_y, tau_value, conf)[0]
+    if weights is not None:
+        w = weights.to(rows.dtype)
+        rows = rows * (torch.cat([w, w]) if symmetric else w)
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.mean()
+    return out.to(query.dtype)
+
+
+class InfoNCELoss(nn.Module):
+    """Module form of `info_nce`: `InfoNCELoss(temperature, symmetric=..., normalize=...,
+    reduction=..., gather_distributed=..., in_batch_negatives=...)(query, key, negatives=None,
+    weights=None, labels=None)`. A tensor temperature is kept as a buffer (an nn.Parameter as
+    a learnable parameter, e.g. CLIP's)."""
+
+    def __init__(self, temperature=0.2, *, symmetric=False, normalize=True, reduction="mean",
+                 gather_distributed=False, in_batch_negatives=True):
+        super().__init__()
+        if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
+            self.register_buffer("temperature", temperature)
+        else:
+            self.temperature = temperature
+        self.symmetric = symmetric
+        self.normalize = normalize
+        self.reduction = reduction
+        self.gather_distributed = gather_distributed
+        self.in_batch_negatives = in_batch_negatives
+
+    def forward(self, query, key, negatives=None, weights=None, labels=None):
+        return info_nce(query, key, self.temperature, negatives=negatives,
+                        symmetric=self.symmetric, normalize=self.normalize,
+                        reduction=self.reduction, weights=weights, labels=labels,
+                        gather_distributed=self.gather_distributed,
+                        in_batch_negatives=self.in_batch_negatives)
+
+
+# ------------------------------------------------------------------ memory bank / MoCo
+class MemoryBank(nn.Module):
+    """A FIFO queue of past key embeddings (MoCo's queue, lightly's MemoryBankModule).
+
+    Starts as `size` random L2-normalised rows of `dim` (as lightly initialises its bank);
+    `negatives()` returns the bank detached, for `info_nce(..., negatives=bank.negatives())`;
+    `enqueue(keys)` then overwrites the oldest rows with the (detached) new keys, wrapping
+    around the end (a batch larger than the bank keeps its last `size` rows). The rows and
+    the write pointer are buffers, so the bank is saved in state_dict and moves with .to().
+    `gather_distributed=True` enqueues the keys of all ranks (MoCo's concat_all_gather), so
+    every rank keeps the same bank.
+
+    MoCo step (momentum encoder f_k, queue of 65,536 keys, tau = 0.2):
+
+        bank = MemoryBank(65536, 128).to(device)
+        q = f_q(x1)
+        with torch.no_grad():
+            momentum_update_(f_k, f_q, 0.999)
+            k = f_k(x2)
+        loss = info_nce(q, k, 0.2, negatives=bank.negatives(), in_batch_negatives=False)
+        loss.backward()
+        bank.enqueue(k)                       # this step's keys are negatives from the next
+                                              # step on
+    """
+
+    def __init__(self, size, dim, *, dtype=torch.float32, device=None, gather_distributed=False,
+                 generator=None):
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        bank = torch.randn(size, dim, generator=generator, dtype=torch.float32)
+        self.register_buffer("bank", F.normalize(bank, dim=1).to(device=device, dtype=dtype))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
+        self.gather_distributed = gather_distributed
+
+    @property
+    def size(self):
+        return self.bank.shape[0]
+
+    def negatives(self):
+        """A detached copy of the bank: enqueue() may run before the loss's backward (as in
+        MoCo's forward) without changing the negatives that backward sees."""
+        return self.bank.detach().clone()
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Write keys (B, dim) over the oldest rows (FIFO, wrapping around)."""
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"keys must be a (B, {self.bank.shape[1]}) tensor, got "
+                             f"{getattr(keys, 'shape', type(keys).__name__)}")
+        keys = keys.detach()
+        world = _dist_world(self.gather_distributed)
+        if world is not None:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(keys) for _ in range(world[1])]
+            dist.all_gather(parts, keys.contiguous())
+            keys = torch.cat(parts)  # rank order: the same bank on every rank
+        total = keys.shape[0]
+        end = (int(self.ptr) + total) % self.size
+        # as if written one by one: only the last `size` keys survive, ending at `end`
+        keys = keys[-self.size:].to(self.bank.dtype)
+        b = keys.shape[0]
+        p = (end - b) % self.size
+        first = min(b, self.size - p)
+        self.bank[p:p + first] = keys[:first]
+        if b > first:
+            self.bank[: b - first] = keys[first:]
+        self.ptr.fill_(end)
+
+    def extra_repr(self):
+        return f"size={self.size}, dim={self.bank.shape[1]}, dtype={self.bank.dtype}"
+
+
+@torch.no_grad()
+def momentum_update_(target, online, momentum=0.999):
+    """EMA of the online parameters into the target network, in place (MoCo / BYOL / MoCLR):
+    p_t <- momentum p_t + (1 - momentum) p_o. Buffers (BN running statistics) are left to
+    the target's own forwards, as in MoCo."""
+    for pt, po in zip(target.parameters(), online.parameters()):
+        pt.lerp_(po.to(pt.dtype), 1.0 - momentum)
