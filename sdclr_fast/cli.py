@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .train.config import PretrainConfig
+from .nn import METHODS
+from .train.config import KMEANS_BACKENDS, KMEANS_METRICS, STUDENT_INITS, DnCConfig, PretrainConfig
+from .train.models import EMBEDDINGS
 
+RUN_METHODS = METHODS + ("dnc",)
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 _DEFAULTS = PretrainConfig()
 
@@ -29,7 +32,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     (the papers' values, from PretrainConfig) are filled in by :func:`config_from_args`."""
     d = _DEFAULTS
     g = p.add_argument_group("run")
-    g.add_argument("--method", choices=("simclr", "sdclr", "dnc"), default=None,
+    g.add_argument("--method", choices=RUN_METHODS, default=None,
                    help=f"pretraining method (default {d.method}): simclr = both views through the dense "
                         f"network; sdclr = view 2 through the pruned self-competitor; dnc = Divide and "
                         f"Contrast (base model, k-means experts, distillation)")
@@ -139,8 +142,6 @@ def config_from_args(args, **overrides) -> PretrainConfig:
 
 def cmd_pretrain(args) -> int:
     if args.method == "dnc":
-        from .train.dnc import run_dnc
-
         run_dnc(args)
         return 0
     from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -160,6 +161,94 @@ def cmd_pretrain(args) -> int:
                     init_checkpoint=args.init_checkpoint)
     print(f"checkpoint: {path}")
     return 0
+
+
+# ---------------------------------------------------------------- pretrain --method dnc
+_DNC_FLAGS = {  # DnCConfig field -> flag
+    "k": "--dnc-k", "base_method": "--dnc-base-method", "base_epochs": "--dnc-base-epochs",
+    "expert_epochs": "--dnc-expert-epochs", "student_epochs": "--dnc-student-epochs",
+    "kmeans_iters": "--dnc-kmeans-iters", "kmeans_backend": "--dnc-kmeans-backend",
+    "kmeans_metric": "--dnc-kmeans-metric", "cluster_on": "--dnc-cluster-on",
+    "distill_target": "--dnc-distill-target", "distill_lr": "--dnc-distill-lr",
+    "head_hidden": "--dnc-head-hidden", "base_weight": "--dnc-base-weight",
+    "expert_weight": "--dnc-expert-weight", "student_init": "--dnc-student-init",
+}
+
+
+def add_dnc_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --dnc-* flags of ``sdclr-fast pretrain --method dnc``. Their argparse defaults are None
+    so that ``--resume`` can tell given flags from stored options; the documented defaults come
+    from :class:`DnCConfig`."""
+    d = DnCConfig()
+    g = parser.add_argument_group("DnC (--method dnc)")
+    g.add_argument("--dnc-k", type=int, default=None,
+                   help=f"number of k-means clusters, i.e. experts (default {d.k}; DnC uses 5 or 10)")
+    g.add_argument("--dnc-base-method", choices=METHODS, default=None,
+                   help=f"contrastive method of the base model and the experts (default {d.base_method}; "
+                        f"sdclr gives an SDCLR base, a combination not published before)")
+    g.add_argument("--dnc-base-epochs", type=int, default=None,
+                   help="epochs of the base model on the whole training split (default: --epochs)")
+    g.add_argument("--dnc-expert-epochs", type=int, default=None,
+                   help="epochs of each expert on its own cluster (default: --epochs)")
+    g.add_argument("--dnc-student-epochs", type=int, default=None,
+                   help="epochs of the distillation into the student (default: --epochs)")
+    g.add_argument("--dnc-kmeans-iters", type=int, default=None,
+                   help=f"maximum Lloyd iterations of k-means (default {d.kmeans_iters})")
+    g.add_argument("--dnc-kmeans-backend", choices=KMEANS_BACKENDS, default=None,
+                   help="k-means implementation: faiss (CPU), torch (on the training device) or auto = "
+                        "faiss where installed (default auto)")
+    g.add_argument("--dnc-kmeans-metric", choices=KMEANS_METRICS, default=None,
+                   help=f"spherical (cosine) or Euclidean k-means on the L2-normalised embeddings "
+                        f"(default {d.kmeans_metric})")
+    g.add_argument("--dnc-cluster-on", choices=EMBEDDINGS, default=None,
+                   help=f"base embedding that is clustered: backbone features or projection-head output "
+                        f"(default {d.cluster_on})")
+    g.add_argument("--dnc-distill-target", choices=EMBEDDINGS, default=None,
+                   help=f"teacher embedding the student's heads regress (default {d.distill_target})")
+    g.add_argument("--dnc-distill-lr", type=float, default=None,
+                   help="peak SGD learning rate of the student (default 0.1 x batch size / 256)")
+    g.add_argument("--dnc-head-hidden", type=int, default=None,
+                   help="hidden width of the student's prediction heads (default: backbone feature size)")
+    g.add_argument("--dnc-base-weight", type=float, default=None,
+                   help=f"weight of the base-teacher regression term (default {d.base_weight:g})")
+    g.add_argument("--dnc-expert-weight", type=float, default=None,
+                   help=f"weight of the expert-teacher regression term (default {d.expert_weight:g})")
+    g.add_argument("--dnc-student-init", choices=STUDENT_INITS, default=None,
+                   help=f"student initialisation: a fresh network or the base model's weights "
+                        f"(default {d.student_init})")
+
+
+def dnc_configs_from_args(args):
+    """(base PretrainConfig, DnCConfig) for ``pretrain --method dnc``. With --resume the stored
+    configuration of the run is used and the flags given override it (a change that alters the
+    result is then refused by the pipeline)."""
+    from .train.dnc import stored_configs
+
+    given = {f: getattr(args, f"dnc_{f}") for f in _DNC_FLAGS if getattr(args, f"dnc_{f}", None) is not None}
+    stored = stored_configs(args.run_dir) if args.resume else None
+    if stored is not None:
+        base, options = stored
+        explicit = _explicit(args)
+        explicit.pop("method", None)
+        base, options = base.replace(**explicit), DnCConfig.from_dict({**options.to_dict(), **given})
+    else:
+        options = DnCConfig(**given)
+        base = config_from_args(args, method=options.base_method)
+    return base.replace(method=options.base_method), options
+
+
+def run_dnc(args):
+    """``sdclr-fast pretrain --method dnc``: returns the student's checkpoint."""
+    from .train import dnc as dnc_module
+
+    if args.stop_at_epoch is not None:
+        raise ValueError("--stop-at-epoch is not supported with --method dnc; interrupt the run and "
+                         "--resume it (each stage continues from its last epoch)")
+    base, options = dnc_configs_from_args(args)
+    path = dnc_module.dnc(base, options, run_dir=Path(args.run_dir), resume=args.resume,
+                          init_checkpoint=args.init_checkpoint)
+    print(f"checkpoint: {path}")
+    return path
 
 
 # ---------------------------------------------------------------- eval
@@ -185,30 +274,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="Linear evaluation", help="report title")
 
 
-def _shots(value: float):
-    return int(value) if float(value).is_integer() and value >= 1 else float(value)
-
-
-def evaluate_runs(run_dirs, *, probe="all", shots=0.01, probe_epochs=None, knn_k=200, batch_size=512,
-                  device=None, data=None) -> dict:
-    """{label: {probe: EvalResult}} for each run (labels made unique)."""
-    from .train.evaluate import evaluate_checkpoint, probe_names
-
-    probes = probe_names(probe, _shots(shots))
-    opts = {"epochs": probe_epochs} if probe_epochs is not None else None
-    results = {}
-    for rd in run_dirs:
-        label, res = evaluate_checkpoint(rd, probes=probes, data=data, device=device, batch_size=batch_size,
-                                         probe_options=opts, knn_k=knn_k)
-        base, i = label, 2
-        while label in results:
-            label, i = f"{base} #{i}", i + 1
-        results[label] = res
-    return results
-
-
 def cmd_eval(args) -> int:
-    from .train.evaluate import format_table, resolve_checkpoint, write_outputs
+    from .train.evaluate import evaluate_runs, format_table, resolve_checkpoint, write_outputs
 
     results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
                             knn_k=args.knn_k, batch_size=args.batch_size, device=args.device)
@@ -259,7 +326,7 @@ def cmd_bench(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", nargs="+", choices=("simclr", "sdclr", "dnc"), default=["simclr", "sdclr"],
+    p.add_argument("--methods", nargs="+", choices=RUN_METHODS, default=["simclr", "sdclr"],
                    help="methods to pretrain and compare (default: simclr sdclr)")
     p.add_argument("--budget-minutes", type=float, default=15.0,
                    help="wall-clock budget of the whole demo; the number of epochs is chosen from a "
@@ -295,8 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain with SimCLR, SDCLR or DnC; checkpoints every epoch, --resume "
                                    "continues a killed run. Defaults are the SDCLR paper's CIFAR settings.")
     add_pretrain_arguments(p)
-    from .train.dnc import add_dnc_arguments
-
     add_dnc_arguments(p)
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("eval", help="evaluate pretrained runs (linear probe, few-shot, kNN)",

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdclr_fast.data import (DATASETS, BatchIterator, EvalTransform, ImageSet, TwoViewAugment, build_dataset,
+from sdclr_fast.data import (DATASETS, BatchIterator, ImageSet, TwoViewAugment, build_dataset,
                              eval_transform, load_split, long_tail_counts, save_split)
 from sdclr_fast.data import splits as S
 from sdclr_fast.data.cifar import cifar_protocol_split
@@ -566,7 +566,6 @@ def test_eval_transform_exact():
     out = eval_transform(x, mean, std)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(EvalTransform(mean, std)(x), out, rtol=0, atol=0)
     with pytest.raises(ValueError, match="uint8"):
         eval_transform(x.float(), mean, std)
 

@@ -11,8 +11,11 @@ import torch
 from sdclr_fast.data import ContrastiveData
 from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
 import sdclr_fast.train.pretrain as loop
-from sdclr_fast.train.dnc import (CLUSTERS_NAME, DnCConfig, _canonical, add_dnc_arguments, cluster_stage, dnc,
-                                  dnc_state, distill_student, embed_images, load_student, read_clusters)
+from sdclr_fast.cli import add_dnc_arguments
+from sdclr_fast.train.clustering import CLUSTERS_NAME, canonical_order, cluster_stage, embed_images, read_clusters
+from sdclr_fast.train.config import DnCConfig
+from sdclr_fast.train.distill import distill_student, load_student
+from sdclr_fast.train.dnc import dnc, dnc_state
 from sdclr_fast.train.kmeans import kmeans
 
 
@@ -138,7 +141,7 @@ def test_clusters_are_kmeans_of_normalised_base_features(uninterrupted):
     emb = embed_images(model, DATA.train, DATA, "features")
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(DATA.train)))
     res = kmeans(emb, 2, iters=50, seed=3, backend="torch")
-    want, _ = _canonical(res.assignments, 2)
+    want, _ = canonical_order(res.assignments, 2)
     assert torch.equal(read_clusters(run_dir)["assignments"], want)
 
 
@@ -175,7 +178,10 @@ def test_student_loss_decreases(uninterrupted):
     run_dir, _, _ = uninterrupted
     rows = [json.loads(r) for r in (run_dir / "student" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "epoch"]
-    assert len(losses) == 2 and all(0.0 <= v <= 8.0 for v in losses)
+    first_step = next(r["loss"] for r in rows if r["kind"] == "step")
+    # the student learns to regress its teachers: the second epoch's mean loss is clearly below
+    # the first's and below the untrained student's first step (~4.3 here, 3.6 after 2 epochs)
+    assert len(losses) == 2 and losses[1] < 0.95 * losses[0] and losses[1] < 0.9 * first_step
 
 
 # ---------------------------------------------------------------- kill and resume
@@ -301,7 +307,7 @@ def test_cluster_stage_record(uninterrupted):
 
 def test_canonical_numbering():
     a = torch.tensor([2, 2, 0, 1, 1, 1, 0, 2, 3])
-    new, order = _canonical(a, 4)
+    new, order = canonical_order(a, 4)
     # sizes: 0 -> 2, 1 -> 3, 2 -> 3, 3 -> 1; ties broken by first member (2 before 1)
     assert order == [2, 1, 0, 3]
     assert new.tolist() == [0, 0, 2, 1, 1, 1, 2, 0, 3]
@@ -341,7 +347,7 @@ def test_dnc_flags_parse_and_default_to_none():
 
 
 def test_cli_pretrain_dnc_flags_reach_the_pipeline(monkeypatch, tmp_path):
-    from sdclr_fast.cli import build_parser
+    from sdclr_fast.cli import build_parser, run_dnc
     import sdclr_fast.train.dnc as dnc_mod
 
     seen = {}
@@ -353,7 +359,7 @@ def test_cli_pretrain_dnc_flags_reach_the_pipeline(monkeypatch, tmp_path):
     monkeypatch.setattr(dnc_mod, "dnc", fake_dnc)
     args = build_parser().parse_args(["pretrain", "--method", "dnc", "--run-dir", str(tmp_path), "--epochs", "7",
                                       "--dnc-k", "3", "--dnc-base-method", "sdclr", "--dnc-student-epochs", "2"])
-    out = dnc_mod.run_dnc(args)
+    out = run_dnc(args)
     assert out == tmp_path / "student" / "checkpoint.pt"
     assert seen["options"].k == 3 and seen["options"].base_method == "sdclr" and seen["options"].student_epochs == 2
     assert seen["config"].method == "sdclr" and seen["config"].epochs == 7 and seen["resume"] is False

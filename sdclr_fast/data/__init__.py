@@ -10,7 +10,7 @@ Typical use::
 """
 from __future__ import annotations
 
-from .augment import EvalTransform, TwoViewAugment, eval_transform
+from .augment import TwoViewAugment, eval_transform
 from .base import ContrastiveData, ImageSet, check_image_size, load_split, save_split
 from .loader import Batch, BatchIterator
 from .splits import check_nonneg_int, check_ratio, long_tail_counts
@@ -77,6 +77,6 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
 
 
 __all__ = [
-    "DATASETS", "Batch", "BatchIterator", "ContrastiveData", "EvalTransform", "ImageSet", "TwoViewAugment",
+    "DATASETS", "Batch", "BatchIterator", "ContrastiveData", "ImageSet", "TwoViewAugment",
     "build_dataset", "eval_transform", "load_split", "long_tail_counts", "save_split",
 ]

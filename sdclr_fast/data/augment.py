@@ -31,20 +31,6 @@ def eval_transform(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float().div_(255.0) - m.to(x.device)).div_(s.to(x.device))
 
 
-class EvalTransform(nn.Module):
-    """Module form of :func:`eval_transform` with mean/std as buffers (moves with ``.to``)."""
-
-    def __init__(self, mean, std):
-        super().__init__()
-        m, s = _check_stats(mean, std, len(torch.as_tensor(mean).flatten()))
-        self.register_buffer("mean", m, persistent=False)
-        self.register_buffer("std", s, persistent=False)
-
-    def forward(self, x):
-        _check_batch(x, self.mean.shape[1], "EvalTransform")
-        return (x.float().div_(255.0) - self.mean).div_(self.std)
-
-
 class TwoViewAugment(nn.Module):
     """SDCLR / SimCLR two-view augmentation of a uint8 batch, all on the batch's device.
 

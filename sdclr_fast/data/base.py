@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import write_json
 from . import splits as _splits
 
 SPLIT_FILE = "split.json"
@@ -183,10 +184,7 @@ class ContrastiveData:
             "val": None if self.val is None else self.val.indices.tolist(),
             "test": self.test.indices.tolist(),
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)  # never leave a half-written split file behind
-        return path
+        return write_json(path, payload, what="the data split", indent=None)
 
     def __repr__(self) -> str:
         return f"ContrastiveData({self.summary()})"

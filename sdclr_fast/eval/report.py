@@ -1,12 +1,12 @@
 """Per-class accuracy plot (PNG) and a markdown report of the group metrics."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write, write_json as write_json_file, write_text
 from .metrics import GROUPS, METRICS, EvalResult, group_classes, mean_std
 
 _GROUP_COLOURS = {"major": "tab:blue", "moderate": "tab:orange", "minor": "tab:red"}
@@ -63,7 +63,7 @@ def plot_per_class_accuracy(results: dict, path, *, title: str | None = None) ->
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), what="the per-class plot")
     return path
 
 
@@ -111,7 +111,7 @@ def write_report(path, results: dict, *, title: str = "Linear evaluation", plots
     for plot in plots:
         rel = os.path.relpath(Path(plot).resolve(), path.parent.resolve()).replace(os.sep, "/")
         lines += [f"![{Path(plot).stem}]({rel})", ""]
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines), what="the report")
     if write_json:
-        path.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+        write_json_file(path.with_suffix(".json"), raw, what="the report data")
     return path

@@ -1,5 +1,6 @@
-"""Pretraining: the SimCLR / SDCLR loop, checkpoints and resume, evaluation of runs; DnC stages
-(k-means, experts, distillation) live in ``kmeans``, ``distill`` and ``dnc``.
+"""Training runs: the SimCLR / SDCLR loop (``pretrain``), what every run shares (``run``: set-up,
+data, resume check, metrics, NaN guard), model I/O (``models``), checkpoints, evaluation of runs;
+DnC's orchestrator (``dnc``) and its stages (``clustering`` with ``kmeans``, ``distill``).
 
 Typical use::
 
@@ -16,10 +17,11 @@ from importlib import import_module
 
 _EXPORTS = {
     "PretrainConfig": "config",
-    "METHODS": "config",
-    "load_model": "pretrain",
-    "read_metrics": "pretrain",
-    "NonFiniteLossError": "pretrain",
+    "DnCConfig": "config",
+    "load_model": "models",
+    "DenseEncoder": "models",
+    "read_metrics": "run",
+    "NonFiniteLossError": "run",
     "ContrastiveForward": "pretrain",
     "CheckpointError": "checkpoint",
     "load_checkpoint": "checkpoint",
@@ -27,7 +29,6 @@ _EXPORTS = {
     "warmup_cosine": "schedule",
     "warmup_cosine_factor": "schedule",
     "evaluate_checkpoint": "evaluate",
-    "DenseEncoder": "evaluate",
 }
 
 __all__ = sorted(_EXPORTS)

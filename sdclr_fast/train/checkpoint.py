@@ -1,22 +1,21 @@
 """Atomic checkpoints that can be validated before they are trusted.
 
-A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
-renamed over the old one with ``os.replace`` (atomic on POSIX), so a run killed while saving
-leaves the previous complete checkpoint in place. Loading checks that the file is a torch zip,
+A checkpoint is written with :func:`sdclr_fast.files.atomic_write` (temporary file, fsync,
+rename), so a run killed while saving leaves the previous complete checkpoint in place. Loading checks that the file is a torch zip,
 that it carries this project's format key and version, and (when asked) that it was written for
 the same method and architecture; every failure is a :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 FORMAT = "sdclr-fast-checkpoint"
 VERSION = 1
@@ -29,32 +28,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(state: dict, path) -> Path:
     """Write ``state`` (plus the format key and version) to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # The rename itself is durable only once the directory entry is synced.
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), what="the checkpoint")
 
 
 def load_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> dict:

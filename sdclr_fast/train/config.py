@@ -1,7 +1,8 @@
-"""Pretraining configuration: one dataclass whose defaults are the papers' values.
+"""Run configurations, as dataclasses whose defaults are the papers' values: PretrainConfig for
+every contrastive run and DnCConfig for the DnC options on top of it.
 
-The CLI builds it from flags (every field is a flag), checkpoints store it as a plain dict, and a
-resumed run checks that the fields which change the result match the stored ones.
+The CLI builds them from flags, checkpoints and DnC's state file store them as plain dicts, and
+a resumed run checks that the fields which change the result match the stored ones.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-METHODS = ("simclr", "sdclr")
+from ..nn import METHODS
+from .models import EMBEDDINGS
 PRUNE_SCOPES = ("global", "layer")
 
 # Fields that only change how a run executes, not what it computes; they may differ on resume.
@@ -82,7 +84,7 @@ class PretrainConfig:
 
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r} "
-                             f"(DnC runs through sdclr_fast.train.dnc)")
+                             f"(DnC runs through sdclr_fast.train.dnc.dnc with a DnCConfig)")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset must be a data set name, got {self.dataset!r}")
         if self.prune_scope not in PRUNE_SCOPES:
@@ -132,10 +134,111 @@ class PretrainConfig:
 
     def differences(self, other: "PretrainConfig", *, ignore=RUNTIME_FIELDS) -> dict:
         """{field: (self's, other's)} for the fields that differ, runtime fields left out."""
-        a, b = self.to_dict(), other.to_dict()
-        return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+        return _diff(self.to_dict(), other.to_dict(), ignore)
 
     @property
     def warmup_epochs_effective(self) -> float:
         """Warm-up clipped to the run: at most the whole run."""
         return min(float(self.warmup_epochs), float(self.epochs))
+
+
+def _diff(a: dict, b: dict, ignore=frozenset()) -> dict:
+    return {k: (a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]}
+
+
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
+KMEANS_METRICS = ("cosine", "euclidean")
+STUDENT_INITS = ("scratch", "base")
+
+
+@dataclass
+class DnCConfig:
+    """The DnC options on top of the base :class:`PretrainConfig`.
+
+    k:               number of clusters / experts (DnC uses 5 or 10).
+    base_method:     contrastive method of the base model and the experts: "simclr" or "sdclr"
+                     (an SDCLR base, unpublished).
+    base_epochs, expert_epochs, student_epochs: stage budgets; None takes the base config's
+                     ``epochs``. Each expert runs that many epochs over its own cluster, so the
+                     expert stage as a whole costs about ``expert_epochs`` epochs of the full set.
+    kmeans_iters:    Lloyd iterations at most.
+    kmeans_backend:  "auto" (faiss where installed), "faiss" or "torch" (on the run's device).
+    kmeans_metric:   "cosine" (spherical k-means) or "euclidean", on normalised embeddings.
+    cluster_on:      "features" (backbone output) or "projection" (head output) of the base.
+    distill_target:  "features" or "projection": which teacher embedding the heads regress.
+    distill_lr:      peak SGD lr of the student (None: 0.1 * batch_size / 256); same momentum,
+                     weight decay, warm-up and cosine schedule as the base config.
+    head_hidden:     hidden width of the prediction heads (None: the backbone feature size).
+    base_weight, expert_weight: weights of the two regression terms.
+    student_init:    "scratch" (a fresh network, seeded) or "base" (start from the base weights).
+    """
+
+    k: int = 5
+    base_method: str = "simclr"
+    base_epochs: int | None = None
+    expert_epochs: int | None = None
+    student_epochs: int | None = None
+    kmeans_iters: int = 50
+    kmeans_backend: str = "auto"
+    kmeans_metric: str = "cosine"
+    cluster_on: str = "features"
+    distill_target: str = "features"
+    distill_lr: float | None = None
+    head_hidden: int | None = None
+    base_weight: float = 1.0
+    expert_weight: float = 1.0
+    student_init: str = "scratch"
+
+    # Options that only change how a run executes; they may differ on resume.
+    RUNTIME = frozenset({"kmeans_backend"})
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def pos_int(name, allow_none=False):
+            v = getattr(self, name)
+            if allow_none and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        pos_int("k")
+        pos_int("kmeans_iters")
+        for name in ("base_epochs", "expert_epochs", "student_epochs", "head_hidden"):
+            pos_int(name, allow_none=True)
+        choice("base_method", METHODS)
+        choice("kmeans_backend", KMEANS_BACKENDS)
+        choice("kmeans_metric", KMEANS_METRICS)
+        choice("cluster_on", EMBEDDINGS)
+        choice("distill_target", EMBEDDINGS)
+        choice("student_init", STUDENT_INITS)
+        for name in ("base_weight", "expert_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.base_weight == 0 and self.expert_weight == 0:
+            raise ValueError("base_weight and expert_weight cannot both be 0")
+        if self.distill_lr is not None:
+            v = self.distill_lr
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"distill_lr must be a finite number > 0, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DnCConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DnC options {unknown}")
+        return cls(**d)
+
+    def differences(self, other: "DnCConfig") -> dict:
+        """{option: (self's, other's)} for the options that differ, runtime options left out."""
+        return _diff(self.to_dict(), other.to_dict(), self.RUNTIME)

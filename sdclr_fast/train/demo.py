@@ -51,7 +51,8 @@ def _seconds_per_step(method, data, data_root, device, seed) -> float:
     """Wall time of one training step, measured over a few steps of a short run on a subset
     (the first step, which pays one-off costs such as allocations and kernel selection, is left
     out; pruning is amortised over an epoch's steps)."""
-    from .pretrain import pretrain, read_metrics
+    from .pretrain import pretrain
+    from .run import read_metrics
 
     tmp = Path(tempfile.mkdtemp(prefix="sdclr_fast_calib_"))
     try:
@@ -175,20 +176,9 @@ def run_demo(*, methods=("simclr", "sdclr"), budget_minutes: float = 15.0, run_d
 
 
 def _run_dnc(run_dir, epochs, data_root, device, seed):
-    """DnC through its own command-line entry (its flags decide the stage lengths)."""
-    from ..cli import build_parser
-    from .dnc import run_dnc
+    """DnC with the demo's base configuration; every stage as long as the contrastive runs."""
+    from .config import DnCConfig
+    from .dnc import dnc
 
-    argv = ["pretrain", "--method", "dnc", "--dataset", DATASET, "--run-dir", str(run_dir), "--width", str(WIDTH),
-            "--image-size", str(IMAGE_SIZE),
-            "--batch-size", str(BATCH), "--lr", str(0.5 * BATCH / 512), "--warmup-epochs", "1",
-            "--epochs", str(epochs), "--seed", str(seed), "--resume", "--no-tensorboard"]
-    if data_root:
-        argv += ["--data-root", str(data_root)]
-    if device:
-        argv += ["--device", device]
-    args = build_parser().parse_args(argv)
-    out = run_dnc(args)
-    if isinstance(out, (str, Path)):
-        return Path(out)
-    return Path(run_dir)
+    cfg = demo_config("sdclr", epochs=epochs, data_root=data_root, device=device, seed=seed).replace(extra={})
+    return dnc(cfg, DnCConfig(), run_dir=run_dir, resume=True)

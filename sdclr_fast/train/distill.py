@@ -1,4 +1,5 @@
-"""DnC stage 3: distil a base model and K cluster experts into one student.
+"""DnC stage 3: distil a base model and K cluster experts into one student, and the student's
+training loop.
 
 The student is a backbone of the teachers' architecture with one MLP prediction head per
 teacher: head 0 regresses the base model's embedding of every image, head 1 + k regresses the
@@ -14,12 +15,23 @@ summed over the two targets of each image and averaged over the batch:
 with c_i the cluster of image i. As in DnC, teacher and student see the *same* augmented
 view; teachers run in eval mode (BN running statistics, dense branch) under ``no_grad``.
 """
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
+from .models import DenseEncoder, build_model_from_args, load_model, load_weights
+from .run import (Execution, LossGuard, MetricsLog, data_order, open_checkpoint, progress_bar, restore_training,
+                  seed_everything, sgd_with_schedule, write_run_files)
+
 __all__ = ["cosine_regression_loss", "dnc_distillation_loss", "PredictionHead", "DnCStudent",
-           "teacher_targets"]
+           "teacher_targets", "distill_student", "load_student"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -128,18 +140,13 @@ class DnCStudent(nn.Module):
         h = self.backbone(x)
         return self.heads[0](h), torch.stack([head(h) for head in self.heads[1:]])
 
-    def loss(self, x, base_target, expert_target, clusters, **kwargs):
-        base_pred, expert_preds = self(x)
-        return dnc_distillation_loss(base_pred, base_target, expert_preds, expert_target,
-                                     clusters, **kwargs)
-
 
 @torch.no_grad()
-def teacher_targets(x, clusters, base, experts, embed):
+def teacher_targets(x, clusters, base, experts):
     """Teacher embeddings of the batch x: the base model on every image and, for each cluster,
     its expert on that cluster's images only (one expert forward per image, not K).
 
-    embed(model, x) -> (n, D) computes a teacher's embedding (for example its dense-branch
+    base, experts[k]: encoders x -> (n, D) (for example a ``DenseEncoder``: dense-branch
     backbone features); teachers should be in eval mode so that a small cluster subset is
     embedded exactly as it would be in a full batch.
     Returns (base_target (N, D), expert_target (N, D)).
@@ -149,10 +156,155 @@ def teacher_targets(x, clusters, base, experts, embed):
         raise ValueError(f"clusters must have shape ({x.shape[0]},), got {tuple(clusters.shape)}")
     if clusters.numel() and (int(clusters.min()) < 0 or int(clusters.max()) >= len(experts)):
         raise ValueError(f"clusters must lie in [0, {len(experts)})")
-    base_t = embed(base, x)
+    base_t = base(x)
     expert_t = torch.empty_like(base_t)
     for k, expert in enumerate(experts):
         rows = (clusters == k).nonzero().flatten()
         if rows.numel():
-            expert_t[rows] = embed(expert, x[rows]).to(expert_t.dtype)
+            expert_t[rows] = expert(x[rows]).to(expert_t.dtype)
     return base_t, expert_t
+
+
+# ---------------------------------------------------------------- the student's training loop
+def _rel(path, root) -> str:
+    return os.path.relpath(Path(path).resolve(), Path(root).resolve())
+
+
+def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_checkpoints, assignments,
+                    resume=False, stop_at_epoch=None) -> Path:
+    """Train the DnC student in ``run_dir`` and return its checkpoint (the format of a
+    pretraining checkpoint, plus ``dnc_heads``). ``config`` is the student's PretrainConfig,
+    ``options`` the DnCConfig; ``assignments[i]`` is the cluster of training image i (a position
+    in ``data.train``); ``expert_checkpoints[k]`` is cluster k's expert. ``stop_at_epoch`` stops
+    with a resumable checkpoint once that many epochs are complete."""
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    assignments = torch.as_tensor(assignments, dtype=torch.long).cpu()
+    if assignments.shape != (len(data.train),):
+        raise ValueError(f"assignments must have one cluster id per training image ({len(data.train)}), "
+                         f"got shape {tuple(assignments.shape)}")
+    if len(expert_checkpoints) != options.k:
+        raise ValueError(f"expected {options.k} expert checkpoints, got {len(expert_checkpoints)}")
+    # relative to the student's folder, so that a moved run directory still resumes
+    teacher_paths = {"base": _rel(base_checkpoint, run_dir),
+                     "experts": [_rel(p, run_dir) for p in expert_checkpoints]}
+    resumed = open_checkpoint(ckpt_path, config, resume=resume, announce=False)
+    if resumed is not None:
+        if resumed.get("dnc_teachers") != teacher_paths:
+            raise ValueError(f"cannot resume {str(ckpt_path)!r}: it was distilled from other teachers")
+        if resumed.get("finished"):
+            print(f"{ckpt_path}: student already finished; nothing to do")
+            return ckpt_path
+
+    ex = Execution.of(config).setup_process(config)
+    device = ex.device
+    batch_size = min(config.batch_size, len(data.train))
+    write_run_files(run_dir, data, config)
+
+    # ---- teachers: frozen, eval mode (BN running statistics, dense branch)
+    cache = {}
+    for p in [base_checkpoint, *expert_checkpoints]:
+        if str(p) not in cache:
+            cache[str(p)] = ex.place(load_model(p, device=device).requires_grad_(False))
+    base_teacher = DenseEncoder(cache[str(base_checkpoint)], options.distill_target)
+    experts = [DenseEncoder(cache[str(p)], options.distill_target) for p in expert_checkpoints]
+    margs = load_checkpoint(base_checkpoint)["model_args"]
+
+    # ---- student: the base architecture + one prediction head per teacher
+    seed_everything(config.seed)
+    shell = build_model_from_args(margs)
+    if options.student_init == "base":
+        load_weights(shell, load_checkpoint(base_checkpoint))
+    feature_dim = int(shell.backbone.feature_dim)
+    target_dim = feature_dim if options.distill_target == "features" else int(margs["proj_dim"])
+    student = ex.place(DnCStudent(DenseEncoder(shell), feature_dim, options.k, target_dim,
+                                  hidden_dim=options.head_hidden))
+    order, batches = data_order(config, data.train, batch_size, device)
+    steps_per_epoch = len(batches)
+    # the shell's projection head is not trained by distillation: leave it out of the optimiser
+    optimizer, scheduler = sgd_with_schedule(list(shell.backbone.parameters()) + list(student.heads.parameters()),
+                                             config, steps_per_epoch)
+    from ..data import TwoViewAugment
+
+    augment = TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std).to(device)
+    cluster_of = assignments.to(device)
+    seed_everything(config.seed + 7919)
+    start_epoch, global_step = 0, 0
+    if resumed is not None:
+        start_epoch, global_step = restore_training(resumed, shell, optimizer, scheduler, order)
+        student.heads.load_state_dict(resumed["dnc_heads"])
+        print(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}")
+
+    log = MetricsLog(run_dir, True, config.tensorboard, start_epoch)
+    guard = LossGuard(ckpt_path, "Lower --dnc-distill-lr or disable --amp")
+    last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            student.train()
+            t_epoch = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            bar = progress_bar(config.progress, steps_per_epoch, f"dnc student epoch {epoch + 1}/{config.epochs}")
+            for step, batch in enumerate(batches):
+                with torch.no_grad():
+                    v1, v2 = augment(batch.images)
+                x = ex.images(torch.cat([v1, v2]))
+                c = cluster_of[batch.index].repeat(2)
+                with ex.autocast():
+                    base_t, expert_t = teacher_targets(x, c, base_teacher, experts)
+                    base_p, expert_p = student(x)
+                loss = dnc_distillation_loss(base_p, base_t, expert_p, expert_t, c, base_weight=options.base_weight,
+                                             expert_weight=options.expert_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                guard.push(loss, epoch, step, global_step)
+                loss_sum += loss.detach()
+                global_step += 1
+                if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
+                    lval = guard.check()
+                    lr = optimizer.param_groups[0]["lr"]
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{lval:.4f}", lr=f"{lr:.3g}")
+                    log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr},
+                              global_step)
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            guard.check()
+            epoch_s = time.perf_counter() - t_epoch
+            row = {"kind": "epoch", "epoch": epoch, "step": global_step,
+                   "loss": float(loss_sum / steps_per_epoch), "lr": optimizer.param_groups[0]["lr"],
+                   "images_per_s": steps_per_epoch * batch_size / epoch_s, "epoch_s": epoch_s}
+            log.write(row, global_step)
+            save_checkpoint({
+                "config": config.to_dict(), "model_args": margs, "model": shell.state_dict(),
+                "dnc_heads": student.heads.state_dict(), "dnc_teachers": teacher_paths,
+                "dnc_head_dims": [feature_dim, int(options.head_hidden or feature_dim), target_dim],
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": [capture_rng(order)], "epoch": epoch + 1, "step": global_step,
+                "finished": epoch + 1 == config.epochs, "train_indices": None,
+                "init_checkpoint": str(base_checkpoint) if options.student_init == "base" else None,
+                "last_epoch_metrics": row,
+            }, ckpt_path)
+    finally:
+        log.close()
+    return ckpt_path
+
+
+def load_student(checkpoint_path, *, device="cpu"):
+    """The full DnC student (backbone + prediction heads) from its checkpoint, in eval mode.
+    For evaluation :func:`sdclr_fast.train.load_model` is enough (it loads the backbone as a
+    SelfCompetitor and ignores the heads)."""
+    from .config import DnCConfig
+
+    state = load_checkpoint(checkpoint_path)
+    if "dnc_heads" not in state:
+        raise CheckpointError(f"{state['path']!r} is not a DnC student checkpoint (no 'dnc_heads')")
+    shell = load_weights(build_model_from_args(state["model_args"]), state)
+    feature_dim, hidden, target_dim = state["dnc_head_dims"]
+    k = DnCConfig.from_dict(state["config"]["extra"]["dnc"]).k
+    student = DnCStudent(DenseEncoder(shell), feature_dim, k, target_dim, hidden_dim=hidden)
+    student.heads.load_state_dict(state["dnc_heads"])
+    return student.to(device).eval()

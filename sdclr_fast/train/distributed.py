@@ -62,14 +62,6 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
-def broadcast_object(obj, info: DistInfo):
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return t

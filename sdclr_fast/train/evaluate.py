@@ -4,23 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import PretrainConfig
+from .models import DenseEncoder, build_model_from_args, load_weights
+from .run import resolve_device, run_data
 
 PROBE_CHOICES = ("full", "fewshot", "knn", "all")
-
-
-class DenseEncoder(nn.Module):
-    """Backbone features of the dense branch (what the linear probe and kNN see)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.features(x, branch="dense")
 
 
 def probe_names(probe: str, shots=0.01) -> tuple:
@@ -48,12 +38,7 @@ def run_label(checkpoint_state: dict, path: Path) -> str:
 
 def data_for_run(checkpoint_state: dict, run_dir: Path):
     """The run's data set, with the exact split it was trained on when split.json is there."""
-    from ..data import build_dataset
-
-    cfg = PretrainConfig.from_dict(checkpoint_state["config"])
-    split_file = run_dir if (run_dir / "split.json").exists() else None
-    return build_dataset(cfg.dataset, cfg.data_root, ratio=cfg.ratio, seed=cfg.seed, split=cfg.split,
-                         image_size=cfg.image_size, split_file=split_file)
+    return run_data(PretrainConfig.from_dict(checkpoint_state["config"]), run_dir)
 
 
 def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=None, batch_size: int = 512,
@@ -64,21 +49,38 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     split.json). Probes as in ``sdclr_fast.eval.evaluate_backbone``.
     """
     from ..eval import evaluate_backbone
-    from .pretrain import build_model_from_args, _load_weights
 
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     if data is None:
         data = data_for_run(state, ckpt.parent)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model_from_args(state["model_args"])
-    _load_weights(model, state)
-    model.to(device).eval()
+    device = resolve_device(device)
+    model = load_weights(build_model_from_args(state["model_args"]), state).to(device).eval()
     amp = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate_backbone(DenseEncoder(model), data, probes=tuple(probes), device=device,
                                 batch_size=batch_size, probe_options=probe_options, knn_k=knn_k, seed=seed,
                                 autocast_dtype=amp)
     return run_label(state, ckpt), results
+
+
+def _shots(value: float):
+    return int(value) if float(value).is_integer() and value >= 1 else float(value)
+
+
+def evaluate_runs(run_dirs, *, probe="all", shots=0.01, probe_epochs=None, knn_k=200, batch_size=512,
+                  device=None, data=None) -> dict:
+    """{label: {probe: EvalResult}} for each run (labels made unique)."""
+    probes = probe_names(probe, _shots(shots))
+    opts = {"epochs": probe_epochs} if probe_epochs is not None else None
+    results = {}
+    for rd in run_dirs:
+        label, res = evaluate_checkpoint(rd, probes=probes, data=data, device=device, batch_size=batch_size,
+                                         probe_options=opts, knn_k=knn_k)
+        base, i = label, 2
+        while label in results:
+            label, i = f"{base} #{i}", i + 1
+        results[label] = res
+    return results
 
 
 def format_table(results: dict) -> str:

@@ -1,0 +1,88 @@
+"""DnC stage 2a: embed the training split with the base model and cluster it with k-means.
+
+The base model's dense-branch embedding (backbone features by default, or the projection) of
+the *eval view* of every training image is L2-normalised and clustered (spherical k-means by
+default, see :mod:`sdclr_fast.train.kmeans`). Cluster ids are renumbered by decreasing size
+(ties: smallest first member), so the numbering does not depend on the backend. The record
+(``clusters.json``) also holds a per-cluster class histogram for inspection; the method never
+sees labels.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import DenseEncoder
+
+CLUSTERS_NAME = "clusters.json"
+
+
+def embed_images(model, images, data, which="features", *, batch_size=512, device=None, amp=False):
+    """L2-normalised float32 embeddings (N, D) of ``images`` (an ImageSet or uint8 tensor) under
+    the deterministic eval transform, model frozen in eval mode."""
+    from ..eval.features import extract_features
+
+    feats = extract_features(DenseEncoder(model, which), images, data.mean, data.std, batch_size=batch_size,
+                             device=device, autocast_dtype=torch.bfloat16 if amp else None)
+    return F.normalize(feats.features, dim=1)
+
+
+def canonical_order(assignments, k):
+    """Renumber clusters by decreasing size, ties by their first member, so the numbering does
+    not depend on the backend's arbitrary one. Returns (new assignments, old id of each new id)."""
+    n = assignments.shape[0]
+    sizes = torch.bincount(assignments, minlength=k)
+    first = torch.full((k,), n, dtype=torch.long)
+    first.scatter_reduce_(0, assignments, torch.arange(n), reduce="amin")
+    order = sorted(range(k), key=lambda j: (-int(sizes[j]), int(first[j])))
+    remap = torch.empty(k, dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(k)
+    return remap[assignments], order
+
+
+def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=False) -> dict:
+    """Embed the training split with the base model, run k-means and return the clusters record
+    (what ``clusters.json`` holds). ``opt`` is the run's DnCConfig."""
+    from .kmeans import kmeans
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if opt.k > len(data.train):
+        raise ValueError(f"--dnc-k={opt.k} exceeds the {len(data.train)} training images")
+    t0 = time.perf_counter()
+    emb = embed_images(model, data.train, data, opt.cluster_on, batch_size=batch_size, device=device, amp=amp)
+    t_embed = time.perf_counter() - t0
+    res = kmeans(emb, opt.k, iters=opt.kmeans_iters, seed=seed, metric=opt.kmeans_metric, backend=opt.kmeans_backend)
+    assignments, order = canonical_order(res.assignments.cpu(), opt.k)
+    centroids = res.centroids.cpu()[torch.tensor(order)]
+    sizes = torch.bincount(assignments, minlength=opt.k)
+    class_counts = torch.zeros(opt.k, int(data.num_classes), dtype=torch.long)
+    class_counts.index_put_((assignments, data.train.labels), torch.ones_like(assignments), accumulate=True)
+    return {
+        "k": opt.k, "backend": res.backend, "metric": res.metric, "embedding": opt.cluster_on,
+        "iterations": res.iterations, "inertia": res.inertia, "seed": int(seed),
+        "embed_seconds": t_embed, "kmeans_seconds": time.perf_counter() - t0 - t_embed,
+        "sizes": sizes.tolist(),
+        "class_counts": class_counts.tolist(),
+        "train_indices": data.train.indices.tolist(),
+        "assignments": assignments.tolist(),
+        "centroids": centroids.tolist(),
+    }
+
+
+def read_clusters(run_dir_or_file) -> dict:
+    """``clusters.json`` of a DnC run, with ``assignments`` (int64) and ``centroids`` (float32)
+    as tensors."""
+    path = Path(run_dir_or_file)
+    if path.is_dir():
+        path = path / CLUSTERS_NAME
+    try:
+        rec = json.loads(path.read_text())
+        rec["assignments"] = torch.tensor(rec["assignments"], dtype=torch.long)
+        rec["centroids"] = torch.tensor(rec["centroids"], dtype=torch.float32)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable clusters file: {exc}") from None
+    return rec
