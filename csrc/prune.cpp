@@ -67,49 +67,13 @@ struct Chunk {
   bool* out;  // mask of the segment (fused select + mask), else nullptr
 };
 
-Elem elem_of(const at::Tensor& t, int64_t i, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return Elem::F16;
-    case at::kBFloat16: return Elem::BF16;
-    case at::kFloat: return Elem::F32;
-    case at::kDouble: return Elem::F64;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                        "; expected float16, bfloat16, float32 or float64");
-  }
-  return Elem::F32;  // unreachable
-}
-
-// Contiguous views (copies only for non-contiguous inputs) kept alive for the call.
-struct Prepared {
-  std::vector<at::Tensor> keep;
+// The prepared inputs as segments (pointer, length, dtype) for the CPU passes.
+std::vector<Segment> segments(const Prepared& p) {
   std::vector<Segment> segs;
-  Domain domain;
-};
-
-Prepared prepare(at::TensorList tensors, const char* op) {
-  TORCH_CHECK_VALUE(!tensors.empty(), op, ": expected at least one tensor, got an empty list");
-  Prepared p;
-  const auto device = tensors[0].device();
-  bool all_same = true, any_f64 = false;
-  for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK_VALUE(t.device() == device, op, ": all tensors must be on one device; tensors[0] is on ",
-                      device, " but tensors[", i, "] is on ", t.device());
-    TORCH_CHECK_VALUE(device.is_cpu(), op, ": CPU implementation called with tensors on ", device);
-    Elem e = elem_of(t, i, op);
-    all_same = all_same && t.scalar_type() == tensors[0].scalar_type();
-    any_f64 = any_f64 || e == Elem::F64;
-    at::Tensor c = t.contiguous();
-    p.segs.push_back({c.data_ptr(), c.numel(), e, i});
-    p.keep.push_back(std::move(c));
+  for (size_t i = 0; i < p.keep.size(); ++i) {
+    segs.push_back({p.keep[i].data_ptr(), p.keep[i].numel(), p.elems[i], static_cast<int64_t>(i)});
   }
-  if (all_same) {
-    p.domain = static_cast<Domain>(static_cast<int32_t>(p.segs[0].elem));
-  } else {
-    p.domain = any_f64 ? Domain::F64 : Domain::F32;
-  }
-  return p;
+  return segs;
 }
 
 // First tensor of the group holding a NaN/inf, or -1. Only run when pass 1 saw keys in the
@@ -498,16 +462,6 @@ typename DomainTraits<D>::Key select_and_mask(const std::vector<Segment>& segs,
   return t;
 }
 
-template <typename F>
-void dispatch_domain(Domain d, F&& f) {
-  switch (d) {
-    case Domain::F16: f(std::integral_constant<Domain, Domain::F16>{}); break;
-    case Domain::BF16: f(std::integral_constant<Domain, Domain::BF16>{}); break;
-    case Domain::F32: f(std::integral_constant<Domain, Domain::F32>{}); break;
-    case Domain::F64: f(std::integral_constant<Domain, Domain::F64>{}); break;
-  }
-}
-
 // Runs f(i, parallel) for every non-empty segment. Segments above a fair share of the work
 // get every thread in turn (parallel = true); the rest (all layers of a ResNet) run one per
 // thread, largest first from a shared queue, so that a layer-wise call costs one parallel
@@ -536,36 +490,36 @@ void run_per_tensor(const std::vector<Segment>& segs, F&& f) {
   });
 }
 
-at::ScalarType threshold_dtype(Domain d) { return d == Domain::F64 ? at::kDouble : at::kFloat; }
-
 at::Tensor kth_abs_value_cpu(at::TensorList tensors, int64_t k) {
   const char* op = "kth_abs_value";
-  Prepared p = prepare(tensors, op);
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CPU);
+  const std::vector<Segment> segs = segments(p);
   int64_t n = 0;
-  for (const auto& s : p.segs) n += s.n;
+  for (const auto& s : segs) n += s.n;
   check_pooled_rank(op, n, k);
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(threshold_dtype(p.domain)));
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;
     using V = typename DomainTraits<D>::Value;
-    *out.data_ptr<V>() = key_value<D>(select_key<D>(p.segs, n, k, op, /*parallel=*/true));
+    *out.data_ptr<V>() = key_value<D>(select_key<D>(segs, n, k, op, /*parallel=*/true));
   });
   return out;
 }
 
 at::Tensor kth_abs_value_per_tensor_cpu(at::TensorList tensors, at::IntArrayRef k) {
   const char* op = "kth_abs_value_per_tensor";
-  Prepared p = prepare(tensors, op);
-  const int64_t g = static_cast<int64_t>(p.segs.size());
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CPU);
+  const std::vector<Segment> segs = segments(p);
+  const int64_t g = static_cast<int64_t>(segs.size());
   check_rank_count(op, g, k.size());
-  for (int64_t i = 0; i < g; ++i) check_tensor_rank(op, i, p.segs[i].n, k[i]);
+  for (int64_t i = 0; i < g; ++i) check_tensor_rank(op, i, segs[i].n, k[i]);
   at::Tensor out = at::zeros({g}, at::TensorOptions().dtype(threshold_dtype(p.domain)));
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;
     using V = typename DomainTraits<D>::Value;
     V* o = out.data_ptr<V>();
-    run_per_tensor(p.segs, [&](int64_t i, bool parallel) {
-      o[i] = key_value<D>(select_key<D>({p.segs[i]}, p.segs[i].n, k[i], op, parallel));
+    run_per_tensor(segs, [&](int64_t i, bool parallel) {
+      o[i] = key_value<D>(select_key<D>({segs[i]}, segs[i].n, k[i], op, parallel));
     });
   });
   return out;
@@ -573,15 +527,10 @@ at::Tensor kth_abs_value_per_tensor_cpu(at::TensorList tensors, at::IntArrayRef 
 
 std::vector<at::Tensor> abs_ge_masks_cpu(at::TensorList tensors, const at::Tensor& threshold) {
   const char* op = "abs_ge_masks";
-  Prepared p = prepare(tensors, op);
-  const int64_t g = static_cast<int64_t>(p.segs.size());
-  TORCH_CHECK_VALUE(threshold.device().is_cpu(), op, ": threshold must be on the tensors' device (cpu), got ",
-                    threshold.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(threshold.scalar_type()), op,
-                    ": threshold must be a floating tensor, got ", threshold.scalar_type());
-  TORCH_CHECK_VALUE(threshold.numel() == 1 || threshold.numel() == g, op,
-                    ": threshold must hold 1 value or one per tensor (", g, "), got ",
-                    threshold.numel());
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CPU);
+  const std::vector<Segment> segs = segments(p);
+  const int64_t g = static_cast<int64_t>(segs.size());
+  check_threshold(op, threshold, at::Device(at::kCPU), g);
   // Compare in float32 when the threshold is at most float32 (exact for fp16/bf16/fp32
   // elements); float64 elements or thresholds compare in float64.
   const bool thr_f64 = threshold.scalar_type() == at::kDouble;
@@ -598,14 +547,14 @@ std::vector<at::Tensor> abs_ge_masks_cpu(at::TensorList tensors, const at::Tenso
   for (int64_t i = 0; i < g; ++i) {
     outs.push_back(at::empty(tensors[i].sizes(), at::TensorOptions().dtype(at::kBool)));
     bool* o = outs.back().data_ptr<bool>();
-    for (int64_t b = 0; b < p.segs[i].n; b += kChunk) {
-      chunks.push_back({i, b, std::min(kChunk, p.segs[i].n - b), o});
+    for (int64_t b = 0; b < segs[i].n; b += kChunk) {
+      chunks.push_back({i, b, std::min(kChunk, segs[i].n - b), o});
     }
   }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       const MaskChunk& ch = chunks[c];
-      const Segment& s = p.segs[ch.seg];
+      const Segment& s = segs[ch.seg];
       const double t = tv[threshold.numel() == 1 ? 0 : ch.seg];
       bool* o = ch.out + ch.begin;
       visit<Domain::F64>(s.elem, [&](auto tag) {
@@ -633,8 +582,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> topk_abs_masks_cpu(at::TensorLis
                                                                    at::IntArrayRef k,
                                                                    bool per_tensor) {
   const char* op = "topk_abs_masks";
-  Prepared p = prepare(tensors, op);
-  const int64_t g = static_cast<int64_t>(p.segs.size());
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CPU);
+  const std::vector<Segment> segs = segments(p);
+  const int64_t g = static_cast<int64_t>(segs.size());
   std::vector<at::Tensor> masks;
   std::vector<bool*> outs;
   for (int64_t i = 0; i < g; ++i) {
@@ -646,25 +596,25 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> topk_abs_masks_cpu(at::TensorLis
     TORCH_CHECK_VALUE(k.size() == 1, op, ": k must hold one rank when per_tensor is false, got ",
                       k.size());
     int64_t n = 0;
-    for (const auto& s : p.segs) n += s.n;
+    for (const auto& s : segs) n += s.n;
     check_pooled_rank(op, n, k[0]);
     at::Tensor thr = at::empty({1}, tdtype);
     dispatch_domain(p.domain, [&](auto dc) {
       constexpr Domain D = decltype(dc)::value;
       using V = typename DomainTraits<D>::Value;
-      *thr.data_ptr<V>() = key_value<D>(select_and_mask<D>(p.segs, outs, n, k[0], true, op));
+      *thr.data_ptr<V>() = key_value<D>(select_and_mask<D>(segs, outs, n, k[0], true, op));
     });
     return {thr, masks};
   }
   check_rank_count(op, g, k.size());
-  for (int64_t i = 0; i < g; ++i) check_tensor_rank(op, i, p.segs[i].n, k[i]);
+  for (int64_t i = 0; i < g; ++i) check_tensor_rank(op, i, segs[i].n, k[i]);
   at::Tensor thr = at::zeros({g}, tdtype);
   dispatch_domain(p.domain, [&](auto dc) {
     constexpr Domain D = decltype(dc)::value;
     using V = typename DomainTraits<D>::Value;
     V* o = thr.data_ptr<V>();
-    run_per_tensor(p.segs, [&](int64_t i, bool parallel) {
-      o[i] = key_value<D>(select_and_mask<D>({p.segs[i]}, {outs[i]}, p.segs[i].n, k[i], parallel, op));
+    run_per_tensor(segs, [&](int64_t i, bool parallel) {
+      o[i] = key_value<D>(select_and_mask<D>({segs[i]}, {outs[i]}, segs[i].n, k[i], parallel, op));
     });
   });
   return {thr, masks};

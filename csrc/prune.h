@@ -6,10 +6,14 @@
 // those keys finds the k-th smallest |w| exactly, ties included, without sorting.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
+#include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -128,6 +132,82 @@ inline void check_tensor_rank(const char* op, int64_t i, int64_t n, int64_t k) {
   TORCH_CHECK_VALUE((n == 0 && k == 0) || (k >= 0 && k < n), op, ": k[", i,
                     "] must be in [0, ", n, ") for tensors[", i, "] with ", n,
                     " elements (0 for an empty tensor), got ", k);
+}
+
+// ---------------------------------------------------------------- host side, CPU and CUDA
+// Calls f(std::integral_constant<Domain, d>{}): the domain as a compile-time value.
+template <typename F>
+void dispatch_domain(Domain d, F&& f) {
+  switch (d) {
+    case Domain::F16: f(std::integral_constant<Domain, Domain::F16>{}); break;
+    case Domain::BF16: f(std::integral_constant<Domain, Domain::BF16>{}); break;
+    case Domain::F32: f(std::integral_constant<Domain, Domain::F32>{}); break;
+    case Domain::F64: f(std::integral_constant<Domain, Domain::F64>{}); break;
+  }
+}
+
+inline at::ScalarType threshold_dtype(Domain d) {
+  return d == Domain::F64 ? at::kDouble : at::kFloat;
+}
+
+inline Elem elem_of(const at::Tensor& t, int64_t i, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return Elem::F16;
+    case at::kBFloat16: return Elem::BF16;
+    case at::kFloat: return Elem::F32;
+    case at::kDouble: return Elem::F64;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
+                        "; expected float16, bfloat16, float32 or float64");
+  }
+  return Elem::F32;  // unreachable
+}
+
+// The inputs of one call: contiguous views (copies only for non-contiguous inputs) kept alive
+// for the call, their element types and the key domain they share.
+struct Prepared {
+  std::vector<at::Tensor> keep;
+  std::vector<Elem> elems;
+  Domain domain;
+};
+
+// Checks the tensor list (non-empty, one device of the implementation's type, float dtypes)
+// and picks the domain: a list of one dtype keeps it, a mixed list goes to float32 keys, or to
+// float64 keys if any tensor is float64.
+inline Prepared prepare(at::TensorList tensors, const char* op, c10::DeviceType expected) {
+  TORCH_CHECK_VALUE(!tensors.empty(), op, ": expected at least one tensor, got an empty list");
+  TORCH_CHECK_VALUE(tensors.size() < static_cast<size_t>(INT_MAX), op, ": too many tensors");
+  Prepared p;
+  const auto device = tensors[0].device();
+  bool all_same = true, any_f64 = false;
+  for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
+    const auto& t = tensors[i];
+    TORCH_CHECK_VALUE(t.device() == device, op, ": all tensors must be on one device; tensors[0] is on ",
+                      device, " but tensors[", i, "] is on ", t.device());
+    TORCH_CHECK_VALUE(device.type() == expected, op, ": ", c10::DeviceTypeName(expected),
+                      " implementation called with tensors on ", device);
+    const Elem e = elem_of(t, i, op);
+    all_same = all_same && t.scalar_type() == tensors[0].scalar_type();
+    any_f64 = any_f64 || e == Elem::F64;
+    p.elems.push_back(e);
+    p.keep.push_back(t.contiguous());
+  }
+  p.domain = all_same ? static_cast<Domain>(static_cast<int32_t>(p.elems[0]))
+                      : (any_f64 ? Domain::F64 : Domain::F32);
+  return p;
+}
+
+// The threshold argument of abs_ge_masks: a floating tensor on the tensors' device holding one
+// value, or one per tensor (g of them).
+inline void check_threshold(const char* op, const at::Tensor& threshold, at::Device device,
+                            int64_t g) {
+  TORCH_CHECK_VALUE(threshold.device() == device, op, ": threshold must be on the tensors' device (",
+                    device, "), got ", threshold.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(threshold.scalar_type()), op,
+                    ": threshold must be a floating tensor, got ", threshold.scalar_type());
+  TORCH_CHECK_VALUE(threshold.numel() == 1 || threshold.numel() == g, op,
+                    ": threshold must hold 1 value or one per tensor (", g, "), got ",
+                    threshold.numel());
 }
 
 }  // namespace sdclr_fast

@@ -180,43 +180,6 @@ void check_launch(const char* kernel) {
               cudaGetErrorString(err));
 }
 
-struct Prepared {
-  std::vector<at::Tensor> keep;  // contiguous inputs, alive for the call
-  std::vector<Elem> elems;
-  Domain domain;
-};
-
-Prepared prepare(at::TensorList tensors, const char* op) {
-  TORCH_CHECK_VALUE(!tensors.empty(), op, ": expected at least one tensor, got an empty list");
-  TORCH_CHECK_VALUE(tensors.size() < static_cast<size_t>(INT_MAX), op, ": too many tensors");
-  Prepared p;
-  const auto device = tensors[0].device();
-  bool all_same = true, any_f64 = false;
-  for (int64_t i = 0; i < static_cast<int64_t>(tensors.size()); ++i) {
-    const auto& t = tensors[i];
-    TORCH_CHECK_VALUE(t.device() == device, op, ": all tensors must be on one device; tensors[0] is on ",
-                      device, " but tensors[", i, "] is on ", t.device());
-    TORCH_CHECK_VALUE(device.is_cuda(), op, ": CUDA implementation called with tensors on ", device);
-    Elem e;
-    switch (t.scalar_type()) {
-      case at::kHalf: e = Elem::F16; break;
-      case at::kBFloat16: e = Elem::BF16; break;
-      case at::kFloat: e = Elem::F32; break;
-      case at::kDouble: e = Elem::F64; break;
-      default:
-        TORCH_CHECK_VALUE(false, op, ": tensors[", i, "] has dtype ", t.scalar_type(),
-                          "; expected float16, bfloat16, float32 or float64");
-    }
-    all_same = all_same && t.scalar_type() == tensors[0].scalar_type();
-    any_f64 = any_f64 || e == Elem::F64;
-    p.elems.push_back(e);
-    p.keep.push_back(t.contiguous());
-  }
-  p.domain = all_same ? static_cast<Domain>(static_cast<int32_t>(p.elems[0]))
-                      : (any_f64 ? Domain::F64 : Domain::F32);
-  return p;
-}
-
 std::vector<DevChunk> make_chunks(const Prepared& p, bool per_tensor,
                                   const std::vector<at::Tensor>* outs) {
   std::vector<DevChunk> v;
@@ -247,8 +210,6 @@ at::Tensor upload(const std::vector<T>& v, at::Device device) {
   if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(T));
   return host.to(device, /*non_blocking=*/true);
 }
-
-at::ScalarType threshold_dtype(Domain d) { return d == Domain::F64 ? at::kDouble : at::kFloat; }
 
 template <Domain D>
 void radix_select(const Prepared& p, const std::vector<DevChunk>& chunks, int64_t groups,
@@ -285,19 +246,9 @@ void radix_select(const Prepared& p, const std::vector<DevChunk>& chunks, int64_
                     "] contains NaN or inf; magnitude pruning needs finite weights");
 }
 
-template <typename F>
-void dispatch_domain(Domain d, F&& f) {
-  switch (d) {
-    case Domain::F16: f(std::integral_constant<Domain, Domain::F16>{}); break;
-    case Domain::BF16: f(std::integral_constant<Domain, Domain::BF16>{}); break;
-    case Domain::F32: f(std::integral_constant<Domain, Domain::F32>{}); break;
-    case Domain::F64: f(std::integral_constant<Domain, Domain::F64>{}); break;
-  }
-}
-
 at::Tensor kth_abs_value_cuda(at::TensorList tensors, int64_t k) {
   const char* op = "kth_abs_value";
-  Prepared p = prepare(tensors, op);
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CUDA);
   const c10::DeviceGuard guard(p.keep[0].device());
   int64_t n = 0;
   for (const auto& t : p.keep) n += t.numel();
@@ -312,7 +263,7 @@ at::Tensor kth_abs_value_cuda(at::TensorList tensors, int64_t k) {
 
 at::Tensor kth_abs_value_per_tensor_cuda(at::TensorList tensors, at::IntArrayRef k) {
   const char* op = "kth_abs_value_per_tensor";
-  Prepared p = prepare(tensors, op);
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CUDA);
   const c10::DeviceGuard guard(p.keep[0].device());
   const int64_t g = static_cast<int64_t>(p.keep.size());
   check_rank_count(op, g, k.size());
@@ -332,17 +283,11 @@ at::Tensor kth_abs_value_per_tensor_cuda(at::TensorList tensors, at::IntArrayRef
 
 std::vector<at::Tensor> abs_ge_masks_cuda(at::TensorList tensors, const at::Tensor& threshold) {
   const char* op = "abs_ge_masks";
-  Prepared p = prepare(tensors, op);
+  const Prepared p = prepare(tensors, op, c10::DeviceType::CUDA);
   const auto device = p.keep[0].device();
   const c10::DeviceGuard guard(device);
   const int64_t g = static_cast<int64_t>(p.keep.size());
-  TORCH_CHECK_VALUE(threshold.device() == device, op, ": threshold must be on the tensors' device (",
-                    device, "), got ", threshold.device());
-  TORCH_CHECK_VALUE(at::isFloatingType(threshold.scalar_type()), op,
-                    ": threshold must be a floating tensor, got ", threshold.scalar_type());
-  TORCH_CHECK_VALUE(threshold.numel() == 1 || threshold.numel() == g, op,
-                    ": threshold must hold 1 value or one per tensor (", g, "), got ",
-                    threshold.numel());
+  check_threshold(op, threshold, device, g);
   std::vector<at::Tensor> outs;
   outs.reserve(g);
   for (int64_t i = 0; i < g; ++i) {
