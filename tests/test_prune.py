@@ -382,6 +382,63 @@ def test_opcheck_fused_path():
     torch.library.opcheck(_ops.topk_abs_masks.default, (ts, [int(0.9 * n)], False))
 
 
+def _bad_calls():
+    w, e = torch.randn(10), torch.empty(0)
+    return [
+        ("kth_abs_value", ([w], 10)),
+        ("kth_abs_value", ([w], -1)),
+        ("kth_abs_value", ([e, e], 0)),
+        ("kth_abs_value", ([w, w.int()], 1)),
+        ("kth_abs_value_per_tensor", ([w, w], [1])),
+        ("kth_abs_value_per_tensor", ([w, e], [1, 1])),
+        ("kth_abs_value_per_tensor", ([w, w], [1, 10])),
+        ("abs_ge_masks", ([w, w, w], torch.ones(2))),
+        ("abs_ge_masks", ([w], torch.ones(1, dtype=torch.long))),
+        ("abs_ge_masks", ([w.bool()], torch.ones(1))),
+        ("topk_abs_masks", ([w], [1, 2], False)),
+        ("topk_abs_masks", ([w, e], [10], False)),
+        ("topk_abs_masks", ([w, w], [1], True)),
+        ("topk_abs_masks", ([w, e], [0, 1], True)),
+        ("topk_abs_masks", ([w.half(), w.long()], [1, 1], True)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_bad_calls())))
+def test_fake_implementations_raise_what_the_ops_raise(i):
+    """A FakeTensor call (what torch.compile and opcheck trace with) raises the eager op's
+    ValueError, with its message (dtype names are spelt torch's way in Python: 'torch.int32'
+    for C++'s 'Int')."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map_only
+
+    name, args = _bad_calls()[i]
+    op = getattr(_ops, name).default
+    with pytest.raises(ValueError) as eager:
+        op(*args)
+    mode = FakeTensorMode()
+    fake_args = tree_map_only(torch.Tensor, mode.from_tensor, args)
+    with mode, pytest.raises(ValueError) as fake:
+        op(*fake_args)
+    got, want = str(fake.value), str(eager.value)
+    if "dtype" in want or "floating" in want:
+        prefix = want.split(" has dtype ")[0] if " has dtype " in want else want.split(", got")[0]
+        assert got.startswith(prefix), (got, want)
+    else:
+        assert got == want
+
+
+def test_fake_implementations_accept_valid_calls():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        ts = [torch.empty(4, 3), torch.empty(0), torch.empty(5, dtype=torch.float64)]
+        assert _ops.kth_abs_value(ts, 16).dtype == torch.float64
+        assert _ops.kth_abs_value_per_tensor(ts, [11, 0, 4]).shape == (3,)
+        thr, masks = _ops.topk_abs_masks(ts, [0, 0, 0], True)
+        assert thr.shape == (3,) and [m.shape for m in masks] == [t.shape for t in ts]
+        assert all(m.dtype == torch.bool for m in _ops.abs_ge_masks(ts, torch.empty(1)))
+
+
 def test_torch_compile():
     def fn(a, b):
         return P.magnitude_masks([a, b], 0.7)
@@ -440,28 +497,31 @@ def test_prune_model_sees_dense_weight_under_torch_prune():
     _same(list(after.values()), list(before.values()))
 
 
-def test_torch_prune_method_matches():
-    net = _Net()
-    convs = [net.conv1, net.layer1[0], net.shortcut]
-    dense = [c.weight.detach().clone() for c in convs]
-    single = nn.Conv2d(3, 8, 3)
-    w = single.weight.detach().clone()
-    P.MagnitudePruning.apply(single, "weight", amount=0.7)
-    _same([single.weight_mask.bool()], R.magnitude_masks_reference([w], 0.7))
-    assert torch.equal(single.weight, w * single.weight_mask)
+def test_torch_prune_method_follows_torch_and_masks_follow_sdclr():
+    """The two rules side by side (tests/test_torch_prune_compat.py checks the method in full):
+    the prune method removes round(p * n) entries as L1Unstructured does, magnitude_masks keeps
+    SDCLR's ceil rule."""
+    w = torch.randn(108, generator=torch.Generator().manual_seed(3))
+    single = nn.Linear(108, 1, bias=False)
+    single.weight = nn.Parameter(w.reshape(1, -1).clone())
+    P.MagnitudePruning.apply(single, "weight", amount=0.3)
+    assert int((single.weight_mask == 0).sum()) == 32
+    theirs = torch_prune.L1Unstructured(0.3).compute_mask(w, torch.ones(108))
+    assert torch.equal(single.weight_mask.reshape(-1), theirs)
+    (sdclr,) = P.magnitude_masks([w], 0.3)
+    _same([sdclr], R.magnitude_masks_reference([w], 0.3))
+    assert int((~sdclr).sum()) == 33
 
-    P.global_magnitude_unstructured([(c, "weight") for c in convs], amount=0.8)
-    _same([c.weight_mask.bool() for c in convs], R.magnitude_masks_reference(dense, 0.8))
 
-    # iterative pruning: torch applies the new amount to the entries still alive
-    first = net.conv1.weight_mask.bool()
-    P.MagnitudePruning.apply(net.conv1, "weight", amount=0.5)
-    alive = dense[0][first]
-    second = torch.zeros_like(first)
-    second[first] = R.magnitude_masks_reference([alive], 0.5)[0]
-    _same([net.conv1.weight_mask.bool()], [second])
-    with pytest.raises(ValueError, match="sparsity"):
-        P.MagnitudePruning(1.2)
+@settings(**SETTINGS)
+@given(sparsity=sparsities, n=st.integers(1, 10**9))
+@example(sparsity=0.7, n=100)   # 0.7 * 100 = 70.00000000000001: the official code takes 71
+@example(sparsity=0.9999999, n=10)  # capped at the last index
+@example(sparsity=0.0, n=1)
+def test_kth_index_matches_the_official_rule(sparsity, n):
+    assert P.kth_index is not R.kth_index
+    assert P.kth_index(sparsity, n) == R.kth_index(sparsity, n)
+    assert 0 <= P.kth_index(sparsity, n) < n
 
 
 # ---------------------------------------------------------------- CUDA (where a GPU exists)

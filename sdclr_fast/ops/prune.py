@@ -22,6 +22,7 @@ Thresholds are float32 (float16/bfloat16/float32 magnitudes convert to float32 e
 float64 when a tensor is float64.
 """
 import fnmatch
+import math
 import numbers
 
 import torch
@@ -34,8 +35,6 @@ except ImportError as exc:  # a source checkout that was never built
     raise ImportError(
         "sdclr_fast._C, the C++ pruning extension, is not built: run `make setup`, or "
         "`pip install --no-build-isolation -e .` in the repository") from exc
-
-from .reference import kth_index
 
 __all__ = [
     "magnitude_threshold",
@@ -52,29 +51,97 @@ _SCOPES = ("global", "layer")
 
 
 # ---------------------------------------------------------------- fake (meta) implementations
+# They check what the C++ ops check (csrc/prune.h: prepare, check_*), with the same messages and
+# ValueError, so that torch.compile / FakeTensor users see the errors an eager call raises. Only
+# the NaN/inf check needs the data and stays with the kernels.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _threshold_dtype(tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _fake_prepare(op, tensors):
+    torch._check_value(len(tensors) > 0,
+                       lambda: f"{op}: expected at least one tensor, got an empty list")
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        torch._check_value(t.device == device, lambda: (
+            f"{op}: all tensors must be on one device; tensors[0] is on {device} but "
+            f"tensors[{i}] is on {t.device}"))
+        torch._check_value(t.dtype in _FLOAT_DTYPES, lambda: (
+            f"{op}: tensors[{i}] has dtype {t.dtype}; expected float16, bfloat16, float32 or "
+            f"float64"))
+
+
+def _fake_pooled_rank(op, tensors, k):
+    n = sum(t.numel() for t in tensors)
+    torch._check_value(n > 0, lambda: f"{op}: the tensors hold no elements")
+    msg = lambda: f"{op}: k must be in [0, {n}) for {n} elements, got {k}"  # noqa: E731
+    torch._check_value(k >= 0, msg)
+    torch._check_value(k < n, msg)
+
+
+def _fake_tensor_ranks(op, tensors, k):
+    torch._check_value(len(k) == len(tensors), lambda: (
+        f"{op}: k must have one entry per tensor ({len(tensors)}), got {len(k)}"))
+    for i, (t, ki) in enumerate(zip(tensors, k)):
+        n = t.numel()
+        msg = lambda: (f"{op}: k[{i}] must be in [0, {n}) for tensors[{i}] with {n} elements "  # noqa: E731
+                       f"(0 for an empty tensor), got {ki}")
+        if n == 0:
+            torch._check_value(ki == 0, msg)
+        else:
+            torch._check_value(ki >= 0, msg)
+            torch._check_value(ki < n, msg)
+
+
+def _masks_like(tensors):
+    return [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+
+
 @torch.library.register_fake("sdclr_fast::kth_abs_value")
 def _kth_abs_value_fake(tensors, k):
+    op = "kth_abs_value"
+    _fake_prepare(op, tensors)
+    _fake_pooled_rank(op, tensors, k)
     return tensors[0].new_empty((), dtype=_threshold_dtype(tensors))
 
 
 @torch.library.register_fake("sdclr_fast::kth_abs_value_per_tensor")
 def _kth_abs_value_per_tensor_fake(tensors, k):
+    op = "kth_abs_value_per_tensor"
+    _fake_prepare(op, tensors)
+    _fake_tensor_ranks(op, tensors, k)
     return tensors[0].new_empty((len(tensors),), dtype=_threshold_dtype(tensors))
 
 
 @torch.library.register_fake("sdclr_fast::abs_ge_masks")
 def _abs_ge_masks_fake(tensors, threshold):
-    return [torch.empty(t.shape, dtype=torch.bool, device=t.device) for t in tensors]
+    op = "abs_ge_masks"
+    _fake_prepare(op, tensors)
+    device, g = tensors[0].device, len(tensors)
+    torch._check_value(threshold.device == device, lambda: (
+        f"{op}: threshold must be on the tensors' device ({device}), got {threshold.device}"))
+    torch._check_value(threshold.dtype.is_floating_point, lambda: (
+        f"{op}: threshold must be a floating tensor, got {threshold.dtype}"))
+    torch._check_value(threshold.numel() == 1 or threshold.numel() == g, lambda: (
+        f"{op}: threshold must hold 1 value or one per tensor ({g}), got {threshold.numel()}"))
+    return _masks_like(tensors)
 
 
 @torch.library.register_fake("sdclr_fast::topk_abs_masks")
 def _topk_abs_masks_fake(tensors, k, per_tensor):
+    op = "topk_abs_masks"
+    _fake_prepare(op, tensors)
+    if per_tensor:
+        _fake_tensor_ranks(op, tensors, k)
+    else:
+        torch._check_value(len(k) == 1, lambda: (
+            f"{op}: k must hold one rank when per_tensor is false, got {len(k)}"))
+        _fake_pooled_rank(op, tensors, k[0])
     thresholds = tensors[0].new_empty((len(k),), dtype=_threshold_dtype(tensors))
-    return thresholds, _abs_ge_masks_fake(tensors, None)
+    return thresholds, _masks_like(tensors)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -122,6 +189,12 @@ def _check_block(block):
 
 
 # ---------------------------------------------------------------- public ops
+def kth_index(sparsity, n):
+    """SDCLR's threshold rank: index ceil(sparsity * n) into the ascending sorted |w| of n
+    magnitudes, kept below n so that the largest magnitudes survive when sparsity is near 1."""
+    return min(math.ceil(sparsity * n), n - 1)
+
+
 def magnitude_threshold(tensors, sparsity):
     """The SDCLR threshold: the value at index ``ceil(sparsity * n)`` (kept < n) of the
     ascending sorted |w| pooled over all ``tensors``. Returns a 0-d tensor on their device
@@ -259,11 +332,35 @@ def prune_model(model, sparsity, scope="global", include=None, exclude=None, blo
     return dict(zip(weights.keys(), masks))
 
 
+def _smallest_abs(t, count):
+    """Flat bool mask of exactly ``count`` entries of ``t`` with the smallest |t|, the entries
+    ``torch.topk(t.abs().view(-1), count, largest=False)`` returns wherever that choice is unique:
+    every |t| below the count-th smallest magnitude, then, only where that magnitude is tied, the
+    first tied entries in index order (topk leaves the choice among ties unspecified)."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if count >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    if flat.dtype not in _FLOAT_DTYPES:  # e.g. integer importance scores; exact below 2**53
+        flat = flat.to(torch.float64)
+    thr, (keep,) = _ops.topk_abs_masks([flat], [count], False)  # keep: |t| >= count-th smallest
+    drop = keep.logical_not_()
+    missing = count - int(drop.sum())  # entries tied at the threshold that must go too
+    if missing:
+        tied = (flat.abs().to(thr.dtype) == thr).nonzero().reshape(-1)
+        drop[tied[:missing]] = True
+    return drop
+
+
 class MagnitudePruning(torch_prune.BasePruningMethod):
-    """``torch.nn.utils.prune`` method with SDCLR's rule: prune ``|w| < threshold`` where the
-    threshold is the value at index ceil(amount * n) of the sorted magnitudes (ties are kept,
-    unlike L1Unstructured, which removes exactly round(amount * n) entries). ``amount`` is a
-    fraction in [0, 1).
+    """``torch.nn.utils.prune`` method with the semantics of ``prune.L1Unstructured``, computed
+    with the C++ selection op instead of a ``torch.topk``: ``amount`` is an int (a count) or a
+    float in [0, 1] (a fraction, round(amount * n) entries, torch's rounding), validated by
+    torch's own helpers; exactly that many entries with the smallest |w| are pruned (zeros
+    included). Iterative pruning and ``prune.remove`` go through torch's machinery, as for
+    L1Unstructured. Where the cut falls inside a run of equal magnitudes, the first entries of
+    the run in index order are pruned. SDCLR's own rule (ceil, ties kept) is
+    :func:`magnitude_masks`.
 
     >>> MagnitudePruning.apply(conv, "weight", amount=0.9)
     >>> global_magnitude_unstructured([(conv1, "weight"), (conv2, "weight")], amount=0.9)
@@ -272,13 +369,16 @@ class MagnitudePruning(torch_prune.BasePruningMethod):
     PRUNING_TYPE = "unstructured"
 
     def __init__(self, amount):
-        self.amount = _check_sparsity(amount)
+        torch_prune._validate_pruning_amount_init(amount)
+        self.amount = amount
 
     def compute_mask(self, t, default_mask):
+        n = t.nelement()
+        count = torch_prune._compute_nparams_toprune(self.amount, n)
+        torch_prune._validate_pruning_amount(count, n)
         mask = default_mask.clone(memory_format=torch.contiguous_format)
-        if t.numel():
-            keep = magnitude_masks([t], self.amount)[0]
-            mask.masked_fill_(~keep.reshape(mask.shape), 0)
+        if count:
+            mask.view(-1).masked_fill_(_smallest_abs(t, count), 0)
         return mask
 
     @classmethod
@@ -287,8 +387,9 @@ class MagnitudePruning(torch_prune.BasePruningMethod):
 
 
 def global_magnitude_unstructured(parameters, amount, importance_scores=None):
-    """``torch.nn.utils.prune.global_unstructured`` with :class:`MagnitudePruning`: one
-    threshold pooled over all ``(module, name)`` pairs, the masks applied with that module's
-    reparametrisation (``weight_orig`` and ``weight_mask``)."""
+    """``prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=...,
+    importance_scores=...)`` with :class:`MagnitudePruning`: one selection pooled over all
+    ``(module, name)`` pairs (over the entries not pruned yet), the masks applied with each
+    module's reparametrisation (``weight_orig`` and ``weight_mask``)."""
     torch_prune.global_unstructured(parameters, pruning_method=MagnitudePruning,
                                     importance_scores=importance_scores, amount=amount)

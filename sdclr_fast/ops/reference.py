@@ -67,9 +67,9 @@ def nt_xent_cross_entropy_reference(z1, z2, temperature=0.2):
 
 # ---------------------------------------------------------------- pruning
 def kth_index(sparsity, n):
-    """Index into the ascending sorted |w| of the pruning threshold: ceil(sparsity * n), kept
-    inside the array so that at least the largest magnitudes survive when sparsity is near 1."""
-    return min(math.ceil(sparsity * n), n - 1)
+    """The official code's threshold rank (SDCLR prune/mask.py): the number of weights to prune,
+    np.ceil(fraction * n), used as an index into the sorted |w| and capped at the last one."""
+    return int(min(np.ceil(np.float64(sparsity) * n), n - 1))
 
 
 def _magnitude_dtype(tensors):
