@@ -396,6 +396,91 @@ def test_gather_distributed_without_process_group_is_local():
                                                                   symmetric=True))
 
 
+# ------------------------------------------------------------------ Triton path (interpreter)
+@interp
+@pytest.mark.slow
+@settings(max_examples=40, **SETTINGS)
+@given(m=st.integers(1, 40), d=st.integers(1, 40), q=st.sampled_from([0, 1, 19, 40]),
+       seed=st.integers(0, 2 ** 16), tau=st.floats(0.05, 1.0), symmetric=st.booleans(),
+       in_batch=st.sampled_from([True, True, False]), classes=st.sampled_from([None, 1, 3]),
+       weights=st.sampled_from([None, "rand", "zeros"]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), normalize=st.booleans(),
+       tau_tensor=st.booleans(), kind=st.sampled_from(["randn", "ties", "zeros", "close"]),
+       block_d=st.sampled_from([None, None, 16]))
+def test_triton_float32(m, d, q, seed, tau, symmetric, in_batch, classes, weights, reduction,
+                        normalize, tau_tensor, kind, block_d):
+    """fp32 tl.dot is exact in the interpreter, so the kernels match float64 to fp32 rounding.
+    block_d=16 forces the chunked-D path at small D; tiles are 16 x 16 there, so these
+    shapes span several row and column tiles."""
+    assume(_valid(q, symmetric, in_batch, classes))
+    x, y, n = _inputs(m, d, q, seed, torch.float32, kind, scale=1.0 if normalize else 0.3)
+    temperature = torch.tensor(tau) if tau_tensor else tau
+    got, ref, sc = _compare(dict(_backend="triton", _block_d=block_d), x, y, n, temperature,
+                            _weights(weights, m, seed, torch.float32), seed,
+                            symmetric=symmetric, in_batch_negatives=in_batch,
+                            labels=_labels(classes, m, seed), reduction=reduction,
+                            normalize=normalize)
+    _close(got, ref, sc, rtol=3e-5, atol=3e-6)
+
+
+@interp
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@settings(max_examples=12, **SETTINGS)
+@given(m=st.integers(1, 40), d=st.integers(2, 40), q=st.sampled_from([0, 23, 48]),
+       seed=st.integers(0, 2 ** 16), tau=st.floats(0.05, 1.0), symmetric=st.booleans(),
+       in_batch=st.booleans())
+def test_triton_low_precision(dtype, m, d, q, seed, tau, symmetric, in_batch):
+    assume(_valid(q, symmetric, in_batch, None))
+    x, y, n = _inputs(m, d, q, seed, dtype)
+    kw = dict(symmetric=symmetric, in_batch_negatives=in_batch)
+    got, ref, _ = _compare(dict(_backend="triton"), x, y, n, tau, None, seed, **kw)
+    assert got[0].dtype == dtype and got[1][0].dtype == dtype and got[1][2] is None or \
+        got[1][2].dtype == dtype
+    _lowp_rule(got, ref, x, y, n, tau, None, seed, dtype, **kw)
+
+
+@interp
+def test_triton_edge_shapes():
+    """One row, D = 1, D past one chunk (block_d 16), rows and bank spanning several tiles."""
+    for m, d, q, bd in ((1, 1, 0, None), (1, 5, 3, None), (3, 2, 1, None), (37, 20, 50, 16),
+                        (17, 33, 17, None)):
+        x, y, n = _inputs(m, d, q, m + d, torch.float32)
+        for kw in (dict(symmetric=True), dict(in_batch_negatives=False)):
+            if n is None and not kw.get("symmetric"):
+                continue
+            got, ref, sc = _compare(dict(_backend="triton", _block_d=bd), x, y, n, 0.2,
+                                    _weights("rand", m, 0, torch.float32), 1, reduction="none",
+                                    labels=_labels(3, m, 0) if kw.get("symmetric") else None,
+                                    **kw)
+            _close(got, ref, sc, rtol=3e-5, atol=3e-6)
+
+
+@interp
+def test_force_triton_env(monkeypatch):
+    """SDCLR_FAST_FORCE_TRITON=1 routes CPU tensors to the kernels (read at call time)."""
+    calls = []
+    k = op._kernels()
+    real = k.forward
+    monkeypatch.setattr(k, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x, y, n = _inputs(4, 8, 5, 0, torch.float32)
+    info_nce(x, y, negatives=n)
+    assert not calls
+    monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+    torch.testing.assert_close(info_nce(x, y, negatives=n),
+                               info_nce_reference(x, y, negatives=n))
+    assert calls
+
+
+@interp
+def test_triton_temperature_schedule():
+    """Temperatures reach the kernels as runtime values (read from memory)."""
+    x, y, n = _inputs(5, 16, 7, 0, torch.float32)
+    for tau in (0.1, 0.3, torch.tensor(0.7)):
+        torch.testing.assert_close(info_nce(x, y, tau, negatives=n, _backend="triton"),
+                                   info_nce_reference(x, y, tau, negatives=n))
+
+
 # ------------------------------------------------------------------ MemoryBank
 def test_memory_bank_fifo():
     mb = MemoryBank(10, 3, generator=torch.Generator().manual_seed(0))
@@ -538,3 +623,211 @@ def test_non_finite_inputs_name_the_tensor(bad):
         info_nce(z, zb)
     with pytest.raises(ValueError, match="negatives holds NaN or inf"):
         info_nce(z, z, negatives=zb)
+
+
+# ------------------------------------------------------------------ GPU lowering without a GPU
+_AOT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sdclr_fast.kernels import info_nce as k
+for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+    meta, launch = k._config(dtype, 128)
+    ptrs = {a: "*fp32" for a in ("rx_ptr", "ry_ptr", "rn_ptr", "scale_ptr", "loss_ptr",
+                                 "lse2_ptr", "lsex_ptr", "gx_ptr", "gpx_ptr", "lsey_ptr",
+                                 "gy_ptr", "gpy_ptr", "out_ptr")}
+    ptrs.update(x_ptr=ty, y_ptr=ty, n_ptr=ty, kx_ptr="*i32", ky_ptr="*i32", cnt_ptr="*i32")
+    variants = [(k._info_nce_fwd_kernel, dict(NORMALIZE=True, DIAG_ONLY=d, HAS_N=True))
+                for d in (False, True)]
+    variants += [(k._info_nce_bwd_kernel, dict(NORMALIZE=True, X_ANCHOR=xa, Y_ANCHOR=True,
+                                               PAIRED=p, DIAG_ONLY=False, HAS_N=hn))
+                 for xa, p, hn in ((True, True, True), (False, True, False),
+                                   (False, False, False))]
+    for fn, flags in variants:
+        consts = dict(meta, **flags)
+        sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts}),
+                       target=GPUTarget("cuda", 90, 32), options=launch)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code that the compiler rejects: lower every kernel variant to
+    an sm_90 cubin with the GPU launch configuration (needs Triton's bundled ptxas only)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _AOT, root], env=env, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("Triton's ptxas is not available")
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ compiled kernels on a GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                    reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, d, q, kw", [(1, 16, 0, dict(symmetric=True)),
+                                         (300, 128, 1000, dict()),
+                                         (129, 300, 70, dict(in_batch_negatives=False)),
+                                         (200, 64, 0, dict(symmetric=True, labels=5))])
+def test_cuda_kernels(dtype, m, d, q, kw):
+    """The compiled kernels against float64 with the 2x rule against the same-dtype
+    reference (fp32 with TF32 off, as torch.matmul's default)."""
+    x, y, n = (t.cuda() if t is not None else None for t in _inputs(m, d, q, m + d, dtype))
+    if "labels" in kw:
+        kw = dict(kw, labels=_labels(kw["labels"], m, 0).cuda())
+    got, ref, _ = _compare(dict(), x, y, n, 0.1, None, 1, reduction="none", **kw)
+    _lowp_rule(got, ref, x, y, n, 0.1, None, 1, dtype, reduction="none", **kw)
+
+
+# ------------------------------------------------------------------ gather_distributed (2 gloo processes)
+WORLD, DM, DD, DQ = 2, 5, 7, 6
+
+# name: (dtype, backend, reduction, symmetric, labels, weights, bank requires grad)
+DIST_CASES = {
+    "bank_mean": (torch.float64, "torch", "mean", False, False, False, True),
+    "sym_labels_none": (torch.float64, "torch", "none", True, True, True, False),
+    "sym_sum": (torch.float64, "torch", "sum", True, False, False, True),
+    "triton_sym_labels": (torch.float32, "triton", "none", True, True, False, True),
+    "triton_bank_mean": (torch.float32, "triton", "mean", False, False, True, False),
+}
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_data(name):
+    """Every rank's inputs, generated identically in all processes; one shared bank."""
+    import zlib
+
+    dtype, _, _, _, labels, weights, _ = DIST_CASES[name]
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    x = torch.randn(WORLD, DM, DD, generator=g, dtype=torch.float64).to(dtype)
+    y = torch.randn(WORLD, DM, DD, generator=g, dtype=torch.float64).to(dtype)
+    n = torch.randn(DQ, DD, generator=g, dtype=torch.float64).to(dtype)
+    lab = torch.randint(0, 3, (WORLD, DM), generator=g) if labels else None
+    w = torch.rand(WORLD, DM, generator=g, dtype=torch.float64).to(dtype) if weights else None
+    cot = torch.rand(WORLD, 2 * DM, generator=g, dtype=torch.float64) + 0.5
+    return x, y, n, lab, w, cot
+
+
+def _dist_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for name, (dtype, backend, reduction, symmetric, _, _, bank_grad) in DIST_CASES.items():
+            x, y, n, lab, w, cot = _dist_data(name)
+            a = x[rank].clone().requires_grad_(True)
+            b = y[rank].clone().requires_grad_(True)
+            nb = n.clone().requires_grad_(bank_grad)
+            t = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+            out = info_nce(a, b, t, negatives=nb, symmetric=symmetric, reduction=reduction,
+                           weights=None if w is None else w[rank],
+                           labels=None if lab is None else lab[rank],
+                           gather_distributed=True, _backend=backend)
+            if reduction == "none":
+                (out.double() * cot[rank][: out.shape[0]]).sum().backward()
+            else:
+                out.backward()
+            results[name] = (out.detach(), a.grad, b.grad, nb.grad, t.grad)
+        # the bank of every rank receives the keys of all ranks, in rank order
+        mb = MemoryBank(8, 3, gather_distributed=True)
+        mb.enqueue(torch.full((2, 3), float(rank)))
+        results["bank"] = mb.bank.clone()
+        try:
+            k = DM if rank == 0 else DM - 1
+            info_nce(torch.randn(k, DD), torch.randn(k, DD), gather_distributed=True)
+        except ValueError as exc:
+            results["unequal"] = str(exc)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _dist_single(name):
+    """The single-process run on the concatenated batch (rank 0's rows, then rank 1's)."""
+    dtype, _, reduction, symmetric, labels, weights, bank_grad = DIST_CASES[name]
+    x, y, n, lab, w, cot = _dist_data(name)
+    a = torch.cat(list(x)).double().requires_grad_(True)
+    b = torch.cat(list(y)).double().requires_grad_(True)
+    nb = n.double().requires_grad_(bank_grad)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = info_nce_reference(a, b, t, negatives=nb, symmetric=symmetric, reduction=reduction,
+                             weights=torch.cat(list(w)).double() if weights else None,
+                             labels=torch.cat(list(lab)) if labels else None)
+    if reduction == "none":
+        # rank r's cot covers its query rows, then its key rows
+        c = cot[:, :DM].reshape(-1)
+        if symmetric:
+            c = torch.cat([c, cot[:, DM:].reshape(-1)])
+        (out * c).sum().backward()
+    else:
+        out.backward()
+    return out.detach(), a.grad, b.grad, nb.grad, t.grad
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out_dir = str(tmp_path_factory.mktemp("dist"))
+    mp.spawn(_dist_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DIST_CASES))
+def test_gather_distributed_matches_single_process(dist_results, name):
+    """Each rank's loss is over its own rows against all ranks' keys (and queries when
+    symmetric); the gathered rows' gradients come back to their owners: the gradient of each
+    rank's inputs is the single-process one (x WORLD for "mean", whose ranks' losses
+    average to the single-process loss); the shared bank's and temperature's gradients,
+    summed over ranks, likewise."""
+    dtype, _, reduction, symmetric, *_ = DIST_CASES[name]
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    out, ga, gb, gn, gt = _dist_single(name)
+    res = [dist_results[r][name] for r in range(WORLD)]
+    if reduction == "none":
+        for r in range(WORLD):
+            want = out[r * DM:(r + 1) * DM]
+            if symmetric:
+                want = torch.cat([want, out[WORLD * DM + r * DM:WORLD * DM + (r + 1) * DM]])
+            torch.testing.assert_close(res[r][0].double(), want, **tol)
+    elif reduction == "mean":
+        torch.testing.assert_close(sum(p[0].double() for p in res) / WORLD, out, **tol)
+    else:
+        torch.testing.assert_close(sum(p[0].double() for p in res), out, **tol)
+    factor = WORLD if reduction == "mean" else 1.0
+    for r in range(WORLD):
+        torch.testing.assert_close(res[r][1].double(), ga[r * DM:(r + 1) * DM] * factor, **tol)
+        torch.testing.assert_close(res[r][2].double(), gb[r * DM:(r + 1) * DM] * factor, **tol)
+    if gn is not None:
+        torch.testing.assert_close(sum(p[3].double() for p in res), gn * factor, **tol)
+    torch.testing.assert_close(sum(p[4].double() for p in res), gt * factor, **tol)
+
+
+@pytest.mark.slow
+def test_memory_bank_gathers_all_ranks_and_unequal_batches_are_refused(dist_results):
+    for r in range(WORLD):
+        bank = dist_results[r]["bank"]
+        torch.testing.assert_close(bank[:4], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+        assert "same M on every rank" in dist_results[r]["unequal"]

@@ -310,6 +310,7 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
     dn = torch.zeros_like(nh) if need_n else None
     if in_batch:
         cols = torch.cat([yh, nh]) if nh is not None else yh
+        hy_cols = F.pad(hy, (0, Ck - M)) if hy is not None else None  # 0 for other ranks' keys
         B = _cpu_block(cols.shape[0])
         for s in range(0, M, B):
             e = min(s + B, M)
@@ -318,7 +319,7 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
             if symmetric:
                 A[:, :M] += S[:, :M].sub_(lse2[None, :M]).exp_().mul_(h[None, :])
             del S
-            _sub_positives(A, s, e, keys_x, keys_y, Ck, gy, hy)
+            _sub_positives(A, s, e, keys_x, keys_y, Ck, gy, hy_cols)
             torch.mm(A, cols, out=dx[s:e])
             if need_y:
                 dy.addmm_(A[:, :Ck].t(), xh[s:e])

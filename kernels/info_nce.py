@@ -1,0 +1,373 @@
+"""Triton kernels of the fused InfoNCE loss; the (M, M + Q) logit matrix is never stored.
+
+Notation (see sdclr_fast/ops/info_nce.py for the op around them): x (Cq, D) are the raw
+query rows, y (Ck, D) the raw key rows (the local M rows first in both; more rows come from
+other ranks under a distributed gather), n (Q, D) the raw negatives; r_* = 1 / max(|row|, eps)
+their inverse norms (ones without normalisation), S_ij = r_i r_j x_i . y_j / tau. Keys kx, ky
+(int32 per row): query i and key j are positives iff kx_i == ky_j (the row index when there
+are no labels). Bank columns are never positives.
+
+forward, one program per BLOCK_M anchor rows (the first M rows of the row matrix), online
+log-sum-exp over BLOCK_N column tiles of the paired columns and then of the bank:
+    lse_i  = log sum_{j in cols(i)} exp(S_ij)
+    loss_i = lse_i - mean_{p in pos(i)} S_ip
+cols(i) is every paired column, or only column i (DIAG_ONLY, in_batch_negatives=False: only
+the diagonal tiles are visited), plus every bank column. The key -> query direction is the
+same kernel with the roles of x and y swapped and no bank. Scores are kept in base-2 units
+(S * log2 e) so the exponentials are exp2.
+
+backward, one program per BLOCK_M output rows and per D chunk, columns in tiles:
+    dL/dS_ij = g_i (P_ij - [j in pos(i)] / |pos(i)|) + h_j (P'_ji - [i in pos'(j)] / |pos'(j)|)
+with g, h the upstream gradients of the query -> key and key -> query rows (0 beyond M and
+for a direction not computed) and P, P' their softmaxes (P = exp(S - lse)). The kernel
+computes dL/dxhat_i = (1/tau) sum_j dS_ij yhat_j for its rows; launched with the roles
+swapped it gives dL/dyhat (rows = keys, columns = queries) and dL/dnhat (rows = bank,
+columns = queries, only the g term), so each program owns its output rows and no atomics
+are needed. Rows beyond M (other ranks' rows) only pair with the first M columns. The chain
+rule through the L2 normalisation runs in PyTorch on the results.
+
+Inputs stay in their dtype for tl.dot (fp32 accumulation): fp16/bf16 use the tensor cores,
+fp32 uses IEEE products unless torch.backends.cuda.matmul.allow_tf32 is set. The
+interpreter's 16-bit arithmetic is unreliable, so tiles are upcast there. D up to MAX_BLOCK_D
+is held in one register tile; larger D is processed in chunks (forward: the dot accumulates
+over chunks; backward: one program per output chunk, each recomputing the scores).
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._host import cdiv, interpreting
+
+LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+MAX_BLOCK_D = 256
+
+
+@triton.jit
+def _load_tile(u_ptr, offs_r, r_ok, offs_d, D, s_um, s_ud, UPCAST: tl.constexpr):
+    """(rows, BLOCK_D) tile of u, zero outside the rows and past D, fp32 when UPCAST."""
+    t = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
+                mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _scores(a_ptr, b_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_am, s_ad, s_bm, s_bd,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) raw dot products a_m . b_n, fp32. With one D chunk `q` is the
+    preloaded row tile of a and the column tile of b is returned for reuse."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if D_CHUNKS == 1:
+        k = _load_tile(b_ptr, offs_n, col_ok, offs_d, D, s_bm, s_bd, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    else:
+        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in range(D_CHUNKS):
+            d = c * BLOCK_D + offs_d
+            qc = _load_tile(a_ptr, offs_m, row_ok, d, D, s_am, s_ad, UPCAST)
+            kc = _load_tile(b_ptr, offs_n, col_ok, d, D, s_bm, s_bd, UPCAST)
+            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
+        k = s  # unused placeholder with D chunks
+    return s, k
+
+
+@triton.jit
+def _online_lse(m_i, l_i, s_masked):
+    """One column tile of the online base-2 log-sum-exp (running max m, scaled sum l)."""
+    m_new = tl.maximum(m_i, tl.max(s_masked, 1))
+    # a row whose columns so far are all masked keeps m = -inf: shift by 0 there
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s_masked - m_shift[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
+def _info_nce_fwd_kernel(
+    x_ptr, rx_ptr, kx_ptr, y_ptr, ry_ptr, ky_ptr, n_ptr, rn_ptr, scale_ptr,
+    loss_ptr, lse2_ptr, cnt_ptr,
+    M, C, Q, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd,
+    NORMALIZE: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if D_CHUNKS == 1:
+        q = _load_tile(x_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_xm, s_xd, UPCAST)
+    # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
+    scale = tl.load(scale_ptr) * LOG2E
+    if NORMALIZE:
+        row_scale = tl.load(rx_ptr + offs_m, mask=row_ok, other=0.0) * scale
+    else:
+        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    key_i = tl.load(kx_ptr + offs_m, mask=row_ok, other=-1)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    if DIAG_ONLY:  # only the tiles that hold this block's diagonal
+        lo = (pid * BLOCK_M) // BLOCK_N * BLOCK_N
+        hi = tl.minimum((pid + 1) * BLOCK_M, C)
+    else:
+        lo = 0
+        hi = C
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < C
+        s, _ = _scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                       s_ym, s_yd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        if NORMALIZE:
+            s = s * row_scale[:, None] * tl.load(ry_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
+        else:
+            s = s * row_scale[:, None]
+        valid = col_ok[None, :]
+        if DIAG_ONLY:
+            valid = valid & (offs_n[None, :] == offs_m[:, None])
+        s_masked = tl.where(valid, s, float("-inf"))
+        m_i, l_i = _online_lse(m_i, l_i, s_masked)
+        key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
+        same = valid & (key_j[None, :] == key_i[:, None])
+        pos += tl.sum(tl.where(same, s, 0.0), 1)
+        cnt += tl.sum(same.to(tl.int32), 1)
+    if HAS_N:
+        for start_n in range(0, Q, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < Q
+            s, _ = _scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                           s_nm, s_nd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+            if NORMALIZE:
+                s = s * row_scale[:, None] * tl.load(rn_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
+            else:
+                s = s * row_scale[:, None]
+            m_i, l_i = _online_lse(m_i, l_i, tl.where(col_ok[None, :], s, float("-inf")))
+
+    lse2 = m_i + tl.log2(l_i)
+    loss = (lse2 - pos / tl.maximum(cnt, 1).to(tl.float32)) * LN2
+    tl.store(loss_ptr + offs_m, loss, mask=row_ok)
+    tl.store(lse2_ptr + offs_m, lse2, mask=row_ok)
+    tl.store(cnt_ptr + offs_m, cnt, mask=row_ok)
+
+
+@triton.jit
+def _info_nce_bwd_kernel(
+    x_ptr, rx_ptr, kx_ptr, lsex_ptr, gx_ptr, gpx_ptr,
+    y_ptr, ry_ptr, ky_ptr, lsey_ptr, gy_ptr, gpy_ptr,
+    n_ptr, rn_ptr, scale_ptr, out_ptr,
+    R, RL, C, CL, Q, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd, s_om, s_od,
+    NORMALIZE: tl.constexpr, X_ANCHOR: tl.constexpr, Y_ANCHOR: tl.constexpr,
+    PAIRED: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[i] = (1/tau) sum_j dS_ij yhat_j (+ the bank columns) for the R rows of x.
+
+    X_ANCHOR / Y_ANCHOR: whether the rows / the columns carry a direction's statistics (lse,
+    upstream g, g / |pos|); PAIRED: the columns are the rows' batch counterparts (positives by
+    key, DIAG_ONLY applies) rather than bank rows. Rows from RL on (not local) pair with the
+    first CL columns only and skip the bank."""
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < R
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if D_CHUNKS == 1:
+        q = _load_tile(x_ptr, offs_m, row_ok, offs_d, D, s_xm, s_xd, UPCAST)
+    inv_tau = tl.load(scale_ptr)
+    scale = inv_tau * LOG2E
+    if NORMALIZE:
+        row_scale = tl.load(rx_ptr + offs_m, mask=row_ok, other=0.0) * scale
+    else:
+        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    lse_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    g_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    gp_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if X_ANCHOR:
+        lse_x = tl.load(lsex_ptr + offs_m, mask=row_ok, other=float("inf"))
+        g_x = tl.load(gx_ptr + offs_m, mask=row_ok, other=0.0)
+        gp_x = tl.load(gpx_ptr + offs_m, mask=row_ok, other=0.0)
+    key_x = offs_m
+    if PAIRED:
+        key_x = tl.load(kx_ptr + offs_m, mask=row_ok, other=-1)
+    d_out = chunk * BLOCK_D + offs_d
+    local = pid * BLOCK_M < RL
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if DIAG_ONLY:
+        lo = (pid * BLOCK_M) // BLOCK_N * BLOCK_N
+        hi = tl.minimum((pid + 1) * BLOCK_M, C)
+    else:
+        lo = 0
+        hi = tl.where(local, C, CL)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < C
+        s, k = _scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                       s_ym, s_yd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        if NORMALIZE:
+            r_j = tl.load(ry_ptr + offs_n, mask=col_ok, other=0.0)
+            s = s * row_scale[:, None] * r_j[None, :]
+        else:
+            s = s * row_scale[:, None]
+        valid = col_ok[None, :]
+        if DIAG_ONLY:
+            valid = valid & (offs_n[None, :] == offs_m[:, None])
+        # masked before the exponent: exp2 of a masked score minus a finite lse may overflow
+        s = tl.where(valid, s, float("-inf"))
+        a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sub = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if X_ANCHOR:
+            a += g_x[:, None] * tl.exp2(s - lse_x[:, None])
+            sub += gp_x[:, None]
+        if Y_ANCHOR:
+            lse_y = tl.load(lsey_ptr + offs_n, mask=col_ok, other=float("inf"))
+            g_y = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
+            a += g_y[None, :] * tl.exp2(s - lse_y[None, :])
+            sub += tl.load(gpy_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
+        if PAIRED:
+            key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
+            a -= tl.where(valid & (key_j[None, :] == key_x[:, None]), sub, 0.0)
+        a = tl.where(valid, a, 0.0)
+        if NORMALIZE:
+            a = a * r_j[None, :]
+        if D_CHUNKS == 1:
+            v = k
+        else:
+            v = _load_tile(y_ptr, offs_n, col_ok, d_out, D, s_ym, s_yd, UPCAST)
+        acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
+    if HAS_N:  # bank columns: only the rows' own direction (X_ANCHOR), never positives
+        for start_n in range(0, tl.where(local, Q, 0), BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < Q
+            s, k = _scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                           s_nm, s_nd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+            if NORMALIZE:
+                r_j = tl.load(rn_ptr + offs_n, mask=col_ok, other=0.0)
+                s = s * row_scale[:, None] * r_j[None, :]
+            else:
+                s = s * row_scale[:, None]
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            a = g_x[:, None] * tl.exp2(s - lse_x[:, None])
+            if NORMALIZE:
+                a = a * r_j[None, :]
+            if D_CHUNKS == 1:
+                v = k
+            else:
+                v = _load_tile(n_ptr, offs_n, col_ok, d_out, D, s_nm, s_nd, UPCAST)
+            acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
+
+    acc = acc * inv_tau
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * s_om + d_out[None, :] * s_od, acc,
+             mask=row_ok[:, None] & (d_out[None, :] < D))
+
+
+# ------------------------------------------------------------------ launch helpers
+def _dot_precision(dtype):
+    """fp32 follows torch.matmul's setting (IEEE unless allow_tf32); the interpreter is exact;
+    16-bit inputs ignore it."""
+    if dtype == torch.float32 and (interpreting() or not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _config(dtype, D, block_d=None):
+    """Tile sizes and launch options. block_d overrides the D chunk (a power of two >= 16;
+    tests use it to exercise the chunked path at small D)."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return _config_cached(dtype, D, block_d, interpreting(), tf32)
+
+
+@functools.lru_cache(maxsize=256)
+def _config_cached(dtype, D, block_d, interp, tf32):
+    if block_d is None:
+        block_d = min(max(16, 1 << max(D - 1, 0).bit_length()), MAX_BLOCK_D)
+    d_chunks = cdiv(D, block_d)
+    if interp:
+        # small tiles, so that the tests' small shapes span several row and column tiles
+        block_m, block_n, launch = 16, 16, {}
+    else:
+        small = dtype != torch.float32 and block_d <= 128
+        block_m, block_n = (128, 64) if small else (64, 64)
+        launch = {"num_warps": 8 if small or block_d > 64 else 4, "num_stages": 2}
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
+                UPCAST=interp, PRECISION=_dot_precision(dtype))
+    return meta, launch
+
+
+def _strides(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block_d=None):
+    """Per-row losses (M,) fp32, base-2 log-sum-exp (x's rows,) fp32 (+inf beyond M) and
+    positive counts (M,) int32 of the first M rows of x against the columns [y; n].
+
+    rx, ry, rn: fp32 inverse norms (ignored unless normalize); kx, ky: int32 keys; n may be
+    None; inv_tau: (1,) fp32 tensor on x's device."""
+    D = x.shape[1]
+    meta, launch = _config(x.dtype, D, block_d)
+    dev = x.device
+    loss = torch.empty(M, device=dev, dtype=torch.float32)
+    lse2 = (torch.empty(M, device=dev, dtype=torch.float32) if x.shape[0] == M else
+            torch.full((x.shape[0],), float("inf"), device=dev, dtype=torch.float32))
+    cnt = torch.empty(M, device=dev, dtype=torch.int32)
+    has_n = n is not None
+    grid = (cdiv(M, meta["BLOCK_M"]),)
+    _info_nce_fwd_kernel[grid](
+        x, rx, kx, y, ry, ky, n if has_n else x, rn if has_n else rx, inv_tau, loss, lse2, cnt,
+        M, y.shape[0], n.shape[0] if has_n else 0, D, *_strides(x), *_strides(y),
+        *_strides(n), NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, **meta, **launch)
+    return loss, lse2, cnt
+
+
+def _rows_grad(x, rx, kx, stats_x, y, ry, ky, stats_y, n, rn, inv_tau, RL, CL, normalize,
+               paired, diag_only, block_d):
+    """(1/tau) dS @ [yhat; nhat] for every row of x, fp32 (x's rows, D). stats_*: (lse2, g,
+    g / |pos|) of the rows / columns, or None where they carry no direction."""
+    R, D = x.shape
+    meta, launch = _config(x.dtype, D, block_d)
+    out = torch.empty((R, D), device=x.device, dtype=torch.float32)
+    sx = stats_x if stats_x is not None else (rx, rx, rx)  # placeholders, not read
+    sy = stats_y if stats_y is not None else (ry, ry, ry)
+    has_n = n is not None
+    grid = (cdiv(R, meta["BLOCK_M"]), meta["D_CHUNKS"])
+    _info_nce_bwd_kernel[grid](
+        x, rx, kx, *sx, y, ry, ky, *sy, n if has_n else x, rn if has_n else rx, inv_tau, out,
+        R, RL, y.shape[0], CL, n.shape[0] if has_n else 0, D, *_strides(x), *_strides(y),
+        *_strides(n), out.stride(0), out.stride(1), NORMALIZE=normalize,
+        X_ANCHOR=stats_x is not None, Y_ANCHOR=stats_y is not None, PAIRED=paired,
+        DIAG_ONLY=diag_only, HAS_N=has_n, **meta, **launch)
+    return out
+
+
+def backward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, symmetric,
+             lse1, lse2, g, gpos, h, hpos, need_x, need_y, need_n, block_d=None):
+    """dL/dxhat, dL/dyhat, dL/dnhat (fp32; None where not needed) of the per-row losses.
+
+    lse1 (x's rows,), lse2 (y's rows,): base-2 lse of each direction (+inf beyond M); g, gpos
+    (M,): upstream gradient of the query rows and the same over the positive counts; h, hpos
+    likewise for the key rows (None unless symmetric)."""
+    def pad(v, rows):
+        return v if rows == M else torch.cat([v, v.new_zeros(rows - M)])
+
+    sx = (lse1, pad(g, x.shape[0]), pad(gpos, x.shape[0]))
+    sy = (lse2, pad(h, y.shape[0]), pad(hpos, y.shape[0])) if symmetric else None
+    dx = dy = dn = None
+    if need_x:
+        dx = _rows_grad(x, rx, kx, sx, y, ry, ky, sy, n, rn, inv_tau, M, M, normalize, True,
+                        diag_only, block_d)
+    if need_y:
+        dy = _rows_grad(y, ry, ky, sy, x, rx, kx, sx, None, None, inv_tau, M, M, normalize,
+                        True, diag_only, block_d)
+    if need_n:
+        dn = _rows_grad(n, rn, kx, None, x[:M], rx[:M], kx, (lse1[:M], g, gpos), None, None,
+                        inv_tau, 0, M, normalize, False, False, block_d)
+    return dx, dy, dn
