@@ -200,7 +200,8 @@ def _nt_xent_bwd_kernel(
         g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
         gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
         key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
-        valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+        # padding rows (past M) too: their zero scores minus a real column's lse would overflow
+        valid = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
         # The diagonal S_ii is left out of lse, so at small tau exp2(S_ii - lse_i) overflows:
         # mask before the exponent instead of discarding an inf afterwards.
         s = tl.where(valid, s, float("-inf"))

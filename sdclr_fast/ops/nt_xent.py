@@ -276,17 +276,18 @@ def _torch_forward(zh, inv_tau, R, keys, normalize, pos_lse=False):
             if pos_lse:
                 lsep_b = Sp.sub_(shift[:, None]).exp_().sum(1).log_()  # 0 .. log(count)
             total = S.sub_(shift[:, None]).exp_().sum(1)
-            bad = ((total < _UNDERFLOW[dt]) | (total == float("inf"))).nonzero().squeeze(1)
+            bad = (total < _UNDERFLOW[dt]) | (total == float("inf"))
             loss_b = total.log_()
             lse_b = loss_b + shift
             if pos_lse:
                 loss_b = loss_b - lsep_b
                 lsep_b = lsep_b.add_(shift)
-            if bad.numel():
-                redo = torch.mm(zs[s + bad], zh.t())
-                redo[torch.arange(bad.numel(), device=dev), s + bad] = float("-inf")
-                lse_b[bad] = torch.logsumexp(redo, dim=1)
-                loss_b[bad] = lse_b[bad] - (lsep_b[bad] if pos_lse else pos_term[bad])
+            if bool(bad.any()):  # rare: redo the block with a row max (no data-dependent shapes)
+                redo = torch.mm(zs[s:e], zh.t())
+                redo.diagonal(offset=s).fill_(float("-inf"))
+                lse_r = torch.logsumexp(redo, dim=1)
+                lse_b = torch.where(bad, lse_r, lse_b)
+                loss_b = torch.where(bad, lse_r - (lsep_b if pos_lse else pos_term), loss_b)
         else:
             lse_b = torch.logsumexp(S, dim=1)
             if pos_lse:
@@ -618,30 +619,137 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
     return out.to(z1.dtype)
 
 
+def _bank_shape(memory_bank_size):
+    """lightly's memory_bank_size: an int (the dimension is taken from the first batch) or a
+    (size, dim) pair; size 0 switches the bank off. Returns (size, dim or None)."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if is_int(memory_bank_size) and memory_bank_size >= 0:
+        return int(memory_bank_size), None
+    if isinstance(memory_bank_size, (tuple, list, torch.Size)) and len(memory_bank_size) == 2 \
+            and all(is_int(v) for v in memory_bank_size) and memory_bank_size[0] >= 0 \
+            and memory_bank_size[1] >= 1:
+        return int(memory_bank_size[0]), int(memory_bank_size[1])
+    raise ValueError(f"memory_bank_size must be an int >= 0 or a (size >= 0, dim >= 1) pair of "
+                     f"ints, got {memory_bank_size!r}")
+
+
 class NTXentLoss(nn.Module):
-    """Module form of `nt_xent`: `NTXentLoss(temperature, normalize=..., reduction=...,
-    gather_distributed=...)(z1, z2, weights=None, labels=None)`.
+    """Module form of `nt_xent`, a drop-in for lightly's `NTXentLoss(temperature,
+    memory_bank_size, gather_distributed)` (same positional order):
 
-    A tensor temperature is kept as a buffer (an nn.Parameter as a learnable parameter)."""
+        NTXentLoss(temperature=0.2, memory_bank_size=0, gather_distributed=False, *,
+                   normalize=True, reduction="mean", multi_positive="out")
+        loss = loss_fn(z1, z2)                     # two views
+        loss = loss_fn(z, labels=idx)              # one matrix, solo-learn style
+        loss = loss_fn(z1, z2, weights=w, labels=y)
 
-    def __init__(self, temperature=0.2, *, normalize=True, reduction="mean",
-                 gather_distributed=False):
+    Every argument is checked here, in the constructor. A tensor temperature is kept as a
+    buffer (an nn.Parameter as a learnable parameter). The default temperature is the SDCLR
+    paper's 0.2 (lightly's default is 0.5).
+
+    memory_bank_size > 0 (an int, or a (size, dim) pair) is lightly's memory-bank (MoCo-style)
+    loss: row i of z1 against [its positive z2_i; the bank], loss_i = -log softmax at the
+    positive, mean over the N rows of z1; the bank alone gives the negatives (no in-batch
+    ones). The bank starts as random unit rows (torch.randn from the global generator, then
+    L2-normalised; with an int size at the first forward, with the dimension of z1), float32,
+    and is read (a detached copy) before it is updated. After the loss, if the normalised z1
+    requires grad (a training step; not under no_grad, not for evaluation), the normalised z2 (detached; of
+    all ranks, rank order, with gather_distributed under an initialised process group) are
+    written at the pointer; a batch that reaches the end fills the bank up to the end, drops
+    its remaining rows and sets the pointer back to 0 (lightly's rule). As in lightly, the
+    bank and its pointer are non-persistent buffers (not in state_dict). The loss itself is
+    `info_nce(..., negatives=bank, in_batch_negatives=False)`."""
+
+    def __init__(self, temperature=0.2, memory_bank_size=0, gather_distributed=False, *,
+                 normalize=True, reduction="mean", multi_positive="out"):
         super().__init__()
+        _check_temperature(temperature)
+        if isinstance(temperature, torch.Tensor):
+            t = temperature.detach()
+            if not bool(torch.isfinite(t).all() and (t > 0).all()):
+                raise ValueError(f"temperature must be finite and > 0, got {t.item()!r}")
+        _check_options(normalize, reduction, multi_positive)
+        if not isinstance(gather_distributed, bool):
+            raise ValueError(f"gather_distributed must be a bool, got {gather_distributed!r}")
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch "
+                             "build does not have (torch.distributed.is_available() is False); "
+                             "set gather_distributed=False")
+        size, dim = _bank_shape(memory_bank_size)
         if isinstance(temperature, torch.Tensor) and not isinstance(temperature, nn.Parameter):
             self.register_buffer("temperature", temperature)
         else:
             self.temperature = temperature
+        self.memory_bank_size = size
         self.normalize = normalize
         self.reduction = reduction
+        self.multi_positive = multi_positive
         self.gather_distributed = gather_distributed
+        self.register_buffer("bank", torch.empty(0), persistent=False)
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long), persistent=False)
+        if size and dim is not None:
+            self._init_bank(dim, None)
 
-    def forward(self, z1, z2, weights=None, labels=None):
-        return nt_xent(z1, z2, self.temperature, normalize=self.normalize,
-                       reduction=self.reduction, weights=weights, labels=labels,
-                       gather_distributed=self.gather_distributed)
+    @torch.no_grad()
+    def _init_bank(self, dim, device):
+        bank = F.normalize(torch.randn(self.memory_bank_size, dim), dim=1)
+        self.bank = bank.to(self.bank.device if device is None else device)
+        self.bank_ptr = torch.zeros(1, dtype=torch.long, device=self.bank.device)
+
+    @torch.no_grad()
+    def _enqueue(self, batch):
+        """lightly's _dequeue_and_enqueue."""
+        world = _dist_world(self.gather_distributed)
+        if world is not None:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(batch) for _ in range(world[1])]
+            dist.all_gather(parts, batch.contiguous())
+            batch = torch.cat(parts)
+        size = self.memory_bank_size
+        ptr = int(self.bank_ptr)
+        b = batch.shape[0]
+        if ptr + b >= size:
+            self.bank[ptr:] = batch[:size - ptr].to(self.bank)
+            self.bank_ptr[0] = 0
+        else:
+            self.bank[ptr:ptr + b] = batch.to(self.bank)
+            self.bank_ptr[0] = ptr + b
+
+    def forward(self, z1, z2=None, weights=None, labels=None):
+        if not self.memory_bank_size:
+            return nt_xent(z1, z2, self.temperature, normalize=self.normalize,
+                           reduction=self.reduction, weights=weights, labels=labels,
+                           multi_positive=self.multi_positive,
+                           gather_distributed=self.gather_distributed)
+        if z2 is None or labels is not None:
+            raise ValueError("the memory bank (memory_bank_size > 0) takes two views z1, z2 "
+                             "and no labels")
+        for name, z in (("z1", z1), ("z2", z2)):
+            if not isinstance(z, torch.Tensor) or z.dim() != 2:
+                raise ValueError(f"{name} must be a 2-d (N, D) tensor, got "
+                                 f"{getattr(z, 'shape', type(z).__name__)}")
+        if self.bank.dim() != 2:
+            self._init_bank(z1.shape[1], z1.device)
+        if z1.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"z1 has {z1.shape[1]} columns but the memory bank holds rows of "
+                             f"{self.bank.shape[1]} (memory_bank_size)")
+        from .info_nce import info_nce
+
+        q = F.normalize(z1, dim=1) if self.normalize else z1
+        k = F.normalize(z2, dim=1) if self.normalize else z2
+        negatives = self.bank.detach().clone().to(device=q.device, dtype=q.dtype)
+        loss = info_nce(q, k, self.temperature, negatives=negatives, normalize=False,
+                        reduction=self.reduction, weights=weights, in_batch_negatives=False)
+        if q.requires_grad:  # lightly's test, on the normalised z1: False under no_grad
+            self._enqueue(k.detach())
+        return loss
 
     def extra_repr(self):
         t = self.temperature
         t = f"{t.item():g}" if isinstance(t, torch.Tensor) else f"{t:g}"
-        return (f"temperature={t}, normalize={self.normalize}, reduction={self.reduction!r}, "
-                f"gather_distributed={self.gather_distributed}")
+        return (f"temperature={t}, memory_bank_size={self.memory_bank_size}, "
+                f"gather_distributed={self.gather_distributed}, normalize={self.normalize}, "
+                f"reduction={self.reduction!r}, multi_positive={self.multi_positive!r}")
