@@ -355,8 +355,8 @@ def backward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, symm
     lse1 (x's rows,), lse2 (y's rows,): base-2 lse of each direction (+inf beyond M); g, gpos
     (M,): upstream gradient of the query rows and the same over the positive counts; h, hpos
     likewise for the key rows (None unless symmetric)."""
-    def pad(v, rows):
-        return v if rows == M else torch.cat([v, v.new_zeros(rows - M)])
+    def pad(v, rows):  # contiguous: an upstream gradient of a sum is an expanded scalar
+        return v.contiguous() if rows == M else torch.cat([v, v.new_zeros(rows - M)])
 
     sx = (lse1, pad(g, x.shape[0]), pad(gpos, x.shape[0]))
     sy = (lse2, pad(h, y.shape[0]), pad(hpos, y.shape[0])) if symmetric else None
@@ -368,6 +368,7 @@ def backward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, symm
         dy = _rows_grad(y, ry, ky, sy, x, rx, kx, sx, None, None, inv_tau, M, M, normalize,
                         True, diag_only, block_d)
     if need_n:
-        dn = _rows_grad(n, rn, kx, None, x[:M], rx[:M], kx, (lse1[:M], g, gpos), None, None,
-                        inv_tau, 0, M, normalize, False, False, block_d)
+        dn = _rows_grad(n, rn, kx, None, x[:M], rx[:M], kx,
+                        (lse1[:M], pad(g, M), pad(gpos, M)), None, None, inv_tau, 0, M,
+                        normalize, False, False, block_d)
     return dx, dy, dn

@@ -454,6 +454,13 @@ def test_triton_edge_shapes():
                                     labels=_labels(3, m, 0) if kw.get("symmetric") else None,
                                     **kw)
             _close(got, ref, sc, rtol=3e-5, atol=3e-6)
+    # "sum" / "mean" hand the backward an expanded (stride-0) upstream gradient
+    x, y, n = _inputs(20, 3, 18, 0, torch.float32)
+    for reduction in ("sum", "mean"):
+        for kw in (dict(symmetric=True), dict(in_batch_negatives=False)):
+            got, ref, sc = _compare(dict(_backend="triton"), x, y, n, 0.5, None, 0,
+                                    reduction=reduction, normalize=False, **kw)
+            _close(got, ref, sc, rtol=3e-5, atol=3e-6)
 
 
 @interp
