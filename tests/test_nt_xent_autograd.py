@@ -51,7 +51,9 @@ def _hvp(fn, z1, z2, tau, w, seed):
 
 
 def _leaves(z1, z2, tau, w, dtype):
-    mk = lambda t: None if t is None else t.detach().to(dtype).clone().requires_grad_(True)  # noqa: E731
+    def mk(t):
+        return None if t is None else t.detach().to(dtype).clone().requires_grad_(True)
+
     return mk(z1), mk(z2), (mk(tau) if isinstance(tau, torch.Tensor) else tau), mk(w)
 
 

@@ -3,7 +3,8 @@
     z = L2-normalise([z1; z2])  (2N, D),   S = z z^T / tau,
     loss_i = -S[i, pos(i)] + logsumexp_{j != i} S[i, j],
 
-with pos(i) = i +- N (the row's other view). Neither path stores the 2N x 2N matrix:
+with pos(i) = i +- N (the row's other view). A row whose only column is its positive (N = 1)
+gives exactly 0 on every path. Neither path stores the 2N x 2N matrix:
 
 * CUDA fp32 / fp16 / bf16: Triton kernels (kernels/nt_xent.py). The forward keeps an online
   log-sum-exp per row; the backward recomputes the score tiles and, using the symmetry of S,
@@ -16,9 +17,16 @@ with pos(i) = i +- N (the row's other view). Neither path stores the 2N x 2N mat
 
 Options beyond the plain loss:
 * `labels` (N,) or (2N,) integers: multi-positive form (SupCon / index-based positives). Every
-  other row with the same label is a positive, loss_i = logsumexp_{j != i} S_ij -
-  mean_{p in pos(i)} S_ip; rows with no positive contribute 0 (and count in the mean).
-  (N,) labels apply to both views.
+  other row with the same label is a positive; (N,) labels apply to both views.
+  multi_positive="out" (default): loss_i = logsumexp_{j != i} S_ij - mean_{p in pos(i)} S_ip
+  (SupCon's L_out); "in": loss_i = logsumexp_{j != i} S_ij - logsumexp_{p in pos(i)} S_ip
+  (the positives' probabilities summed inside the log, solo-learn's simclr_loss_func). Rows
+  with no positive contribute 0 (and count in the mean). Without labels both are the
+  two-view loss.
+* one matrix: `nt_xent(z, labels=idx)` with z (M, D) holding any number of views (M odd
+  allowed) and idx (M,): rows with equal idx are positives of each other, all other rows
+  negatives, self excluded (solo-learn's `simclr_loss_func(z, indexes, temperature)` with
+  multi_positive="in"). weights are then (M,).
 * `weights` (2N,): per-row weights (differentiable), applied before the reduction.
 * `temperature`: a Python number or a 1-element tensor. A tensor reaches the kernels through
   memory, so a temperature schedule recompiles nothing; one that requires grad gets its
@@ -37,9 +45,21 @@ Options beyond the plain loss:
   world_size); "none" returns the local rows' losses. `weights` and `labels` are the local
   ones; labels are gathered with the rows.
 
+Autograd beyond first order: the backward is the fused one, except when it runs under
+create_graph=True (double backward, Hessian-vector products): it then returns the gradient of
+a differentiable PyTorch formulation over the materialised (M, M) score matrix (O(M^2)
+memory), so higher derivatives are exact on every path. torch.func transforms (grad, jacrev,
+jacfwd, jvp, vmap, hessian) and forward-mode AD (torch.autograd.forward_ad) run that
+formulation directly: no host reads (the NaN/inf and temperature-value checks are skipped,
+non-finite input gives NaN) and no data-dependent shapes, so vmap over a batch of
+independent problems works; gather_distributed=True is refused there.
+
 Checks: bad arguments raise ValueError naming the argument; z1 / z2 holding NaN or inf, and a
 non-positive or non-finite temperature, are rejected too, which costs one device sync per call.
 Under torch.compile the op is a graph break (the checks and the Triton launch run eagerly).
+
+NTXentLoss takes lightly's positional order (temperature, memory_bank_size,
+gather_distributed) and its memory-bank loss; see its docstring.
 
 Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"` sends CPU
 tensors through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is imported so
@@ -478,6 +498,11 @@ class _NTXentRows(torch.autograd.Function):
         return grad_u, grad_tau, *([None] * 11)
 
 
+# Function.apply binds the arguments with inspect.signature when setup_context is defined
+# (~100 us a call on a CPU); outside functorch transforms it then calls this C-level apply.
+_apply_rows = super(torch.autograd.Function, _NTXentRows).apply
+
+
 def _normalised(u, r, normalize):
     """zhat in the PyTorch path's compute dtype (float64 for float64 input, else float32):
     u / max(|u|, eps) as F.normalize divides."""
@@ -606,8 +631,9 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
             inv_tau = 1.0 / tv
             r, through = _inv_norms(u.detach(), cdt)
         one_positive = labels is None and u.shape[0] == R
-        rows = _NTXentRows.apply(u, tau, tau_value, inv_tau, keys, r, through, R, normalize,
-                                 use_triton, _block_d, pos_lse, one_positive)[0]
+        apply = _NTXentRows.apply if torch._C._are_functorch_transforms_active() else _apply_rows
+        rows = apply(u, tau, tau_value, inv_tau, keys, r, through, R, normalize, use_triton,
+                     _block_d, pos_lse, one_positive)[0]
     if weights is not None:
         rows = rows * weights.to(rows.dtype)
     if reduction == "none":
@@ -655,8 +681,9 @@ class NTXentLoss(nn.Module):
     ones). The bank starts as random unit rows (torch.randn from the global generator, then
     L2-normalised; with an int size at the first forward, with the dimension of z1), float32,
     and is read (a detached copy) before it is updated. After the loss, if the normalised z1
-    requires grad (a training step; not under no_grad, not for evaluation), the normalised z2 (detached; of
-    all ranks, rank order, with gather_distributed under an initialised process group) are
+    requires grad (a training step; not under no_grad, not for evaluation), the normalised z2
+    (detached; of all ranks, rank order, with gather_distributed under an initialised process
+    group) are
     written at the pointer; a batch that reaches the end fills the bank up to the end, drops
     its remaining rows and sets the pointer back to 0 (lightly's rule). As in lightly, the
     bank and its pointer are non-persistent buffers (not in state_dict). The loss itself is
