@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,9 +118,12 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not write TensorBoard scalars (written by default when tensorboard is installed)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no tqdm progress bar")
+    g.add_argument("--checkpoint-every-steps", type=int, default=None,
+                   help="also write a resumable checkpoint every N optimiser steps inside an epoch (for "
+                        "long epochs on preemptible machines; default: at epoch ends and on SIGTERM/SIGUSR1)")
 
 
-_RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func"}
+_RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func", "debug"}
 
 
 def _explicit(args) -> dict:
@@ -159,7 +163,7 @@ def cmd_pretrain(args) -> int:
         config = config_from_args(args)
     path = pretrain(config, run_dir=run_dir, resume=args.resume, stop_at_epoch=args.stop_at_epoch,
                     init_checkpoint=args.init_checkpoint)
-    print(f"checkpoint: {path}")
+    _main_print(f"checkpoint: {path}")
     return 0
 
 
@@ -247,7 +251,7 @@ def run_dnc(args):
     base, options = dnc_configs_from_args(args)
     path = dnc_module.dnc(base, options, run_dir=Path(args.run_dir), resume=args.resume,
                           init_checkpoint=args.init_checkpoint)
-    print(f"checkpoint: {path}")
+    _main_print(f"checkpoint: {path}")
     return path
 
 
@@ -275,13 +279,15 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .files import lock_directory
     from .train.evaluate import evaluate_runs, format_table, resolve_checkpoint, write_outputs
 
-    results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
-                            knn_k=args.knn_k, batch_size=args.batch_size, device=args.device)
-    print(format_table(results))
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent
-    paths = write_outputs(results, out, title=args.title)
+    with lock_directory(out, what="output directory"):  # not while a run is writing there
+        results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
+                                knn_k=args.knn_k, batch_size=args.batch_size, device=args.device)
+        print(format_table(results))
+        paths = write_outputs(results, out, title=args.title)
     print(f"report: {paths['report']}")
     return 0
 
@@ -357,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdclr-fast",
         description="Contrastive pretraining on long-tailed data (SimCLR, SDCLR, DnC) with fused kernels, "
                     "evaluation and benchmarks.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("pretrain", help="pretrain a model (SimCLR, SDCLR or DnC)",
                        description="Pretrain with SimCLR, SDCLR or DnC; checkpoints every epoch, --resume "
@@ -383,10 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _main_print(text: str) -> None:
+    """Run summaries come from one process under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+
+
 def main(argv=None) -> int:
+    """The command line; the exit statuses are those of README "Runs on clusters"."""
+    from .files import DirectoryLockedError, WriteError
+    from .train import run
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Expected failures are one line on stderr and a documented status; --debug shows the traceback.
+    failures = ((run.Preempted, run.EXIT_PREEMPTED, "stopped"), (DirectoryLockedError, run.EXIT_LOCKED, "error"),
+                (WriteError, run.EXIT_WRITE_FAILED, "error"),
+                ((ValueError, FloatingPointError), run.EXIT_BAD_INPUT, "error"))
     try:
         return args.func(args)
-    except (ValueError, FloatingPointError) as exc:  # bad input or a diverged run: a message, not a traceback
-        parser.exit(2, f"sdclr-fast {args.command}: error: {exc}\n")
+    except Exception as exc:
+        for kinds, status, word in failures:
+            if isinstance(exc, kinds) and not args.debug:
+                parser.exit(status, f"sdclr-fast {args.command}: {word}: {exc}\n")
+        raise

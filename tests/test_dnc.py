@@ -380,3 +380,37 @@ def test_student_stage_on_cuda_with_amp(uninterrupted, tmp_path):
     state = load_checkpoint(path)
     assert state["finished"] and 0.0 <= state["last_epoch_metrics"]["loss"] <= 8.0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_student_stopped_by_a_signal_mid_epoch_resumes_exactly(uninterrupted, tmp_path, monkeypatch):
+    """SIGTERM inside the student's first epoch: a mid-epoch checkpoint, then an exact resume."""
+    import signal as _signal
+
+    import sdclr_fast.train.distill as distill_mod
+    from sdclr_fast.train.run import Preempted
+
+    full_dir, full_student, _ = uninterrupted
+    cfg = PretrainConfig.from_dict(load_checkpoint(full_student)["config"])
+    kw = dict(data=DATA, base_checkpoint=full_dir / "base" / "checkpoint.pt",
+              expert_checkpoints=[full_dir / "expert_0" / "checkpoint.pt", full_dir / "expert_1" / "checkpoint.pt"],
+              assignments=read_clusters(full_dir)["assignments"])
+    real, calls = distill_mod.dnc_distillation_loss, [0]
+
+    def loss(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            import os
+
+            os.kill(os.getpid(), _signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill_mod, "dnc_distillation_loss", loss)
+    with pytest.raises(Preempted, match="after step 3/"):
+        distill_student(cfg, tiny_options(), run_dir=tmp_path, **kw)
+    st = load_checkpoint(tmp_path)
+    assert (st["epoch"], st["position"], st["step"]) == (0, 3, 3)
+    monkeypatch.undo()
+    done = distill_student(cfg, tiny_options(), run_dir=tmp_path, resume=True, **kw)
+    a, b = load_checkpoint(done), load_checkpoint(full_student)
+    assert_same_state(a["model"], b["model"], "model")
+    assert_same_state(a["dnc_heads"], b["dnc_heads"], "heads")

@@ -216,15 +216,16 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint({"config": {}, "model": {"w": torch.ones(3)}, "epoch": 1}, path)
     before = path.read_bytes()
 
-    def dying_save(obj, f, *a, **k):
-        f.write(b"PK\x03\x04 half a zip")
+    def dying_fsync(fd):  # killed after the new bytes went to the temporary file, before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr("sdclr_fast.files.os.fsync", dying_fsync)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"config": {}, "model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     assert path.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    # no temporary file left; the previous checkpoint was rotated before the write began
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+    assert (tmp_path / "checkpoint.prev.pt").read_bytes() == before
 
 
 # ---------------------------------------------------------------- NaN

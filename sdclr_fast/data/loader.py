@@ -56,9 +56,17 @@ class BatchIterator:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
+        return self.epoch()
+
+    def epoch(self, start: int = 0):
+        """One epoch's batches from batch ``start`` on: the permutation is drawn as for a whole
+        epoch (so a resumed epoch sees the same order), the first ``start`` batches are skipped
+        without being gathered."""
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= start <= len(self):
+            raise ValueError(f"start must be an int in [0, {len(self)}], got {start!r}")
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for b in range(len(self)):
+        for b in range(int(start), len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             if self._images.device.type == "cpu":
                 # index_select is a straight row gather, much cheaper than advanced indexing on the CPU.

@@ -7,6 +7,7 @@ the same method and architecture; every failure is a :class:`CheckpointError` na
 """
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import zipfile
@@ -15,21 +16,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, link_or_copy
 
 FORMAT = "sdclr-fast-checkpoint"
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, foreign or written for another run."""
 
 
-def save_checkpoint(state: dict, path) -> Path:
-    """Write ``state`` (plus the format key and version) to ``path`` atomically."""
-    payload = {"format": FORMAT, "version": VERSION, **state}
-    return atomic_write(path, lambda f: torch.save(payload, f), what="the checkpoint")
+def save_checkpoint(state: dict, path, *, keep_previous: bool = True) -> Path:
+    """Write ``state`` (plus the format key and version) to ``path`` atomically.
+
+    keep_previous: first make the current file ``checkpoint.prev.pt`` (a hard link, renamed into
+    place), so that at every moment both names hold a complete checkpoint and a newest one that
+    turns out unreadable still leaves the one before it.
+    """
+    path = Path(path)
+    # Serialised in memory first: torch.save turns an OSError of the file (a full disk) into a
+    # RuntimeError about zip positions, which could not be reported as a failed write.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    if keep_previous and path.exists():
+        link_or_copy(path, path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME
+                     else path.with_suffix(".prev" + path.suffix), what="the previous checkpoint")
+    return atomic_write(path, buffer.getbuffer(), what="the checkpoint")
 
 
 def load_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> dict:

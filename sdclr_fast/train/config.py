@@ -16,7 +16,8 @@ from .models import EMBEDDINGS
 PRUNE_SCOPES = ("global", "layer")
 
 # Fields that only change how a run executes, not what it computes; they may differ on resume.
-RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "progress", "num_threads"})
+RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "progress", "num_threads",
+                            "checkpoint_every_steps"})
 
 
 @dataclass
@@ -59,6 +60,7 @@ class PretrainConfig:
     tensorboard: bool = True             # write TensorBoard scalars when tensorboard is installed
     progress: bool = True                # tqdm progress bar per epoch
     num_threads: int | None = None       # torch CPU threads; None leaves torch's default
+    checkpoint_every_steps: int | None = None  # also a resumable checkpoint every N steps mid-epoch
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run (e.g. DnC stage)
 
     def __post_init__(self):
@@ -93,6 +95,7 @@ class PretrainConfig:
             positive_int(name)
         positive_int("image_size", allow_none=True)
         positive_int("num_threads", allow_none=True)
+        positive_int("checkpoint_every_steps", allow_none=True)
         if isinstance(self.split, bool) or not isinstance(self.split, numbers.Integral) or self.split < 0:
             raise ValueError(f"split must be a non-negative int, got {self.split!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
 from .models import DenseEncoder, build_model_from_args, load_model, load_weights
-from .run import (Execution, LossGuard, MetricsLog, data_order, open_checkpoint, progress_bar, restore_training,
-                  seed_everything, sgd_with_schedule, write_run_files)
+from .run import (Execution, LossGuard, MetricsLog, Preempted, StopCheck, data_order, open_checkpoint, progress_bar,
+                  restore_training, run_lock, seed_everything, sgd_with_schedule, stop_signals, stopped_message,
+                  write_run_files)
+from .distributed import DistInfo
 
 __all__ = ["cosine_regression_loss", "dnc_distillation_loss", "PredictionHead", "DnCStudent",
            "teacher_targets", "distill_student", "load_student"]
@@ -176,8 +178,15 @@ def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_c
     pretraining checkpoint, plus ``dnc_heads``). ``config`` is the student's PretrainConfig,
     ``options`` the DnCConfig; ``assignments[i]`` is the cluster of training image i (a position
     in ``data.train``); ``expert_checkpoints[k]`` is cluster k's expert. ``stop_at_epoch`` stops
-    with a resumable checkpoint once that many epochs are complete."""
-    run_dir = Path(run_dir)
+    with a resumable checkpoint once that many epochs are complete. Holds ``run_dir``'s lock and
+    stops on SIGTERM / SIGUSR1 like :func:`sdclr_fast.train.pretrain.pretrain`."""
+    with run_lock(run_dir), stop_signals():
+        return _distill_student(config, options, Path(run_dir), data, base_checkpoint, expert_checkpoints,
+                                assignments, resume, stop_at_epoch)
+
+
+def _distill_student(config, options, run_dir, data, base_checkpoint, expert_checkpoints, assignments, resume,
+                     stop_at_epoch):
     ckpt_path = run_dir / CHECKPOINT_NAME
     assignments = torch.as_tensor(assignments, dtype=torch.long).cpu()
     if assignments.shape != (len(data.train),):
@@ -229,22 +238,42 @@ def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_c
     augment = TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std).to(device)
     cluster_of = assignments.to(device)
     seed_everything(config.seed + 7919)
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0
     if resumed is not None:
-        start_epoch, global_step = restore_training(resumed, shell, optimizer, scheduler, order)
+        start_epoch, global_step, position, partial_loss = restore_training(resumed, shell, optimizer, scheduler,
+                                                                            order)
         student.heads.load_state_dict(resumed["dnc_heads"])
-        print(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}")
+        print(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}, step {position}")
 
-    log = MetricsLog(run_dir, True, config.tensorboard, start_epoch)
+    log = MetricsLog(run_dir, True, config.tensorboard, global_step)
     guard = LossGuard(ckpt_path, "Lower --dnc-distill-lr or disable --amp")
+    stop = StopCheck(DistInfo(), 1, device)
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
+
+    def save(epoch_done, at, epoch_start_state, loss_sum, row):
+        rng = capture_rng(order)
+        if at:
+            rng["data"] = epoch_start_state  # the epoch is drawn again on resume
+        save_checkpoint({
+            "config": config.to_dict(), "model_args": margs, "model": shell.state_dict(),
+            "dnc_heads": student.heads.state_dict(), "dnc_teachers": teacher_paths,
+            "dnc_head_dims": [feature_dim, int(options.head_hidden or feature_dim), target_dim],
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": [rng], "epoch": epoch_done, "step": global_step, "position": at, "loss_sum": float(loss_sum),
+            "finished": epoch_done == config.epochs and not at, "train_indices": None,
+            "init_checkpoint": str(base_checkpoint) if options.student_init == "base" else None,
+            "last_epoch_metrics": row,
+        }, ckpt_path)
+
     try:
         for epoch in range(start_epoch, last_epoch):
+            first = position if epoch == start_epoch else 0
+            epoch_start_state = order.get_state()
             student.train()
             t_epoch = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
+            loss_sum = torch.full((), partial_loss if first else 0.0, device=device)
             bar = progress_bar(config.progress, steps_per_epoch, f"dnc student epoch {epoch + 1}/{config.epochs}")
-            for step, batch in enumerate(batches):
+            for step, batch in enumerate(batches.epoch(first), start=first):
                 with torch.no_grad():
                     v1, v2 = augment(batch.images)
                 x = ex.images(torch.cat([v1, v2]))
@@ -270,6 +299,14 @@ def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_c
                               global_step)
                 if bar is not None:
                     bar.update(1)
+                if step + 1 < steps_per_epoch:
+                    stopping = stop(step + 1)
+                    every = config.checkpoint_every_steps
+                    if stopping or (every and global_step % every == 0):
+                        guard.check()
+                        save(epoch, step + 1, epoch_start_state, loss_sum, None)
+                    if stopping:
+                        raise Preempted(stopped_message(ckpt_path, epoch, step + 1, steps_per_epoch), ckpt_path)
             if bar is not None:
                 bar.close()
             guard.check()
@@ -278,16 +315,9 @@ def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_c
                    "loss": float(loss_sum / steps_per_epoch), "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": steps_per_epoch * batch_size / epoch_s, "epoch_s": epoch_s}
             log.write(row, global_step)
-            save_checkpoint({
-                "config": config.to_dict(), "model_args": margs, "model": shell.state_dict(),
-                "dnc_heads": student.heads.state_dict(), "dnc_teachers": teacher_paths,
-                "dnc_head_dims": [feature_dim, int(options.head_hidden or feature_dim), target_dim],
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": [capture_rng(order)], "epoch": epoch + 1, "step": global_step,
-                "finished": epoch + 1 == config.epochs, "train_indices": None,
-                "init_checkpoint": str(base_checkpoint) if options.student_init == "base" else None,
-                "last_epoch_metrics": row,
-            }, ckpt_path)
+            save(epoch + 1, 0, None, 0.0, row)
+            if epoch + 1 < config.epochs and stop(steps_per_epoch, force=True):
+                raise Preempted(stopped_message(ckpt_path, epoch + 1, 0, steps_per_epoch), ckpt_path)
     finally:
         log.close()
     return ckpt_path

@@ -51,17 +51,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-from ..files import write_json
+from ..files import link_or_copy, write_json
 from . import pretrain as _pretrain_module
 from .checkpoint import CHECKPOINT_NAME
 from .clustering import CLUSTERS_NAME, cluster_stage, read_clusters
 from .config import DnCConfig, PretrainConfig
 from .distill import distill_student
 from .models import load_model
-from .run import Execution, config_differences_error, run_data, write_run_files
+from .run import (Execution, Preempted, config_differences_error, run_data, run_lock, stop_requested, stop_signals,
+                  write_run_files)
 
 __all__ = ["dnc", "dnc_state", "STATE_NAME"]
 
@@ -112,19 +112,6 @@ def _rel(path, root):
     return os.path.relpath(Path(path).resolve(), Path(root).resolve())
 
 
-def _link_or_copy(src, dst):
-    """Make run_dir/checkpoint.pt the student's checkpoint (hard link, else a copy) atomically."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 # ---------------------------------------------------------------- the pipeline
 def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, resume: bool = False,
         data=None, init_checkpoint=None) -> Path:
@@ -152,6 +139,17 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("DnC runs in a single process; launch it without torchrun")
     run_dir = Path(run_dir)
+    with run_lock(run_dir), stop_signals():
+        return _dnc(config, options, run_dir, resume, data, init_checkpoint)
+
+
+def _between_stages(run_dir, done: str):
+    if stop_requested():
+        raise Preempted(f"stopped by {stop_requested()} after DnC's {done}; the DnC run {str(run_dir)!r} "
+                        f"continues with --resume")
+
+
+def _dnc(config, options, run_dir, resume, data, init_checkpoint):
     state_path = run_dir / STATE_NAME
 
     # ---- the state file: refuse to overwrite a run, refuse to resume a different one
@@ -190,6 +188,7 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
                                               init_checkpoint=init_checkpoint)
         stages["base"] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir)}
         mark()
+    _between_stages(run_dir, "base model")
 
     # ---- stage 2a: k-means on the base embeddings
     clusters_path = run_dir / CLUSTERS_NAME
@@ -210,6 +209,7 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
         clusters = read_clusters(clusters_path)
         print(f"DnC clusters: sizes {record['sizes']} ({record['backend']}, {record['iterations']} iterations)")
     assignments = clusters["assignments"]
+    _between_stages(run_dir, "clustering")
 
     # ---- stage 2b: one expert per cluster, initialised from the base model
     experts = stages.setdefault("experts", {})
@@ -239,6 +239,7 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
                         "trained": True}
         mark()
         expert_ckpts.append(Path(ckpt))
+        _between_stages(run_dir, f"expert {k}")
 
     # ---- stage 3: the student
     student_dir = run_dir / "student"
@@ -251,7 +252,7 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
         student_ckpt = distill_student(student_cfg, options, run_dir=student_dir, data=data,
                                        base_checkpoint=base_ckpt, expert_checkpoints=expert_ckpts,
                                        assignments=assignments, resume=resume)
-        _link_or_copy(student_ckpt, run_dir / CHECKPOINT_NAME)
+        link_or_copy(student_ckpt, run_dir / CHECKPOINT_NAME, what="the DnC run's final checkpoint")
         stages["student"] = {"done": True, "checkpoint": _rel(student_ckpt, run_dir), "final": CHECKPOINT_NAME}
         mark()
     return student_ckpt

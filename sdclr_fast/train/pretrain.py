@@ -29,9 +29,9 @@ from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, save_chec
 from .config import PretrainConfig
 from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown
 from .models import build_model_from_args, load_weights, model_args
-from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, data_order, open_checkpoint, params_finite,
-                  progress_bar, resolve_device, restore_training, run_data, seed_everything, sgd_with_schedule,
-                  write_run_files)
+from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, Preempted, StopCheck, data_order,
+                  open_checkpoint, params_finite, progress_bar, resolve_device, restore_training, run_data, run_lock,
+                  seed_everything, sgd_with_schedule, stop_signals, stopped_message, write_run_files)
 
 
 class ContrastiveForward(nn.Module):
@@ -65,6 +65,9 @@ def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=N
                      fresh start if there is none). Without it an existing checkpoint is an error.
     stop_at_epoch:   stop (with a resumable checkpoint) once this many epochs are complete,
                      e.g. to split a run over jobs with a wall-time limit.
+
+    The run holds ``run_dir``'s lock while it runs. On SIGTERM / SIGUSR1 it finishes the current
+    step, writes a resumable mid-epoch checkpoint and raises :class:`Preempted`.
     """
     if not isinstance(config, PretrainConfig):
         raise ValueError(f"config must be a PretrainConfig, got {type(config).__name__}")
@@ -74,7 +77,9 @@ def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=N
         raise ValueError(f"stop_at_epoch must be a positive int or None, got {stop_at_epoch!r}")
     dist_info = init_distributed(resolve_device(config.device).type)
     try:
-        return _pretrain(config, Path(run_dir), indices, init_checkpoint, data, resume, stop_at_epoch, dist_info)
+        with run_lock(run_dir, dist_info), stop_signals():
+            return _pretrain(config, Path(run_dir), indices, init_checkpoint, data, resume, stop_at_epoch,
+                             dist_info)
     finally:
         shutdown(dist_info)
 
@@ -122,12 +127,14 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
 
     augment = TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std).to(device)
     seed_everything(config.seed + 7919 * (rank + 1))
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0
     if resumed is not None:
-        start_epoch, global_step = restore_training(resumed, model, optimizer, scheduler, order, rank=rank,
-                                                    world=world)
+        start_epoch, global_step, position, partial_loss = restore_training(
+            resumed, model, optimizer, scheduler, order, rank=rank, world=world)
         if dist_info.is_main:
-            print(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}")
+            where = f"step {position}/{steps_per_epoch} of epoch {start_epoch + 1}" if position else \
+                f"epoch {start_epoch}/{config.epochs}"
+            print(f"resuming {ckpt_path} after {where}")
 
     base = model
     synced_bn = dist_info.enabled and config.sync_bn and device.type == "cuda"
@@ -151,14 +158,36 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
 
     from ..ops.nt_xent import nt_xent
 
-    log = MetricsLog(run_dir, dist_info.is_main, config.tensorboard, start_epoch)
+    log = MetricsLog(run_dir, dist_info.is_main, config.tensorboard, global_step)
     guard = LossGuard(ckpt_path, "Lower --lr or disable --amp")
+    stop = StopCheck(dist_info, config.log_every, device)
     per_rank = config.batch_size // world
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, stop_at_epoch)
+
+    def save(epoch_done, at, epoch_start_state, loss_sum, row):
+        """Checkpoint after ``epoch_done`` epochs and ``at`` steps of the next one (0: a boundary)."""
+        rng = capture_rng(order)
+        if at:
+            rng["data"] = epoch_start_state  # the epoch is drawn again on resume
+        rng_states = all_gather_object(rng, dist_info)
+        if dist_info.is_main:
+            save_checkpoint({
+                "config": config.to_dict(), "model_args": margs, "model": base.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_states, "epoch": epoch_done, "step": global_step, "position": at,
+                "loss_sum": float(loss_sum), "finished": epoch_done == config.epochs and not at,
+                "train_indices": index_list,
+                "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+                "last_epoch_metrics": row,
+            }, ckpt_path)
+        barrier(dist_info)
+
     try:
         for epoch in range(start_epoch, last_epoch):
+            first = position if epoch == start_epoch else 0
+            epoch_start_state = order.get_state()
             kept, prune_s = None, 0.0
-            if config.method == "sdclr":
+            if config.method == "sdclr" and first == 0:  # mid-epoch, the checkpoint's masks hold
                 ex.sync()
                 t0 = time.perf_counter()
                 kept = float(base.update_masks(sparsity=config.sparsity, scope=config.prune_scope))
@@ -166,10 +195,12 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 prune_s = time.perf_counter() - t0
             step_module.train()
             t_epoch = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
+            loss_sum = torch.full((), partial_loss if first else 0.0, device=device)
             bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch,
                                f"{config.method} epoch {epoch + 1}/{config.epochs}")
-            for step, batch in enumerate(batches):
+            if bar is not None:
+                bar.update(first)
+            for step, batch in enumerate(batches.epoch(first), start=first):
                 images = batch.images[rank * per_rank:(rank + 1) * per_rank]
                 with torch.no_grad():
                     v1, v2 = augment(images)
@@ -199,6 +230,16 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                                "epoch_time_s": time.perf_counter() - t_epoch}, global_step)
                 if bar is not None:
                     bar.update(1)
+                if step + 1 < steps_per_epoch:
+                    stopping = stop(step + 1)
+                    every = config.checkpoint_every_steps
+                    if stopping or (every and global_step % every == 0):
+                        guard.check()
+                        save(epoch, step + 1, epoch_start_state, loss_sum, None)
+                    if stopping:
+                        if bar is not None:
+                            bar.close()
+                        raise Preempted(stopped_message(ckpt_path, epoch, step + 1, steps_per_epoch), ckpt_path)
             if bar is not None:
                 bar.close()
             guard.check()
@@ -215,17 +256,9 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
             if kept is not None:
                 row["kept_fraction"] = kept
             log.write(row, global_step)
-            rng_states = all_gather_object(capture_rng(order), dist_info)
-            if dist_info.is_main:
-                save_checkpoint({
-                    "config": config.to_dict(), "model_args": margs, "model": base.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_states, "epoch": epoch + 1, "step": global_step,
-                    "finished": epoch + 1 == config.epochs, "train_indices": index_list,
-                    "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
-                    "last_epoch_metrics": row,
-                }, ckpt_path)
-            barrier(dist_info)
+            save(epoch + 1, 0, None, 0.0, row)
+            if epoch + 1 < config.epochs and stop(steps_per_epoch, force=True):
+                raise Preempted(stopped_message(ckpt_path, epoch + 1, 0, steps_per_epoch), ckpt_path)
     finally:
         log.close()
     return ckpt_path

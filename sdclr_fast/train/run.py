@@ -1,21 +1,23 @@
-"""What every run shares: execution settings, the run's data and files, the resume check, the
-data order and schedule, the metrics log, the progress bar, the NaN guard and the restore of a
-checkpoint. Used by SimCLR / SDCLR pretraining, every DnC stage and evaluation; the training
-steps themselves stay inline in their loops."""
+"""What every run shares: execution settings, the run's data and files, the run-directory lock,
+the resume check, the data order and schedule, the metrics log, the progress bar, the NaN guard,
+stop signals and the restore of a checkpoint. Used by SimCLR / SDCLR pretraining, every DnC
+stage and evaluation; the training steps themselves stay inline in their loops."""
 from __future__ import annotations
 
 import contextlib
 import json
 import math
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..files import write_json
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng
+from ..files import WriteError, lock_directory, write_json
+from .checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, restore_rng
 from .distributed import DistInfo
 
 METRICS_NAME = "metrics.jsonl"
@@ -23,8 +25,99 @@ CONFIG_NAME = "config.json"
 SPLIT_NAME = "split.json"
 
 
+# Exit statuses of the command line (README "Runs on clusters").
+EXIT_BAD_INPUT = 2      # bad flags or data, a mismatched or unreadable checkpoint, a NaN loss
+EXIT_WRITE_FAILED = 3   # a file could not be written (disk full, read-only, permissions)
+EXIT_LOCKED = 4         # another process holds the run directory
+EXIT_PREEMPTED = 75     # stopped by SIGTERM / SIGUSR1 with a resumable checkpoint (EX_TEMPFAIL)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; the run saved a resumable checkpoint and stopped."""
+
+    def __init__(self, message: str, checkpoint=None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def run_lock(run_dir, dist_info: DistInfo | None = None):
+    """The run directory's lock for the life of a run (rank 0 only under torchrun)."""
+    return lock_directory(run_dir, enabled=dist_info is None or dist_info.is_main)
+
+
+# ---------------------------------------------------------------- stop signals
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop = {"signal": None, "depth": 0, "previous": {}}
+
+
+def _on_stop_signal(signum, frame):
+    # Only a flag: the loop finishes its step and saves; a second signal while saving changes nothing.
+    _stop["signal"] = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While active, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) set a
+    flag that the training loops poll after each step instead of ending the process. Nested
+    uses share one handler; outside the main thread it does nothing."""
+    install = threading.current_thread() is threading.main_thread() and _stop["depth"] == 0
+    if install:
+        _stop["signal"] = None
+        _stop["previous"] = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+    if threading.current_thread() is threading.main_thread():
+        _stop["depth"] += 1
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            _stop["depth"] -= 1
+            if _stop["depth"] == 0:
+                for s, h in _stop["previous"].items():
+                    signal.signal(s, h)
+                _stop["previous"] = {}
+
+
+def stop_requested() -> str | None:
+    """The name of the stop signal received (e.g. "SIGTERM"), or None."""
+    return _stop["signal"]
+
+
+def request_stop(name: str = "SIGTERM") -> None:
+    """Ask the running loop to stop as a stop signal would (tests, embedding code)."""
+    _stop["signal"] = name
+
+
+class StopCheck:
+    """Whether the loop should stop after this step. Under DDP every rank must stop at the same
+    step, so the ranks' flags are combined with an all-reduce every ``every`` steps (and at
+    epoch ends); a single process reads its flag after every step."""
+
+    def __init__(self, dist_info: DistInfo, every: int, device):
+        self.dist_info, self.every, self.device = dist_info, max(1, int(every)), device
+
+    def __call__(self, steps_done: int, force: bool = False) -> bool:
+        if not self.dist_info.enabled:
+            return stop_requested() is not None
+        if not force and steps_done % self.every:
+            return False
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if stop_requested() else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and stop_requested() is None:
+            request_stop("a stop signal on another rank")
+        return bool(flag.item())
+
+
+def stopped_message(ckpt_path, epoch: int, position: int, steps_per_epoch: int) -> str:
+    where = (f"after epoch {epoch}" if position == 0 else
+             f"in epoch {epoch + 1} after step {position}/{steps_per_epoch}")
+    return (f"stopped by {stop_requested()} {where}; resumable checkpoint {str(ckpt_path)!r} (continue with "
+            f"--resume)")
 
 
 # ---------------------------------------------------------------- execution
@@ -134,7 +227,15 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
     if not resume:
         raise ValueError(f"run_dir {str(ckpt_path.parent)!r} already holds {CHECKPOINT_NAME}; pass "
                          f"resume=True (--resume) to continue it, or choose another run directory")
-    state = load_checkpoint(ckpt_path, expect=expect)
+    try:
+        state = load_checkpoint(ckpt_path, expect=expect)
+    except CheckpointError as exc:
+        previous = ckpt_path.with_name(PREVIOUS_NAME)
+        if not previous.exists():
+            raise
+        state = load_checkpoint(previous, expect=expect)
+        print(f"warning: {exc}; resuming from the previous checkpoint {str(previous)!r} instead (epoch "
+              f"{state['epoch']}, step {state['step']}); the work after it is repeated")
     diff = PretrainConfig.from_dict(state["config"]).differences(config)
     if diff:
         raise config_differences_error(diff, repr(str(ckpt_path)))
@@ -144,7 +245,9 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
 def restore_training(state: dict, model, optimizer, scheduler, order: torch.Generator, *, rank: int = 0,
                      world: int = 1) -> tuple:
     """Load weights, optimiser, schedule and this rank's RNG states from a checkpoint; returns
-    (epochs done, global step)."""
+    (epochs done, global step, steps done in the interrupted epoch, that epoch's loss sum so far).
+    A mid-epoch checkpoint stores the data order's state at the start of its epoch, so the epoch
+    is drawn again in the same order and continues after ``position`` batches."""
     from .models import load_weights
 
     load_weights(model, state)
@@ -155,7 +258,7 @@ def restore_training(state: dict, model, optimizer, scheduler, order: torch.Gene
         raise ValueError(f"cannot resume {state['path']!r} exactly: it was written by {len(rng)} process(es), "
                          f"this run has {world}")
     restore_rng(rng[rank], order)
-    return int(state["epoch"]), int(state["step"])
+    return int(state["epoch"]), int(state["step"]), int(state.get("position", 0)), float(state.get("loss_sum", 0.0))
 
 
 # ---------------------------------------------------------------- order and schedule
@@ -183,13 +286,13 @@ def sgd_with_schedule(params, config, steps_per_epoch: int, lr: float | None = N
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) and, when tensorboard is installed, scalars."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_before_epoch: int):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_through_step: int):
         self.path = Path(run_dir) / METRICS_NAME
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
-        # A resumed run drops the rows of the epoch that was interrupted (and anything later).
+        # A resumed run drops the rows written after its checkpoint (they are written again).
         rows = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -197,7 +300,7 @@ class MetricsLog:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by the kill
-                if isinstance(row, dict) and row.get("epoch", 0) < keep_before_epoch:
+                if isinstance(row, dict) and row.get("step", 0) <= keep_through_step:
                     rows.append(line)
         from ..files import write_text
 
@@ -214,8 +317,11 @@ class MetricsLog:
     def write(self, row: dict, step: int):
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise WriteError(self.path, "the metrics log", exc) from exc
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("kind", "epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):

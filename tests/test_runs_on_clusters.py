@@ -1,0 +1,285 @@
+"""Runs on shared, preemptible clusters: the run-directory lock, failed writes (full disk,
+read-only folder), SIGTERM / SIGUSR1 with a mid-epoch checkpoint, periodic mid-epoch
+checkpoints, and the previous checkpoint kept beside the newest."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_same_state
+from sdclr_fast.cli import main
+from sdclr_fast.files import DirectoryLockedError, WriteError, atomic_write, lock_directory
+from sdclr_fast.train import load_checkpoint
+from sdclr_fast.train.checkpoint import save_checkpoint
+from sdclr_fast.train.pretrain import pretrain
+from sdclr_fast.train.run import EXIT_LOCKED, EXIT_PREEMPTED, EXIT_WRITE_FAILED, Preempted, read_metrics
+from test_train import DATA, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_HOLDER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from sdclr_fast.files import lock_directory
+with lock_directory(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_lock(folder):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), str(ROOT)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _listing(folder):
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir())
+
+
+# ---------------------------------------------------------------- the lock
+def test_second_process_is_refused_and_the_lock_dies_with_its_holder(tmp_path, capsys):
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        before = _listing(run)
+        with pytest.raises(DirectoryLockedError, match=f"pid {holder.pid} on host"):
+            pretrain(tiny_config("simclr", epochs=1), run_dir=run, data=DATA)
+        # the command line: one line naming the directory and the holder, its own exit status
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "--run-dir", str(run), "--dataset", "fashion-mnist-lt", "--device", "cpu"])
+        assert e.value.code == EXIT_LOCKED
+        err = capsys.readouterr().err
+        assert str(run) in err and f"pid {holder.pid}" in err and len(err.strip().splitlines()) == 1
+        with pytest.raises(SystemExit) as e:  # an eval writing its report there is refused too
+            main(["eval", "--run-dir", str(run), "--device", "cpu"])
+        assert e.value.code == EXIT_LOCKED
+        assert _listing(run) == before  # nothing was touched
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    path = pretrain(tiny_config("simclr", epochs=1), run_dir=run, data=DATA)
+    assert load_checkpoint(path)["finished"]
+
+
+def test_lock_is_reentrant_within_a_process_and_released(tmp_path):
+    with lock_directory(tmp_path):
+        with lock_directory(tmp_path):
+            pass
+        holder = subprocess.run([sys.executable, "-c", _HOLDER.replace("time.sleep(600)", "pass"), str(tmp_path),
+                                 str(ROOT)], capture_output=True, text=True, timeout=120)
+        assert holder.returncode != 0 and "DirectoryLockedError" in holder.stderr  # still held
+    holder = _hold_lock(tmp_path)  # released at the outer exit
+    holder.kill()
+    holder.wait()
+
+
+# ---------------------------------------------------------------- failed writes
+def test_full_disk_keeps_the_previous_version_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"config": {}, "model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sdclr_fast.files.os.fsync", full)
+    with pytest.raises(WriteError, match="could not write the checkpoint to .*no space left on the device"):
+        save_checkpoint({"config": {}, "model": {"w": torch.zeros(3)}, "epoch": 2}, path, keep_previous=False)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    with pytest.raises(WriteError, match="split"):
+        atomic_write(tmp_path / "split.json", "{}", what="the data split")
+    assert not (tmp_path / "split.json").exists()
+
+
+def test_read_only_folder_is_one_clear_line(tmp_path, capsys):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    run = tmp_path / "ro"
+    run.mkdir()
+    run.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["pretrain", "--run-dir", str(run), "--dataset", "fashion-mnist-lt", "--device", "cpu"])
+        assert e.value.code == EXIT_WRITE_FAILED and "permission denied" in capsys.readouterr().err
+    finally:
+        run.chmod(0o700)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 300 KiB tmpfs (needs root, as on the CI machine; skipped elsewhere)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_pretrain_on_a_full_tmpfs_exits_with_one_line(small_tmpfs, capsys):
+    from test_cli import _image_folder
+
+    data_root = small_tmpfs.parent / "images"
+    _image_folder(data_root)
+    run = small_tmpfs / "run"
+    argv = ["pretrain", "--method", "simclr", "--dataset", "imagefolder", "--data-root", str(data_root),
+            "--image-size", "8", "--width", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+            "--no-progress", "--no-tensorboard", "--run-dir", str(run)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == EXIT_WRITE_FAILED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the device" in err and str(run) in err
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no debris
+
+
+# ---------------------------------------------------------------- stop signals
+def _signal_at_steps(monkeypatch, steps, signum=signal.SIGTERM, during_save=False):
+    """Send ``signum`` to this process inside the given (1-based) loss calls; optionally a second
+    one while the resulting checkpoint is being written."""
+    import sdclr_fast.ops.nt_xent as ntx
+    import sdclr_fast.train.pretrain as loop
+
+    real, calls = ntx.nt_xent, [0]
+
+    def loss(*a, **k):
+        calls[0] += 1
+        if calls[0] in steps:
+            os.kill(os.getpid(), signum)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ntx, "nt_xent", loss)
+    if during_save:
+        real_save = loop.save_checkpoint
+
+        def save(*a, **k):
+            from sdclr_fast.train.run import stop_requested
+
+            if stop_requested():  # a second signal while the stop's checkpoint is written
+                os.kill(os.getpid(), signum)
+            return real_save(*a, **k)
+
+        monkeypatch.setattr(loop, "save_checkpoint", save)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, one_thread):
+    out = {}
+    for method in ("sdclr", "simclr"):
+        run = tmp_path_factory.mktemp(f"full_{method}")
+        out[method] = load_checkpoint(pretrain(tiny_config(method, epochs=3), run_dir=run, data=DATA))
+    return out
+
+
+# 48 training images / batch 16 = 3 steps per epoch, 9 steps in all
+@pytest.mark.parametrize("method, step, signum", [
+    ("sdclr", 1, signal.SIGTERM), ("sdclr", 5, signal.SIGUSR1), ("sdclr", 6, signal.SIGTERM),
+    ("simclr", 2, signal.SIGTERM), ("simclr", 8, signal.SIGTERM)])
+def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrupted, method, step, signum):
+    calls = _signal_at_steps(monkeypatch, {step}, signum)
+    with pytest.raises(Preempted, match=signal.Signals(signum).name) as e:
+        pretrain(tiny_config(method, epochs=3), run_dir=tmp_path, data=DATA)
+    assert calls[0] == step  # the step that was running when the signal came was finished
+    st = load_checkpoint(tmp_path)
+    assert st["step"] == step and st["epoch"] * 3 + st["position"] == step and not st["finished"]
+    where = "after epoch" if step % 3 == 0 else f"after step {step % 3}/3"
+    assert where in str(e.value)
+    monkeypatch.undo()
+    pretrain(tiny_config(method, epochs=3), run_dir=tmp_path, data=DATA, resume=True)
+    final = load_checkpoint(tmp_path)
+    full = uninterrupted[method]
+    for key in ("model", "optimizer", "scheduler"):
+        assert_same_state(final[key], full[key], key)
+    assert final["last_epoch_metrics"]["loss"] == full["last_epoch_metrics"]["loss"]
+    steps = [r["step"] for r in read_metrics(tmp_path) if r["kind"] == "step"]
+    assert steps == list(range(1, 10))  # the metrics log has each step once
+
+
+def test_second_signal_while_saving_corrupts_nothing(tmp_path, monkeypatch, uninterrupted):
+    _signal_at_steps(monkeypatch, {4, 5}, during_save=True)
+    with pytest.raises(Preempted):
+        pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA)
+    assert load_checkpoint(tmp_path)["step"] == 4
+    monkeypatch.undo()
+    pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA, resume=True)
+    assert_same_state(load_checkpoint(tmp_path)["model"], uninterrupted["sdclr"]["model"], "model")
+
+
+def test_checkpoint_every_steps_then_kill_resumes_mid_epoch(tmp_path, monkeypatch, uninterrupted):
+    import sdclr_fast.ops.nt_xent as ntx
+
+    real, calls = ntx.nt_xent, [0]
+
+    def dies_at_step_6(*a, **k):  # like kill -9 during step 6: nothing after step 5's checkpoint
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ntx, "nt_xent", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config("simclr", epochs=3, checkpoint_every_steps=5), run_dir=tmp_path, data=DATA)
+    st = load_checkpoint(tmp_path)
+    assert (st["epoch"], st["position"], st["step"]) == (1, 2, 5)
+    monkeypatch.undo()
+    # checkpoint_every_steps only changes how the run executes: resuming without it is allowed
+    pretrain(tiny_config("simclr", epochs=3), run_dir=tmp_path, data=DATA, resume=True)
+    assert_same_state(load_checkpoint(tmp_path)["model"], uninterrupted["simclr"]["model"], "model")
+
+
+def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path, capsys, uninterrupted):
+    pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA, stop_at_epoch=2)
+    assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["epoch"] == 1
+    newest = tmp_path / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA, resume=True)
+    out = capsys.readouterr().out
+    assert "truncated" in out and "checkpoint.prev.pt" in out
+    assert_same_state(load_checkpoint(tmp_path)["model"], uninterrupted["sdclr"]["model"], "model")
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_command_line_exits_75_and_resumes(tmp_path):
+    from test_cli import _image_folder
+
+    data_root = tmp_path / "images"
+    _image_folder(data_root)
+    common = ["--method", "sdclr", "--dataset", "imagefolder", "--data-root", str(data_root), "--image-size", "8",
+              "--width", "4", "--epochs", "6", "--batch-size", "8", "--lr", "0.1", "--warmup-epochs", "1",
+              "--device", "cpu", "--no-progress", "--no-tensorboard", "--seed", "1", "--threads", "1",
+              "--log-every", "1"]
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "sdclr_fast", "pretrain", "--run-dir", str(run), *common],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and (run / "metrics.jsonl").stat().st_size == 0:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert not load_checkpoint(run)["finished"]
+    r = subprocess.run([sys.executable, "-m", "sdclr_fast", "pretrain", "--run-dir", str(run), "--resume"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    full = tmp_path / "full"
+    r = subprocess.run([sys.executable, "-m", "sdclr_fast", "pretrain", "--run-dir", str(full), *common], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_same_state(load_checkpoint(run)["model"], load_checkpoint(full)["model"], "model")
