@@ -1,7 +1,8 @@
 """gather_distributed=True on two gloo processes equals one process holding the whole batch.
 
 Single-process batch: [z1 of rank 0, z1 of rank 1; z2 of rank 0, z2 of rank 1], so the
-positive of rank r's local row i (view 1) is global row N + r n + i. Convention under test:
+positive of rank r's local row i (view 1) is global row N + r n + i. One-matrix cases
+(nt_xent(z, labels=idx)): [z of rank 0; z of rank 1] with their labels. Convention under test:
 each rank's "mean" is over its own 2n rows, the ranks' mean equals the single-process loss,
 and the gradient reaching each rank's z is world_size x the single-process gradient, which
 DDP's averaging turns into the single-process parameter gradient.
@@ -24,15 +25,21 @@ from sdclr_fast.ops.reference import nt_xent_reference  # noqa: E402
 WORLD = 2
 N, D, D_IN = 5, 7, 6
 
-# name: (dtype, backend, reduction, labels kind, weights, normalize)
+# name: (dtype, backend, reduction, labels kind ("m": one matrix), weights, normalize)
 CASES = {
     "two_view": (torch.float64, "torch", "mean", None, False, True),
     "two_view_sum_weights": (torch.float64, "torch", "none", None, True, True),
     "labels_n": (torch.float64, "torch", "mean", "n", True, True),
     "labels_2n": (torch.float64, "torch", "none", "2n", False, False),
+    "labels_2n_in": (torch.float64, "torch", "none", "2n", True, True),
+    "one_matrix_in": (torch.float64, "torch", "mean", "m", True, True),
     "triton_two_view": (torch.float32, "triton", "none", None, True, True),
     "triton_labels": (torch.float32, "triton", "mean", "2n", False, True),
+    "triton_labels_in": (torch.float32, "triton", "none", "2n", False, True),
+    "triton_one_matrix": (torch.float32, "triton", "none", "m", True, True),
 }
+MULTI_POSITIVE = {name: "in" if name.endswith("_in") else "out" for name in CASES}
+M = 7  # rows per rank in the one-matrix cases (odd)
 
 
 def _free_port():
@@ -48,12 +55,16 @@ def _data(name):
     z1 = torch.randn(WORLD, N, D, generator=g, dtype=torch.float64).to(dtype)
     z2 = torch.randn(WORLD, N, D, generator=g, dtype=torch.float64).to(dtype)
     lab = None
+    rows = 2 * N
     if labels == "n":
         lab = torch.randint(0, 3, (WORLD, N), generator=g)
     elif labels == "2n":
         lab = torch.randint(0, 4, (WORLD, 2 * N), generator=g)
-    w = torch.rand(WORLD, 2 * N, generator=g, dtype=torch.float64).to(dtype) if weights else None
-    cot = torch.rand(WORLD, 2 * N, generator=g, dtype=torch.float64) + 0.5
+    elif labels == "m":  # one matrix per rank: z1 holds it, z2 is None
+        z1, z2, rows = torch.randn(WORLD, M, D, generator=g, dtype=torch.float64).to(dtype), None, M
+        lab = torch.randint(0, 5, (WORLD, M), generator=g)
+    w = torch.rand(WORLD, rows, generator=g, dtype=torch.float64).to(dtype) if weights else None
+    cot = torch.rand(WORLD, rows, generator=g, dtype=torch.float64) + 0.5
     return z1, z2, lab, w, cot
 
 
@@ -77,13 +88,14 @@ def _worker(rank, port, out_dir):
         for name, (dtype, backend, reduction, _, _, normalize) in CASES.items():
             z1, z2, lab, w, cot = _data(name)
             a = z1[rank].clone().requires_grad_(True)
-            b = z2[rank].clone().requires_grad_(True)
+            b = None if z2 is None else z2[rank].clone().requires_grad_(True)
             out = nt_xent(a, b, 0.3, normalize=normalize, reduction=reduction,
                           weights=None if w is None else w[rank],
                           labels=None if lab is None else lab[rank],
+                          multi_positive=MULTI_POSITIVE[name],
                           gather_distributed=True, _backend=backend)
             (out.double() * cot[rank]).sum().backward() if reduction == "none" else out.backward()
-            results[name] = (out.detach(), a.grad, b.grad)
+            results[name] = (out.detach(), a.grad, None if b is None else b.grad)
         # DDP: averaged parameter gradients must equal the single-process ones.
         x1, x2, lin = _ddp_data()
         model = torch.nn.parallel.DistributedDataParallel(lin)
@@ -104,6 +116,14 @@ def _worker(rank, port, out_dir):
 def _single(name):
     dtype, _, reduction, labels, weights, normalize = CASES[name]
     z1, z2, lab, w, cot = _data(name)
+    if labels == "m":  # [z of rank 0; z of rank 1]: rank r's rows are r M .. (r + 1) M
+        a = torch.cat(list(z1)).double().requires_grad_(True)
+        out = nt_xent_reference(a, None, 0.3, normalize=normalize, reduction=reduction,
+                                weights=None if w is None else torch.cat(list(w)).double(),
+                                labels=torch.cat(list(lab)),
+                                multi_positive=MULTI_POSITIVE[name])
+        (out * torch.cat(list(cot))).sum().backward() if reduction == "none" else out.backward()
+        return out.detach(), a.grad, None
     a = torch.cat(list(z1)).double().requires_grad_(True)
     b = torch.cat(list(z2)).double().requires_grad_(True)
     if labels == "n":
@@ -113,7 +133,7 @@ def _single(name):
     split = lambda t: torch.cat([t[:, :N].reshape(-1), t[:, N:].reshape(-1)])  # noqa: E731
     w = split(w.double()) if w is not None else None
     out = nt_xent_reference(a, b, 0.3, normalize=normalize, reduction=reduction, weights=w,
-                            labels=lab)
+                            labels=lab, multi_positive=MULTI_POSITIVE[name])
     if reduction == "none":
         # each rank scales its rows' gradient by its own cot; the single process sees them all
         (out * split(cot)).sum().backward()
@@ -137,9 +157,21 @@ def _rows(t, r):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_single_process(results, name):
-    dtype, _, reduction, *_ = CASES[name]
+    dtype, _, reduction, labels, *_ = CASES[name]
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
     out, ga, gb = _single(name)
+    factor = 1.0 if reduction == "none" else WORLD
+    if labels == "m":
+        for r in range(WORLD):
+            if reduction == "none":
+                torch.testing.assert_close(results[r][name][0].double(),
+                                           out[r * M:(r + 1) * M], **tol)
+            torch.testing.assert_close(results[r][name][1].double(),
+                                       ga[r * M:(r + 1) * M] * factor, **tol)
+        if reduction != "none":
+            mean = sum(results[r][name][0].double() for r in range(WORLD)) / WORLD
+            torch.testing.assert_close(mean, out, **tol)
+        return
     if reduction == "none":
         for r in range(WORLD):
             torch.testing.assert_close(results[r][name][0].double(), _rows(out, r), **tol)
@@ -148,7 +180,6 @@ def test_matches_single_process(results, name):
         torch.testing.assert_close(mean, out, **tol)
     # For "none" every rank's loss is a plain function of its rows; the gather's summed
     # backward makes each z's gradient the single-process one (x WORLD for "mean").
-    factor = 1.0 if reduction == "none" else WORLD
     for r in range(WORLD):
         torch.testing.assert_close(results[r][name][1].double(), ga[r * N:(r + 1) * N] * factor,
                                    **tol)
