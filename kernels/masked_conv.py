@@ -239,7 +239,8 @@ def _masked_conv_bwd_weight_kernel(
 
 # ------------------------------------------------------------------ launch helpers
 # One configuration per kernel: autotuning with several configs does not run in the
-# interpreter. BLOCK_O x BLOCK_C is the weight tile (chosen by the host, see tile_shape).
+# interpreter. BLOCK_O x BLOCK_C is the weight tile, chosen by the host per mask
+# (sdclr_fast.ops.masked_conv.default_block / prepare_mask) and carried by the tile map.
 _BLOCK_M_GPU = 128
 _BLOCK_M_INTERP = 64
 _NUM_WARPS = 4
@@ -254,51 +255,56 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-def _common(dtype):
-    interp = interpreting()
+def _config(dtype):
+    """Kernel meta-parameters (BLOCK_M, UPCAST, PRECISION) and launch options for `dtype`.
+    Cached: it runs for every launch."""
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return _config_cached(dtype, interpreting(), tf32)
+
+
+@functools.lru_cache(maxsize=64)
+def _config_cached(dtype, interp, tf32):
     # The interpreter's bf16/fp16 arithmetic is unreliable: upcast tiles there. On a GPU the
     # 16-bit tiles go to the tensor cores as they are (fp32 accumulation either way).
-    upcast = interp or dtype == torch.float32
-    block_m = _BLOCK_M_INTERP if interp else _BLOCK_M_GPU
+    meta = dict(BLOCK_M=_BLOCK_M_INTERP if interp else _BLOCK_M_GPU,
+                UPCAST=interp or dtype == torch.float32, PRECISION=_dot_precision(dtype))
     launch = {} if interp else {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
-    return upcast, block_m, launch
+    return meta, launch
 
 
-def conv_forward(x, weight, mask, bias, y, tiles, geom):
+def forward(x, weight, mask, bias, y, tiles, geom):
     """y <- conv(x, weight * mask) + bias, written into the preallocated `y` (any strides)."""
     N, C, H, W = x.shape
     _, _, OH, OW = y.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
-    upcast, block_m, launch = _common(x.dtype)
+    meta, launch = _config(x.dtype)
     bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
-    grid = (cdiv(N * OH * OW, block_m), tiles.o_tiles, groups)
+    grid = (cdiv(N * OH * OW, meta["BLOCK_M"]), tiles.o_tiles, groups)
     _masked_conv_fwd_kernel[grid](
         x, weight, mask, bias if bias is not None else weight, y, tiles.fwd_idx, tiles.fwd_cnt,
         N, H, W, OH, OW, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles, tiles.fwd_idx.shape[1],
         *x.stride(), *weight.stride(), *mask.stride(), *y.stride(),
         sh, sw, ph, pw, dh, dw,
         KW=weight.shape[3], HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c,
-        UPCAST=upcast, PRECISION=_dot_precision(x.dtype), **launch,
+        BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c, **meta, **launch,
     )
     return y
 
 
-def conv_backward_input(grad_y, weight, mask, grad_x, tiles, geom):
+def backward_input(grad_y, weight, mask, grad_x, tiles, geom):
     """grad_x <- conv_transpose(grad_y, weight * mask), written into `grad_x` (any strides)."""
     N, C, H, W = grad_x.shape
     _, _, OH, OW = grad_y.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
-    upcast, block_m, launch = _common(grad_y.dtype)
-    grid = (cdiv(N * H * W, block_m), tiles.c_tiles, groups)
+    meta, launch = _config(grad_y.dtype)
+    grid = (cdiv(N * H * W, meta["BLOCK_M"]), tiles.c_tiles, groups)
     _masked_conv_bwd_input_kernel[grid](
         grad_y, weight, mask, grad_x, tiles.bwd_idx, tiles.bwd_cnt,
         N, H, W, OH, OW, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles, tiles.bwd_idx.shape[1],
         *grad_y.stride(), *weight.stride(), *mask.stride(), *grad_x.stride(),
         sh, sw, ph, pw, dh, dw,
         KW=weight.shape[3],
-        BLOCK_M=block_m, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c,
-        UPCAST=upcast, PRECISION=_dot_precision(grad_y.dtype), **launch,
+        BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c, **meta, **launch,
     )
     return grad_x
 
@@ -318,14 +324,15 @@ def _num_splits(n_tiles, m_total, block_m, device):
     return max(1, min(want, m_total // (8 * block_m)))
 
 
-def conv_backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None):
+def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None):
     """mask * d(conv)/d(weight), shape of the weight, dtype `out_dtype`. Only non-empty tiles
     are computed; the others stay zero."""
     N, C, H, W = x.shape
     _, _, OH, OW = grad_y.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
     O, Cg, KH, KW = mask.shape
-    upcast, block_m, launch = _common(x.dtype)
+    meta, launch = _config(x.dtype)
+    block_m = meta["BLOCK_M"]
     m_total = N * OH * OW
     n_tiles = tiles.wgt_tiles.shape[0]
     if n_tiles == 0 or m_total == 0:
@@ -341,8 +348,7 @@ def conv_backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None):
         N, H, W, OH, OW, Cg, tiles.og, m_per_split,
         *x.stride(), *grad_y.stride(), *mask.stride(), *buf.stride(),
         sh, sw, ph, pw, dh, dw,
-        KW=KW, BLOCK_M=block_m, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c,
-        UPCAST=upcast, PRECISION=_dot_precision(x.dtype), **launch,
+        KW=KW, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c, **meta, **launch,
     )
     dw_ = buf[0] if splits == 1 else buf.sum(0)
     return dw_.to(out_dtype)

@@ -255,7 +255,7 @@ def test_triton_grad_weight_split_reduction():
     w = torch.zeros(6, 4, 3, 3, device=dev, requires_grad=True)
     ref = torch.autograd.grad(F.conv2d(x, w * m, padding=1), w, gy)[0]
     for splits in (1, 2, 3, 7):
-        got = k.conv_backward_weight(x, gy, tiles.mask, tiles, geom, torch.float32, splits=splits)
+        got = k.backward_weight(x, gy, tiles.mask, tiles, geom, torch.float32, splits=splits)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -268,6 +268,11 @@ def test_fp32_dot_precision_follows_cudnn_flag():
     torch.backends.cudnn.allow_tf32 = True
     assert k._dot_precision(torch.float32) == ("ieee" if k.interpreting() else "tf32")
     assert k._dot_precision(torch.bfloat16) == "tf32"  # the default, ignored for 16-bit inputs
+    # the cached launch config follows the flag too
+    torch.backends.cudnn.allow_tf32 = False
+    assert k._config(torch.float32)[0]["PRECISION"] == "ieee"
+    torch.backends.cudnn.allow_tf32 = True
+    assert k._config(torch.float32)[0]["PRECISION"] == ("ieee" if k.interpreting() else "tf32")
 
 
 def test_pruned_nonfinite_weights():
@@ -502,8 +507,9 @@ def test_cpu_path_gradcheck(conf):
                     requires_grad=True)
     b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
     m = torch.rand(w.shape, generator=gen) < 0.6
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: masked_conv2d(x, w, m, b, **conf, _backend="torch"), (x, w, b))
+    fn = lambda x, w, b: masked_conv2d(x, w, m, b, **conf, _backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -568,7 +574,8 @@ def test_no_grad_needed_inputs():
 
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(x=torch.randn(2, 4, 4)), "x must be a 4-d"),
+    (dict(x=torch.randn(2, 4)), r"x must be a 3-d \(C, H, W\) or 4-d"),
+    (dict(x=torch.randn(1, 1, 2, 4, 4)), r"x must be a 3-d \(C, H, W\) or 4-d"),
     (dict(mask=torch.ones(3, 2, 3, 1, dtype=torch.bool)), "mask must have the weight's shape"),
     (dict(x=torch.randn(1, 3, 5, 5)), "x has 3 channels"),
     (dict(groups=2), "groups=2 must divide"),
@@ -606,3 +613,122 @@ def test_device_mismatch():
     with pytest.raises(ValueError, match="mask is on meta but x is on cpu"):
         masked_conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3),
                       torch.ones(3, 2, 3, 3, dtype=torch.bool, device="meta"))
+
+
+# ------------------------------------------------------------------ unbatched input, torch.func
+BACKENDS = [("torch", "cpu"), ("triton", TRITON_DEVICE)]
+
+
+@pytest.mark.parametrize("backend,dev", BACKENDS)
+@pytest.mark.parametrize("conf", [dict(padding=1), dict(stride=2, groups=2, bias=True),
+                                  dict(padding="same", dilation=2)])
+def test_unbatched_input(backend, dev, conf):
+    """(C, H, W) in, (O, H', W') out, values and gradients as F.conv2d on the same input."""
+    conf = dict(conf)
+    use_bias = conf.pop("bias", False)
+    gen = torch.Generator().manual_seed(11)
+    g = conf.get("groups", 1)
+    x = torch.randn(4, 6, 5, generator=gen).to(dev)
+    w = torch.randn(6, 4 // g, 3, 3, generator=gen).to(dev)
+    m = (torch.rand(w.shape, generator=gen) < 0.5).to(dev)
+    b = torch.randn(6, generator=gen).to(dev) if use_bias else None
+    gy = torch.randn(masked_conv2d_reference(x, w, m, b, **conf).shape, generator=gen).to(dev)
+    ours = run(lambda *a, **k: masked_conv2d(*a, **k, _backend=backend), x, w, m, b, gy, **conf)
+    ref = run(masked_conv2d_reference, x, w, m, b, gy, **conf)
+    assert ours[0].dim() == 3 and ours[0].shape == ref[0].shape
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def _func_case(dev, seed=0, n=2):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 5, 4, generator=gen).to(dev)
+    w = torch.randn(4, 3, 3, 3, generator=gen).to(dev)
+    m = (torch.rand(w.shape, generator=gen) < 0.5).to(dev)
+    b = torch.randn(4, generator=gen).to(dev)
+    return x, w, m, b
+
+
+@pytest.mark.parametrize("backend,dev", BACKENDS)
+def test_torch_func_grad_vmap_jacrev(backend, dev):
+    from torch.func import grad, jacrev, vmap
+
+    x, w, m, b = _func_case(dev)
+
+    def ours(x, w, b):
+        return masked_conv2d(x, w, m, b, padding=1, _backend=backend)
+
+    def ref(x, w, b):
+        return F.conv2d(x, w * m, b, padding=1)
+
+    def close(a, r):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+    loss = lambda f: lambda x, w, b: f(x, w, b).square().sum()  # noqa: E731
+    for a, r in zip(grad(loss(ours), argnums=(0, 1, 2))(x, w, b),
+                    grad(loss(ref), argnums=(0, 1, 2))(x, w, b)):
+        close(a, r)
+    # vmap over per-sample (C, H, W) inputs, over weights, over both
+    close(vmap(ours, in_dims=(0, None, None))(x, w, b), ref(x, w, b))
+    ws = torch.stack([w, 2 * w, -w])
+    close(vmap(ours, in_dims=(None, 0, None))(x, ws, b), vmap(ref, in_dims=(None, 0, None))(x, ws, b))
+    xs = torch.stack([x, x.flip(0), 3 * x])
+    close(vmap(ours, in_dims=(0, 0, None))(xs, ws, b), vmap(ref, in_dims=(0, 0, None))(xs, ws, b))
+    # per-sample gradients: vmap over grad
+    per = lambda f: vmap(grad(lambda w, xi: f(xi, w, b).square().sum()), in_dims=(None, 0))  # noqa: E731
+    close(per(ours)(w, x), per(ref)(w, x))
+    # jacrev: vmap over the backward
+    x1 = x[:1, :, :3, :3]
+    for a, r in zip(jacrev(ours, argnums=(0, 1))(x1, w, b), jacrev(ref, argnums=(0, 1))(x1, w, b)):
+        close(a, r)
+    # the per-mask cache, first filled inside grad above, holds plain tensors
+    from sdclr_fast.ops.masked_conv import _cached
+
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    entry = _cached(m)
+    cached = [v for v in entry.values() if isinstance(v, torch.Tensor)]
+    cached += [t.mask for t in entry["tiles"].values()]
+    assert cached and not any(wrapped(t) for t in cached)
+    close(ours(x, w, b), ref(x, w, b))
+
+
+@pytest.mark.parametrize("backend,dev", BACKENDS)
+def test_vmap_over_masks(backend, dev):
+    from torch.func import vmap
+
+    x, w, m, b = _func_case(dev)
+    ms = torch.stack([m, ~m, torch.ones_like(m)])
+    fn = lambda mi: masked_conv2d(x, w, mi, b, _backend=backend)  # noqa: E731
+    if backend == "triton":
+        with pytest.raises(ValueError, match="a mask batched by torch.func.vmap"):
+            vmap(fn)(ms)
+        fn = lambda mi: masked_conv2d(x, w, mi, b)  # noqa: E731  (auto: the PyTorch path)
+    ref = torch.stack([F.conv2d(x, w * mi, b) for mi in ms])
+    torch.testing.assert_close(vmap(fn)(ms), ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=8, **HYP)
+@given(case=conv_cases, backend=st.sampled_from(["torch", "triton"]))
+def test_vmap_and_grad_match_reference(case, backend):
+    """vmap over x (folded into N on the Triton path) and grad w.r.t. the weight, on random
+    convolutions, against the same transforms of F.conv2d(x, w * mask)."""
+    from torch.func import grad, vmap
+
+    dev = "cpu" if backend == "torch" else TRITON_DEVICE
+    x, w, m, b, gy, conf = build(case, torch.float32, dev)
+    xs = torch.stack([x, -x])
+    ours = vmap(lambda xi: masked_conv2d(xi, w, m, b, **conf, _backend=backend))(xs)
+    ref = vmap(lambda xi: masked_conv2d_reference(xi, w, m, b, **conf))(xs)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    g_ours = grad(lambda w: (masked_conv2d(x, w, m, b, **conf, _backend=backend) * gy).sum())(w)
+    g_ref = grad(lambda w: (masked_conv2d_reference(x, w, m, b, **conf) * gy).sum())(w)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_path_second_derivative_raises_clearly():
+    x, w, m, b = _func_case(TRITON_DEVICE)
+    w = w.requires_grad_()
+    y = masked_conv2d(x, w, m, b, _backend="triton")
+    (gw,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once.*_backend='torch'"):
+        gw.sum().backward()

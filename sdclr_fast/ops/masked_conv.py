@@ -33,13 +33,25 @@ block=...)` picks another tile (powers of two >= 16).
 Dispatch on CUDA: a mask whose tiles are mostly occupied (unstructured 90% masks occupy ~all
 32 x 32 tiles) gains nothing from skipping, so above SDCLR_FAST_MASKED_CONV_DENSE (default
 0.75, read at call time) of occupied tiles the op takes the PyTorch path (cuDNN) instead.
-The default is a guess until measured on an H100 with bench/bench_masked_conv.py, which
-reports both paths.
+Measured on an H100 (README, "On an H100"; bf16, 128->128 3x3 at 16x16, forward + both
+backward kernels): cuDNN 0.125 ms, the Triton kernels 0.109 ms with 9% of the tiles occupied
+and 1.35 ms with all of them, about 10x cuDNN's time per computed tile. By that measurement the
+kernels only draw level with cuDNN near 0.1 occupancy, so 0.75 sends masks between ~0.1 and 0.75
+to the slower path; set the variable lower (e.g. 0.1) where that matters.
 
 Layout: the kernels take any strides, but on a GPU the 16-bit loads are only wide (and
 software-pipelined) along a unit-stride channel dimension: use channels-last activations and
 weights (`model.to(memory_format=torch.channels_last)`), as cuDNN prefers for tensor cores too.
 NCHW inputs work at lower speed.
+
+Unbatched input (C, H, W) gives (O, H', W'), as with F.conv2d. torch.func: grad, vjp, jacrev,
+jacfwd-free reverse modes and vmap work on both paths. The PyTorch path is plain autograd; the
+Triton path is an autograd.Function with setup_context and vmap rules (a batch of x folds into
+the convolution's N, anything else maps over the batch), and its backward is one more pair of
+such Functions, so vmap over the backward (jacrev) works too. The Triton path is differentiable
+once: a second derivative (gradgradcheck, hessians) raises an error that says to use
+_backend="torch"; jvp / jacfwd are not implemented there either. A mask that a transform
+batches (vmap over masks) takes the PyTorch path, uncached.
 
 Testing switch: with SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"`,
 CPU tensors go through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is
@@ -101,8 +113,9 @@ def _check(x, weight, mask, bias, groups):
     for name, t in (("x", x), ("weight", weight), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-d (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    if x.dim() != 4:  # an unbatched (C, H, W) input arrives here with N = 1
+        raise ValueError(f"x must be a 3-d (C, H, W) or 4-d (N, C, H, W) tensor, got shape "
+                         f"{tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be a 4-d (O, C/groups, KH, KW) tensor, got shape "
                          f"{tuple(weight.shape)}")
@@ -198,6 +211,13 @@ def _build_tiles(keep, groups, block):
                 bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
 
 
+def _plain():
+    """Tensors derived from a plain mask stay plain under torch.func transforms (inside grad or
+    vmap every new tensor is otherwise wrapped for that transform's level): the per-mask cache
+    outlives the transform, and the kernels need real storage."""
+    return torch._C._DisableFuncTorch()
+
+
 def _mask_key(mask):
     return (mask._version, mask.data_ptr(), mask.dtype, tuple(mask.shape), tuple(mask.stride()),
             mask.device)
@@ -218,7 +238,9 @@ def _cached(mask):
     key = _mask_key(mask)
     entry = getattr(mask, _CACHE_ATTR, None)
     if entry is None or entry["key"] != key:
-        entry = {"key": key, "keep": _as_keep(mask).detach(), "tiles": {}}  # + scales by dtype
+        with _plain():
+            keep = _as_keep(mask).detach()
+        entry = {"key": key, "keep": keep, "tiles": {}}  # + scales by dtype
         try:
             setattr(mask, _CACHE_ATTR, entry)
         except (AttributeError, RuntimeError):  # e.g. tensor subclasses without __dict__
@@ -233,7 +255,8 @@ def _mask_scale(mask, dtype):
     entry = _cached(mask)
     scale = entry.get(dtype)
     if scale is None:
-        scale = entry[dtype] = entry["keep"].to(dtype)
+        with _plain():
+            scale = entry[dtype] = entry["keep"].to(dtype)
     return scale
 
 
@@ -256,10 +279,11 @@ def prepare_mask(mask, groups=1, block=None):
     tiles = entry["tiles"].get((groups, block))
     if tiles is None:
         keep = entry["keep"]
-        # Channels-last (O, KH, KW, C) storage: a mask tile row is then contiguous along the
-        # in-channels, so the kernels load it with wide, pipelinable copies.
-        mask_u8 = keep.to(torch.uint8).contiguous(memory_format=torch.channels_last)
-        tiles = MaskTiles(mask=mask_u8, **_build_tiles(keep, groups, block))
+        with _plain():
+            # Channels-last (O, KH, KW, C) storage: a mask tile row is then contiguous along the
+            # in-channels, so the kernels load it with wide, pipelinable copies.
+            mask_u8 = keep.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+            tiles = MaskTiles(mask=mask_u8, **_build_tiles(keep, groups, block))
         entry["tiles"][(groups, block)] = tiles
     return tiles
 
@@ -269,11 +293,28 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _map_over_batch(fn, info, in_dims, args):
+    """Generic vmap rule: fn on every slice of the batch, results stacked on dim 0. `args`
+    holds tensors (batched where in_dims is not None) and plain values."""
+    def part(b):  # in_dims mirrors args; a plain value's entry is None (or a tuple of them)
+        return [a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)]
+    results = [fn(*part(b)) for b in range(info.batch_size)]
+    return torch.stack(results), 0
+
+
+def _fold_batch(t, d):
+    """(..., B at dim d, ...) with N behind it -> (B * N, ...): a vmap batch of x folded into
+    the convolution's own batch."""
+    t = t.movedim(d, 0)
+    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:])), t.shape[0]
+
+
 class _MaskedConv2dTriton(torch.autograd.Function):
     """Triton path: the mask is applied inside the kernels; empty tiles are skipped."""
 
     @staticmethod
-    def forward(ctx, x, weight, tiles, bias, stride, padding, dilation, groups):
+    def forward(x, weight, tiles, bias, stride, padding, dilation, groups):
         k = _kernels()
         N, _, H, W = x.shape
         O, _, KH, KW = weight.shape
@@ -281,33 +322,92 @@ class _MaskedConv2dTriton(torch.autograd.Function):
         OW = _out_size(W, KW, stride[1], padding[1], dilation[1])
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         y = torch.empty((N, O, OH, OW), device=x.device, dtype=x.dtype, memory_format=fmt)
-        geom = (stride, padding, dilation, groups)
         if y.numel():
-            k.conv_forward(x, weight, tiles.mask, bias, y, tiles, geom)
-        # The tiles (and their copy of the mask) are those of the mask as it was in forward.
-        ctx.save_for_backward(x, weight)
-        ctx.tiles = tiles
-        ctx.conf = (geom, bias is not None)
+            k.forward(x, weight, tiles.mask, bias, y, tiles, (stride, padding, dilation, groups))
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx, inputs, output):
+        x, weight, tiles, bias, stride, padding, dilation, groups = inputs
+        # The tiles (and their copy of the mask) are those of the mask as it was in forward.
+        ctx.save_for_backward(x, weight)
+        ctx.tiles = tiles
+        ctx.conf = ((stride, padding, dilation, groups), bias is not None)
+
+    @staticmethod
     def backward(ctx, grad_y):
-        k = _kernels()
         x, weight = ctx.saved_tensors
-        tiles = ctx.tiles
         geom, has_bias = ctx.conf
         need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-        gx = gw = gb = None
+        gx = None
         if need_x:
-            gx = torch.empty_like(x)
-            if gx.numel():
-                k.conv_backward_input(grad_y, weight, tiles.mask, gx, tiles, geom)
-        if need_w:
-            gw = k.conv_backward_weight(x, grad_y, tiles.mask, tiles, geom, weight.dtype)
+            fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+            gx = _GradInput.apply(grad_y, weight, ctx.tiles, geom, x.shape, fmt)
+        gw = _GradWeight.apply(grad_y, x, ctx.tiles, geom, weight.dtype) if need_w else None
+        gb = None
         if need_b and has_bias:
             gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
         return gx, gw, None, gb, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, tiles, bias, stride, padding, dilation, groups):
+        args = (x, weight, tiles, bias, stride, padding, dilation, groups)
+        if in_dims[0] is not None and in_dims[1] is None and in_dims[3] is None:
+            xs, batch = _fold_batch(x, in_dims[0])
+            y = _MaskedConv2dTriton.apply(xs, *args[1:])
+            return y.reshape((batch, -1) + tuple(y.shape[1:])), 0
+        return _map_over_batch(_MaskedConv2dTriton.apply, info, in_dims, args)
+
+
+def _twice_error(*_):
+    raise RuntimeError("masked_conv2d: the Triton path is differentiable once; for higher "
+                       "derivatives (gradgradcheck, hessians) call it with _backend='torch', "
+                       "which computes F.conv2d(x, weight * mask)")
+
+
+class _GradInput(torch.autograd.Function):
+    """d(loss)/dx of the Triton path: conv_transpose(grad_y, weight * mask)."""
+
+    @staticmethod
+    def forward(grad_y, weight, tiles, geom, x_shape, fmt):
+        gx = torch.empty(x_shape, device=grad_y.device, dtype=grad_y.dtype, memory_format=fmt)
+        if gx.numel():
+            _kernels().backward_input(grad_y, weight, tiles.mask, gx, tiles, geom)
+        return gx
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward = staticmethod(_twice_error)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y, weight, tiles, geom, x_shape, fmt):
+        if in_dims[0] is not None and in_dims[1] is None:  # e.g. jacrev: a batch of grad_y
+            gys, batch = _fold_batch(grad_y, in_dims[0])
+            gx = _GradInput.apply(gys, weight, tiles, geom,
+                                  (gys.shape[0],) + tuple(x_shape[1:]), fmt)
+            return gx.reshape((batch,) + tuple(x_shape)), 0
+        return _map_over_batch(_GradInput.apply, info, in_dims,
+                               (grad_y, weight, tiles, geom, x_shape, fmt))
+
+
+class _GradWeight(torch.autograd.Function):
+    """d(loss)/dweight of the Triton path: mask * dW, computed over the non-empty tiles."""
+
+    @staticmethod
+    def forward(grad_y, x, tiles, geom, dtype):
+        return _kernels().backward_weight(x, grad_y, tiles.mask, tiles, geom, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward = staticmethod(_twice_error)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y, x, tiles, geom, dtype):
+        return _map_over_batch(_GradWeight.apply, info, in_dims, (grad_y, x, tiles, geom, dtype))
 
 
 def _is_channels_last(x):
@@ -358,7 +458,7 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
     """`F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)` without the masked
     weight copy; grad_weight is mask * dW (pruned weights get no gradient from this op).
 
-    x: (N, C, H, W), NCHW or channels-last; weight: (O, C/groups, KH, KW); mask: bool (or 0/1)
+    x: (N, C, H, W), NCHW or channels-last, or unbatched (C, H, W); weight: (O, C/groups, KH, KW); mask: bool (or 0/1)
     tensor of the weight's shape; bias: (O,) or None; stride, dilation: int or pair (>= 1);
     padding: int, pair, "same" or "valid". CUDA fp32/fp16/bf16 runs the Triton kernels (fp32
     uses TF32 when torch.backends.cudnn.allow_tf32 is set, as F.conv2d does) unless the mask
@@ -367,6 +467,9 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
     two >= 16; default `default_block`), e.g. to match coarser pruning blocks. `_backend`
     ("auto", "triton", "torch") is for tests and benches."""
     x, weight, bias = _autocast(x, weight, bias)
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes
+        return masked_conv2d(x.unsqueeze(0), weight, mask, bias, stride, padding, dilation,
+                             groups, block=block, _backend=_backend).squeeze(0)
     _check(x, weight, mask, bias, groups)
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
@@ -380,6 +483,12 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         if _out_size(size, k, s, p, d) < 1:
             raise ValueError(f"x {name} {size} (padded by {p} per side) is smaller than the "
                              f"dilated kernel {d * (k - 1) + 1}")
+    if torch._C._functorch.is_functorch_wrapped_tensor(mask):
+        # batched by vmap (or wrapped by another transform): no per-mask cache can hold it
+        if _backend == "triton":
+            raise ValueError("mask: the Triton path takes a plain tensor; a mask batched by "
+                             "torch.func.vmap needs _backend='auto' or 'torch'")
+        return F.conv2d(x, weight * mask.to(weight.dtype), bias, stride, pad, dilation, groups)
     if _backend_for(x, mask, groups, _backend, block) == "triton":
         tiles = prepare_mask(mask, groups, block)
         return _MaskedConv2dTriton.apply(x, weight, tiles, bias, stride, pad, dilation, groups)
