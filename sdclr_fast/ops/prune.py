@@ -31,10 +31,19 @@ from torch.nn.utils import prune as torch_prune
 
 try:
     import sdclr_fast._C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
-except ImportError as exc:  # a source checkout that was never built
+except ImportError as exc:
+    import importlib.util
+
+    if importlib.util.find_spec("sdclr_fast._C") is None:  # a source checkout never built
+        raise ImportError(
+            "sdclr_fast._C, the C++ pruning extension, is not built: run `make setup`, or "
+            "`pip install --no-build-isolation -e .` in the repository") from exc
+    # built, but it does not load: usually compiled against another torch (a build-isolated
+    # `pip install` builds against a torch of its own), which leaves undefined symbols
     raise ImportError(
-        "sdclr_fast._C, the C++ pruning extension, is not built: run `make setup`, or "
-        "`pip install --no-build-isolation -e .` in the repository") from exc
+        f"sdclr_fast._C does not load with this torch ({torch.__version__}): {exc}. It must be "
+        f"compiled against the torch it runs with: reinstall with `pip install "
+        f"--no-build-isolation <sdclr-fast source>` in this environment") from exc
 
 __all__ = [
     "magnitude_threshold",
