@@ -303,3 +303,39 @@ def test_non_finite_one_matrix_is_named():
     z[1, 1] = float("nan")
     with pytest.raises(ValueError, match="z1 holds NaN or inf"):
         nt_xent(z, labels=torch.zeros(5, dtype=torch.long))
+
+
+# ------------------------------------------------------------------ compiled kernels on a GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET,
+                    reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, d, classes, multi_positive", [
+    (2, 64, 1, "in"), (7, 16, 3, "in"), (301, 128, 40, "in"), (300, 300, 150, "out"),
+    (129, 257, 200, "in")])
+def test_cuda_one_matrix(dtype, m, d, classes, multi_positive):
+    """The compiled kernels in the one-matrix form (POS_LSE for "in", D chunks above 256):
+    error against float64 within twice the same-dtype reference's plus one unit of the dtype
+    (flash-attention's rule); one pair gives exactly 0."""
+    z = _data(m, d, m + d)
+    lab = _labels(m, classes, m, "random")
+    cot = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=torch.float64) + 0.1
+
+    def run(fn, zz):
+        a = zz.detach().clone().cuda().requires_grad_(True)
+        out = fn(a, None, 0.1, labels=lab.cuda(), multi_positive=multi_positive,
+                 reduction="none")
+        (out.double() * cot.cuda()).sum().backward()
+        return out.detach().double().cpu(), a.grad.double().cpu()
+
+    got = run(nt_xent, z.to(dtype))
+    truth = run(nt_xent_reference, z)
+    same = run(nt_xent_reference, z.to(dtype))
+    if m == 2:
+        assert got[0].tolist() == [0.0, 0.0]
+    eps = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    for mine, t, theirs in zip(got, truth, same):
+        assert torch.isfinite(mine).all()
+        err = (mine - t).abs().max().item()
+        base = (theirs - t).abs().max().item() if torch.isfinite(theirs).all() else float("inf")
+        assert err <= 2 * base + eps * max(t.abs().max().item(), 1.0 / 0.1), (err, base)
