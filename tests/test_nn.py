@@ -87,7 +87,7 @@ class _PlainNet(nn.Module):
         layers = []
         for _ in range(head_layers - 1):
             layers += [nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU()]
-        layers.append(nn.Linear(d, proj_dim))
+        layers += [nn.Linear(d, proj_dim, bias=False), nn.BatchNorm1d(proj_dim)]  # SDCLR's final BN
         self.head = nn.Module()
         self.head.net = nn.Sequential(*layers)
 
@@ -555,7 +555,8 @@ def test_simclr_model_uses_plain_bn_and_two_layer_head():
     assert [m.out_features for m in model.head.modules() if isinstance(m, nn.Linear)] == [32, 16]
     sd = build_model(arch="resnet18", method="sdclr", in_channels=1, width=4, proj_dim=16)
     assert [m.out_features for m in sd.head.modules() if isinstance(m, nn.Linear)] == [32, 32, 16]
-    assert sum(isinstance(m, DualBatchNorm1d) for m in sd.head.modules()) == 2
+    assert sum(isinstance(m, DualBatchNorm1d) for m in sd.head.modules()) == 3  # the last one after the output
+    assert isinstance(sd.head.net[-1], DualBatchNorm1d) and isinstance(model.head.net[-1], nn.BatchNorm1d)
     assert sum(isinstance(m, DualBatchNorm2d) for m in sd.backbone.modules()) == 20
     x = torch.randn(4, 1, 8, 8)
     model.eval()
@@ -658,14 +659,20 @@ def test_backbone_input_checks():
 
 
 def test_projection_head():
-    for num_layers, dual in ((1, False), (2, False), (3, True), (4, True)):
-        head = ProjectionHead(6, 5, 3, num_layers=num_layers, dual_bn=dual)
+    for num_layers, dual, last_bn in ((1, False, True), (2, False, True), (3, True, True), (4, True, False),
+                                      (2, False, False)):
+        head = ProjectionHead(6, 5, 3, num_layers=num_layers, dual_bn=dual, last_bn=last_bn)
         lin = [m for m in head.modules() if isinstance(m, nn.Linear)]
-        assert len(lin) == num_layers and lin[-1].bias is not None
+        assert len(lin) == num_layers and (lin[-1].bias is None) == last_bn
         assert all(m.bias is None for m in lin[:-1])  # BN follows: its shift replaces the bias
         bns = [m for m in head.net if isinstance(m, (nn.BatchNorm1d, DualBatchNorm1d))]
-        assert len(bns) == num_layers - 1 and all(isinstance(b, DualBatchNorm1d) == dual for b in bns)
-        assert head(torch.randn(4, 6)).shape == (4, 3)
+        assert len(bns) == num_layers - 1 + last_bn and all(isinstance(b, DualBatchNorm1d) == dual for b in bns)
+        assert isinstance(head.net[-1], (nn.BatchNorm1d, DualBatchNorm1d)) == last_bn
+        head.train()
+        z = head(torch.randn(8, 6))
+        assert z.shape == (8, 3)
+        if last_bn:  # training-mode BN output: zero mean, unit variance per feature
+            torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     assert simclr_head(512).in_dim == 512 and simclr_head(512).num_layers == 2 and not simclr_head(512).dual_bn
     h = sdclr_head(512)
     assert (h.num_layers, h.hidden_dim, h.out_dim, h.dual_bn) == (3, 512, 128, True)

@@ -1,9 +1,11 @@
 """Projection heads (the MLP between backbone features and the contrastive loss).
 
-SimCLR: Linear-BN-ReLU-Linear (512 -> 512 -> 128 on ResNet-18). SDCLR: Linear-BN-ReLU,
-Linear-BN-ReLU, Linear (512 -> 512 -> 512 -> 128), with dual BN so that the pruned branch keeps
-its own statistics in the head too. Linear layers followed by BN have no bias (BN's shift
-replaces it, as in SimCLR); the last Linear has one.
+As in the official SDCLR code, both heads end in BatchNorm: SimCLR Linear-BN-ReLU-Linear-BN
+(512 -> 512 -> 128 on ResNet-18); SDCLR Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN
+(512 -> 512 -> 512 -> 128), with dual BN so that the pruned branch keeps its own statistics in
+the head too. The final BN centres and scales each branch's output before NT-Xent normalises it.
+Linear layers followed by BN have no bias (BN's shift replaces it); ``last_bn=False`` gives the
+plain Linear ending with a bias (SimCLR paper style).
 """
 import numbers
 
@@ -15,28 +17,32 @@ __all__ = ["ProjectionHead", "simclr_head", "sdclr_head"]
 
 
 class ProjectionHead(nn.Module):
-    """MLP with `num_layers` Linear layers: (num_layers - 1) x [Linear, BN, ReLU], then Linear.
+    """MLP with `num_layers` Linear layers: (num_layers - 1) x [Linear, BN, ReLU], then Linear
+    and, with `last_bn` (the default, as SDCLR), a final BN.
 
     in_dim -> hidden_dim -> ... -> hidden_dim -> out_dim; BN is `DualBatchNorm1d` when
-    `dual_bn` else `nn.BatchNorm1d`. num_layers=1 is a single Linear (no BN)."""
+    `dual_bn` else `nn.BatchNorm1d`."""
 
-    def __init__(self, in_dim, hidden_dim, out_dim, num_layers=2, dual_bn=False):
+    def __init__(self, in_dim, hidden_dim, out_dim, num_layers=2, dual_bn=False, last_bn=True):
         super().__init__()
         for name, v in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim),
                         ("num_layers", num_layers)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(dual_bn, bool):
-            raise ValueError(f"dual_bn must be a bool, got {dual_bn!r}")
+        for name, v in (("dual_bn", dual_bn), ("last_bn", last_bn)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be a bool, got {v!r}")
         norm = DualBatchNorm1d if dual_bn else nn.BatchNorm1d
         layers, d = [], int(in_dim)
         for _ in range(int(num_layers) - 1):
             layers += [nn.Linear(d, int(hidden_dim), bias=False), norm(int(hidden_dim)), nn.ReLU(inplace=True)]
             d = int(hidden_dim)
-        layers.append(nn.Linear(d, int(out_dim)))
+        layers.append(nn.Linear(d, int(out_dim), bias=not last_bn))
+        if last_bn:
+            layers.append(norm(int(out_dim)))
         self.net = nn.Sequential(*layers)
         self.in_dim, self.hidden_dim, self.out_dim = int(in_dim), int(hidden_dim), int(out_dim)
-        self.num_layers, self.dual_bn = int(num_layers), dual_bn
+        self.num_layers, self.dual_bn, self.last_bn = int(num_layers), dual_bn, last_bn
 
     def forward(self, h):
         if h.dim() != 2 or h.shape[1] != self.in_dim:
@@ -45,10 +51,10 @@ class ProjectionHead(nn.Module):
 
 
 def simclr_head(in_dim, out_dim=128, hidden_dim=None):
-    """SimCLR's 2-layer head, plain BN: in_dim -> hidden (default in_dim) -> out_dim."""
+    """SDCLR's SimCLR head, plain BN: in_dim -> hidden (default in_dim) -> out_dim, ending in BN."""
     return ProjectionHead(in_dim, in_dim if hidden_dim is None else hidden_dim, out_dim, num_layers=2, dual_bn=False)
 
 
 def sdclr_head(in_dim, out_dim=128, hidden_dim=None):
-    """SDCLR's 3-layer head, dual BN: in_dim -> hidden -> hidden -> out_dim."""
+    """SDCLR's 3-layer head, dual BN: in_dim -> hidden -> hidden -> out_dim, ending in BN."""
     return ProjectionHead(in_dim, in_dim if hidden_dim is None else hidden_dim, out_dim, num_layers=3, dual_bn=True)
