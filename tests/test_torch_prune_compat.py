@@ -301,3 +301,12 @@ def test_integer_importance_scores():
     t = torch.tensor([[5, -1, 3], [0, 2, -7]])
     mask = MagnitudePruning(3).compute_mask(t, torch.ones_like(t))
     assert torch.equal(mask, prune.L1Unstructured(3).compute_mask(t, torch.ones_like(t)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_raise_naming_the_tensor(bad):
+    """A documented difference: torch's topk orders NaN/inf somewhere, the C++ select refuses."""
+    m = _linear([[1.0, bad, 2.0]])
+    with pytest.raises(ValueError, match="tensor to prune .* contains NaN or inf"):
+        MagnitudePruning.apply(m, "weight", amount=1)
+    assert not prune.is_pruned(m)

@@ -44,14 +44,15 @@ software-pipelined) along a unit-stride channel dimension: use channels-last act
 weights (`model.to(memory_format=torch.channels_last)`), as cuDNN prefers for tensor cores too.
 NCHW inputs work at lower speed.
 
-Unbatched input (C, H, W) gives (O, H', W'), as with F.conv2d. torch.func: grad, vjp, jacrev,
-jacfwd-free reverse modes and vmap work on both paths. The PyTorch path is plain autograd; the
-Triton path is an autograd.Function with setup_context and vmap rules (a batch of x folds into
-the convolution's N, anything else maps over the batch), and its backward is one more pair of
-such Functions, so vmap over the backward (jacrev) works too. The Triton path is differentiable
-once: a second derivative (gradgradcheck, hessians) raises an error that says to use
-_backend="torch"; jvp / jacfwd are not implemented there either. A mask that a transform
-batches (vmap over masks) takes the PyTorch path, uncached.
+Unbatched input (C, H, W) gives (O, H', W'), as with F.conv2d.
+
+torch.func: grad, vjp, jacrev and vmap work on both paths. The PyTorch path is plain autograd;
+the Triton path is an autograd.Function with setup_context and vmap rules (a batch of x folds
+into the convolution's N, anything else maps over the batch), and its backward is two more such
+Functions, so vmap over the backward (jacrev, per-sample gradients) works too. The Triton path
+is differentiable once: a second derivative (gradgradcheck, hessians) raises an error that
+says to use _backend="torch", and forward mode (jvp, jacfwd) is not implemented there (torch
+raises). A mask that a transform batches (vmap over masks) takes the PyTorch path, uncached.
 
 Testing switch: with SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"`,
 CPU tensors go through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is

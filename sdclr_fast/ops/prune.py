@@ -352,7 +352,13 @@ def _smallest_abs(t, count):
         return torch.ones(n, dtype=torch.bool, device=flat.device)
     if flat.dtype not in _FLOAT_DTYPES:  # e.g. integer importance scores; exact below 2**53
         flat = flat.to(torch.float64)
-    thr, (keep,) = _ops.topk_abs_masks([flat], [count], False)  # keep: |t| >= count-th smallest
+    try:
+        thr, (keep,) = _ops.topk_abs_masks([flat], [count], False)  # keep: |t| >= count-th smallest
+    except ValueError as exc:
+        if "NaN or inf" not in str(exc):
+            raise
+        raise ValueError("MagnitudePruning: the tensor to prune (or its importance_scores) "
+                         "contains NaN or inf; magnitude pruning needs finite values") from exc
     drop = keep.logical_not_()
     missing = count - int(drop.sum())  # entries tied at the threshold that must go too
     if missing:
