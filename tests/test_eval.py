@@ -321,13 +321,14 @@ def test_evaluate_backbone_end_to_end(tmp_path):
         b = x.mean(dim=(1, 2, 3)).unsqueeze(1)
         return torch.exp(-(b - torch.linspace(-3, 3, 12)) ** 2 / 0.5)
 
+    # features computed once (brightness codes would not survive the probe's zero-padded crops)
     out = evaluate_backbone(flatten, data, probes=("linear", "fewshot-3", "knn"), batch_size=7,
-                            probe_options=dict(epochs=10, lr=1.0), knn_k=5)
+                            probe_options=dict(epochs=10, lr=1.0), knn_k=5, augment=False)
     assert set(out) == {"linear", "fewshot-3", "knn"}
     for r in out.values():
         assert r.overall >= 90 and r.per_class.shape == (4,)
         assert r.class_counts.tolist() == [12, 8, 6, 4]
-    flipped = evaluate_backbone(flatten, data, probes=("linear",), flip=True,
+    flipped = evaluate_backbone(flatten, data, probes=("linear",), flip=True, augment=False,
                                 probe_options=dict(epochs=10, lr=1.0))
     assert flipped["linear"].overall >= 90
     with pytest.raises(ValueError, match="unknown probe"):
@@ -340,7 +341,8 @@ def test_evaluate_backbone_end_to_end(tmp_path):
         evaluate_backbone(flatten, data, select_on_val=True)
     with_val = _tiny_data(with_val=True)
     assert len(with_val.val) == 8
-    sel = evaluate_backbone(flatten, with_val, probes=("linear", "knn"), probe_options=dict(epochs=5, lr=1.0))
+    sel = evaluate_backbone(flatten, with_val, probes=("linear", "knn"), probe_options=dict(epochs=5, lr=1.0),
+                            augment=False)
     assert sel["linear"].overall >= 90 and sel["knn"].overall >= 90
     on_val = evaluate_backbone(flatten, with_val, probes=("knn",), on="val")
     assert on_val["knn"].overall >= 90
@@ -378,3 +380,78 @@ def test_plot_and_report_files(tmp_path):
         write_report(tmp_path / "r.md", {})
     with pytest.raises(ValueError, match="EvalResult"):
         plot_per_class_accuracy({"x": [1, 2]}, tmp_path / "x.png")
+
+
+# ---------------------------------------------------------------- the probe's augmentation
+def _pad_crop_flip_reference(x, padding, offsets, flips):
+    out = []
+    for i in range(x.shape[0]):
+        p = torch.nn.functional.pad(x[i], (padding,) * 4)
+        oy, ox = int(offsets[0, i]), int(offsets[1, i])
+        crop = p[:, oy:oy + x.shape[2], ox:ox + x.shape[3]]
+        out.append(crop.flip(-1) if flips[i] else crop)
+    return torch.stack(out)
+
+
+@settings(deadline=None, max_examples=25)
+@given(b=st.integers(1, 5), c=st.sampled_from([1, 3]), h=st.integers(1, 9), w=st.integers(1, 9),
+       padding=st.integers(0, 4), seed=st.integers(0, 2 ** 16))
+def test_pad_crop_flip_matches_a_per_image_reference(b, c, h, w, padding, seed):
+    from sdclr_fast.data.augment import pad_crop_flip
+
+    x = torch.randint(0, 256, (b, c, h, w), dtype=torch.uint8)
+    got = pad_crop_flip(x, padding, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)  # the same draws, in the op's order
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=g)
+    flips = torch.randint(0, 2, (b,), generator=g).bool()
+    assert got.dtype == torch.uint8 and torch.equal(got, _pad_crop_flip_reference(x, padding, offsets, flips))
+
+
+def test_pad_crop_flip_covers_every_offset_and_both_flips():
+    from sdclr_fast.data.augment import pad_crop_flip
+
+    x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(4000, 1, 1, 1)
+    out = pad_crop_flip(x, 2, torch.Generator().manual_seed(0))
+    distinct = {tuple(o.flatten().tolist()) for o in out}
+    assert len(distinct) == 5 * 5 * 2  # 25 windows, each flipped or not
+    with pytest.raises(ValueError, match="padding"):
+        pad_crop_flip(x, -1)
+
+
+def test_linear_probe_accepts_per_epoch_features():
+    from sdclr_fast.eval import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat(10)
+    x = torch.randn(40, 6, generator=g) + 3 * torch.nn.functional.one_hot(y, 6).float()
+    test = torch.randn(8, 6, generator=g)
+    fixed = linear_probe(x, y, test, 4, epochs=5, lr=0.5)
+    seen = []
+
+    def per_epoch(epoch):
+        seen.append(epoch)
+        return x
+
+    same = linear_probe(per_epoch, y, test, 4, epochs=5, lr=0.5)
+    assert seen == [0, 1, 2, 3, 4]  # fresh features every epoch
+    assert torch.equal(same.fc.weight, fixed.fc.weight) and torch.equal(same.predictions, fixed.predictions)
+    with pytest.raises(ValueError, match="expected"):
+        linear_probe(lambda e: x if e == 0 else x[:5], y, test, 4, epochs=2)
+
+
+def test_evaluate_backbone_augments_the_probe_images_every_epoch():
+    data = _tiny_data()
+    seen = []
+
+    def spy(x):
+        seen.append(x.clone())
+        return x.flatten(1)[:, :6]
+
+    evaluate_backbone(spy, data, probes=("linear",), batch_size=1000, probe_options=dict(epochs=3, lr=0.1))
+    train_passes = [v for v in seen if v.shape[0] == len(data.probe_train)]
+    assert len(train_passes) == 3  # one augmented pass over the probe set per epoch
+    assert not torch.equal(train_passes[0], train_passes[1])
+    seen.clear()
+    evaluate_backbone(spy, data, probes=("linear",), batch_size=1000, probe_options=dict(epochs=3, lr=0.1))
+    again = [v for v in seen if v.shape[0] == len(data.probe_train)]
+    assert all(torch.equal(a, b) for a, b in zip(train_passes, again))  # seeded: repeatable

@@ -31,6 +31,25 @@ def eval_transform(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float().div_(255.0) - m.to(x.device)).div_(s.to(x.device))
 
 
+def pad_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The linear probe's augmentation in SDCLR (RandomCrop(size, padding) + horizontal flip):
+    each uint8 image of the (B, C, H, W) batch is zero-padded by ``padding`` pixels, an H x W
+    window is taken at a random offset, and it is flipped with probability 1/2. Offsets and
+    flips are drawn on the CPU from ``generator`` (torch's global RNG when None)."""
+    _check_batch(x, x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else -1, "pad_crop_flip")
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
+        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
+    b, _, h, w = x.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator)
+    flips = torch.randint(0, 2, (b,), generator=generator).bool()
+    xp = torch.nn.functional.pad(x, (padding,) * 4)
+    rows = (offsets[0][:, None] + torch.arange(h)).to(x.device)          # (B, H)
+    cols = (offsets[1][:, None] + torch.arange(w)).to(x.device)          # (B, W)
+    cols = torch.where(flips.to(x.device)[:, None], cols.flip(1), cols)  # a flip reads the window backwards
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
 class TwoViewAugment(nn.Module):
     """SDCLR / SimCLR two-view augmentation of a uint8 batch, all on the batch's device.
 
@@ -48,7 +67,7 @@ class TwoViewAugment(nn.Module):
     """
 
     def __init__(self, image_size: int, in_channels: int, mean, std, *, scale=(0.1, 1.0),
-                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, flip_p=0.5):
+                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, flip_p=0.5, blur_p=0.0):
         super().__init__()
         import kornia.augmentation as K
 
@@ -60,7 +79,8 @@ class TwoViewAugment(nn.Module):
             raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
         if len(jitter) != 4 or any(j < 0 for j in jitter):
             raise ValueError(f"jitter must be 4 non-negative strengths (b, c, s, h), got {jitter!r}")
-        for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
+        for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p),
+                        ("blur_p", blur_p)):
             if not (0 <= p <= 1):
                 raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
         self.image_size, self.in_channels = int(image_size), in_channels
@@ -78,6 +98,12 @@ class TwoViewAugment(nn.Module):
             ops.append(K.ColorJitter(b, c, sat, hue, p=jitter_p))
         if grayscale_p > 0:
             ops.append(K.RandomGrayscale(p=grayscale_p))
+        if blur_p > 0:
+            # SDCLR's ImageNet recipe (after MoCo v2): Gaussian blur, sigma uniform in [0.1, 2],
+            # kernel about a tenth of the image (odd).
+            k = max(3, int(0.1 * self.image_size) // 2 * 2 + 1)
+            ops.append(K.RandomGaussianBlur((k, k), (0.1, 2.0), p=blur_p))
+        self.blur_p = blur_p
         self.ops = nn.Sequential(*ops)
 
     def forward(self, x: torch.Tensor):

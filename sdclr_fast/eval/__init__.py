@@ -9,6 +9,10 @@ Typical use after pretraining (``encoder`` maps normalised images to (B, D) feat
 """
 from __future__ import annotations
 
+import zlib
+
+import torch
+
 from .features import Features, extract_features, frozen
 from .knn import knn_predict
 from .linear import PRESETS, ProbeResult, linear_probe
@@ -37,23 +41,28 @@ def parse_probe(probe: str):
 def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_size: int = 512, flip: bool = False,
                       on: str = "test", probe_options: dict | None = None, knn_k: int = 200,
                       knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None,
-                      select_on_val: bool | None = None) -> dict:
+                      select_on_val: bool | None = None, augment: bool = True) -> dict:
     """Evaluate ``encoder`` on a :class:`~sdclr_fast.data.ContrastiveData`; returns {probe: EvalResult}.
 
     probes: any of "linear" (full-shot probe on ``data.probe_train``, 30 epochs), "fewshot-<k>"
             (probe on ``data.fewshot(k)``, 100 epochs; k an int per class or a fraction) and
             "knn" (k-NN with ``knn_k`` / ``knn_temperature`` on ``data.probe_train`` features).
     on:     "test" or "val" (CIFAR's held-out 5k) - which images are classified.
-    flip:   train the probes with the horizontal-flip augmentation (see ``linear_probe``).
+    augment: train the linear probes on images augmented afresh every epoch with SDCLR's
+            RandomCrop(padding 4) + horizontal flip (the protocol; one feature pass over the probe
+            set per epoch). False trains on features computed once (faster), with ``flip`` adding
+            the flipped view.
     probe_options: extra keyword arguments for ``linear_probe`` (lr, schedule, normalize, ...).
     select_on_val: report the probe epoch with the best accuracy on ``data.val`` (SDCLR's
             protocol); None = whenever the data set has a val split and ``on="test"``.
     module: the nn.Module to freeze when ``encoder`` is a lambda (see ``extract_features``);
             ``functools.partial(model.features, branch="dense")`` is recognised on its own.
 
-    Features are extracted once with the encoder frozen in eval mode; the group metrics use
-    ``data.class_counts`` (the long-tailed training split).
+    The encoder is frozen in eval mode; the group metrics use ``data.class_counts`` (the
+    long-tailed training split).
     """
+    from ..data.augment import pad_crop_flip
+
     parsed = [(p, *parse_probe(p)) for p in probes]
     if on not in ("test", "val"):
         raise ValueError(f"on must be 'test' or 'val', got {on!r}")
@@ -68,30 +77,41 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
         select_on_val = data.val is not None and on == "test"
     if select_on_val and (data.val is None or on != "test"):
         raise ValueError("select_on_val needs a data set with a val split and on='test'")
-    # Resolve the few-shot subsets first: a bad shots value fails before any feature pass.
-    fewshot_pos = {name: data.fewshot_positions(shots) for name, kind, shots in parsed if kind == "fewshot"}
-    train = extract_features(encoder, data.probe_train, data.mean, data.std, batch_size=batch_size,
-                             device=device, flip=flip, autocast_dtype=autocast_dtype, module=module)
-    test = extract_features(encoder, target, data.mean, data.std, batch_size=batch_size, device=device,
-                            autocast_dtype=autocast_dtype, module=module)
-    val = None
+    # Resolve the few-shot sets first: a bad shots value fails before any feature pass.
+    probe_sets = {name: data.probe_train if kind != "fewshot" else data.fewshot(shots) for name, kind, shots in parsed}
+    common = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, module=module)
+
+    def features(images, **kw):
+        return extract_features(encoder, images, data.mean, data.std, **common, **kw)
+
+    def augmented(images, name):
+        """epoch -> features of that epoch's crop+flip of ``images`` (seeded per probe and epoch)."""
+        def at_epoch(epoch):
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{epoch}".encode()))
+            return features(images, transform=lambda x: pad_crop_flip(x, 4, gen)).features
+        return at_epoch
+
+    test = features(target)
     if select_on_val and any(kind != "knn" for _, kind, _ in parsed):
-        val = extract_features(encoder, data.val, data.mean, data.std, batch_size=batch_size, device=device,
-                               autocast_dtype=autocast_dtype, module=module)
+        val = features(data.val)
         opts.update(val_features=val.features, val_labels=val.labels)
+    plain = {}  # un-augmented features per probe set, computed once
     counts = data.class_counts
     out = {}
     for name, kind, shots in parsed:
+        images = probe_sets[name]
+        if kind == "knn" or not augment:
+            key = (id(images), flip and kind != "knn")
+            if key not in plain:
+                plain[key] = features(images, flip=key[1])
+            train = plain[key]
         if kind == "knn":
             bank = train.features[0] if train.features.dim() == 3 else train.features
             preds = knn_predict(bank, train.labels, test.features, data.num_classes, k=knn_k,
                                 temperature=knn_temperature)
         else:
-            feats, labels = train.features, train.labels
-            if kind == "fewshot":
-                pos = fewshot_pos[name].to(labels.device)
-                feats, labels = feats[..., pos, :], labels[pos]
-            preds = linear_probe(feats, labels, test.features, data.num_classes,
+            feats = augmented(images, name) if augment else train.features
+            preds = linear_probe(feats, images.labels.to(test.labels.device), test.features, data.num_classes,
                                  preset="full" if kind == "linear" else "fewshot", seed=seed, **opts).predictions
         out[name] = evaluate_predictions(preds, test.labels, counts)
     return out

@@ -54,7 +54,8 @@ def _device_of(encoder):
 
 
 def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=None, flip: bool = False,
-                     out_device=None, autocast_dtype: torch.dtype | None = None, module=None) -> Features:
+                     out_device=None, autocast_dtype: torch.dtype | None = None, module=None,
+                     transform=None) -> Features:
     """Run ``encoder`` (an nn.Module or any callable images -> (B, D) features) over ``data``.
 
     data:   an ImageSet, or a uint8 (N, C, H, W) tensor (labels are then empty).
@@ -63,6 +64,8 @@ def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=
     flip:   also embed the horizontally flipped images; features become (2, N, D), which lets the
             linear probe sample the flip augmentation of the SDCLR protocol per step.
     out_device: where the features are returned (default: ``device``).
+    transform: an augmentation of each uint8 batch on ``device`` before the eval transform (e.g.
+            the probe's ``pad_crop_flip``).
     autocast_dtype: e.g. torch.bfloat16 to run the encoder under autocast; features stay float32.
 
     module: the nn.Module to put in eval mode when ``encoder`` is a plain callable such as a
@@ -97,7 +100,8 @@ def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=
            else contextlib.nullcontext())
     with frozen(module), amp:
         for start in range(0, images.shape[0], batch_size):
-            x = eval_transform(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            x = eval_transform(x if transform is None else transform(x), mean, std)
             for v in range(views):
                 f = encoder(x if v == 0 else x.flip(-1))
                 if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:

@@ -11,14 +11,13 @@ the test accuracy of the epoch with the best one (the first, on ties); pass ``va
 ``val_labels`` to do that, otherwise the last epoch is used.
 
 Because the backbone is frozen and in eval mode, its output for a given input image never
-changes, so training the fc layer on features computed once is the same optimisation problem at
-a fraction of the cost. One difference to know about: SDCLR's probe trains on augmented images
-(RandomCrop 32 with padding 4, horizontal flip). By default the un-augmented images are used
-here; features from ``extract_features(..., flip=True)`` (shape (2, N, D)) make the probe sample
-the flip per image and step as SDCLR does. The padded random crop is not reproduced (it would
-take 81 feature passes per image). SDCLR also feeds un-normalised [0, 1] images; here the
-eval transform normalises with the data's mean/std, which is what a backbone pretrained with
-this package's augmentation (also normalised) expects.
+changes, so only the classifier is trained. SDCLR's probe trains on augmented images (RandomCrop
+with padding 4, horizontal flip): ``train_features`` may be a function ``epoch -> (N, D)`` that
+returns that epoch's features of freshly augmented images (``evaluate_backbone`` does this by
+default), or fixed features computed once (faster; ``extract_features(..., flip=True)``, shape
+(2, N, D), then samples the flip per image and step). SDCLR also feeds un-normalised [0, 1]
+images; here the eval transform normalises with the data's mean/std, which is what a backbone
+pretrained with this package's augmentation (also normalised) expects.
 """
 from __future__ import annotations
 
@@ -85,7 +84,9 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     """Train a fresh linear classifier on ``train_features`` and predict ``test_features``.
 
     train_features: float (N, D), or (V, N, D) views of which one is drawn per image and step
-                    (flip augmentation, see the module docstring).
+                    (flip augmentation, see the module docstring), or a function ``epoch ->
+                    (N, D)`` giving each epoch's features of augmented images (rows in the order
+                    of ``train_labels``).
     preset:         "full" (30 epochs, step at 10, 20) or "fewshot" (100 epochs, step at 40, 60);
                     ``epochs`` / ``milestones`` override it. A custom ``epochs`` without
                     milestones scales the preset's milestones (same fractions of the run).
@@ -99,6 +100,11 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     seed:           the fc initialisation, batch order and view draws.
     device:         where to train (default: the features' device).
     """
+    epoch_features = train_features if callable(train_features) else None
+    if epoch_features is not None:
+        train_features = epoch_features(0)
+        if isinstance(train_features, torch.Tensor) and train_features.dim() != 2:
+            raise ValueError("train_features(epoch) must return (N, D) features")
     _check_features(train_features, train_labels, "train_features")
     _check_features(test_features, None, "test_features")
     if test_features.dim() == 3:
@@ -167,6 +173,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     best_epoch, best_acc, best_state = epochs - 1, -1.0, None
     step = 0
     for epoch in range(epochs):
+        if epoch_features is not None and epoch > 0:
+            x = _normalise(epoch_features(epoch).to(device, torch.float32), normalize, mean, std)
+            if x.shape != (n, d):
+                raise ValueError(f"train_features(epoch) returned shape {tuple(x.shape)}, expected ({n}, {d})")
         factor = step_factor(epoch, milestones, gamma)
         order = torch.randperm(n, generator=gen).to(device)
         view = torch.randint(views, (n,), generator=gen).to(device) if views > 1 else None
