@@ -11,7 +11,8 @@ Typical use::
 from __future__ import annotations
 
 from .augment import TwoViewAugment, eval_transform
-from .base import ContrastiveData, ImageSet, check_image_size, load_split, save_split
+from .assemble import check_pretrain_set
+from .base import PRETRAIN_SETS, ContrastiveData, ImageSet, check_image_size, load_split, save_split
 from .loader import Batch, BatchIterator
 from .splits import check_nonneg_int, check_ratio, long_tail_counts
 
@@ -22,7 +23,7 @@ _DEFAULT_RATIO = object()
 
 
 def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, split: int = 0, image_size=None,
-                  permute_classes: bool = False, split_file=None, **options) -> ContrastiveData:
+                  permute_classes: bool = True, split_file=None, pretrain_set=None, **options) -> ContrastiveData:
     """Load a data set and draw its long-tailed splits.
 
     name:       one of ``DATASETS``.
@@ -36,12 +37,26 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     seed:       seeds every draw (CIFAR's 45k/5k hold-out depends on it alone).
     split:      index of the long-tailed draw (the SDCLR protocol uses five: 0-4).
     image_size: resize to this square size (default: native; imagefolder: 64).
-    permute_classes: give the head / tail ranks to a seeded permutation of the classes instead
-                of class-index order.
-    split_file: a split.json (or its run folder) from ``save_split``; its indices, seed, split and
-                ratio replace the draws, so the run is reproduced exactly.
-    options:    cifar: ``val_fraction`` (0.1); imagefolder: ``train_list``, ``test_list``,
-                ``grayscale``, ``workers``.
+    permute_classes: give the head / tail ranks to a permutation of the classes seeded by
+                (seed, split), a different one for every split, as SDCLR's splits do (default);
+                False gives class i rank i. The order is ``data.class_order`` and split.json's
+                "class_order".
+    split_file: a split.json (or its run folder) from ``save_split``; its indices, seed, split,
+                ratio and pretrain_set replace the draws, so the run is reproduced exactly.
+    pretrain_set: which set becomes ``data.train``, the one the method pretrains on:
+                "long_tail" (D_i, the default) or "balanced" (D_b: floor(|D_i| / C) images of
+                every class from the same pool, nested with D_i; SDCLR's balanced baseline).
+                Both are always there as ``data.long_tail`` and ``data.balanced_train``;
+                ``data.class_counts`` (the evaluation groups) always counts D_i. None: "long_tail",
+                or what ``split_file`` saved.
+    options:    cifar: ``val_fraction`` (0.1); ``probe_per_class`` (CIFAR-100: 400, the 40k
+                probe pool; CIFAR-10: None, all 4500); ``official_split``: SDCLR's ``split/``
+                folder (or a dict of .npy files "train", "val", "D_i", "D_b", "S_b"), with
+                ``split=k`` (1-5) loading split{k}_D_i / _D_b / _S_b, trainIdxList, valIdxList
+                instead of drawing (see :func:`sdclr_fast.data.cifar.build_cifar_lt`).
+                imagefolder: ``train_list``, ``test_list``, ``grayscale``, ``workers``.
+
+    The few-shot probe set is ``data.fewshot(shots)``: a balanced subset of D_i & D_b.
     """
     if not isinstance(name, str) or name.lower() not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
@@ -52,13 +67,15 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     check_nonneg_int(seed, "seed")
     check_nonneg_int(split, "split")
     image_size = check_image_size(image_size)
+    check_pretrain_set(pretrain_set)
     if split_file is not None:
         saved = load_split(split_file)  # fail before reading any image files
         if saved["dataset"] != name:
             raise ValueError(f"split_file was written for data set {saved['dataset']!r}, not {name!r}")
     common = dict(ratio=ratio, seed=seed, split=split, image_size=image_size,
-                  permute_classes=bool(permute_classes), split_file=split_file)
-    allowed = {"cifar10-lt": {"val_fraction"}, "cifar100-lt": {"val_fraction"},
+                  permute_classes=bool(permute_classes), split_file=split_file, pretrain_set=pretrain_set)
+    cifar_opts = {"val_fraction", "probe_per_class", "official_split"}
+    allowed = {"cifar10-lt": cifar_opts, "cifar100-lt": cifar_opts,
                "imagefolder": {"train_list", "test_list", "grayscale", "workers"}}.get(name, set())
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -77,6 +94,6 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
 
 
 __all__ = [
-    "DATASETS", "Batch", "BatchIterator", "ContrastiveData", "ImageSet", "TwoViewAugment",
+    "DATASETS", "PRETRAIN_SETS", "Batch", "BatchIterator", "ContrastiveData", "ImageSet", "TwoViewAugment",
     "build_dataset", "eval_transform", "load_split", "long_tail_counts", "save_split",
 ]

@@ -89,40 +89,200 @@ def load_cifar(root, num_classes: int):
     return (torch.from_numpy(tr_x), torch.from_numpy(tr_y), torch.from_numpy(te_x), torch.from_numpy(te_y), names)
 
 
+# CIFAR-100's balanced probe pool: 400 of the 450 images per class of the 45k pool (40k), as the
+# official cifar100_trainIdxList; CIFAR-10's is the whole 45k pool.
+PROBE_PER_CLASS = {10: None, 100: 400}
+
+
 def cifar_protocol_split(labels: np.ndarray, num_classes: int, *, ratio=100.0, seed=0, split=0,
-                         permute_classes=False, val_fraction=0.1):
+                         permute_classes=True, val_fraction=0.1, probe_per_class="default"):
     """The SDCLR split of a CIFAR train set, from its labels alone.
 
     Holds ``val_fraction`` of every class out (500 / 50 per class: the 45k / 5k split, seeded by
-    ``seed`` only), then draws the long-tailed subset of the rest with n_max = the per-class pool
-    size (4500 / 450), seeded by (seed, split). Returns (long_tail, probe_pool, val, class_order).
+    ``seed`` only), then draws the long-tailed subset D_i of the rest with n_max = the per-class
+    pool size (4500 / 450) and the head / tail ranks given to a permutation of the classes
+    seeded by (seed, split), the balanced set D_b of the same size (nested with D_i), and the
+    balanced probe pool: the whole 45k for CIFAR-10, 400 per class (40k) for CIFAR-100, holding
+    D_i & D_b. Returns (long_tail, probe_pool, val, class_order, balanced).
     """
     labels = np.asarray(labels)
+    if probe_per_class == "default":
+        probe_per_class = PROBE_PER_CLASS.get(num_classes)
     per = [len(p) for p in S.indices_by_class(labels, num_classes)]
     hold = int(min(per) * val_fraction)
     keep, val = S.stratified_holdout(labels, num_classes, hold, seed)
     lt, order = S.long_tail_subset(labels, keep, num_classes, ratio, seed, split, permute_classes)
-    return lt, S.balanced_subset(labels, keep, num_classes, seed), val, order
+    bal, _ = S.same_size_balanced(labels, keep, lt, num_classes, seed, split)
+    prefer = lt if bal is None else np.intersect1d(lt, bal)
+    probe = S.balanced_subset(labels, keep, num_classes, seed, per_class=probe_per_class, prefer=prefer, split=split)
+    return lt, probe, val, order, bal
+
+
+# ----------------------------------------------------------------------------- official SDCLR split files
+
+_OFFICIAL_NAMES = {
+    10: dict(train=["cifar10/trainIdxList.npy", "trainIdxList.npy"],
+             val=["cifar10/valIdxList.npy", "valIdxList.npy"],
+             subset=["cifar10_imbSub_with_subsets/split{k}_{part}.npy", "split{k}_{part}.npy"]),
+    100: dict(train=["cifar100/cifar100_trainIdxList.npy", "cifar100_split/cifar100_trainIdxList.npy",
+                     "cifar100_trainIdxList.npy"],
+              val=["cifar100/cifar100_valIdxList.npy", "cifar100_split/cifar100_valIdxList.npy",
+                   "cifar100_valIdxList.npy"],
+              subset=["cifar100_imbSub_with_subsets/cifar100_split{k}_{part}.npy", "cifar100_split{k}_{part}.npy"]),
+}
+OFFICIAL_KEYS = ("train", "val", "D_i", "D_b", "S_b")
+
+
+def official_split_files(official_split, num_classes: int, split: int) -> dict:
+    """Paths of the official SDCLR index files for ``split`` (the k of split{k}_D_i.npy).
+
+    ``official_split`` is the official ``split/`` folder (or a folder holding the files
+    directly), or a dict with the keys "train", "val", "D_i" and optionally "D_b", "S_b" mapping to
+    .npy files. Returns {key: Path or None}; D_b and S_b are None when absent.
+    """
+    if isinstance(official_split, dict):
+        unknown = sorted(set(official_split) - set(OFFICIAL_KEYS))
+        if unknown:
+            raise ValueError(f"official_split has unknown keys {unknown}; expected {list(OFFICIAL_KEYS)}")
+        out = {k: (None if official_split.get(k) is None else Path(official_split[k])) for k in OFFICIAL_KEYS}
+        for k in ("train", "val", "D_i"):
+            if out[k] is None:
+                raise ValueError(f"official_split needs the key {k!r} (a .npy file of indices into the 50k "
+                                 f"CIFAR training images)")
+        for k, p in out.items():
+            if p is not None and not p.is_file():
+                raise FileNotFoundError(f"official_split[{k!r}]: file {str(p)!r} not found")
+        return out
+    folder = Path(official_split)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"official_split {str(folder)!r} is not a folder (expected SDCLR's split/ folder, "
+                                f"or a dict of .npy files)")
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"with official_split, split picks the file split{{k}}_D_i.npy and must be an int >= 1 "
+                         f"(the official files are numbered 1-5), got {split!r}")
+    names = _OFFICIAL_NAMES[num_classes]
+
+    def find(cands, required, what):
+        for c in cands:
+            if (folder / c).is_file():
+                return folder / c
+        if required:
+            raise FileNotFoundError(f"official_split: none of {cands} found under {str(folder)!r} ({what})")
+        return None
+
+    out = {"train": find(names["train"], True, "the probe pool list"),
+           "val": find(names["val"], True, "the validation list")}
+    for part in ("D_i", "D_b", "S_b"):
+        cands = [c.format(k=split, part=part) for c in names["subset"]]
+        out[part] = find(cands, part == "D_i", f"split={split} picks split{split}_*")
+    return out
+
+
+def _load_index_file(path: Path, n: int) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"official split file {str(path)!r} is not a readable .npy array ({exc})") from None
+    arr = np.asarray(arr)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"official split file {str(path)!r} must hold a 1-D integer array, got "
+                         f"{arr.dtype} of shape {arr.shape}")
+    arr = arr.astype(np.int64)
+    if arr.size == 0:
+        raise ValueError(f"official split file {str(path)!r} is empty")
+    if arr.min() < 0 or arr.max() >= n:
+        raise ValueError(f"official split file {str(path)!r} holds indices in [{arr.min()}, {arr.max()}]; "
+                         f"expected indices into the {n} CIFAR training images, [0, {n})")
+    uniq, cnt = np.unique(arr, return_counts=True)
+    if (cnt > 1).any():
+        raise ValueError(f"official split file {str(path)!r} lists index {int(uniq[cnt > 1][0])} more than once "
+                         f"({int((cnt > 1).sum())} duplicates)")
+    return np.sort(arr)
+
+
+def load_official_split(official_split, labels: np.ndarray, num_classes: int, split: int) -> dict:
+    """Read and check SDCLR's index files; returns the ``official`` dict of :func:`assemble`.
+
+    Checks every file (1-D ints in [0, 50000), no duplicates), that train and val are disjoint,
+    that D_b is balanced and as large as D_i (within C - 1), and that S_b is balanced and inside
+    D_i & D_b. Errors name the file.
+    """
+    labels = np.asarray(labels)
+    files = official_split_files(official_split, num_classes, split)
+    arr = {k: (None if p is None else _load_index_file(p, len(labels))) for k, p in files.items()}
+    both = np.intersect1d(arr["train"], arr["val"])
+    if both.size:
+        raise ValueError(f"official split files {str(files['train'])!r} and {str(files['val'])!r} share "
+                         f"{both.size} indices (e.g. {int(both[0])}); the probe pool and val must be disjoint")
+
+    def counts(a):
+        return np.bincount(labels[a], minlength=num_classes)
+
+    lt, bal, few = arr["D_i"], arr["D_b"], arr["S_b"]
+    if bal is not None:
+        c = counts(bal)
+        if c.min() != c.max():
+            raise ValueError(f"official D_b file {str(files['D_b'])!r} is not class-balanced: {c.min()} to "
+                             f"{c.max()} images per class")
+        if abs(len(bal) - len(lt)) >= num_classes:
+            raise ValueError(f"official D_b file {str(files['D_b'])!r} holds {len(bal)} images; expected the size "
+                             f"of D_i ({len(lt)}, {str(files['D_i'])!r}) within {num_classes - 1}")
+    if few is not None:
+        inside = lt if bal is None else np.intersect1d(lt, bal)
+        outside = np.setdiff1d(few, inside)
+        if outside.size:
+            raise ValueError(f"official S_b file {str(files['S_b'])!r} holds {outside.size} images outside "
+                             f"D_i & D_b (e.g. index {int(outside[0])}); the few-shot set must lie in both")
+        c = counts(few)
+        if c.min() != c.max():
+            raise ValueError(f"official S_b file {str(files['S_b'])!r} is not class-balanced: {c.min()} to "
+                             f"{c.max()} images per class")
+    return {"long_tail": lt, "balanced": bal, "fewshot": few, "probe": arr["train"], "val": arr["val"],
+            "files": {k: (None if p is None else str(p)) for k, p in files.items()}}
 
 
 def build_cifar_lt(root, num_classes: int, *, ratio=100.0, seed=0, split=0, image_size=None,
-                   permute_classes=False, split_file=None, val_fraction=0.1):
+                   permute_classes=True, split_file=None, val_fraction=0.1, pretrain_set=None,
+                   probe_per_class="default", official_split=None):
     """CIFAR-{10,100}-LT per the SDCLR protocol (see :func:`cifar_protocol_split`).
 
     ``split`` (0-4 in the protocol, any int >= 0 works) picks one of the seeded long-tailed
-    draws; the 45k/5k split and therefore ``val`` and ``probe_train`` (the balanced 45k) are
-    shared by all splits of a seed. ``test`` is the 10k test set.
+    draws; the 45k/5k split and therefore ``val`` are shared by all splits of a seed, and so is
+    ``probe_train`` on CIFAR-10 (the balanced 45k). On CIFAR-100 ``probe_train`` is 400 per
+    class (40k; ``probe_per_class``, None for all 450) drawn per split so that it holds D_i & D_b.
+    ``test`` is the 10k test set. ``pretrain_set="balanced"`` pretrains on D_b.
+
+    ``official_split``: SDCLR's ``split/`` folder (or a dict of .npy files, see
+    :func:`official_split_files`); ``split=k`` then loads split{k}_D_i / D_b / S_b (k = 1-5) and
+    trainIdxList / valIdxList: train = D_i, balanced_train = D_b, fewshot_train = S_b,
+    probe_train = trainIdxList, val = valIdxList; class ranks follow D_i's counts.
     """
     if not (0 <= val_fraction < 1):
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    if split_file is not None and official_split is not None:
+        raise ValueError("pass split_file (a saved run) or official_split (SDCLR's index files), not both")
     S.check_ratio(ratio)
+    if probe_per_class == "default":
+        probe_per_class = PROBE_PER_CLASS[num_classes]
+    if probe_per_class is not None:
+        S.check_nonneg_int(probe_per_class, "probe_per_class")
+    if official_split is not None and not isinstance(official_split, dict):
+        official_split_files(official_split, num_classes, split)  # fail before reading the images
     tr_x, tr_y, te_x, te_y, names = load_cifar(root, num_classes)
     name = f"cifar{num_classes}-lt"
     per = [len(p) for p in S.indices_by_class(tr_y.numpy(), num_classes)]
     val_per_class = int(min(per) * val_fraction)
+    official = None
+    if official_split is not None:
+        official = load_official_split(official_split, tr_y.numpy(), num_classes, split)
+        val_per_class = 0
     config = dict(name=name, root=str(root), ratio=ratio, seed=seed, split=split,
-                  permute_classes=permute_classes, image_size=image_size, val_per_class=val_per_class)
+                  permute_classes=permute_classes, image_size=image_size, val_per_class=val_per_class,
+                  probe_per_class=probe_per_class)
+    if official is not None:
+        config.update(ratio=None, permute_classes=None, official_split=official["files"])
     return assemble(name, num_classes=num_classes, class_names=names, train_images=tr_x, train_labels=tr_y,
                     test_images=te_x, test_labels=te_y, val_per_class=val_per_class, ratio=ratio, seed=seed,
                     split=split, permute_classes=permute_classes, image_size=image_size,
-                    split_file=split_file, config=config)
+                    split_file=split_file, config=config, pretrain_set=pretrain_set,
+                    probe_per_class=probe_per_class, official=official)

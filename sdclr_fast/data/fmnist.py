@@ -94,12 +94,13 @@ def load_fmnist(root=None):
 
 
 def build_fashion_mnist_lt(root=None, *, ratio=100.0, seed=0, split=0, image_size=None,
-                           permute_classes=False, split_file=None):
+                           permute_classes=True, split_file=None, pretrain_set=None):
     """Fashion-MNIST-LT: the exponential profile over the 60k training images.
 
     n_max is 6000 (the per-class size), so ratio 100 keeps 6000, 3596, ..., 60 images per
-    class (14,886 in all); class i gets rank i unless ``permute_classes``. ``probe_train`` is the
-    full, balanced 60k set, ``test`` the 10k test set, and there is no ``val``.
+    rank (14,886 in all); the ranks go to a permutation of the classes seeded by (seed, split)
+    (``permute_classes=False``: class i gets rank i). ``balanced_train`` is D_b (1488 per
+    class), ``probe_train`` the full, balanced 60k set, ``test`` the 10k test set; no ``val``.
     """
     tr_x, tr_y, te_x, te_y = load_fmnist(root)
     config = dict(name="fashion-mnist-lt", root=str(fmnist_dir(root)), ratio=ratio, seed=seed, split=split,
@@ -107,4 +108,4 @@ def build_fashion_mnist_lt(root=None, *, ratio=100.0, seed=0, split=0, image_siz
     return assemble("fashion-mnist-lt", num_classes=10, class_names=CLASS_NAMES, train_images=tr_x,
                     train_labels=tr_y, test_images=te_x, test_labels=te_y, ratio=ratio, seed=seed,
                     split=split, permute_classes=permute_classes, image_size=image_size,
-                    split_file=split_file, config=config)
+                    split_file=split_file, config=config, pretrain_set=pretrain_set)

@@ -111,7 +111,10 @@ def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, per
     ``train_list`` ("relative/path label" lines, paths relative to ``root``, as ImageNet-LT ships
     them); the exponential profile with ``ratio`` over the training tree; or, with ``ratio=None``
     (the default here), the whole training tree as it is (already long-tailed data).
-    ``probe_train`` is the training tree cut to a balanced set. With both ``val/`` and ``test/``
+    ``probe_train`` is the training tree cut to a balanced set (preferring the few-shot
+    candidates D_i & D_b); ``balanced_train`` (D_b) is None when some class of the tree has fewer
+    than |D_i| / C images. With ``ratio`` the head / tail ranks go to a seeded permutation of the
+    classes; a list file or ``ratio=None`` ranks them by their counts. With both ``val/`` and ``test/``
     present, ``val/`` becomes ``val``. Images are resized (shorter side, centre crop) to
     ``image_size`` (default 64) and held as uint8 in memory.
     """
@@ -153,4 +156,5 @@ def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, per
     return assemble("imagefolder", num_classes=len(classes), class_names=classes, train_images=tr_x,
                     train_labels=tr_y, test_images=te_x, test_labels=te_y, val_images=va_x, val_labels=va_y,
                     ratio=ratio, seed=seed, split=split, permute_classes=permute_classes, image_size=size,
-                    split_file=split_file, lt_positions=lt_positions, config=config)
+                    split_file=split_file, lt_positions=lt_positions, config=config,
+                    pretrain_set=pretrain_set)

@@ -12,7 +12,7 @@ import numbers
 import numpy as np
 
 # Purpose tags mixed into the seed sequence; never reorder (it would change every split).
-_VAL, _ORDER, _LONG_TAIL, _BALANCED, _FEWSHOT = 0, 1, 2, 3, 4
+_VAL, _ORDER, _LONG_TAIL, _BALANCED, _FEWSHOT, _SAME_SIZE, _PROBE = 0, 1, 2, 3, 4, 5, 6
 
 
 def rng_for(seed: int, purpose: int, *extra: int) -> np.random.Generator:
@@ -120,25 +120,76 @@ def long_tail_subset(labels: np.ndarray, pool: np.ndarray, num_classes: int, rat
     return np.sort(np.concatenate(chosen)).astype(np.int64), order.astype(np.int64)
 
 
-def balanced_subset(labels: np.ndarray, pool: np.ndarray, num_classes: int, seed: int):
-    """Every class cut to the size of the smallest one (the full pool when already balanced)."""
+def take_preferring(rng: np.random.Generator, candidates: np.ndarray, k: int, prefer=None) -> np.ndarray:
+    """``k`` random items of ``candidates``, those in ``prefer`` (a sorted array) first.
+
+    Items in ``prefer`` are taken before any other (random order within each tier), so the result
+    contains min(k, |candidates & prefer|) preferred items: how the balanced set D_b nests with
+    the long-tailed set D_i, and how a probe pool is made to hold the few-shot candidates.
+    """
+    perm = rng.permutation(np.asarray(candidates, dtype=np.int64))
+    if prefer is not None and len(prefer):
+        tier = ~np.isin(perm, prefer)
+        perm = perm[np.argsort(tier, kind="stable")]
+    return perm[:k]
+
+
+def balanced_subset(labels: np.ndarray, pool: np.ndarray, num_classes: int, seed: int,
+                    per_class: int | None = None, prefer=None, split: int | None = None):
+    """``per_class`` images of every class of ``pool`` (default: the size of the smallest class;
+    the whole pool when that already is balanced), preferring the positions in ``prefer``.
+
+    Seeded by ``seed`` alone (shared by the splits) unless ``split`` is given.
+    """
     pool = np.asarray(pool, dtype=np.int64)
-    per_class = indices_by_class(labels[pool], num_classes)
-    n = min(len(p) for p in per_class)
+    per = indices_by_class(labels[pool], num_classes)
+    n = min(len(p) for p in per) if per_class is None else int(per_class)
     if n == 0:
         raise ValueError("a class has no images in the pool; a balanced probe set is impossible")
-    if all(len(p) == n for p in per_class):
+    short = [c for c, p in enumerate(per) if len(p) < n]
+    if short:
+        raise ValueError(f"class {short[0]} has {len(per[short[0]])} images in the pool, fewer than the "
+                         f"{n} per class the balanced probe set needs")
+    if all(len(p) == n for p in per):
         return np.sort(pool)
-    rng = rng_for(seed, _BALANCED)
-    chosen = [rng.permutation(pool[p])[:n] for p in per_class]
+    rng = rng_for(seed, _BALANCED) if split is None else rng_for(seed, _PROBE, split)
+    prefer = None if prefer is None else np.sort(np.asarray(prefer, dtype=np.int64))
+    chosen = [take_preferring(rng, pool[p], n, prefer) for p in per]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def same_size_balanced(labels: np.ndarray, pool: np.ndarray, long_tail: np.ndarray, num_classes: int,
+                       seed: int, split: int):
+    """The balanced set D_b of a long-tailed set D_i: floor(|D_i| / C) images of every class.
+
+    Drawn from the same ``pool`` as D_i and nested with it class by class: a class with at least
+    that many images in D_i takes them all from D_i, a smaller class keeps all of its D_i images
+    and is filled up from the rest of the pool. So |D_i & D_b| per class = min(n_c, |D_b| / C),
+    and the few-shot set (a balanced subset of D_i & D_b) can reach the size of D_i's tail
+    class. Returns (sorted int64 positions, None), or (None, reason) when a class of the pool
+    has fewer than |D_b| / C images.
+    """
+    pool = np.asarray(pool, dtype=np.int64)
+    long_tail = np.sort(np.asarray(long_tail, dtype=np.int64))
+    m = len(long_tail) // num_classes
+    if m == 0:
+        return None, f"the long-tailed set has {len(long_tail)} images, fewer than one per class"
+    per = indices_by_class(labels[pool], num_classes)
+    for c, p in enumerate(per):
+        if len(p) < m:
+            return None, (f"class {c} has {len(p)} images in the pool, fewer than the {m} per class "
+                          f"of a balanced set as large as the long-tailed one")
+    rng = rng_for(seed, _SAME_SIZE, split)
+    chosen = [take_preferring(rng, pool[p], m, long_tail) for p in per]
+    return np.sort(np.concatenate(chosen)).astype(np.int64), None
 
 
 def shots_per_class(shots, class_sizes) -> int:
     """Resolve ``shots``: an int k (k images per class) or a fraction in (0, 1] of each class.
 
-    A fraction is taken of the smallest class size and floored, with a minimum of one image
-    (1% of CIFAR-10's 4500 per class = 45 shots; of CIFAR-100's 450 = 4).
+    A fraction is taken of the smallest class size (of the balanced probe pool) and floored, with
+    a minimum of one image (1% of CIFAR-10's 4500 per class = 45 shots, as SDCLR's S_b; of
+    CIFAR-100's 400 = 4; of Fashion-MNIST's 6000 = 60).
     """
     smallest = min(class_sizes)
     if isinstance(shots, bool) or not isinstance(shots, numbers.Real):
@@ -157,11 +208,26 @@ def shots_per_class(shots, class_sizes) -> int:
     return k
 
 
-def fewshot_subset(labels: np.ndarray, pool: np.ndarray, num_classes: int, shots, seed: int, split: int):
-    """k random images per class from ``pool``; the same (seed, split, k) gives the same set."""
+def fewshot_subset(labels: np.ndarray, pool: np.ndarray, num_classes: int, shots, seed: int, split: int,
+                   size_pool=None, what: str = "the pool"):
+    """k random images per class from ``pool``; the same (seed, split, k) gives the same set.
+
+    ``shots`` is resolved by :func:`shots_per_class` against the class sizes of ``size_pool``
+    (default ``pool``): the protocol takes 1% of the balanced probe pool's class size and draws
+    it from the pretraining images D_i & D_b (``pool``). A class of ``pool`` with fewer than k
+    images raises ValueError naming ``shots`` and ``what``.
+    """
     pool = np.asarray(pool, dtype=np.int64)
     per_class = indices_by_class(labels[pool], num_classes)
-    k = shots_per_class(shots, [len(p) for p in per_class])
+    base = per_class if size_pool is None else indices_by_class(labels[np.asarray(size_pool, dtype=np.int64)],
+                                                                 num_classes)
+    k = shots_per_class(shots, [len(p) for p in base])
+    sizes = [len(p) for p in per_class]
+    short = [c for c, n in enumerate(sizes) if n < k]
+    if short:
+        c = min(short, key=lambda i: sizes[i])
+        raise ValueError(f"shots={shots!r} asks for {k} images per class, but class {c} has only {sizes[c]} "
+                         f"in {what}; use shots <= {min(sizes)}")
     rng = rng_for(seed, _FEWSHOT, split, k)
     chosen = [rng.permutation(pool[p])[:k] for p in per_class]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
