@@ -6,7 +6,14 @@ CUDA and a CUDA toolkit is found (set SDCLR_FAST_NO_CUDA=1 to skip it).
 import os
 import sys
 
-import torch
+try:
+    import torch
+except ImportError:
+    # pyproject.toml lists no torch among the build requirements on purpose: an isolated build
+    # would compile against a torch of its own, and the extension would not load with yours.
+    sys.exit("sdclr-fast compiles its C++ extension against the torch of the environment it is "
+             "installed into: install torch there first, then run `pip install "
+             "--no-build-isolation <sdclr-fast source>`")
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

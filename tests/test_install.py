@@ -116,3 +116,14 @@ def test_extension_built_for_another_torch_says_how_to_fix():
     assert "does not load with this torch" in out.stdout, out.stdout + out.stderr
     assert "undefined symbol" in out.stdout
     assert "pip install --no-build-isolation" in out.stdout
+
+
+def test_build_without_torch_says_to_skip_isolation(tmp_path):
+    """What a build-isolated `pip install .` runs: setup.py in an environment without torch."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    out = subprocess.run([str(venv / "bin" / "python"), str(ROOT / "setup.py"), "--version"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0
+    assert "pip install --no-build-isolation" in out.stderr, out.stderr
