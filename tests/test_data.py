@@ -66,16 +66,28 @@ def _labels(per_class, num_classes, seed=0):
 @pytest.mark.parametrize("num_classes, per_class, total", [(10, 5000, 11165), (100, 500, 9754)])
 def test_cifar_protocol_split_counts(num_classes, per_class, total):
     y = _labels(per_class, num_classes)
-    lt, probe, val, order = cifar_protocol_split(y, num_classes, ratio=100, seed=3, split=2)
+    lt, probe, val, order, bal = cifar_protocol_split(y, num_classes, ratio=100, seed=3, split=2)
     assert len(lt) == total
     n_max = per_class * 9 // 10
-    assert np.bincount(y[lt], minlength=num_classes).tolist() == long_tail_counts(n_max, num_classes, 100)
+    counts = np.bincount(y[lt], minlength=num_classes)
+    assert counts[order].tolist() == long_tail_counts(n_max, num_classes, 100)
+    assert sorted(order.tolist()) == list(range(num_classes)) and order.tolist() != list(range(num_classes))
     assert np.bincount(y[val], minlength=num_classes).tolist() == [per_class // 10] * num_classes
-    assert np.bincount(y[probe], minlength=num_classes).tolist() == [n_max] * num_classes
-    assert len(probe) == 45000 if num_classes == 10 else len(probe) == 45000
-    assert not set(val) & set(probe) and set(lt) <= set(probe)
+    # Probe pool: CIFAR-10 the whole 45k; CIFAR-100 400 per class (40k), as the official lists.
+    probe_per = n_max if num_classes == 10 else 400
+    assert np.bincount(y[probe], minlength=num_classes).tolist() == [probe_per] * num_classes
+    assert len(probe) == (45000 if num_classes == 10 else 40000)
+    assert not set(val) & set(probe) and not set(val) & set(lt) and not set(val) & set(bal)
     assert len(set(lt)) == len(lt)
-    assert order.tolist() == list(range(num_classes))
+    # D_b: floor(|D_i| / C) per class, same pool, nested with D_i class by class.
+    m = total // num_classes
+    assert np.bincount(y[bal], minlength=num_classes).tolist() == [m] * num_classes
+    both = np.intersect1d(lt, bal)
+    assert np.bincount(y[both], minlength=num_classes).tolist() == np.minimum(counts, m).tolist()
+    # The few-shot candidates D_i & D_b lie in the probe pool (also in CIFAR-100's 40k).
+    assert set(both.tolist()) <= set(probe.tolist())
+    if num_classes == 10:
+        assert set(lt) <= set(probe)
 
 
 def test_splits_reproducible_by_seed_and_split():
@@ -177,10 +189,11 @@ def test_cifar10_lt_from_pickles(tmp_path):
     data = build_dataset("cifar10-lt", tmp_path, ratio=10, seed=5, split=1)
     assert data.num_classes == 10 and data.in_channels == 3 and data.image_size == 32
     assert data.class_names == [f"c{i}" for i in range(10)]
-    assert data.class_counts.tolist() == long_tail_counts(36, 10, 10)
+    assert data.class_counts[data.class_order].tolist() == long_tail_counts(36, 10, 10)
     assert len(data.val) == 40 and len(data.probe_train) == 360 and len(data.test) == 30
     # Same draws as the labels-only protocol function.
-    lt, probe, val, _ = cifar_protocol_split(y, 10, ratio=10, seed=5, split=1)
+    lt, probe, val, _, bal = cifar_protocol_split(y, 10, ratio=10, seed=5, split=1)
+    np.testing.assert_array_equal(data.balanced_train.indices.numpy(), bal)
     np.testing.assert_array_equal(data.train.indices.numpy(), lt)
     np.testing.assert_array_equal(data.probe_train.indices.numpy(), probe)
     np.testing.assert_array_equal(data.val.indices.numpy(), val)
@@ -200,8 +213,10 @@ def test_cifar10_lt_from_pickles(tmp_path):
 def test_cifar100_lt_from_pickles_and_resize(tmp_path):
     _write_cifar(tmp_path, 100, 10, 1)
     data = build_dataset("cifar100-lt", tmp_path, ratio=9, image_size=16)
-    assert data.class_counts.tolist() == long_tail_counts(9, 100, 9)
+    assert data.class_counts[data.class_order].tolist() == long_tail_counts(9, 100, 9)
     assert data.class_names[:2] == ["f0", "f1"]
+    # The CIFAR-100 probe pool leaves val's share of the pool out (450 - 50 = 400 on the real data).
+    assert data.probe_train.class_counts(100).tolist() == [8] * 100 and len(data.val) == 100
     assert data.train.images.shape[1:] == (3, 16, 16) and data.test.images.shape[1:] == (3, 16, 16)
     assert data.image_size == 16
 
@@ -292,7 +307,10 @@ def _write_fmnist(folder: Path, per_class=12, test_per_class=2, gz=True):
 def test_fmnist_lt_synthetic_idx(tmp_path, monkeypatch):
     arrays = _write_fmnist(tmp_path / "fm")
     data = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=4)
-    assert data.class_counts.tolist() == long_tail_counts(12, 10, 4)
+    assert data.class_counts[data.class_order].tolist() == long_tail_counts(12, 10, 4)
+    plain = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=4, permute_classes=False)
+    assert plain.class_counts.tolist() == long_tail_counts(12, 10, 4)
+    assert plain.class_order.tolist() == list(range(10))
     assert data.train.images.shape[1:] == (1, 28, 28) and data.train.images.dtype == torch.uint8
     assert len(data.probe_train) == 120 and data.val is None and len(data.test) == 20
     i = data.train.indices.numpy()
@@ -350,7 +368,9 @@ def test_fmnist_corrupt_idx_named(tmp_path):
 def test_real_fashion_mnist_lt(monkeypatch):
     monkeypatch.delenv("SDCLR_FAST_FMNIST_DIR", raising=False)
     data = build_dataset("fashion-mnist-lt")
-    assert data.class_counts.tolist() == FMNIST_COUNTS and len(data.train) == 14886
+    assert data.class_counts[data.class_order].tolist() == FMNIST_COUNTS and len(data.train) == 14886
+    assert data.class_order.tolist() != list(range(10))
+    assert data.balanced_train.class_counts(10).tolist() == [1488] * 10
     assert data.probe_train.class_counts(10).tolist() == [6000] * 10
     assert len(data.test) == 10000 and data.test.class_counts(10).tolist() == [1000] * 10
     assert data.train.images.shape[1:] == (1, 28, 28)
@@ -358,6 +378,9 @@ def test_real_fashion_mnist_lt(monkeypatch):
     few = data.fewshot(0.01)
     assert few.class_counts(10).tolist() == [60] * 10
     assert set(few.indices.tolist()) <= set(data.probe_train.indices.tolist())
+    assert set(few.indices.tolist()) <= set(data.train.indices.tolist()) & set(data.balanced_train.indices.tolist())
+    plain = build_dataset("fashion-mnist-lt", permute_classes=False)
+    assert plain.class_counts.tolist() == FMNIST_COUNTS
 
 
 # ----------------------------------------------------------------------------- imagefolder
@@ -387,7 +410,7 @@ def test_imagefolder_tree_and_list(tmp_path):
     j = int((data.train.labels == 1).nonzero()[0])
     assert int(data.train.images[j, 0, 4, 4]) in range(40, 44)
     prof = build_dataset("imagefolder", tmp_path, image_size=8, ratio=3)
-    assert prof.class_counts.tolist() == long_tail_counts(3, 3, 3)
+    assert prof.class_counts[prof.class_order].tolist() == long_tail_counts(3, 3, 3)
     gray = build_dataset("imagefolder", tmp_path, image_size=8, grayscale=True)
     assert gray.in_channels == 1 and len(gray.mean) == 1
     lst = tmp_path / "lt.txt"
@@ -469,18 +492,34 @@ def test_imageset_subset_and_checks():
                  torch.zeros(2, dtype=torch.int64))
 
 
-def test_fewshot_from_probe_set(tmp_path):
-    _write_fmnist(tmp_path / "fm", per_class=12)
-    data = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=4, seed=1)
-    few = data.fewshot(3)
-    assert few.class_counts(10).tolist() == [3] * 10
+def test_fewshot_inside_pretraining_images(tmp_path):
+    _write_fmnist(tmp_path / "fm", per_class=40)
+    data = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=8, seed=1)
+    lt, bal = set(data.train.indices.tolist()), set(data.balanced_train.indices.tolist())
+    # The tail class of D_i has floor(40 / 8) = 5 images, all of them in D_b (nested sets).
+    assert int(data.class_counts.min()) == 5
+    few = data.fewshot(5)
+    assert few.class_counts(10).tolist() == [5] * 10
+    assert set(few.indices.tolist()) <= lt & bal
     assert set(few.indices.tolist()) <= set(data.probe_train.indices.tolist())
-    assert torch.equal(few.indices, data.fewshot(3).indices)
-    assert data.fewshot(0.5).class_counts(10).tolist() == [6] * 10
-    other = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=4, seed=2)
-    assert not torch.equal(other.fewshot(3).indices, few.indices)
+    assert torch.equal(few.images, data.probe_train.images[data.fewshot_positions(5)])
+    assert torch.equal(few.indices, data.fewshot(5).indices)           # deterministic
+    # A fraction is of probe_train's class size (40): 1/8 -> 5 per class, the same set.
+    assert torch.equal(data.fewshot(0.125).indices, few.indices)
+    assert not torch.equal(data.fewshot(4).indices, few.indices[:40])
+    other = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=8, seed=2)
+    assert not torch.equal(other.fewshot(3).indices, data.fewshot(3).indices)
+    split1 = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=8, seed=1, split=1)
+    assert not torch.equal(split1.fewshot(3).indices, data.fewshot(3).indices)
+    with pytest.raises(ValueError, match=r"shots=6 asks for 6 .* D_i & D_b.*shots <= 5"):
+        data.fewshot(6)
     with pytest.raises(ValueError, match="shots"):
-        data.fewshot(13)
+        data.fewshot(0.5)
+    # pool="probe": the old draw from all of probe_train (e.g. a larger balanced demo probe set).
+    wide = data.fewshot(20, pool="probe")
+    assert wide.class_counts(10).tolist() == [20] * 10
+    with pytest.raises(ValueError, match="pool"):
+        data.fewshot(2, pool="test")
     sub = data.subset([0, 1])
     assert torch.equal(sub.images, data.train.images[:2])
 

@@ -89,9 +89,13 @@ def load_cifar(root, num_classes: int):
     return (torch.from_numpy(tr_x), torch.from_numpy(tr_y), torch.from_numpy(te_x), torch.from_numpy(te_y), names)
 
 
-# CIFAR-100's balanced probe pool: 400 of the 450 images per class of the 45k pool (40k), as the
-# official cifar100_trainIdxList; CIFAR-10's is the whole 45k pool.
-PROBE_PER_CLASS = {10: None, 100: 400}
+def default_probe_per_class(num_classes: int, pool_per_class: int, val_per_class: int):
+    """CIFAR-100's balanced probe pool leaves as many images per class of the 45k pool out as val
+    holds (450 - 50 = 400 per class, the official 40k cifar100_trainIdxList); CIFAR-10's is the
+    whole 45k pool (None)."""
+    if num_classes == 100 and val_per_class > 0:
+        return max(1, pool_per_class - val_per_class)
+    return None
 
 
 def cifar_protocol_split(labels: np.ndarray, num_classes: int, *, ratio=100.0, seed=0, split=0,
@@ -106,10 +110,10 @@ def cifar_protocol_split(labels: np.ndarray, num_classes: int, *, ratio=100.0, s
     D_i & D_b. Returns (long_tail, probe_pool, val, class_order, balanced).
     """
     labels = np.asarray(labels)
-    if probe_per_class == "default":
-        probe_per_class = PROBE_PER_CLASS.get(num_classes)
     per = [len(p) for p in S.indices_by_class(labels, num_classes)]
     hold = int(min(per) * val_fraction)
+    if probe_per_class == "default":
+        probe_per_class = default_probe_per_class(num_classes, min(per) - hold, hold)
     keep, val = S.stratified_holdout(labels, num_classes, hold, seed)
     lt, order = S.long_tail_subset(labels, keep, num_classes, ratio, seed, split, permute_classes)
     bal, _ = S.same_size_balanced(labels, keep, lt, num_classes, seed, split)
@@ -251,6 +255,7 @@ def build_cifar_lt(root, num_classes: int, *, ratio=100.0, seed=0, split=0, imag
     ``probe_train`` on CIFAR-10 (the balanced 45k). On CIFAR-100 ``probe_train`` is 400 per
     class (40k; ``probe_per_class``, None for all 450) drawn per split so that it holds D_i & D_b.
     ``test`` is the 10k test set. ``pretrain_set="balanced"`` pretrains on D_b.
+    (With ``probe_per_class="default"``, CIFAR-100 leaves val's share out: 450 - 50 = 400.)
 
     ``official_split``: SDCLR's ``split/`` folder (or a dict of .npy files, see
     :func:`official_split_files`); ``split=k`` then loads split{k}_D_i / D_b / S_b (k = 1-5) and
@@ -262,16 +267,18 @@ def build_cifar_lt(root, num_classes: int, *, ratio=100.0, seed=0, split=0, imag
     if split_file is not None and official_split is not None:
         raise ValueError("pass split_file (a saved run) or official_split (SDCLR's index files), not both")
     S.check_ratio(ratio)
-    if probe_per_class == "default":
-        probe_per_class = PROBE_PER_CLASS[num_classes]
-    if probe_per_class is not None:
-        S.check_nonneg_int(probe_per_class, "probe_per_class")
+    if probe_per_class not in ("default", None) and (
+            isinstance(probe_per_class, bool) or not isinstance(probe_per_class, int) or probe_per_class < 1):
+        raise ValueError(f"probe_per_class must be an int >= 1, None (the whole pool) or 'default', "
+                         f"got {probe_per_class!r}")
     if official_split is not None and not isinstance(official_split, dict):
         official_split_files(official_split, num_classes, split)  # fail before reading the images
     tr_x, tr_y, te_x, te_y, names = load_cifar(root, num_classes)
     name = f"cifar{num_classes}-lt"
     per = [len(p) for p in S.indices_by_class(tr_y.numpy(), num_classes)]
     val_per_class = int(min(per) * val_fraction)
+    if probe_per_class == "default":
+        probe_per_class = default_probe_per_class(num_classes, min(per) - val_per_class, val_per_class)
     official = None
     if official_split is not None:
         official = load_official_split(official_split, tr_y.numpy(), num_classes, split)
