@@ -8,7 +8,7 @@ projection heads, and `build_model` (the model of a SimCLR / SDCLR run).
     feats = model.features(x, branch="dense")        # what the linear probe sees
 """
 from .dual_bn import BRANCHES, DualBatchNorm1d, DualBatchNorm2d
-from .heads import ProjectionHead, sdclr_head, simclr_head
+from .heads import ProjectionHead, moclr_predictor, sdclr_head, simclr_head
 from .masked_conv import MaskedConv2d
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .self_competitor import ARCHS, METHODS, SelfCompetitor, build_model, to_masked_convs
@@ -16,6 +16,6 @@ from .self_competitor import ARCHS, METHODS, SelfCompetitor, build_model, to_mas
 __all__ = [
     "ARCHS", "BRANCHES", "METHODS", "BasicBlock", "Bottleneck", "DualBatchNorm1d",
     "DualBatchNorm2d", "MaskedConv2d", "ProjectionHead", "ResNet", "SelfCompetitor",
-    "build_model", "resnet18", "resnet34", "resnet50", "sdclr_head", "simclr_head",
+    "build_model", "moclr_predictor", "resnet18", "resnet34", "resnet50", "sdclr_head", "simclr_head",
     "to_masked_convs",
 ]

@@ -13,7 +13,7 @@ from torch import nn
 
 from .dual_bn import DualBatchNorm1d
 
-__all__ = ["ProjectionHead", "simclr_head", "sdclr_head"]
+__all__ = ["ProjectionHead", "simclr_head", "sdclr_head", "moclr_predictor"]
 
 
 class ProjectionHead(nn.Module):
@@ -58,3 +58,9 @@ def simclr_head(in_dim, out_dim=128, hidden_dim=None):
 def sdclr_head(in_dim, out_dim=128, hidden_dim=None):
     """SDCLR's 3-layer head, dual BN: in_dim -> hidden -> hidden -> out_dim, ending in BN."""
     return ProjectionHead(in_dim, in_dim if hidden_dim is None else hidden_dim, out_dim, num_layers=3, dual_bn=True)
+
+
+def moclr_predictor(dim, hidden_dim):
+    """MoCLR's / BYOL's predictor on the projection, plain BN: dim -> hidden_dim -> dim
+    (Linear-BN-ReLU-Linear, no final BN, as BYOL's predictor)."""
+    return ProjectionHead(dim, hidden_dim, dim, num_layers=2, dual_bn=False, last_bn=False)

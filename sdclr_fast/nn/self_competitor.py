@@ -12,20 +12,23 @@ for the duration of a call (`forward(x, branch=...)`, `features(x, branch=...)`)
 ``with model.branch("pruned"):`` block. Outside those the model is in the dense branch.
 """
 import contextlib
+import math
 
 import torch
 from torch import nn
 
 from ..ops.prune import magnitude_masks
 from .dual_bn import _DualBatchNorm, check_branch
-from .heads import sdclr_head, simclr_head
+from .heads import moclr_predictor, sdclr_head, simclr_head
 from .masked_conv import MaskedConv2d
 from .resnet import resnet18, resnet34, resnet50
 
 __all__ = ["SelfCompetitor", "build_model", "to_masked_convs", "ARCHS", "METHODS"]
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
-METHODS = ("simclr", "sdclr")
+# The model each method trains: "moclr" is SimCLR's model (plain BN, SimCLR head) plus a
+# predictor on the projection; its EMA target network is a training-time copy (train/moclr.py).
+METHODS = ("simclr", "sdclr", "moclr")
 
 
 def to_masked_convs(module):
@@ -48,10 +51,11 @@ class SelfCompetitor(nn.Module):
     `MaskedConv2d` (see `to_masked_convs`); they are the pruning set (first conv and 1x1
     shortcuts included). head: module mapping (B, D) to the projection z; never pruned.
     BN layers of either that are `DualBatchNorm*d` follow the branch; plain BN is shared by both
-    branches (SimCLR models, which only use the dense branch).
+    branches (SimCLR models, which only use the dense branch). predictor: optional module on
+    the projection (MoCLR's), called by the training step as ``model.predictor(model(x))``.
     """
 
-    def __init__(self, backbone, head):
+    def __init__(self, backbone, head, predictor=None):
         super().__init__()
         if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module):
             raise ValueError(f"backbone and head must be nn.Modules, got {type(backbone).__name__} "
@@ -63,8 +67,11 @@ class SelfCompetitor(nn.Module):
                              f"sdclr_fast.nn.to_masked_convs); plain nn.Conv2d at {plain[:3]}")
         if not any(isinstance(m, MaskedConv2d) for m in backbone.modules()):
             raise ValueError("backbone: has no MaskedConv2d to prune")
+        if predictor is not None and not isinstance(predictor, nn.Module):
+            raise ValueError(f"predictor must be an nn.Module or None, got {type(predictor).__name__}")
         self.backbone = backbone
         self.head = head
+        self.predictor = predictor
         self._set_branch("dense")
 
     # ------------------------------------------------------------------ branches
@@ -147,18 +154,32 @@ class SelfCompetitor(nn.Module):
             conv.set_mask(given[name])
 
     @torch.no_grad()
-    def update_masks(self, sparsity=0.9, scope="global", block=None):
+    def update_masks(self, sparsity=0.9, scope="global", block=None, random_fraction=0.0, generator=None):
         """Recompute every backbone conv mask from the current dense weights with
         `magnitude_masks` (SDCLR: one global threshold at index ceil(sparsity * n) of the sorted
         |w|, ties kept). scope: 'global' or 'layer'; block: None or (out, in) channel blocks.
+
+        random_fraction: the official ``random_prune_percent``: that part of ``sparsity`` is
+        pruned at random instead of by magnitude. The magnitude rule runs at sparsity -
+        random_fraction, then every weight is dropped with probability ceil(random_fraction * n) /
+        (n - ceil((sparsity - random_fraction) * n)) (torch's RNG, or ``generator``), so about
+        ``sparsity`` of the weights end up pruned.
         Returns the fraction of conv weights kept (a float)."""
+        if not (0 <= random_fraction <= sparsity):
+            raise ValueError(f"random_fraction must lie in [0, sparsity={sparsity}], got {random_fraction!r}")
         convs = list(self.masked_convs().values())
-        new = magnitude_masks([c.weight for c in convs], sparsity, scope=scope, block=block)
+        magnitude = sparsity - random_fraction
+        new = magnitude_masks([c.weight for c in convs], magnitude, scope=scope, block=block)
+        total = sum(c.mask.numel() for c in convs)
+        if random_fraction > 0:
+            n_magnitude = math.ceil(magnitude * total)
+            p_drop = math.ceil(random_fraction * total) / max(total - n_magnitude, 1)
+            new = [m & (torch.rand(m.shape, generator=generator, device=m.device if generator is None
+                                   else generator.device) >= p_drop).to(m.device) for m in new]
         kept = 0
         for conv, mask in zip(convs, new):
             conv.mask.copy_(mask)
             kept += mask.sum()
-        total = sum(c.mask.numel() for c in convs)
         return float(kept) / total
 
     def density(self):
@@ -172,11 +193,12 @@ class SelfCompetitor(nn.Module):
 
 def build_model(arch="resnet18", method="sdclr", in_channels=3, width=64, cifar_stem=True,
                 proj_dim=128, hidden_dim=None):
-    """The model of a SimCLR or SDCLR run, always a `SelfCompetitor`.
+    """The model of a SimCLR, SDCLR or MoCLR run, always a `SelfCompetitor`.
 
     method 'sdclr': dual BN in backbone and head, 3-layer head feature_dim -> hidden -> hidden ->
     proj_dim; 'simclr': plain BN, 2-layer head feature_dim -> hidden -> proj_dim (only the dense
-    branch is meant to be used). arch: 'resnet18' (SDCLR's), 'resnet34' or 'resnet50';
+    branch is meant to be used); 'moclr': the 'simclr' model plus `predictor`, proj_dim -> hidden
+    -> proj_dim (BYOL's predictor shape). arch: 'resnet18' (SDCLR's), 'resnet34' or 'resnet50';
     hidden_dim defaults to the backbone's feature_dim (512 for ResNet-18 at width 64)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
@@ -185,6 +207,8 @@ def build_model(arch="resnet18", method="sdclr", in_channels=3, width=64, cifar_
     backbone = ARCHS[arch](in_channels=in_channels, width=width, cifar_stem=cifar_stem,
                            dual_bn=method == "sdclr")
     make_head = sdclr_head if method == "sdclr" else simclr_head
-    model = SelfCompetitor(backbone, make_head(backbone.feature_dim, proj_dim, hidden_dim))
+    hidden = backbone.feature_dim if hidden_dim is None else hidden_dim
+    predictor = moclr_predictor(proj_dim, hidden) if method == "moclr" else None
+    model = SelfCompetitor(backbone, make_head(backbone.feature_dim, proj_dim, hidden_dim), predictor)
     model.method, model.arch = method, arch
     return model

@@ -50,6 +50,7 @@ class PretrainConfig:
     temperature: float = 0.2
     sparsity: float = 0.9                # SDCLR only
     prune_scope: str = "global"          # SDCLR only: "global" (paper) or "layer"
+    moclr_momentum: float = 0.996        # MoCLR only: base EMA momentum of the target (BYOL's), cosine to 1
     seed: int = 0
     device: str | None = None            # None: cuda when available, else cpu
     amp: bool | None = None              # bf16 autocast; None: on for CUDA, off on CPU
@@ -108,6 +109,7 @@ class PretrainConfig:
         finite("warmup_epochs", lo=0)
         finite("temperature", lo=0, lo_open=True)
         finite("sparsity", lo=0, hi=1)
+        finite("moclr_momentum", lo=0, hi=1)
         if self.sparsity >= 1:
             raise ValueError(f"sparsity must be < 1 (some weights must stay), got {self.sparsity!r}")
         if not isinstance(self.cifar_stem, bool):
@@ -159,8 +161,8 @@ class DnCConfig:
     """The DnC options on top of the base :class:`PretrainConfig`.
 
     k:               number of clusters / experts (DnC uses 5 or 10).
-    base_method:     contrastive method of the base model and the experts: "simclr" or "sdclr"
-                     (an SDCLR base, unpublished).
+    base_method:     contrastive method of the base model and the experts: "moclr" (DnC's),
+                     "simclr" or "sdclr" (an SDCLR base, unpublished).
     base_epochs, expert_epochs, student_epochs: stage budgets; None takes the base config's
                      ``epochs``. Each expert runs that many epochs over its own cluster, so the
                      expert stage as a whole costs about ``expert_epochs`` epochs of the full set.
@@ -174,10 +176,12 @@ class DnCConfig:
     head_hidden:     hidden width of the prediction heads (None: the backbone feature size).
     base_weight, expert_weight: weights of the two regression terms.
     student_init:    "scratch" (a fresh network, seeded) or "base" (start from the base weights).
+    rounds:          divide-and-contrast rounds; from the second on, the previous round's student
+                     is the base that is clustered, initialises the experts and is distilled.
     """
 
     k: int = 5
-    base_method: str = "simclr"
+    base_method: str = "moclr"
     base_epochs: int | None = None
     expert_epochs: int | None = None
     student_epochs: int | None = None
@@ -191,6 +195,7 @@ class DnCConfig:
     base_weight: float = 1.0
     expert_weight: float = 1.0
     student_init: str = "scratch"
+    rounds: int = 1
 
     # Options that only change how a run executes; they may differ on resume.
     RUNTIME = frozenset({"kmeans_backend"})
@@ -212,6 +217,7 @@ class DnCConfig:
 
         pos_int("k")
         pos_int("kmeans_iters")
+        pos_int("rounds")
         for name in ("base_epochs", "expert_epochs", "student_epochs", "head_hidden"):
             pos_int(name, allow_none=True)
         choice("base_method", METHODS)

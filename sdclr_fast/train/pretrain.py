@@ -1,4 +1,4 @@
-"""The SimCLR / SDCLR pretraining loop.
+"""The SimCLR / SDCLR / MoCLR pretraining loop.
 
 SDCLR step: view 1 through the dense branch, view 2 through the pruned branch (the masks are
 recomputed from the current dense weights at the start of every epoch with the fast top-k
@@ -8,6 +8,11 @@ is the same, so two forwards and one backward suffice. Both branches run inside 
 (:class:`ContrastiveForward`), so DDP sees exactly one forward per backward.
 
 SimCLR step: both views through the dense network in one forward of the concatenated batch.
+
+MoCLR step (:mod:`sdclr_fast.train.moclr`): both views through the online network and its
+predictor in one forward, and through the EMA target network under ``no_grad``; loss =
+(InfoNCE(q(v1), z_t(v2)) + InfoNCE(q(v2), z_t(v1))) / 2; after each optimiser step the target
+moves towards the online weights. The target is checkpointed with the model.
 
 Everything a run needs to continue after a kill is checkpointed atomically at the end of every
 epoch (model with masks and dual-BN statistics, optimiser, scheduler, all RNG states including
@@ -29,22 +34,33 @@ from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, save_chec
 from .config import PretrainConfig
 from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown
 from .models import build_model_from_args, load_weights, model_args
+from .moclr import make_target, moclr_loss, momentum_at, update_target
 from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, Preempted, StopCheck, data_order,
                   open_checkpoint, params_finite, progress_bar, resolve_device, restore_training, run_data, run_lock,
                   seed_everything, sgd_with_schedule, stop_signals, stopped_message, write_run_files)
 
 
 class ContrastiveForward(nn.Module):
-    """Both views of one step in a single forward call, returning (z1, z2)."""
+    """Both views of one step in a single forward call, returning (z1, z2); for MoCLR (``target``
+    given) (online predictions p1, p2, target projections t1, t2)."""
 
-    def __init__(self, model: nn.Module, method: str):
+    def __init__(self, model: nn.Module, method: str, target: nn.Module | None = None):
         super().__init__()
+        if (method == "moclr") != (target is not None):
+            raise ValueError(f"target must be given for method 'moclr' and only for it (method={method!r})")
         self.model = model
         self.method = method
+        self.target = target
 
     def forward(self, v1, v2):
         if self.method == "sdclr":
             return self.model(v1, branch="dense"), self.model(v2, branch="pruned")
+        if self.method == "moclr":
+            b = v1.shape[0]
+            p = self.model.predictor(self.model(torch.cat([v1, v2]), branch="dense"))
+            with torch.no_grad():
+                t = self.target(torch.cat([v1, v2]), branch="dense")
+            return p[:b], p[b:], t[:b], t[b:]
         # SimCLR: one forward over the 2B batch, so BN normalises both views together.
         z = self.model(torch.cat([v1, v2]), branch="dense")
         return z[: v1.shape[0]], z[v1.shape[0]:]
@@ -52,7 +68,7 @@ class ContrastiveForward(nn.Module):
 
 def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=None, data=None,
              resume: bool = False, stop_at_epoch: int | None = None) -> Path:
-    """Pretrain with SimCLR or SDCLR and return the path of the final checkpoint.
+    """Pretrain with SimCLR, SDCLR or MoCLR and return the path of the final checkpoint.
 
     config:          a :class:`PretrainConfig`.
     run_dir:         where checkpoint.pt, config.json, split.json and metrics.jsonl go.
@@ -144,7 +160,12 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
             base = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         elif dist_info.is_main:
             print("note: SyncBatchNorm needs CUDA; BN statistics stay per process on this CPU run")
-    step_module: nn.Module = ContrastiveForward(base, config.method)
+    target = None
+    if config.method == "moclr":
+        target = make_target(base)  # after the SyncBN conversion, so the target uses it too
+        if resumed is not None:
+            target.load_state_dict(resumed["moclr_target"])
+    step_module: nn.Module = ContrastiveForward(base, config.method, target)
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -163,6 +184,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     stop = StopCheck(dist_info, config.log_every, device)
     per_rank = config.batch_size // world
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, stop_at_epoch)
+    total_steps = steps_per_epoch * config.epochs
 
     def save(epoch_done, at, epoch_start_state, loss_sum, row):
         """Checkpoint after ``epoch_done`` epochs and ``at`` steps of the next one (0: a boundary)."""
@@ -179,6 +201,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 "train_indices": index_list,
                 "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
                 "last_epoch_metrics": row,
+                "moclr_target": None if target is None else target.state_dict(),
             }, ckpt_path)
         barrier(dist_info)
 
@@ -205,18 +228,24 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 with torch.no_grad():
                     v1, v2 = augment(images)
                 with ex.autocast():
-                    z1, z2 = step_module(ex.images(v1), ex.images(v2))
+                    out = step_module(ex.images(v1), ex.images(v2))
                 try:
-                    loss = nt_xent(z1.float(), z2.float(), config.temperature, gather_distributed=dist_info.enabled)
+                    if target is not None:
+                        loss = moclr_loss(*out, config.temperature, gather_distributed=dist_info.enabled)
+                    else:
+                        loss = nt_xent(out[0].float(), out[1].float(), config.temperature,
+                                       gather_distributed=dist_info.enabled)
                 except ValueError:
-                    # nt_xent rejects non-finite embeddings; report it like a non-finite loss.
-                    if bool(torch.isfinite(z1).all() & torch.isfinite(z2).all()):
+                    # the losses reject non-finite embeddings; report it like a non-finite loss.
+                    if all(bool(torch.isfinite(o).all()) for o in out):
                         raise
                     guard.fail(float("nan"), epoch, step, global_step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if target is not None:
+                    update_target(target, base, momentum_at(global_step, total_steps, config.moclr_momentum))
                 guard.push(loss, epoch, step, global_step)
                 loss_sum += loss.detach()
                 global_step += 1
@@ -255,6 +284,8 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                    "epoch_s": epoch_s, "prune_s": prune_s}
             if kept is not None:
                 row["kept_fraction"] = kept
+            if target is not None:
+                row["target_momentum"] = momentum_at(global_step - 1, total_steps, config.moclr_momentum)
             log.write(row, global_step)
             save(epoch + 1, 0, None, 0.0, row)
             if epoch + 1 < config.epochs and stop(steps_per_epoch, force=True):
