@@ -31,7 +31,7 @@ def resolve_checkpoint(path) -> Path:
 
 def run_label(checkpoint_state: dict, path: Path) -> str:
     cfg = checkpoint_state["config"]
-    name = {"simclr": "SimCLR", "sdclr": "SDCLR"}.get(cfg.get("method"), str(cfg.get("method")))
+    name = {"simclr": "SimCLR", "sdclr": "SDCLR", "moclr": "MoCLR"}.get(cfg.get("method"), str(cfg.get("method")))
     stage = cfg.get("extra", {}).get("label")
     return stage or f"{name} ({path.parent.name})"
 

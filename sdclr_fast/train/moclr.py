@@ -58,7 +58,8 @@ def update_target(target: nn.Module, online: nn.Module, momentum: float) -> None
 
 def moclr_loss(p1, p2, t1, t2, temperature, *, gather_distributed=False):
     """(InfoNCE(p1, t2) + InfoNCE(p2, t1)) / 2: online predictions p of each view against the
-    target projections t of the other view, in float32."""
-    t1, t2 = t1.detach().float(), t2.detach().float()
-    return 0.5 * (_info_nce.info_nce(p1.float(), t2, temperature, gather_distributed=gather_distributed)
-                  + _info_nce.info_nce(p2.float(), t1, temperature, gather_distributed=gather_distributed))
+    target projections t of the other view, in float32 (float64 stays float64)."""
+    dt = torch.promote_types(p1.dtype, torch.float32)
+    p1, p2, t1, t2 = p1.to(dt), p2.to(dt), t1.detach().to(dt), t2.detach().to(dt)
+    return 0.5 * (_info_nce.info_nce(p1, t2, temperature, gather_distributed=gather_distributed)
+                  + _info_nce.info_nce(p2, t1, temperature, gather_distributed=gather_distributed))
