@@ -68,6 +68,8 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     check_nonneg_int(split, "split")
     image_size = check_image_size(image_size)
     check_pretrain_set(pretrain_set)
+    if split_file is not None and options.get("official_split") is not None:
+        raise ValueError("pass split_file (a saved run) or official_split (SDCLR's index files), not both")
     if split_file is not None:
         saved = load_split(split_file)  # fail before reading any image files
         if saved["dataset"] != name:

@@ -66,7 +66,8 @@ def assemble(name: str, *, num_classes: int, class_names, train_images: torch.Te
         pretrain_set = saved["pretrain_set"]
         bal, few = saved["balanced_train"], saved["fewshot_train"]
         # The few-shot draw and the report depend on these, so the saved ones win.
-        for key in ("ratio", "seed", "split", "permute_classes", "val_per_class", "probe_per_class"):
+        for key in ("ratio", "seed", "split", "permute_classes", "val_per_class", "probe_per_class",
+                    "official_split"):
             if key in saved["config"]:
                 config[key] = saved["config"][key]
         seed, split = int(config.get("seed", seed)), int(config.get("split", split))
