@@ -70,6 +70,8 @@ def test_class_permutation_per_split_and_stored(tmp_path):
     assert len(set(orders)) == 5 and tuple(range(10)) not in orders   # split 0 is permuted too
     again = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=10, seed=3, split=2)
     assert tuple(again.class_order.tolist()) == orders[2]
+    none = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=10, seed=3, split=2, permute_classes=None)
+    assert tuple(none.class_order.tolist()) == orders[2]                # None means the default
     plain = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=10, seed=3, split=2, permute_classes=False)
     assert plain.class_order.tolist() == list(range(10))
     assert plain.class_counts.tolist() == long_tail_counts(20, 10, 10)
@@ -239,6 +241,10 @@ def test_official_split_cifar10(tmp_path):
         assert torch.equal(getattr(again, part).indices, getattr(data, part).indices), part
     assert torch.equal(again.fewshot(tail).indices, data.fewshot(tail).indices)
     assert again.config["official_split"]["D_i"].endswith("split2_D_i.npy")
+    # A resumed run passes both: the split file (written from official files) wins.
+    resumed = build_dataset("cifar10-lt", tmp_path / "c", split=2, split_file=path,
+                            official_split=tmp_path / "split")
+    assert torch.equal(resumed.train.indices, data.train.indices)
     # Explicit files instead of the folder; D_b and S_b may be left out (D_b is then drawn).
     f = off["files"]
     explicit = build_dataset("cifar10-lt", tmp_path / "c", split=2,
@@ -267,7 +273,8 @@ def test_official_split_errors(tmp_path):
     f = off["files"]
     _expect(tmp_path, r"split4_D_i.npy.*split=4 picks", split=4)        # no such split file
     _expect(tmp_path, r"split picks the file.*must be an int >= 1.*got 0", split=0)
-    _expect(tmp_path, r"not both", split_file=tmp_path)
+    drawn = build_dataset("cifar10-lt", tmp_path / "c", ratio=5).save_split(tmp_path / "drawn")
+    _expect(tmp_path, r"split_file was not written from official split files", split_file=drawn)
     _expect(tmp_path, r"not a folder", official_split=tmp_path / "nowhere")
     _expect(tmp_path, r"unknown keys \['D_x'\]", official_split={"D_x": f["train"]})
     _expect(tmp_path, r"needs the key 'val'", official_split={"train": f["train"], "D_i": f[(1, "D_i")]})

@@ -39,8 +39,8 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     image_size: resize to this square size (default: native; imagefolder: 64).
     permute_classes: give the head / tail ranks to a permutation of the classes seeded by
                 (seed, split), a different one for every split, as SDCLR's splits do (default);
-                False gives class i rank i. The order is ``data.class_order`` and split.json's
-                "class_order".
+                False gives class i rank i (None: the default). The order is ``data.class_order``
+                and split.json's "class_order".
     split_file: a split.json (or its run folder) from ``save_split``; its indices, seed, split,
                 ratio and pretrain_set replace the draws, so the run is reproduced exactly.
     pretrain_set: which set becomes ``data.train``, the one the method pretrains on:
@@ -53,7 +53,9 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
                 probe pool; CIFAR-10: None, all 4500); ``official_split``: SDCLR's ``split/``
                 folder (or a dict of .npy files "train", "val", "D_i", "D_b", "S_b"), with
                 ``split=k`` (1-5) loading split{k}_D_i / _D_b / _S_b, trainIdxList, valIdxList
-                instead of drawing (see :func:`sdclr_fast.data.cifar.build_cifar_lt`).
+                instead of drawing (see :func:`sdclr_fast.data.cifar.build_cifar_lt`). With a
+                ``split_file`` written from official files too, the split file wins (a resumed
+                run); with one drawn otherwise, giving both is an error.
                 imagefolder: ``train_list``, ``test_list``, ``grayscale``, ``workers``.
 
     The few-shot probe set is ``data.fewshot(shots)``: a balanced subset of D_i & D_b.
@@ -68,14 +70,19 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     check_nonneg_int(split, "split")
     image_size = check_image_size(image_size)
     check_pretrain_set(pretrain_set)
-    if split_file is not None and options.get("official_split") is not None:
-        raise ValueError("pass split_file (a saved run) or official_split (SDCLR's index files), not both")
     if split_file is not None:
         saved = load_split(split_file)  # fail before reading any image files
         if saved["dataset"] != name:
             raise ValueError(f"split_file was written for data set {saved['dataset']!r}, not {name!r}")
+        if options.get("official_split") is not None:
+            # A resumed run of an official split: the saved indices (read from those files) win.
+            if not saved["config"].get("official_split"):
+                raise ValueError("official_split was given, but split_file was not written from official "
+                                 "split files; pass one of them, not both")
+            options = {k: v for k, v in options.items() if k != "official_split"}
     common = dict(ratio=ratio, seed=seed, split=split, image_size=image_size,
-                  permute_classes=bool(permute_classes), split_file=split_file, pretrain_set=pretrain_set)
+                  permute_classes=True if permute_classes is None else bool(permute_classes),
+                  split_file=split_file, pretrain_set=pretrain_set)
     cifar_opts = {"val_fraction", "probe_per_class", "official_split"}
     allowed = {"cifar10-lt": cifar_opts, "cifar100-lt": cifar_opts,
                "imagefolder": {"train_list", "test_list", "grayscale", "workers"}}.get(name, set())

@@ -104,7 +104,8 @@ def load_images(root: Path, rel_paths, size: int, grayscale: bool, workers=None)
 
 
 def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, permute_classes=True,
-                      pretrain_set=None, split_file=None, train_list=None, test_list=None, grayscale=False, workers=None):
+                      pretrain_set=None, split_file=None, train_list=None, test_list=None, grayscale=False,
+                      workers=None):
     """Long-tailed data from ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val/``).
 
     The long-tailed training split is, in order of precedence: the images named in
