@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .nn import METHODS
-from .train.config import KMEANS_BACKENDS, KMEANS_METRICS, STUDENT_INITS, DnCConfig, PretrainConfig
+from .train.config import KMEANS_BACKENDS, KMEANS_METRICS, RECIPES, STUDENT_INITS, DnCConfig, PretrainConfig
 from .train.models import EMBEDDINGS
 
 RUN_METHODS = METHODS + ("dnc",)
@@ -33,10 +33,15 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     (the papers' values, from PretrainConfig) are filled in by :func:`config_from_args`."""
     d = _DEFAULTS
     g = p.add_argument_group("run")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="start from an official SDCLR recipe: cifar-lt (the defaults) or imagenet100-lt (ResNet-50, "
+                        "224 px, crop scale 0.08-1, blur 0.5, batch 256, 500 epochs, sparsity 0.3, tau 0.2; give "
+                        "--dataset imagefolder --data-root with the ImageNet-100-LT list); flags given still win")
     g.add_argument("--method", choices=RUN_METHODS, default=None,
                    help=f"pretraining method (default {d.method}): simclr = both views through the dense "
-                        f"network; sdclr = view 2 through the pruned self-competitor; dnc = Divide and "
-                        f"Contrast (base model, k-means experts, distillation)")
+                        f"network; sdclr = view 2 through the pruned self-competitor; moclr = SimCLR's loss "
+                        f"between online predictions and an EMA target network's projections (DnC's base "
+                        f"method); dnc = Divide and Contrast (base model, k-means experts, distillation)")
     g.add_argument("--run-dir", required=True,
                    help="directory for checkpoint.pt, config.json, split.json, metrics.jsonl")
     g.add_argument("--resume", action="store_true",
@@ -61,6 +66,15 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                         f"SDCLR protocol; 'none' keeps the training pool as is)")
     g.add_argument("--split", type=int, default=None,
                    help=f"which random long-tailed draw to use (default {d.split}; the protocol reports 0-4)")
+    g.add_argument("--balanced-subset", dest="pretrain_set", action="store_const", const="balanced", default=None,
+                   help="pretrain on the class-balanced subset D_b of the long-tailed split's size (SDCLR's "
+                        "balanced baseline); evaluation groups still follow the long-tailed counts")
+    g.add_argument("--split-file", dest="official_split", default=None,
+                   help="CIFAR: the official SDCLR split/ folder; --split k (1-5) then loads its split{k}_D_i / "
+                        "_D_b / _S_b and trainIdxList / valIdxList instead of drawing the splits")
+    g.add_argument("--no-permute-classes", dest="permute_classes", action="store_false", default=None,
+                   help="give the head/tail ranks to the classes in index order (default: a seeded permutation "
+                        "per split, as the official splits do)")
     g.add_argument("--image-size", type=int, default=None,
                    help="resize images to this square size (default: native, 32 for CIFAR, 28 for "
                         "Fashion-MNIST)")
@@ -95,6 +109,17 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
                    help="SDCLR: one magnitude threshold over all convs (global, the paper's, default) or "
                         "one per conv (layer)")
+    g.add_argument("--moclr-momentum", type=float, default=None,
+                   help=f"MoCLR: base EMA momentum of the target network (default {d.moclr_momentum:g}, "
+                        f"BYOL's), raised to 1 over the run with BYOL's cosine schedule")
+    g.add_argument("--random-prune", type=float, default=None,
+                   help="SDCLR: the part of --sparsity pruned at random instead of by magnitude (the official "
+                        "random_prune_percent; default 0)")
+    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help=f"area range of the random resized crop (default {d.crop_scale[0]:g} {d.crop_scale[1]:g}, "
+                        f"SDCLR on CIFAR; its ImageNet recipe uses 0.08 1)")
+    g.add_argument("--blur-prob", type=float, default=None,
+                   help="probability of the Gaussian blur of a view (default 0; SDCLR's ImageNet recipe 0.5)")
     g.add_argument("--seed", type=int, default=None,
                    help=f"seed of the split draw, the initial weights, the data order and the augmentation "
                         f"(default {d.seed})")
@@ -123,7 +148,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                         "long epochs on preemptible machines; default: at epoch ends and on SIGTERM/SIGUSR1)")
 
 
-_RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func", "debug"}
+_RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func", "debug", "recipe"}
 
 
 def _explicit(args) -> dict:
@@ -135,7 +160,8 @@ def _explicit(args) -> dict:
 def config_from_args(args, **overrides) -> PretrainConfig:
     """PretrainConfig from parsed pretrain flags: the defaults (the papers' values), the flags
     given, then ``overrides`` (e.g. ``method="sdclr"`` for a DnC stage)."""
-    given = _explicit(args)
+    given = dict(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
+    given.update(_explicit(args))
     given.update(overrides)
     if given.get("method") == "dnc":
         given.pop("method")
@@ -176,6 +202,7 @@ _DNC_FLAGS = {  # DnCConfig field -> flag
     "distill_target": "--dnc-distill-target", "distill_lr": "--dnc-distill-lr",
     "head_hidden": "--dnc-head-hidden", "base_weight": "--dnc-base-weight",
     "expert_weight": "--dnc-expert-weight", "student_init": "--dnc-student-init",
+    "rounds": "--dnc-rounds",
 }
 
 
@@ -188,8 +215,12 @@ def add_dnc_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dnc-k", type=int, default=None,
                    help=f"number of k-means clusters, i.e. experts (default {d.k}; DnC uses 5 or 10)")
     g.add_argument("--dnc-base-method", choices=METHODS, default=None,
-                   help=f"contrastive method of the base model and the experts (default {d.base_method}; "
-                        f"sdclr gives an SDCLR base, a combination not published before)")
+                   help=f"contrastive method of the base model and the experts (default {d.base_method}, "
+                        f"DnC's MoCLR; sdclr gives an SDCLR base, a combination not published before)")
+    g.add_argument("--dnc-rounds", type=int, default=None,
+                   help=f"divide-and-contrast rounds (default {d.rounds}); each further round clusters the "
+                        f"previous student's features, trains experts from it and distils a new student "
+                        f"(round r >= 2 in run_dir/round_<r>/)")
     g.add_argument("--dnc-base-epochs", type=int, default=None,
                    help="epochs of the base model on the whole training split (default: --epochs)")
     g.add_argument("--dnc-expert-epochs", type=int, default=None,
@@ -292,6 +323,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- study
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study grid")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=["simclr", "sdclr"],
+                   help="methods to compare (default: simclr sdclr)")
+    g.add_argument("--splits", nargs="+", type=int, default=[0, 1, 2],
+                   help="long-tailed splits, each with its own class permutation (default: 0 1 2)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per split (default: 0)")
+    g.add_argument("--balanced-baseline", action="store_true",
+                   help="also pretrain every cell on the class-balanced subset D_b of the same size, and report "
+                        "each class's accuracy relative to it")
+    g.add_argument("--probe", choices=("full", "fewshot", "knn", "all"), default="all",
+                   help="probes of every cell (default all: linear full-shot, few-shot, kNN)")
+    g.add_argument("--shots", type=float, default=0.01,
+                   help="few-shot probe size: images per class (int >= 1) or a fraction (default 0.01)")
+    g.add_argument("--probe-epochs", type=int, default=None,
+                   help="linear-probe epochs (default: the protocol's 30 full / 100 few-shot)")
+    g.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
+    g.add_argument("--title", default="Study", help="report title")
+
+
+def cmd_study(args) -> int:
+    from .train.evaluate import _shots, probe_names
+    from .train.study import run_study
+
+    base = config_from_args(args)
+    out = run_study(base, args.run_dir, methods=args.methods, splits=args.splits, seeds=args.seeds,
+                    balanced=args.balanced_baseline, probes=probe_names(args.probe, _shots(args.shots)),
+                    probe_epochs=args.probe_epochs, knn_k=args.knn_k, device=base.device, title=args.title)
+    print(f"report: {out['report']}")
+    return 0
+
+
 # ---------------------------------------------------------------- bench
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*",
@@ -334,14 +398,14 @@ def cmd_bench(args) -> int:
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", choices=RUN_METHODS, default=["simclr", "sdclr"],
                    help="methods to pretrain and compare (default: simclr sdclr)")
-    p.add_argument("--budget-minutes", type=float, default=15.0,
-                   help="wall-clock budget of the whole demo; the number of epochs is chosen from a "
-                        "measured step time to fit it (default 15)")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="choose the epochs from a step time measured at start-up to fit this wall-clock "
+                        "budget (the numbers then depend on the machine's load); default: the fixed schedule")
     p.add_argument("--run-dir", default="runs/demo",
                    help="where the runs, report.md and plots go (default runs/demo); finished runs found "
                         "there are reused, unfinished ones resumed")
     p.add_argument("--epochs", type=int, default=None,
-                   help="pretraining epochs per method (default: chosen from the budget)")
+                   help="pretraining epochs per method (default: the demo's fixed schedule)")
     p.add_argument("--data-root", default=None,
                    help="Fashion-MNIST IDX folder (default $SDCLR_FAST_FMNIST_DIR or "
                         "/usr/share/datasets/fashion-mnist)")
@@ -378,13 +442,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table and writes report.md and per-class plots.")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("study", help="a grid of pretrain + eval runs (methods x splits x seeds) and one report",
+                       description="Pretrain and evaluate every cell of methods x splits x seeds (optionally with "
+                                   "balanced-subset baselines), resumably, and write one report: mean +- std over "
+                                   "cells per method and probe, per-class plots, accuracy relative to the "
+                                   "balanced run. The pretraining flags set every cell's configuration; --run-dir "
+                                   "is the study's folder.")
+    add_pretrain_arguments(p)
+    add_study_arguments(p)
+    p.set_defaults(func=cmd_study)
     p = sub.add_parser("bench", help="run the benchmark scripts in bench/",
                        description="Run bench/bench_*.py (all, or the named ones) and print their tables.")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("demo", help="pretrain and compare SimCLR and SDCLR on Fashion-MNIST-LT",
                        description="Pretrain SimCLR and SDCLR (optionally DnC) on Fashion-MNIST-LT with a "
-                                   "small ResNet within a time budget, evaluate them (linear probe and kNN) "
+                                   "small ResNet on a fixed schedule, evaluate them (linear probe and kNN) "
                                    "and write a comparison report and plot.")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)

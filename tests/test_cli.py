@@ -1,6 +1,7 @@
 """Command line: help of every command, `python -m sdclr_fast`, and pretrain -> kill -> resume -> eval
 end to end on a tiny generated image folder."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,21 @@ def test_eval_of_a_bad_checkpoint_names_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--run-dir", str(tmp_path), "--device", "cpu"])
     assert e.value.code == 2 and str(bad) in capsys.readouterr().err
+
+
+def test_recipe_and_protocol_flags():
+    args = build_parser().parse_args(["pretrain", "--run-dir", "x", "--recipe", "imagenet100-lt", "--epochs", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.arch, cfg.cifar_stem, cfg.image_size, cfg.crop_scale, cfg.blur_prob) == \
+        ("resnet50", False, 224, (0.08, 1.0), 0.5)
+    assert (cfg.batch_size, cfg.lr, cfg.sparsity, cfg.temperature, cfg.epochs) == (256, 0.5, 0.3, 0.2, 3)  # flag wins
+    args = build_parser().parse_args(["pretrain", "--run-dir", "x", "--crop-scale", "0.3", "0.9", "--blur-prob", "0.2",
+                                      "--random-prune", "0.1", "--no-permute-classes"])
+    cfg = config_from_args(args)
+    assert (cfg.crop_scale, cfg.blur_prob, cfg.random_prune, cfg.permute_classes) == ((0.3, 0.9), 0.2, 0.1, False)
+    assert PretrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # JSON round trip
+    assert config_from_args(build_parser().parse_args(["pretrain", "--run-dir", "x"])).permute_classes is True
+    for bad, match in ((dict(crop_scale=(0.5, 0.2)), "crop_scale"), (dict(random_prune=0.95), "random_prune"),
+                       (dict(blur_prob=1.5), "blur_prob"), (dict(permute_classes=1), "permute_classes")):
+        with pytest.raises(ValueError, match=match):
+            PretrainConfig(**bad)

@@ -745,3 +745,27 @@ def test_modules_replaced_after_construction_follow_the_branch():
     model(x, branch="pruned")
     model(x, branch="dense")
     assert seen == ["pruned", "dense"] and new_bn.branch == "dense"
+
+
+def test_random_prune_follows_the_official_rule():
+    """The official Mask.magnitudePruning(p - r, r): magnitude threshold at ceil((p - r) n), then
+    every weight dropped with probability ceil(r n) / (n - ceil((p - r) n))."""
+    import math
+
+    from sdclr_fast.ops.reference import magnitude_masks_reference
+
+    model = build_model(arch="resnet18", method="sdclr", in_channels=1, width=4, proj_dim=8)
+    weights = [m.weight for m in model.masked_convs().values()]
+    n = sum(w.numel() for w in weights)
+    p, r = 0.9, 0.3
+    kept = model.update_masks(p, random_fraction=r, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    q = math.ceil(r * n) / (n - math.ceil((p - r) * n))
+    want = [m & (torch.rand(m.shape, generator=g) >= q) for m in magnitude_masks_reference(weights, p - r)]
+    for got, ref in zip(model.masks().values(), want):
+        assert torch.equal(got, ref)
+    assert kept == pytest.approx(sum(int(m.sum()) for m in want) / n)
+    assert abs(kept - (1 - p)) < 0.02  # about `sparsity` pruned in all
+    assert model.update_masks(p, random_fraction=0.0) == pytest.approx(1 - p, abs=1e-3)
+    with pytest.raises(ValueError, match="random_fraction"):
+        model.update_masks(0.5, random_fraction=0.6)

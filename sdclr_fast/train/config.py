@@ -11,6 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from ..data.base import PRETRAIN_SETS
 from ..nn import METHODS
 from .models import EMBEDDINGS
 PRUNE_SCOPES = ("global", "layer")
@@ -50,6 +51,12 @@ class PretrainConfig:
     temperature: float = 0.2
     sparsity: float = 0.9                # SDCLR only
     prune_scope: str = "global"          # SDCLR only: "global" (paper) or "layer"
+    random_prune: float = 0.0            # SDCLR only: part of `sparsity` pruned at random (official random_prune_percent)
+    crop_scale: tuple = (0.1, 1.0)       # random resized crop's area range (SDCLR CIFAR; ImageNet 0.08-1)
+    blur_prob: float = 0.0               # Gaussian blur probability (SDCLR's ImageNet recipe: 0.5)
+    permute_classes: bool = True         # each split gives the head/tail ranks to a seeded class permutation
+    pretrain_set: str = "long_tail"      # "long_tail" (D_i) or "balanced" (D_b of the same size: the baseline)
+    official_split: str | None = None    # CIFAR: the official SDCLR split/ folder (D_i, D_b, S_b .npy), --split 1-5
     moclr_momentum: float = 0.996        # MoCLR only: base EMA momentum of the target (BYOL's), cosine to 1
     seed: int = 0
     device: str | None = None            # None: cuda when available, else cpu
@@ -65,6 +72,8 @@ class PretrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run (e.g. DnC stage)
 
     def __post_init__(self):
+        if isinstance(self.crop_scale, list):  # from JSON
+            self.crop_scale = tuple(self.crop_scale)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -112,6 +121,18 @@ class PretrainConfig:
         finite("moclr_momentum", lo=0, hi=1)
         if self.sparsity >= 1:
             raise ValueError(f"sparsity must be < 1 (some weights must stay), got {self.sparsity!r}")
+        finite("random_prune", lo=0, hi=self.sparsity)
+        finite("blur_prob", lo=0, hi=1)
+        cs = self.crop_scale
+        if (not isinstance(cs, tuple) or len(cs) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                                            for v in cs) or not 0 < cs[0] <= cs[1] <= 1):
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {cs!r}")
+        if self.pretrain_set not in PRETRAIN_SETS:
+            raise ValueError(f"pretrain_set must be one of {PRETRAIN_SETS}, got {self.pretrain_set!r}")
+        if self.official_split is not None and not isinstance(self.official_split, str):
+            raise ValueError(f"official_split must be a path (str) or None, got {self.official_split!r}")
+        if not isinstance(self.permute_classes, bool):
+            raise ValueError(f"permute_classes must be a bool, got {self.permute_classes!r}")
         if not isinstance(self.cifar_stem, bool):
             raise ValueError(f"cifar_stem must be a bool, got {self.cifar_stem!r}")
         for name in ("amp", "channels_last"):
@@ -145,6 +166,16 @@ class PretrainConfig:
     def warmup_epochs_effective(self) -> float:
         """Warm-up clipped to the run: at most the whole run."""
         return min(float(self.warmup_epochs), float(self.epochs))
+
+
+# Presets of the official SDCLR recipes: the fields a recipe sets before the flags given (which win).
+RECIPES = {
+    "cifar-lt": {},  # PretrainConfig's defaults are SDCLR's CIFAR-LT recipe
+    # cmds/shell_scrips/imagenet-100-res50-LT.sh of the official code (split imageNet_100_LT_train)
+    "imagenet100-lt": dict(dataset="imagefolder", ratio=None, arch="resnet50", cifar_stem=False, image_size=224,
+                           crop_scale=(0.08, 1.0), blur_prob=0.5, batch_size=256, epochs=500, lr=0.5,
+                           sparsity=0.3, temperature=0.2),
+}
 
 
 def _diff(a: dict, b: dict, ignore=frozenset()) -> dict:

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
 from .models import DenseEncoder, build_model_from_args, load_model, load_weights
+from .distributed import DistInfo
 from .run import (Execution, LossGuard, MetricsLog, Preempted, StopCheck, data_order, open_checkpoint, progress_bar,
                   restore_training, run_lock, seed_everything, sgd_with_schedule, stop_signals, stopped_message,
-                  write_run_files)
-from .distributed import DistInfo
+                  two_view_augment, write_run_files)
 
 __all__ = ["cosine_regression_loss", "dnc_distillation_loss", "PredictionHead", "DnCStudent",
            "teacher_targets", "distill_student", "load_student"]
@@ -233,9 +233,7 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
     # the shell's projection head is not trained by distillation: leave it out of the optimiser
     optimizer, scheduler = sgd_with_schedule(list(shell.backbone.parameters()) + list(student.heads.parameters()),
                                              config, steps_per_epoch)
-    from ..data import TwoViewAugment
-
-    augment = TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std).to(device)
+    augment = two_view_augment(config, data, device)
     cluster_of = assignments.to(device)
     seed_everything(config.seed + 7919)
     start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0

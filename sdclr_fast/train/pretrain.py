@@ -37,7 +37,8 @@ from .models import build_model_from_args, load_weights, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
 from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, Preempted, StopCheck, data_order,
                   open_checkpoint, params_finite, progress_bar, resolve_device, restore_training, run_data, run_lock,
-                  seed_everything, sgd_with_schedule, stop_signals, stopped_message, write_run_files)
+                  seed_everything, sgd_with_schedule, stop_signals, stopped_message, two_view_augment,
+                  write_run_files)
 
 
 class ContrastiveForward(nn.Module):
@@ -139,9 +140,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     steps_per_epoch = len(batches)
     optimizer, scheduler = sgd_with_schedule(model.parameters(), config, steps_per_epoch)
 
-    from ..data import TwoViewAugment
-
-    augment = TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std).to(device)
+    augment = two_view_augment(config, data, device)
     seed_everything(config.seed + 7919 * (rank + 1))
     start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0
     if resumed is not None:
@@ -213,7 +212,8 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
             if config.method == "sdclr" and first == 0:  # mid-epoch, the checkpoint's masks hold
                 ex.sync()
                 t0 = time.perf_counter()
-                kept = float(base.update_masks(sparsity=config.sparsity, scope=config.prune_scope))
+                kept = float(base.update_masks(sparsity=config.sparsity, scope=config.prune_scope,
+                                               random_fraction=config.random_prune))
                 ex.sync()
                 prune_s = time.perf_counter() - t0
             step_module.train()

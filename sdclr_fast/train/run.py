@@ -190,8 +190,18 @@ def run_data(config, run_dir, data=None):
 
     run_dir = Path(run_dir)
     split_file = run_dir if (run_dir / SPLIT_NAME).exists() else None
+    options = {} if config.official_split is None else {"official_split": config.official_split}
     return build_dataset(config.dataset, config.data_root, ratio=config.ratio, seed=config.seed,
-                         split=config.split, image_size=config.image_size, split_file=split_file)
+                         split=config.split, image_size=config.image_size, split_file=split_file,
+                         permute_classes=config.permute_classes, pretrain_set=config.pretrain_set, **options)
+
+
+def two_view_augment(config, data, device):
+    """The run's two-view augmentation (SDCLR's, with the config's crop scale and blur) on ``device``."""
+    from ..data import TwoViewAugment
+
+    return TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std,
+                          scale=config.crop_scale, blur_p=config.blur_prob).to(device)
 
 
 def write_run_files(run_dir, data, config=None) -> None:
