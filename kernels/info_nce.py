@@ -4,7 +4,7 @@ Notation (see sdclr_fast/ops/info_nce.py for the op around them): x (Cq, D) are 
 query rows, y (Ck, D) the raw key rows (the local M rows first in both; more rows come from
 other ranks under a distributed gather), n (Q, D) the raw negatives; r_* = 1 / max(|row|, eps)
 their inverse norms (ones without normalisation), S_ij = r_i r_j x_i . y_j / tau. Keys kx, ky
-(int32 per row): query i and key j are positives iff kx_i == ky_j (the row index when there
+(int32 or int64 per row): query i and key j are positives iff kx_i == ky_j (the row index when there
 are no labels). Bank columns are never positives.
 
 forward, one program per BLOCK_M anchor rows (the first M rows of the row matrix), online
@@ -32,27 +32,15 @@ interpreter's 16-bit arithmetic is unreliable, so tiles are upcast there. D up t
 is held in one register tile; larger D is processed in chunks (forward: the dot accumulates
 over chunks; backward: one program per output chunk, each recomputing the scores).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ._host import cdiv, interpreting
+from ._host import MAX_BLOCK_D, cdiv, config, load_tile as _load_tile  # noqa: F401
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
-MAX_BLOCK_D = 256
-
-
-@triton.jit
-def _load_tile(u_ptr, offs_r, r_ok, offs_d, D, s_um, s_ud, UPCAST: tl.constexpr):
-    """(rows, BLOCK_D) tile of u, zero outside the rows and past D, fp32 when UPCAST."""
-    t = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
-                mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
 
 
 @triton.jit
@@ -270,36 +258,9 @@ def _info_nce_bwd_kernel(
 
 
 # ------------------------------------------------------------------ launch helpers
-def _dot_precision(dtype):
-    """fp32 follows torch.matmul's setting (IEEE unless allow_tf32); the interpreter is exact;
-    16-bit inputs ignore it."""
-    if dtype == torch.float32 and (interpreting() or not torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
 def _config(dtype, D, block_d=None):
-    """Tile sizes and launch options. block_d overrides the D chunk (a power of two >= 16;
-    tests use it to exercise the chunked path at small D)."""
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return _config_cached(dtype, D, block_d, interpreting(), tf32)
-
-
-@functools.lru_cache(maxsize=256)
-def _config_cached(dtype, D, block_d, interp, tf32):
-    if block_d is None:
-        block_d = min(max(16, 1 << max(D - 1, 0).bit_length()), MAX_BLOCK_D)
-    d_chunks = cdiv(D, block_d)
-    if interp:
-        # small tiles, so that the tests' small shapes span several row and column tiles
-        block_m, block_n, launch = 16, 16, {}
-    else:
-        small = dtype != torch.float32 and block_d <= 128
-        block_m, block_n = (128, 64) if small else (64, 64)
-        launch = {"num_warps": 8 if small or block_d > 64 else 4, "num_stages": 2}
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
-                UPCAST=interp, PRECISION=_dot_precision(dtype))
-    return meta, launch
+    # small interpreter tiles, so that the tests' small shapes span several row and column tiles
+    return config(dtype, D, block_d, interp_block=16)
 
 
 def _strides(t):
@@ -310,7 +271,7 @@ def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block
     """Per-row losses (M,) fp32, base-2 log-sum-exp (x's rows,) fp32 (+inf beyond M) and
     positive counts (M,) int32 of the first M rows of x against the columns [y; n].
 
-    rx, ry, rn: fp32 inverse norms (ignored unless normalize); kx, ky: int32 keys; n may be
+    rx, ry, rn: fp32 inverse norms (ignored unless normalize); kx, ky: int32 or int64 keys; n may be
     None; inv_tau: (1,) fp32 tensor on x's device."""
     D = x.shape[1]
     meta, launch = _config(x.dtype, D, block_d)
@@ -321,7 +282,7 @@ def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block
     cnt = torch.empty(M, device=dev, dtype=torch.int32)
     has_n = n is not None
     grid = (cdiv(M, meta["BLOCK_M"]),)
-    _info_nce_fwd_kernel[grid](
+    wrap_triton(_info_nce_fwd_kernel)[grid](
         x, rx, kx, y, ry, ky, n if has_n else x, rn if has_n else rx, inv_tau, loss, lse2, cnt,
         M, y.shape[0], n.shape[0] if has_n else 0, D, *_strides(x), *_strides(y),
         *_strides(n), NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, **meta, **launch)
@@ -339,7 +300,7 @@ def _rows_grad(x, rx, kx, stats_x, y, ry, ky, stats_y, n, rn, inv_tau, RL, CL, n
     sy = stats_y if stats_y is not None else (ry, ry, ry)
     has_n = n is not None
     grid = (cdiv(R, meta["BLOCK_M"]), meta["D_CHUNKS"])
-    _info_nce_bwd_kernel[grid](
+    wrap_triton(_info_nce_bwd_kernel)[grid](
         x, rx, kx, *sx, y, ry, ky, *sy, n if has_n else x, rn if has_n else rx, inv_tau, out,
         R, RL, y.shape[0], CL, n.shape[0] if has_n else 0, D, *_strides(x), *_strides(y),
         *_strides(n), out.stride(0), out.stride(1), NORMALIZE=normalize,

@@ -4,7 +4,7 @@ Notation (see sdclr_fast/ops/nt_xent.py for the op around them): u is the (M, D)
 rows, r_i = 1 / max(|u_i|, eps) their inverse norms (all ones without normalisation),
 zhat_i = r_i u_i, S_ij = zhat_i . zhat_j / tau. The first R rows are the "query" rows whose
 losses are wanted (R = M on one process; under a distributed gather the local rows are moved
-to the front). key_i is an int32 per row: row j is a positive of row i iff key_j == key_i and
+to the front). key_i is an integer per row (int32 or int64): row j is a positive of row i iff key_j == key_i and
 j != i (the two-view case uses the pair index i mod N as key, so each row has one positive).
 
 forward, one program per BLOCK_M query rows, online log-sum-exp over BLOCK_N column tiles:
@@ -33,27 +33,15 @@ D up to MAX_BLOCK_D is held in one register tile; larger D is processed in chunk
 the dot is accumulated over chunks; backward: one program per output chunk, each recomputing
 the scores).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from ._host import cdiv, interpreting
+from ._host import MAX_BLOCK_D, cdiv, config, load_tile as _load_tile  # noqa: F401
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
-MAX_BLOCK_D = 256
-
-
-@triton.jit
-def _load_tile(u_ptr, offs_r, r_ok, offs_d, D, s_um, s_ud, UPCAST: tl.constexpr):
-    """(rows, BLOCK_D) tile of u, zero outside the rows and past D, fp32 when UPCAST."""
-    t = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
-                mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
 
 
 @triton.jit
@@ -230,36 +218,8 @@ def _nt_xent_bwd_kernel(
 
 
 # ------------------------------------------------------------------ launch helpers
-def _dot_precision(dtype):
-    """fp32 follows torch.matmul's setting (IEEE unless allow_tf32); the interpreter is exact;
-    16-bit inputs ignore it."""
-    if dtype == torch.float32 and (interpreting() or not torch.backends.cuda.matmul.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
 def _config(dtype, D, block_d=None):
-    """Tile sizes and launch options. block_d overrides the D chunk (a power of two >= 16;
-    tests use it to exercise the chunked path at small D). Cached: it runs twice per step."""
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return _config_cached(dtype, D, block_d, interpreting(), tf32)
-
-
-@functools.lru_cache(maxsize=256)
-def _config_cached(dtype, D, block_d, interp, tf32):
-    if block_d is None:
-        block_d = min(max(16, 1 << max(D - 1, 0).bit_length()), MAX_BLOCK_D)
-    d_chunks = cdiv(D, block_d)
-    if interp:
-        block_m, block_n, launch = 32, 32, {}
-    else:
-        # 16-bit tiles at D <= 128 fit 128 x 64 with 8 warps; fp32 / wide tiles use 64 x 64.
-        small = dtype != torch.float32 and block_d <= 128
-        block_m, block_n = (128, 64) if small else (64, 64)
-        launch = {"num_warps": 8 if small or block_d > 64 else 4, "num_stages": 2}
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
-                UPCAST=interp, PRECISION=_dot_precision(dtype))
-    return meta, launch
+    return config(dtype, D, block_d, interp_block=32)
 
 
 def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False):
@@ -268,7 +228,7 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False):
     ("in" form) the base-2 log-sum-exp over each row's positives (M,) (+inf where none and
     beyond R; None without pos_lse).
 
-    r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32; inv_tau: (1,)
+    r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32 or int64; inv_tau: (1,)
     fp32 tensor on u's device."""
     M, D = u.shape
     meta, launch = _config(u.dtype, D, block_d)
@@ -282,7 +242,7 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False):
                  torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
     cnt = torch.empty(R, device=u.device, dtype=torch.int32)
     grid = (cdiv(R, meta["BLOCK_M"]),)
-    _nt_xent_fwd_kernel[grid](
+    wrap_triton(_nt_xent_fwd_kernel)[grid](
         u, r, keys, inv_tau, loss, lse2, lse2 if lsep2 is None else lsep2, cnt, R, M, D,
         u.stride(0), u.stride(1), NORMALIZE=normalize, POS_LSE=pos_lse, **meta, **launch)
     return loss, lse2, cnt, lsep2
@@ -298,7 +258,7 @@ def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None, lsep2
     meta, launch = _config(u.dtype, D, block_d)
     dz = torch.empty((M, D), device=u.device, dtype=torch.float32)
     grid = (cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
-    _nt_xent_bwd_kernel[grid](
+    wrap_triton(_nt_xent_bwd_kernel)[grid](
         u, r, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, dz, R, M, D,
         u.stride(0), u.stride(1), dz.stride(0), dz.stride(1), NORMALIZE=normalize,
         POS_LSE=lsep2 is not None, **meta, **launch)

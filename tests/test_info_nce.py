@@ -16,6 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
 import sdclr_fast  # noqa: E402
+from sdclr_fast.ops import _common as common  # noqa: E402
 from sdclr_fast.ops import info_nce as op  # noqa: E402
 from sdclr_fast.ops.info_nce import InfoNCELoss, MemoryBank, info_nce, momentum_update_  # noqa: E402
 from sdclr_fast.ops.reference import info_nce_reference  # noqa: E402
@@ -212,7 +213,7 @@ def test_torch_path_float32(m, d, q, seed, tau, symmetric, in_batch, classes, re
 
 def test_torch_path_blocks(monkeypatch):
     """Several row blocks, the last one partial, in every loop of both passes."""
-    monkeypatch.setattr(op, "_CPU_BLOCK_ELEMS", 16 * 150)
+    monkeypatch.setattr(common, "CPU_BLOCK_ELEMS", 16 * 150)
     x, y, n = _inputs(70, 19, 45, 5, torch.float64)
     w = _weights("rand", 70, 5, torch.float64)
     for kw in (dict(), dict(symmetric=True, labels=_labels(6, 70, 5)),

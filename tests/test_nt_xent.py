@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import sdclr_fast  # noqa: E402
+from sdclr_fast.ops import _common as common  # noqa: E402
 from sdclr_fast.ops import nt_xent as op  # noqa: E402
 from sdclr_fast.ops.nt_xent import NTXentLoss, nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (  # noqa: E402
@@ -204,7 +205,7 @@ def test_torch_path_low_precision(dtype, n, d, seed, tau, labels):
 
 def test_torch_path_blocks(monkeypatch):
     """Several row blocks, the last one partial: the block loop must not change the result."""
-    monkeypatch.setattr(op, "_CPU_BLOCK_ELEMS", 16 * 150)
+    monkeypatch.setattr(common, "CPU_BLOCK_ELEMS", 16 * 150)
     z1, z2 = _inputs(70, 19, 5, torch.float64)
     for labels in (None, _labels("2n", 70, 5, 7)):
         got, ref, _ = _compare(dict(_backend="torch"), z1, z2, 0.3, "none",

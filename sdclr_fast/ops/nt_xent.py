@@ -66,8 +66,6 @@ tensors through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is 
 that they run in the interpreter.
 """
 import functools
-import math
-import os
 import numbers
 
 import torch
@@ -75,13 +73,14 @@ import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
+from ._common import chain as _chain, check_flag, check_temperature as _check_temperature
+from ._common import check_values, cpu_block as _cpu_block, define_op, dist_world as _dist_world
+from ._common import inv_norms as _inv_norms, inv_tau_tensor, use_triton
+
 __all__ = ["nt_xent", "NTXentLoss"]
 
-_EPS = 1e-12  # F.normalize's eps: rows are divided by max(|z_i|, eps)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REDUCTIONS = ("mean", "sum", "none")
 _MULTI_POSITIVE = ("out", "in")
-_CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch path (8 MiB in fp32)
 
 
 def _kernels():
@@ -93,21 +92,6 @@ def _kernels():
 
 
 # ------------------------------------------------------------------ argument checks
-def _check_temperature(temperature, device=None):
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
-            raise ValueError(f"temperature must be a number or a 1-element floating tensor, got "
-                             f"shape {tuple(temperature.shape)} dtype {temperature.dtype}")
-        if device is not None and temperature.device != device and \
-                temperature.device.type != "cpu":
-            raise ValueError(f"temperature is on {temperature.device} but z1 is on {device}")
-    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a positive number or a 1-element tensor, got "
-                         f"{temperature!r}")
-    elif not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
-
-
 def _check_options(normalize, reduction, multi_positive):
     if not isinstance(normalize, bool):
         raise ValueError(f"normalize must be a bool, got {normalize!r}")
@@ -176,25 +160,6 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_pos
     return rows
 
 
-def _check_values(z1, z2, u, temperature):
-    """NaN/inf in z1 or z2 (u = [z1; z2], or z1 alone), or a non-positive temperature tensor:
-    ValueError. One pass over the rows and one host sync; the bad input is named on failure."""
-    flags = [torch.isfinite(u.detach()).all()]
-    tau_on_dev = isinstance(temperature, torch.Tensor) and temperature.device == z1.device
-    if tau_on_dev:
-        t = temperature.detach().reshape(())
-        flags.append(torch.isfinite(t) & (t > 0))
-    ok = torch.stack(flags).tolist() if tau_on_dev else [bool(flags[0])]
-    if not ok[0]:
-        name = "z1" if z2 is None or not bool(torch.isfinite(z1).all()) else "z2"
-        raise ValueError(f"{name} holds NaN or inf values")
-    if isinstance(temperature, torch.Tensor):
-        good = ok[1] if tau_on_dev else bool(
-            torch.isfinite(temperature).all() and (temperature > 0).all())
-        if not good:
-            raise ValueError(f"temperature must be finite and > 0, got {temperature.item()!r}")
-
-
 def _transformed(*ts):
     """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD sees any
     of these tensors: then the op runs its differentiable PyTorch formulation (no host reads,
@@ -209,36 +174,17 @@ def _transformed(*ts):
 
 
 # ------------------------------------------------------------------ shared math
-def _inv_norms(u, dtype):
-    """1 / max(|u_i|, eps) in `dtype` (fp32 for 16-bit inputs), and the mask norm >= eps where
-    the normalisation's gradient goes through the norm (F.normalize's clamp)."""
-    norm = torch.linalg.vector_norm(u, dim=1, dtype=dtype)
-    return 1.0 / norm.clamp_min(_EPS), norm >= _EPS
-
-
-def _chain(zh, dzh, r, through_norm, normalize):
-    """dL/du from dL/dzhat, zhat = r * u: r (dzhat - zhat (zhat . dzhat)) where the norm is
-    above eps (below it the norm is clamped and zhat = u / eps is linear in u)."""
-    if not normalize:
-        return dzh
-    proj = (zh * dzh).sum(1, keepdim=True).mul_(through_norm[:, None])
-    return torch.addcmul(dzh, zh, proj, value=-1).mul_(r[:, None])
-
-
-# Small read-only tensors that every step would otherwise build again (host time is what a
-# small loss on a GPU waits for): 1 / tau for a Python-float temperature, and the two-view keys.
-@functools.lru_cache(maxsize=16)
-def _const_inv_tau(tau_value, device):
-    return torch.full((1,), 1.0 / tau_value, device=device, dtype=torch.float32)
+def _pair_keys(m, half, device):
+    """The two-view keys of the kernels (row i and i + half share one); cached outside
+    torch.compile (a read-only tensor that every step would build again)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(m, device=device, dtype=torch.int32).remainder(half)
+    return _pair_keys_cached(m, half, device)
 
 
 @functools.lru_cache(maxsize=8)
-def _pair_keys(m, half, device):
+def _pair_keys_cached(m, half, device):
     return torch.arange(m, device=device, dtype=torch.int32).remainder_(half)
-
-
-def _cpu_block(m):
-    return max(16, min(1024, _CPU_BLOCK_ELEMS // max(m, 1)))
 
 
 # exp(S - shift) summed over a row below this means the fixed shift lost precision to underflow
@@ -380,7 +326,7 @@ def _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep=None):
     return dzh
 
 
-def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse):
+def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse, inv_tau=None):
     """The per-row losses of _NTXentRows in differentiable PyTorch ops over the whole (R, M)
     score matrix: the route of torch.func transforms and forward-mode AD, and the backward
     when create_graph=True (double backward). O(R M) memory; no host reads, no data-dependent
@@ -390,7 +336,10 @@ def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse):
     if normalize:
         z = F.normalize(z, dim=1, eps=_EPS)
     S = z[:R] @ z.t()
-    S = S / tau.to(device=z.device, dtype=cdt).reshape(()) if tau is not None else S / tau_value
+    if tau is not None:
+        S = S / tau.to(device=z.device, dtype=cdt).reshape(())
+    else:  # a Python temperature: its value, or 1 / value as a (1,) tensor (inv_tau)
+        S = S / tau_value if inv_tau is None else S * inv_tau.to(device=z.device, dtype=cdt)
     eye = torch.eye(R, z.shape[0], dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(S.masked_fill(eye, float("-inf")), dim=1)
     if keys is None:  # two views: row i's positive is row (i + R/2) mod R
@@ -409,98 +358,168 @@ def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse):
     return torch.where(has, lse - pos, torch.zeros_like(lse))
 
 
-# ------------------------------------------------------------------ autograd
-class _NTXentRows(torch.autograd.Function):
-    """Unweighted per-row losses of the first R rows of u (M, D) against all M rows; outputs
-    (loss (R,), lse, cnt, lsep) of which only the loss is differentiable.
+# ------------------------------------------------------------------ custom ops
+# The per-row losses are custom ops (sdclr_fast::nt_xent_fwd / _bwd for the PyTorch path,
+# nt_xent_fwd_triton / _bwd_triton for the kernels) with fake implementations and a registered
+# autograd formula, so torch.compile traces nt_xent without a graph break (Inductor sees the
+# Triton launches of the triton_op variants). Arguments:
+#   u (M, D): the rows; losses of the first R against all M.
+#   tau: the temperature tensor (only for its gradient) or None; inv_tau: 1 / tau as a (1,)
+#     tensor (fp32 for the kernels, the compute dtype otherwise).
+#   keys (M,) integers: row j is a positive of row i iff keys equal, j != i; None for the
+#     two-view pairing i <-> (i + R/2) mod R with no positives beyond R (PyTorch path only;
+#     the kernels get the pair index as keys).
+#   pos_lse: the "in" multi-positive form; one_positive: every row has exactly one positive
+#     (two views, one process), which saves the backward five small ops.
+# Outputs: loss (R,), lse (M,), cnt (R,), lsep (M,) (empty without pos_lse), and the inverse
+# row norms r with the mask through (norm >= eps) for the backward; only loss is
+# differentiable.
+def _fwd_torch(u: torch.Tensor, tau: torch.Tensor | None, inv_tau: torch.Tensor,
+               keys: torch.Tensor | None, R: int, normalize: bool, block_d: int | None,
+               pos_lse: bool, one_positive: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor]:
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    r, through = _inv_norms(u, cdt)
+    loss, lse, cnt, lsep = _torch_forward(_normalised(u, r, normalize), inv_tau, R, keys,
+                                          normalize, pos_lse)
+    return loss, lse, cnt, lse.new_empty(0) if lsep is None else lsep, r, through
 
-    keys: (M,) int keys (row j is a positive of row i iff keys equal, j != i; int32 ids < M on
-    the Triton path), or None for the two-view pairing of the first R rows
-    (i <-> (i + R/2) mod R) with no positives beyond R (PyTorch path only).
-    tau: the temperature tensor (possibly requiring grad) or None, then tau_value is used;
-    inv_tau: 1/tau as a (1,) fp32 tensor on u's device (Triton) or a float (PyTorch).
-    r, through: the inverse row norms and the mask of norms >= eps (_inv_norms).
-    pos_lse: the "in" multi-positive form. one_positive: two views in one process, every
-    row has exactly one positive (cnt = 1), which saves the backward five small ops.
 
-    The backward is the fused one; under create_graph=True (double backward) it is the
-    gradient of _rows_dense instead, built with differentiable ops."""
+def _fwd_triton(u: torch.Tensor, tau: torch.Tensor | None, inv_tau: torch.Tensor,
+                keys: torch.Tensor | None, R: int, normalize: bool, block_d: int | None,
+                pos_lse: bool, one_positive: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor, torch.Tensor,
+                                                              torch.Tensor, torch.Tensor]:
+    u = u.contiguous()
+    r, through = _inv_norms(u, torch.float32)
+    loss, lse, cnt, lsep = _kernels().forward(u, r, keys, inv_tau, R, normalize, block_d,
+                                              pos_lse)
+    return loss, lse, cnt, lse.new_empty(0) if lsep is None else lsep, r, through
 
-    @staticmethod
-    def forward(u, tau, tau_value, inv_tau, keys, r, through, R, normalize, use_triton,
-                block_d, pos_lse, one_positive):
-        if use_triton:
-            return _kernels().forward(u, r, keys, inv_tau, R, normalize, block_d, pos_lse)
-        zh = _normalised(u, r, normalize)
-        return _torch_forward(zh, inv_tau, R, keys, normalize, pos_lse)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, tau, tau_value, inv_tau, keys, r, through, R, normalize, use_triton, block_d, \
-            pos_lse, one_positive = inputs
-        _, lse, cnt, lsep = output
-        ctx.mark_non_differentiable(*[t for t in output[1:] if t is not None])
-        ctx.save_for_backward(u, tau, keys, r, through, lse, cnt, lsep,
-                              inv_tau if use_triton else None)
-        ctx.conf = (tau_value, None if use_triton else inv_tau, R, normalize, use_triton,
-                    block_d, pos_lse)
-        ctx.one_positive = one_positive
+def _fwd_fake(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive, triton):
+    M = u.shape[0]
+    dt = torch.float32 if triton or u.dtype != torch.float64 else torch.float64
+    ct = torch.int32 if triton else torch.int64
+    return (u.new_empty(R, dtype=dt), u.new_empty(M, dtype=dt), u.new_empty(R, dtype=ct),
+            u.new_empty(M if pos_lse else 0, dtype=dt), u.new_empty(M, dtype=dt),
+            u.new_empty(M, dtype=torch.bool))
 
-    @staticmethod
+
+def _bwd_prepare(grad_loss, lse, cnt, R, M, pos_lse, one_positive):
+    """g, gy (M,): upstream gradient of each row's loss and the same over its positive count
+    (0 beyond R and for rows without positives)."""
+    if one_positive:
+        g = grad_loss.to(lse.dtype).contiguous()
+        return g, g
+    g = torch.zeros(M, dtype=lse.dtype, device=lse.device)
+    g[:R] = torch.where(cnt > 0, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
+    if pos_lse:
+        return g, g
+    gy = g.clone()
+    gy[:R] /= cnt.clamp_min(1)
+    return g, gy
+
+
+def _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau):
+    grad_tau = u.new_empty(0)
+    if need_tau:
+        # sum_k zhat_k . dzhat_k = 2 sum_ij G_ij S_ij and dS/dtau = -S/tau (tau's device)
+        t = tau.detach().to(zh)
+        grad_tau = (-(zh * dzh).sum() / (2 * t)).to(tau).reshape(tau.shape)
+    grad_u = u.new_empty(0)
+    if need_u:
+        grad_u = _chain(zh, dzh, r.to(zh.dtype), through, normalize).to(u.dtype)
+    return grad_u, grad_tau
+
+
+def _bwd_torch(grad_loss: torch.Tensor, u: torch.Tensor, tau: torch.Tensor | None,
+               inv_tau: torch.Tensor, keys: torch.Tensor | None, lse: torch.Tensor,
+               cnt: torch.Tensor, lsep: torch.Tensor, r: torch.Tensor, through: torch.Tensor,
+               R: int, normalize: bool, block_d: int | None, pos_lse: bool, one_positive: bool,
+               need_u: bool, need_tau: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g, gy = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
+    zh = _normalised(u, r, normalize)
+    dzh = _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep if pos_lse else None)
+    return _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau)
+
+
+def _bwd_triton(grad_loss: torch.Tensor, u: torch.Tensor, tau: torch.Tensor | None,
+                inv_tau: torch.Tensor, keys: torch.Tensor | None, lse: torch.Tensor,
+                cnt: torch.Tensor, lsep: torch.Tensor, r: torch.Tensor, through: torch.Tensor,
+                R: int, normalize: bool, block_d: int | None, pos_lse: bool,
+                one_positive: bool, need_u: bool, need_tau: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    u = u.contiguous()
+    g, gy = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
+    dzh = _kernels().backward(u, r, keys, inv_tau, lse, g, gy, R, normalize, block_d,
+                              lsep if pos_lse else None)
+    zh = u.float() * r[:, None] if normalize else u.float()
+    return _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau)
+
+
+def _bwd_fake(grad_loss, u, tau, inv_tau, keys, lse, cnt, lsep, r, through, R, normalize,
+              block_d, pos_lse, one_positive, need_u, need_tau):
+    return (torch.empty_like(u) if need_u else u.new_empty(0),
+            torch.empty_like(tau) if need_tau else u.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive = inputs
+    _, lse, cnt, lsep, r, through = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(u, tau, inv_tau, keys, lse, cnt, lsep, r, through)
+    ctx.conf = (R, normalize, block_d, pos_lse, one_positive)
+
+
+def _make_backward(bwd_op):
     def backward(ctx, grad_loss, *_):
-        u, tau, keys, r, through, lse, cnt, lsep, inv_tau_t = ctx.saved_tensors
-        tau_value, inv_tau, R, normalize, use_triton, block_d, pos_lse = ctx.conf
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable
-            return _NTXentRows._differentiable_backward(ctx, grad_loss)
-        M = u.shape[0]
-        if ctx.one_positive:
-            g = gy = grad_loss.to(lse.dtype).contiguous()
-        else:
-            g = torch.zeros(M, dtype=lse.dtype, device=lse.device)
-            g[:R] = torch.where(cnt > 0, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
-            gy = g
-            if not pos_lse:
-                gy = g.clone()
-                gy[:R] /= cnt.clamp_min(1)
-        if use_triton:
-            dzh = _kernels().backward(u, r, keys, inv_tau_t, lse, g, gy, R, normalize, block_d,
-                                      lsep)
-            zh = u.float() * r[:, None] if normalize else u.float()
-        else:
-            zh = _normalised(u, r, normalize)
-            dzh = _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep)
-        grad_tau = None
-        if tau is not None and ctx.needs_input_grad[1]:
-            # sum_k zhat_k . dzhat_k = 2 sum_ij G_ij S_ij and dS/dtau = -S/tau.
-            t = tau.detach().to(zh) if use_triton else float(tau.detach())
-            grad_tau = (-(zh * dzh).sum() / (2 * t)).to(tau).reshape(tau.shape)  # tau's device
-        grad_u = None
-        if ctx.needs_input_grad[0]:
-            grad_u = _chain(zh, dzh, r.to(zh.dtype), through, normalize).to(u.dtype)
-        return grad_u, grad_tau, *([None] * 11)
-
-    @staticmethod
-    def _differentiable_backward(ctx, grad_loss):
-        u, tau, keys, *_ = ctx.saved_tensors
-        tau_value, _, R, normalize, use_triton, _, pos_lse = ctx.conf
-        if ctx.one_positive:
-            keys = None  # two views (on the Triton path these keys are the pair index)
-        want = [t for t, need in ((u, ctx.needs_input_grad[0]), (tau, ctx.needs_input_grad[1]))
-                if need]
-        rows = _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse)
-        grads = iter(torch.autograd.grad(rows, want, grad_loss.to(rows.dtype),
-                                         create_graph=True, allow_unused=True))
-        grad_u = next(grads).to(u.dtype) if ctx.needs_input_grad[0] else None
-        grad_tau = None
-        if ctx.needs_input_grad[1]:
-            grad_tau = next(grads)
-            grad_tau = torch.zeros_like(tau) if grad_tau is None else grad_tau.to(tau.dtype)
-        return grad_u, grad_tau, *([None] * 11)
+        """The fused backward; under create_graph=True (double backward) the gradient of
+        _rows_dense instead, built with differentiable ops."""
+        u, tau, inv_tau, keys, lse, cnt, lsep, r, through = ctx.saved_tensors
+        R, normalize, block_d, pos_lse, one_positive = ctx.conf
+        need_u, need_tau = ctx.needs_input_grad[0], tau is not None and ctx.needs_input_grad[1]
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _differentiable_backward(u, tau, inv_tau, keys, grad_loss, R, normalize,
+                                            pos_lse, one_positive, need_u, need_tau)
+        gu, gt = bwd_op(grad_loss, u, tau, inv_tau, keys, lse, cnt, lsep, r, through, R,
+                        normalize, block_d, pos_lse, one_positive, need_u, need_tau)
+        return (gu if need_u else None, gt if need_tau else None, *([None] * 7))
+    return backward
 
 
-# Function.apply binds the arguments with inspect.signature when setup_context is defined
-# (~100 us a call on a CPU); outside functorch transforms it then calls this C-level apply.
-_apply_rows = super(torch.autograd.Function, _NTXentRows).apply
+def _differentiable_backward(u, tau, inv_tau, keys, grad_loss, R, normalize, pos_lse,
+                             one_positive, need_u, need_tau):
+    if one_positive:
+        keys = None  # two views (on the Triton path these keys are the pair index)
+    want = [t for t, need in ((u, need_u), (tau, need_tau)) if need]
+    rows = _rows_dense(u, tau, None, keys, R, normalize, pos_lse, inv_tau)
+    grads = iter(torch.autograd.grad(rows, want, grad_loss.to(rows.dtype), create_graph=True,
+                                     allow_unused=True))
+    grad_u = next(grads).to(u.dtype) if need_u else None
+    grad_tau = None
+    if need_tau:
+        grad_tau = next(grads)
+        grad_tau = torch.zeros_like(tau) if grad_tau is None else grad_tau.to(tau.dtype)
+    return (grad_u, grad_tau, *([None] * 7))
+
+
+_ops = {}
+
+
+def _define_ops(triton):
+    """Define (once) the forward / backward ops of one path."""
+    if triton in _ops:
+        return _ops[triton]
+    sfx = "_triton" if triton else ""
+    fwd = define_op(f"nt_xent_fwd{sfx}", _fwd_triton if triton else _fwd_torch,
+                    functools.partial(_fwd_fake, triton=triton), triton=triton)
+    bwd = define_op(f"nt_xent_bwd{sfx}", _bwd_triton if triton else _bwd_torch, _bwd_fake,
+                    triton=triton)
+    fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
+    _ops[triton] = fwd
+    return fwd
 
 
 def _normalised(u, r, normalize):
@@ -510,17 +529,13 @@ def _normalised(u, r, normalize):
     return u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
 
 
+# Both paths' ops exist from import on (defining an op while torch.compile traces is not
+# possible); neither definition imports Triton.
+_define_ops(False)
+_define_ops(True)
+
+
 # ------------------------------------------------------------------ distributed gather
-def _dist_world(gather_distributed):
-    if not gather_distributed:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _gather_rows(local, labels, two_view, rank, world):
     """Local rows first, then the other ranks' rows; keys = the global pair index (two views,
     no labels) or the gathered labels. labels: None or (M_local,)."""
@@ -550,28 +565,10 @@ def _gather_rows(local, labels, two_view, rank, world):
     return u, keys
 
 
-def _dense_keys(keys):
-    """Labels of any integer range as int32 ids < M (for the kernels)."""
-    return torch.unique(keys, return_inverse=True)[1].to(torch.int32)
-
-
 # ------------------------------------------------------------------ public API
-def _use_triton(z, backend):
-    if backend == "torch":
-        return False
-    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
-        if z.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"the Triton kernels take z1/z2 of dtype float32/float16/bfloat16, "
-                             f"got {z.dtype}")
-        return True
-    if backend != "auto":
-        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return z.is_cuda and z.dtype in _TRITON_DTYPES
-
-
 def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", weights=None,
-            labels=None, multi_positive="out", gather_distributed=False, _backend="auto",
-            _block_d=None):
+            labels=None, multi_positive="out", gather_distributed=False, check_finite=None,
+            _backend="auto", _block_d=None):
     """NT-Xent loss without the M x M similarity matrix.
 
     Two views: z1, z2 (N, D), M = 2N rows [z1; z2], row i's positive is its other view.
@@ -586,6 +583,7 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
     tensors, higher derivatives, torch.func and the distributed convention. The value and
     gradients equal `sdclr_fast.ops.reference.nt_xent_reference`."""
     R = _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_positive)
+    check_flag("check_finite", check_finite)
     single = z2 is None
     # "in" equals "out" when every row has exactly one positive (two views without labels)
     pos_lse = multi_positive == "in" and labels is not None
@@ -604,36 +602,23 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
                              "forward-mode AD")
         rows = _rows_dense(u, tau, tau_value, lab, R, normalize, pos_lse)
     else:
-        use_triton = _use_triton(z1, _backend)
-        _check_values(z1, z2, u, temperature)
+        triton = use_triton(z1, _backend, "z1/z2")
+        check_values([("z1", z1), ("z2", z2)], temperature, check_finite)
         if world is not None:
             u, keys = _gather_rows(u, lab, not single, *world)
-            if labels is None and not use_triton:
+            if labels is None and not triton:
                 keys = None  # the PyTorch path pairs the leading local rows by index
         else:
             keys = lab
-        if use_triton:
-            u = u.contiguous()
-            if keys is None:  # the pair index is the key: row i and row i + R/2 share it
-                keys = _pair_keys(u.shape[0], R // 2, u.device)
-            else:
-                keys = _dense_keys(keys)
-            if tau is not None:
-                inv_tau = (1.0 / tau.detach().to(device=u.device, dtype=torch.float32)).reshape(1)
-            else:
-                inv_tau = _const_inv_tau(tau_value, u.device)
-            r, through = _inv_norms(u.detach(), torch.float32)
-        else:
-            if keys is not None:
-                keys = _dense_keys(keys)
-            cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-            tv = float(tau.detach()) if tau is not None else tau_value
-            inv_tau = 1.0 / tv
-            r, through = _inv_norms(u.detach(), cdt)
+        if keys is not None:
+            keys = keys.long()  # labels of any range, no data-dependent relabelling
+        elif triton:  # the pair index is the key: row i and row i + R/2 share it
+            keys = _pair_keys(u.shape[0], R // 2, u.device)
+        cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+        inv_tau = inv_tau_tensor(tau, tau_value, u.device, torch.float32 if triton else cdt)
         one_positive = labels is None and u.shape[0] == R
-        apply = _NTXentRows.apply if torch._C._are_functorch_transforms_active() else _apply_rows
-        rows = apply(u, tau, tau_value, inv_tau, keys, r, through, R, normalize, use_triton,
-                     _block_d, pos_lse, one_positive)[0]
+        rows = _define_ops(triton)(u, tau, inv_tau, keys, R, normalize, _block_d, pos_lse,
+                                   one_positive)[0]
     if weights is not None:
         rows = rows * weights.to(rows.dtype)
     if reduction == "none":

@@ -1,0 +1,153 @@
+"""Host helpers shared by the fused losses (ops/nt_xent.py, ops/info_nce.py): argument and
+value checks, the L2-normalisation chain rule, device dispatch, the distributed world, and
+the definition of the compile-visible custom ops."""
+import functools
+import math
+import numbers
+import os
+
+import torch
+
+EPS = 1e-12  # F.normalize's eps: rows are divided by max(|z_i|, eps)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("mean", "sum", "none")
+CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch paths (8 MiB in fp32)
+
+
+# ------------------------------------------------------------------ argument checks
+def check_temperature(temperature, device=None, anchor="z1"):
+    """Type, shape and device of `temperature`; a Python number must be finite and > 0."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
+            raise ValueError(f"temperature must be a number or a 1-element floating tensor, got "
+                             f"shape {tuple(temperature.shape)} dtype {temperature.dtype}")
+        if device is not None and temperature.device != device and \
+                temperature.device.type != "cpu":
+            raise ValueError(f"temperature is on {temperature.device} but {anchor} is on {device}")
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a positive number or a 1-element tensor, got "
+                         f"{temperature!r}")
+    elif not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+
+
+def check_flag(name, value):
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {value!r}")
+
+
+def value_checked(check_finite, t):
+    """Whether the values of tensor t are checked: check_finite=True always (a device sync on
+    CUDA), False never, None where it costs nothing: a CPU tensor outside torch.compile (a
+    compiled graph cannot branch on a value without a graph break)."""
+    if check_finite is not None:
+        return check_finite
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_values(named, temperature, check_finite):
+    """ValueError naming the first of `named` ((name, tensor) pairs) that holds NaN / inf, or a
+    temperature tensor that is not finite and > 0; only the tensors value_checked() selects
+    are read, with one host read for all of them."""
+    named = [(n, t) for n, t in named if t is not None and value_checked(check_finite, t)]
+    tau = temperature if isinstance(temperature, torch.Tensor) and \
+        value_checked(check_finite, temperature) else None
+    if not named and tau is None:
+        return
+    flags = [torch.isfinite(t.detach()).all().to(named[0][1].device if named else "cpu")
+             for _, t in named]
+    if tau is not None:
+        t = tau.detach().reshape(())
+        flags.append((torch.isfinite(t) & (t > 0)).to(flags[0].device if flags else t.device))
+    ok = torch.stack(flags).tolist()
+    for (name, _), good in zip(named, ok):
+        if not good:
+            raise ValueError(f"{name} holds NaN or inf values")
+    if tau is not None and not ok[-1]:
+        raise ValueError(f"temperature must be finite and > 0, got {tau.item()!r}")
+
+
+# ------------------------------------------------------------------ shared math
+def inv_norms(u, dtype):
+    """1 / max(|u_i|, eps) in `dtype` (fp32 for 16-bit inputs), and the mask norm >= eps where
+    the normalisation's gradient goes through the norm (F.normalize's clamp)."""
+    norm = torch.linalg.vector_norm(u, dim=1, dtype=dtype)
+    return 1.0 / norm.clamp_min(EPS), norm >= EPS
+
+
+def chain(zh, dzh, r, through, normalize):
+    """dL/du from dL/dzhat, zhat = r * u: r (dzhat - zhat (zhat . dzhat)) where the norm is at
+    least eps (below it the norm is clamped and zhat = u / eps is linear in u). Out of place,
+    so that it is differentiable again (the create_graph backward uses it too)."""
+    if not normalize:
+        return dzh
+    proj = (zh * dzh).sum(1, keepdim=True) * through[:, None]
+    return torch.addcmul(dzh, zh, proj, value=-1) * r[:, None]
+
+
+def cpu_block(cols):
+    return max(16, min(1024, CPU_BLOCK_ELEMS // max(cols, 1)))
+
+
+@functools.lru_cache(maxsize=32)
+def _const_inv_tau(tau_value, device, dtype):
+    return torch.full((1,), 1.0 / tau_value, device=device, dtype=dtype)
+
+
+def inv_tau_tensor(tau, tau_value, device, dtype):
+    """1 / tau as a (1,) tensor of `dtype` on `device`: from the temperature tensor (detached:
+    its gradient is the op's own), or for a Python number a cached constant (host time is what
+    a small loss on a GPU waits for); under torch.compile a graph constant."""
+    if tau is not None:
+        return (1.0 / tau.detach().to(device=device, dtype=dtype)).reshape(1)
+    if torch.compiler.is_compiling():
+        return torch.full((1,), 1.0 / tau_value, device=device, dtype=dtype)
+    return _const_inv_tau(tau_value, device, dtype)
+
+
+# ------------------------------------------------------------------ dispatch
+def use_triton(z, backend, what):
+    """Whether the Triton kernels run: CUDA fp32/fp16/bf16 by default; `_backend="triton"` or
+    SDCLR_FAST_FORCE_TRITON=1 (read at call time) force them (tests run them on CPU tensors
+    in the interpreter), `_backend="torch"` forbids them. `what` names the inputs."""
+    if backend == "torch":
+        return False
+    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
+        if z.dtype not in TRITON_DTYPES:
+            raise ValueError(f"the Triton kernels take {what} of dtype float32/float16/bfloat16, "
+                             f"got {z.dtype}")
+        return True
+    if backend != "auto":
+        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return z.is_cuda and z.dtype in TRITON_DTYPES
+
+
+def dist_world(gather_distributed):
+    """(rank, world size) when gather_distributed applies (initialised, world > 1), else None."""
+    if not gather_distributed:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def define_op(name, fn, fake, *, triton=False):
+    """A custom op `sdclr_fast::<name>` that torch.compile traces without a graph break.
+
+    triton=True (fn launches Triton kernels through torch.library.wrap_triton):
+    torch.library.triton_op, so that Inductor sees the launches; fn itself is the fake
+    implementation. In Triton's interpreter (TRITON_INTERPRET=1) kernels are plain Python
+    functions that cannot run on fake tensors, so there, and for the PyTorch paths, the op is
+    an opaque torch.library.custom_op with `fake` as its fake implementation."""
+    qualname = f"sdclr_fast::{name}"
+    if triton and not interpreting():
+        return torch.library.triton_op(qualname, fn, mutates_args=())
+    op = torch.library.custom_op(qualname, fn, mutates_args=())
+    op.register_fake(fake)
+    return op
