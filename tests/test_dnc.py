@@ -56,15 +56,15 @@ class PretrainSpy:
     """Wraps the real pretrain(): records every call and can "kill" the run inside one expert
     (after its first epoch, leaving a resumable checkpoint)."""
 
-    def __init__(self, real, kill_in=None):
-        self.real, self.kill_in, self.calls = real, kill_in, []
+    def __init__(self, real, kill_in=None, kill_under=None):
+        self.real, self.kill_in, self.kill_under, self.calls = real, kill_in, kill_under, []
 
     def __call__(self, config, *, run_dir, indices=None, **kw):
         self.calls.append({"run_dir": run_dir.name, "indices": None if indices is None else
                            torch.as_tensor(indices).clone(), "resume": kw.get("resume"),
                            "init": kw.get("init_checkpoint"), "epochs": config.epochs,
                            "batch_size": config.batch_size})
-        if run_dir.name == self.kill_in:
+        if run_dir.name == self.kill_in and self.kill_under in (None, run_dir.parent.name):
             self.real(config, run_dir=run_dir, indices=indices, stop_at_epoch=1, **kw)
             raise Killed(f"killed inside {run_dir.name}")
         return self.real(config, run_dir=run_dir, indices=indices, **kw)
@@ -72,7 +72,7 @@ class PretrainSpy:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """One full DnC run (SimCLR base, k=2) that several tests inspect."""
+    """One full DnC run (the default MoCLR base, k=2) that several tests inspect."""
     run_dir = tmp_path_factory.mktemp("dnc_full")
     spy = PretrainSpy(loop.pretrain)
     mp = pytest.MonkeyPatch()
@@ -95,7 +95,7 @@ def test_run_directory_layout_and_markers(uninterrupted):
     st = state["stages"]
     assert st["base"]["done"] and st["clusters"]["done"] and st["student"]["done"]
     assert set(st["experts"]) == {"0", "1"} and all(e["done"] and e["trained"] for e in st["experts"].values())
-    assert state["dnc"]["k"] == 2 and state["base_config"]["method"] == "simclr"
+    assert state["dnc"]["k"] == 2 and state["base_config"]["method"] == "moclr"
     # run_dir/checkpoint.pt is the student's final checkpoint, for `sdclr-fast eval --run-dir`
     assert (run_dir / "checkpoint.pt").read_bytes() == student.read_bytes()
     assert [c["run_dir"] for c in calls] == ["base", "expert_0", "expert_1"]
@@ -118,14 +118,14 @@ def test_each_expert_trains_on_its_cluster_only(uninterrupted):
         stored = load_checkpoint(run_dir / f"expert_{k}")
         assert stored["train_indices"] == DATA.train.indices[members].tolist()
         assert stored["init_checkpoint"] == str(base_ckpt)
-        assert stored["finished"] and stored["config"]["method"] == "simclr"
+        assert stored["finished"] and stored["config"]["method"] == "moclr"
         assert call["batch_size"] == min(8, len(members))
 
 
 def test_expert_starts_from_base_weights(uninterrupted, tmp_path):
     # a 1-epoch expert with lr ~ 0 stays at the base weights: the init really is the base model
     run_dir, _, _ = uninterrupted
-    cfg = tiny_config(lr=1e-12, epochs=1, weight_decay=0.0, momentum=0.0)
+    cfg = tiny_config(method="moclr", lr=1e-12, epochs=1, weight_decay=0.0, momentum=0.0)
     members = (read_clusters(run_dir)["assignments"] == 0).nonzero().flatten()
     path = loop.pretrain(cfg, run_dir=tmp_path, indices=members, data=DATA,
                          init_checkpoint=run_dir / "base" / "checkpoint.pt")
@@ -301,6 +301,9 @@ def test_cluster_stage_record(uninterrupted):
     counts = torch.tensor(rec["class_counts"])
     assert counts.shape == (3, 4) and counts.sum(1).tolist() == rec["sizes"]
     assert counts.sum(0).tolist() == DATA.class_counts.tolist()
+    # purity: the share of each cluster's largest class; overall: images in their cluster's largest class
+    assert rec["purity"] == pytest.approx([max(r) / sum(r) for r in rec["class_counts"]])
+    assert rec["overall_purity"] == pytest.approx(sum(max(r) for r in rec["class_counts"]) / len(DATA.train))
     with pytest.raises(ValueError, match="exceeds"):
         cluster_stage(model, DATA, tiny_options(k=len(DATA.train) + 1))
 
@@ -414,3 +417,162 @@ def test_student_stopped_by_a_signal_mid_epoch_resumes_exactly(uninterrupted, tm
     a, b = load_checkpoint(done), load_checkpoint(full_student)
     assert_same_state(a["model"], b["model"], "model")
     assert_same_state(a["dnc_heads"], b["dnc_heads"], "heads")
+
+
+# ---------------------------------------------------------------- cluster report
+def test_clusters_markdown_and_purity(uninterrupted):
+    from sdclr_fast.train.clustering import cluster_purity, clusters_markdown
+
+    run_dir, _, _ = uninterrupted
+    rec = json.loads((run_dir / CLUSTERS_NAME).read_text())
+    per, overall = cluster_purity(rec["class_counts"])
+    assert rec["purity"] == per and rec["overall_purity"] == overall
+    assert cluster_purity([[3, 1, 0], [0, 0, 0], [2, 2, 4]]) == ([0.75, None, 0.5], 7 / 12)
+    md = (run_dir / "clusters.md").read_text()
+    assert "## Round 1" in md and "## Round 2" not in md and f"overall purity {overall:.3f}" in md
+    for k, (size, row) in enumerate(zip(rec["sizes"], rec["class_counts"])):
+        assert f"| {k} | {size} | {per[k]:.3f} | " + " | ".join(map(str, row)) + " |" in md
+    assert "| cluster | size | purity | a | b | c | d |" in md  # the data set's class names
+    assert clusters_markdown([(1, rec)], list("abcd")) == md
+
+
+# ---------------------------------------------------------------- several rounds
+def two_round_options(**kw):
+    base = dict(rounds=2, base_epochs=1, expert_epochs=1, student_epochs=2)
+    base.update(kw)
+    return tiny_options(**base)
+
+
+class DistillSpy:
+    """Wraps distill_student: records the run directories and can "kill" the student of one
+    round after its first epoch."""
+
+    def __init__(self, real, kill_under=None):
+        self.real, self.kill_under, self.calls = real, kill_under, []
+
+    def __call__(self, config, options, *, run_dir, **kw):
+        self.calls.append(f"{run_dir.parent.name}/{run_dir.name}")
+        if self.kill_under is not None and run_dir.parent.name == self.kill_under:
+            self.real(config, options, run_dir=run_dir, stop_at_epoch=1, **kw)
+            raise Killed(f"killed inside {run_dir}")
+        return self.real(config, options, run_dir=run_dir, **kw)
+
+
+def _run_two_rounds(run_dir, monkeypatch, *, resume=False, kill_in=None, kill_under=None, kill_student=None):
+    import sdclr_fast.train.dnc as dnc_mod
+
+    spy = PretrainSpy(REAL_PRETRAIN, kill_in=kill_in, kill_under=kill_under)
+    dspy = DistillSpy(REAL_DISTILL, kill_under=kill_student)
+    monkeypatch.setattr(loop, "pretrain", spy)
+    monkeypatch.setattr(dnc_mod, "distill_student", dspy)
+    try:
+        out = dnc(tiny_config(epochs=1), two_round_options(), run_dir=run_dir, data=DATA, resume=resume)
+    finally:
+        monkeypatch.undo()
+    return out, spy.calls, dspy.calls
+
+
+REAL_PRETRAIN = loop.pretrain
+REAL_DISTILL = distill_student
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("dnc_two_rounds")
+    mp = pytest.MonkeyPatch()
+    out, calls, students = _run_two_rounds(run_dir, mp)
+    return run_dir, out, calls, students
+
+
+def test_two_rounds_layout_markers_and_final_checkpoint(two_rounds):
+    from sdclr_fast.train.evaluate import evaluate_checkpoint
+
+    run_dir, student, calls, students = two_rounds
+    r2 = run_dir / "round_2"
+    assert student == r2 / "student" / "checkpoint.pt"
+    assert [f"{c['run_dir']}" for c in calls] == ["base", "expert_0", "expert_1", "expert_0", "expert_1"]
+    assert students == [f"{run_dir.name}/student", "round_2/student"]
+    for sub in ("base", "expert_0", "expert_1", "student", "round_2/expert_0", "round_2/expert_1",
+                "round_2/student"):
+        assert (run_dir / sub / "checkpoint.pt").exists(), sub
+    assert (run_dir / CLUSTERS_NAME).exists() and (r2 / CLUSTERS_NAME).exists()
+    st = dnc_state(run_dir)["stages"]
+    assert st["student"]["done"] and "final" not in st["student"]
+    r2m = st["round_2"]
+    assert r2m["clusters"]["done"] and r2m["clusters"]["file"] == "round_2/clusters.json"
+    assert r2m["student"] == {"done": True, "checkpoint": "round_2/student/checkpoint.pt", "final": "checkpoint.pt"}
+    assert {k: e["checkpoint"] for k, e in r2m["experts"].items()} == {
+        "0": "round_2/expert_0/checkpoint.pt", "1": "round_2/expert_1/checkpoint.pt"}
+    # the final checkpoint is the last round's student; each student is labelled with its round
+    assert (run_dir / "checkpoint.pt").read_bytes() == student.read_bytes()
+    assert load_checkpoint(run_dir / "student")["config"]["extra"]["label"] == "DnC round 1 student"
+    label, _ = evaluate_checkpoint(run_dir, probes=("knn",), data=DATA, device="cpu", knn_k=5)
+    assert label == "DnC round 2 student"
+    md = (run_dir / "clusters.md").read_text()
+    assert "## Round 1" in md and "## Round 2" in md
+
+
+def test_round_two_starts_from_the_round_one_student(two_rounds):
+    run_dir, _, calls, _ = two_rounds
+    s1 = run_dir / "student" / "checkpoint.pt"
+    # round 2's experts start from round 1's student, on round 2's clusters
+    a2 = read_clusters(run_dir / "round_2")["assignments"]
+    for k, call in enumerate(calls[3:]):
+        assert str(call["init"]) == str(s1)
+        assert torch.equal(call["indices"], (a2 == k).nonzero().flatten())
+    # round 2's clusters are k-means of the round 1 student's features
+    rec = cluster_stage(load_model(s1), DATA, two_round_options(), seed=3, batch_size=8)
+    assert rec["assignments"] == a2.tolist()
+    # round 2's student was distilled from round 1's student and round 2's experts
+    teachers = load_checkpoint(run_dir / "round_2" / "student")["dnc_teachers"]
+    assert teachers == {"base": "../../student/checkpoint.pt",
+                        "experts": ["../expert_0/checkpoint.pt", "../expert_1/checkpoint.pt"]}
+
+
+def _assert_same_run(a_dir, b_dir):
+    for sub in ("base", "expert_0", "expert_1", "student", "round_2/expert_0", "round_2/expert_1",
+                "round_2/student"):
+        a, b = load_checkpoint(a_dir / sub), load_checkpoint(b_dir / sub)
+        assert_same_state(a["model"], b["model"], sub)
+    for sub in (".", "round_2"):
+        assert read_clusters(a_dir / sub)["assignments"].tolist() == read_clusters(b_dir / sub)["assignments"].tolist()
+    assert_same_state(load_checkpoint(a_dir)["dnc_heads"], load_checkpoint(b_dir)["dnc_heads"], "final heads")
+
+
+def test_kill_in_round_two_expert_then_resume_equals_uninterrupted(two_rounds, tmp_path, monkeypatch):
+    full_dir = two_rounds[0]
+    with pytest.raises(Killed):
+        _run_two_rounds(tmp_path, monkeypatch, kill_in="expert_1", kill_under="round_2")
+    st = dnc_state(tmp_path)["stages"]
+    assert st["student"]["done"] and st["round_2"]["clusters"]["done"] and st["round_2"]["experts"]["0"]["done"]
+    assert "1" not in st["round_2"]["experts"] and "student" not in st["round_2"]
+    assert not (tmp_path / "checkpoint.pt").exists()
+    round_one = {p: (tmp_path / p / "checkpoint.pt").read_bytes() for p in ("base", "expert_0", "expert_1", "student")}
+    out, calls, students = _run_two_rounds(tmp_path, monkeypatch, resume=True)
+    # finished rounds and stages are skipped; the interrupted expert continues
+    assert [c["run_dir"] for c in calls] == ["expert_1"] and calls[0]["resume"] is True
+    assert students == ["round_2/student"]
+    assert all((tmp_path / p / "checkpoint.pt").read_bytes() == b for p, b in round_one.items())
+    _assert_same_run(tmp_path, full_dir)
+    # a second resume does nothing
+    out2, calls, students = _run_two_rounds(tmp_path, monkeypatch, resume=True)
+    assert out2 == out and calls == [] and students == []
+
+
+def test_kill_in_round_two_student_then_resume_equals_uninterrupted(two_rounds, tmp_path, monkeypatch):
+    full_dir = two_rounds[0]
+    with pytest.raises(Killed):
+        _run_two_rounds(tmp_path, monkeypatch, kill_student="round_2")
+    st = dnc_state(tmp_path)["stages"]
+    assert all(e["done"] for e in st["round_2"]["experts"].values()) and "student" not in st["round_2"]
+    partial = load_checkpoint(tmp_path / "round_2" / "student")
+    assert partial["epoch"] == 1 and not partial["finished"]
+    out, calls, students = _run_two_rounds(tmp_path, monkeypatch, resume=True)
+    assert calls == [] and students == ["round_2/student"]
+    _assert_same_run(tmp_path, full_dir)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == out.read_bytes()
+
+
+def test_resume_with_other_rounds_is_refused(two_rounds):
+    with pytest.raises(ValueError, match="rounds: stored 2, given 3"):
+        dnc(tiny_config(epochs=1), two_round_options(rounds=3), run_dir=two_rounds[0], data=DATA, resume=True)

@@ -4,8 +4,10 @@ The base model's dense-branch embedding (backbone features by default, or the pr
 the *eval view* of every training image is L2-normalised and clustered (spherical k-means by
 default, see :mod:`sdclr_fast.train.kmeans`). Cluster ids are renumbered by decreasing size
 (ties: smallest first member), so the numbering does not depend on the backend. The record
-(``clusters.json``) also holds a per-cluster class histogram for inspection; the method never
-sees labels.
+(``clusters.json``) also holds, for inspection only, a per-cluster class histogram and the
+purity (share of a cluster's largest class; overall: the images in their cluster's largest
+class over all images); the method never sees labels. :func:`clusters_markdown` renders the
+records of every round (``clusters.md`` of a DnC run).
 """
 from __future__ import annotations
 
@@ -61,12 +63,14 @@ def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=
     sizes = torch.bincount(assignments, minlength=opt.k)
     class_counts = torch.zeros(opt.k, int(data.num_classes), dtype=torch.long)
     class_counts.index_put_((assignments, data.train.labels), torch.ones_like(assignments), accumulate=True)
+    purity, overall = cluster_purity(class_counts.tolist())
     return {
         "k": opt.k, "backend": res.backend, "metric": res.metric, "embedding": opt.cluster_on,
         "iterations": res.iterations, "inertia": res.inertia, "seed": int(seed),
         "embed_seconds": t_embed, "kmeans_seconds": time.perf_counter() - t0 - t_embed,
         "sizes": sizes.tolist(),
         "class_counts": class_counts.tolist(),
+        "purity": purity, "overall_purity": overall,
         "train_indices": data.train.indices.tolist(),
         "assignments": assignments.tolist(),
         "centroids": centroids.tolist(),
@@ -86,3 +90,43 @@ def read_clusters(run_dir_or_file) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{str(path)!r} is not a readable clusters file: {exc}") from None
     return rec
+
+
+def cluster_purity(class_counts):
+    """(per-cluster purity, overall purity) of a (k, classes) histogram: the share of each
+    cluster's largest class (None for an empty cluster) and the images in their cluster's
+    largest class over all images."""
+    rows = [list(map(int, r)) for r in class_counts]
+    per = [max(r) / sum(r) if sum(r) else None for r in rows]
+    total = sum(sum(r) for r in rows)
+    return per, (sum(max(r) for r in rows if r) / total if total else None)
+
+
+def cluster_summary(record) -> str:
+    """One line: sizes and purities of a clusters record."""
+    per, overall = cluster_purity(record["class_counts"])
+    pur = ", ".join("-" if p is None else f"{p:.2f}" for p in per)
+    return f"sizes {record['sizes']}, purity [{pur}], overall purity {overall:.3f}"
+
+
+def clusters_markdown(rounds, class_names=None) -> str:
+    """Markdown of the clusters of every round: ``rounds`` is a list of (round number, clusters
+    record); one table per round with each cluster's size, purity and class histogram."""
+    lines = ["# DnC clusters", "",
+             "Purity: share of a cluster's largest class (labels are used for this report only; "
+             "DnC never sees them). Overall: images in their cluster's largest class / all images.", ""]
+    for r, rec in rounds:
+        per, overall = cluster_purity(rec["class_counts"])
+        n_cls = len(rec["class_counts"][0]) if rec["class_counts"] else 0
+        names = list(class_names) if class_names is not None and len(class_names) == n_cls else \
+            [str(c) for c in range(n_cls)]
+        lines += [f"## Round {r}", "",
+                  f"k = {rec['k']}, {rec.get('metric', '?')} k-means on the {rec.get('embedding', '?')} "
+                  f"({rec.get('backend', '?')}), overall purity {overall:.3f}", "",
+                  "| cluster | size | purity | " + " | ".join(names) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for k, (size, p, row) in enumerate(zip(rec["sizes"], per, rec["class_counts"])):
+            lines.append(f"| {k} | {size} | {'-' if p is None else f'{p:.3f}'} | "
+                         + " | ".join(str(int(c)) for c in row) + " |")
+        lines.append("")
+    return "\n".join(lines)

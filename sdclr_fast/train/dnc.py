@@ -1,26 +1,35 @@
 """Divide and Contrast (DnC; Tian, Hénaff, van den Oord, ICCV 2021): the orchestrator of its
-stages on top of the SimCLR / SDCLR loop, and the stage markers in ``dnc.json``.
+stages on top of the contrastive loop, and the stage markers in ``dnc.json``.
 
-Three stages, each resumable on its own, all under one run directory::
+DnC alternates contrastive learning and clustering. Round 1 trains a base model on all data
+(MoCLR, DnC's method, by default; SimCLR or SDCLR optional), clusters its embeddings, trains one
+expert per cluster and distils base and experts into a student. Each further round
+(``DnCConfig.rounds``) takes the previous round's student as its base: its features are
+clustered, the experts start from its weights, and base + experts are distilled into a new
+student. Everything stays under one run directory, each stage resumable on its own::
 
     run_dir/
-      dnc.json              stage markers, the DnC options and the base configuration
+      dnc.json              stage markers of every round, the DnC options, the base configuration
       split.json            the data split every stage uses
-      base/                 stage 1: SimCLR or SDCLR on the whole long-tailed training split
-      clusters.json         stage 2a: k-means assignment of every training image, centroids, sizes
-      expert_<k>/           stage 2b: one expert per cluster, initialised from the base model and
+      base/                 round 1's base model, trained on the whole long-tailed training split
+      clusters.json         round 1: k-means assignment of every training image, centroids, sizes,
+                            class histogram and purity per cluster (inspection only)
+      expert_<k>/           round 1: one expert per cluster, initialised from the base model and
                             trained with the same contrastive loss on that cluster only (its
                             negatives are all from the same cluster: the hard negatives)
-      student/              stage 3: one network distilled from base + experts
-      checkpoint.pt         the student's final checkpoint (a hard link), so that
+      student/              round 1: one network distilled from base + experts
+      round_<r>/            round r >= 2: clusters.json, expert_<k>/, student/ (its base is the
+                            student of round r - 1)
+      clusters.md           sizes, purity and class histogram of every round's clusters
+      checkpoint.pt         the last round's student (a hard link), so that
                             ``sdclr-fast eval --run-dir run_dir`` evaluates DnC like any other run
 
 Choices made here (documented because DnC has no public code):
 
 * **What is clustered.** The base model's backbone features (the representation the probes
-  use, dense branch for an SDCLR base) of the *eval view* of every training image,
-  L2-normalised; ``cluster_on="projection"`` clusters the projection-head output instead
-  (:mod:`sdclr_fast.train.clustering`).
+  use: the online network of a MoCLR base, the dense branch of an SDCLR base) of the *eval
+  view* of every training image, L2-normalised; ``cluster_on="projection"`` clusters the
+  projection-head output instead (:mod:`sdclr_fast.train.clustering`).
 * **What is distilled.** Each teacher's backbone features (``distill_target="projection"``: its
   projection output), computed under ``no_grad`` with the teacher in eval mode from the *same
   augmented view* the student sees, as DnC does. Both augmented views of a batch are used, each
@@ -32,18 +41,21 @@ Choices made here (documented because DnC has no public code):
   prediction head per teacher. Its checkpoint has the same format as a pretraining checkpoint
   (``model`` / ``model_args`` / ``config``), with the heads stored under ``dnc_heads``, so
   :func:`sdclr_fast.train.load_model` and the evaluation path load it unchanged. The student's
-  own projection head is not trained (distillation never uses it); only its backbone matters.
+  own projection head (and MoCLR predictor) is not trained (distillation never uses it); only
+  its backbone matters. When a later round's experts start from that student, they start with
+  those untrained heads and a target network copied from the student.
 * **Cost.** Experts partition the data, so ``expert_epochs`` cost about that many epochs of the
   full set in total; a student epoch costs about 1.5-2 contrastive epochs (two extra no-grad
-  teacher forwards per view: the base and the owning expert). With all budgets equal to E, DnC
-  costs about 3.5-4 x E contrastive epochs.
+  teacher forwards per view: the base and the owning expert). With all budgets equal to E, one
+  round costs about 3.5-4 x E contrastive epochs, each further round about 2.5-3 x E more.
 * **Tiny clusters.** An expert trains with batch ``min(batch_size, cluster size)``; a cluster
-  of fewer than two images cannot be contrasted, so the base model serves as its expert.
-* **Resume.** ``dnc.json`` records each finished stage (and each finished expert). With
-  ``resume=True`` finished stages are skipped and the interrupted one continues from its last
-  checkpoint (an interrupted expert resumes, finished experts are not retrained). The student
-  loop saves everything a bit-identical CPU resume needs (weights, heads, optimiser, schedule,
-  RNG and data-order states) at the end of every epoch, like :func:`pretrain`.
+  of fewer than two images cannot be contrasted, so the round's base model serves as its expert.
+* **Resume.** ``dnc.json`` records each finished stage of each round (and each finished
+  expert). With ``resume=True`` finished rounds and stages are skipped and the interrupted one
+  continues from its last checkpoint (an interrupted expert resumes, finished experts are not
+  retrained). The student loop saves everything a bit-identical CPU resume needs (weights,
+  heads, optimiser, schedule, RNG and data-order states) at the end of every epoch, like
+  :func:`pretrain`.
 
 The DnC stages run in one process (no DDP for the student stage).
 """
@@ -53,19 +65,20 @@ import json
 import os
 from pathlib import Path
 
-from ..files import link_or_copy, write_json
+from ..files import link_or_copy, write_json, write_text
 from . import pretrain as _pretrain_module
 from .checkpoint import CHECKPOINT_NAME
-from .clustering import CLUSTERS_NAME, cluster_stage, read_clusters
+from .clustering import CLUSTERS_NAME, cluster_stage, cluster_summary, clusters_markdown, read_clusters
 from .config import DnCConfig, PretrainConfig
 from .distill import distill_student
 from .models import load_model
 from .run import (Execution, Preempted, config_differences_error, run_data, run_lock, stop_requested, stop_signals,
                   write_run_files)
 
-__all__ = ["dnc", "dnc_state", "STATE_NAME"]
+__all__ = ["dnc", "dnc_state", "round_dir", "STATE_NAME", "CLUSTERS_MD_NAME"]
 
 STATE_NAME = "dnc.json"
+CLUSTERS_MD_NAME = "clusters.md"
 STATE_FORMAT = 1
 
 
@@ -95,17 +108,32 @@ def stored_configs(run_dir):
     return PretrainConfig.from_dict(state["base_config"]), DnCConfig.from_dict(state["dnc"])
 
 
-def _stage_configs(base: PretrainConfig, opt: DnCConfig):
+_METHOD_LABELS = {"moclr": "DnC", "simclr": "DnC (SimCLR base)", "sdclr": "DnC (SDCLR base)"}
+
+
+def _stage_configs(base: PretrainConfig, opt: DnCConfig, round_no: int = 1):
+    """(base, expert, student) PretrainConfigs of round ``round_no`` (the base one is used by
+    round 1 only). Labels name the round when there are several."""
     extra = dict(base.extra)
     base_cfg = base.replace(method=opt.base_method, epochs=opt.base_epochs or base.epochs,
                             extra={**extra, "label": f"DnC base ({opt.base_method})", "dnc_stage": "base"})
     expert_cfg = base.replace(method=opt.base_method, epochs=opt.expert_epochs or base.epochs,
                               extra={**extra, "dnc_stage": "expert"})
     lr = opt.distill_lr if opt.distill_lr is not None else 0.1 * base.batch_size / 256
-    label = "DnC" if opt.base_method == "simclr" else "DnC (SDCLR base)"
+    label = _METHOD_LABELS[opt.base_method]
+    if opt.rounds > 1:
+        label = f"{label} round {round_no} student"
+        expert_cfg.extra["dnc_round"] = round_no
     student_cfg = base.replace(method=opt.base_method, epochs=opt.student_epochs or base.epochs, lr=lr,
-                               extra={**extra, "label": label, "dnc_stage": "student", "dnc": opt.to_dict()})
+                               extra={**extra, "label": label, "dnc_stage": "student", "dnc": opt.to_dict(),
+                                      **({"dnc_round": round_no} if opt.rounds > 1 else {})})
     return base_cfg, expert_cfg, student_cfg
+
+
+def round_dir(run_dir, round_no: int) -> Path:
+    """Where round ``round_no`` (1-based) keeps its clusters, experts and student: the run
+    directory itself for round 1, ``run_dir/round_<r>`` after it."""
+    return Path(run_dir) if round_no == 1 else Path(run_dir) / f"round_{round_no}"
 
 
 def _rel(path, root):
@@ -115,14 +143,14 @@ def _rel(path, root):
 # ---------------------------------------------------------------- the pipeline
 def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, resume: bool = False,
         data=None, init_checkpoint=None) -> Path:
-    """Run (or resume) the three DnC stages and return the student's final checkpoint.
+    """Run (or resume) the DnC rounds and return the last round's student checkpoint.
 
     config:  the base :class:`PretrainConfig` (data set, architecture, batch, lr, seed, device...);
              its ``method`` is replaced by ``options.base_method`` and its ``epochs`` by the stage
              budgets that are set.
     options: the :class:`DnCConfig` (default: DnC's defaults).
     run_dir: the DnC run directory (see the module docstring for its layout).
-    resume:  skip finished stages and continue the interrupted one. Without it, a run directory
+    resume:  skip finished rounds and stages and continue the interrupted one. Without it, a run directory
              that already holds a DnC run is an error.
     data:    a ready ``ContrastiveData`` (default: built from ``config``, or from the run's
              split.json when it exists).
@@ -165,7 +193,6 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint):
         state["dnc"], state["base_config"] = options.to_dict(), config.to_dict()  # runtime fields
     else:
         state = {"format": STATE_FORMAT, "dnc": options.to_dict(), "base_config": config.to_dict(), "stages": {}}
-    stages = state["stages"]
 
     def mark():
         write_json(state_path, state, what="the DnC state")
@@ -174,10 +201,11 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint):
     data = run_data(config, run_dir, data)
     write_run_files(run_dir, data)
     mark()
-    base_cfg, expert_cfg, student_cfg = _stage_configs(config, options)
+    base_cfg = _stage_configs(config, options)[0]
     ex = Execution.of(config)
 
-    # ---- stage 1: the base model
+    # ---- round 1, stage 1: the base model
+    stages = state["stages"]
     base_dir = run_dir / "base"
     if stages.get("base", {}).get("done"):
         base_ckpt = run_dir / stages["base"]["checkpoint"]
@@ -190,69 +218,98 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint):
         mark()
     _between_stages(run_dir, "base model")
 
+    cluster_records = []
+    for r in range(1, options.rounds + 1):
+        # round 1's markers sit at the top of "stages" (the layout of one-round runs); round r >= 2's
+        # under "round_<r>"
+        marks = stages if r == 1 else stages.setdefault(f"round_{r}", {})
+        student_ckpt = _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex,
+                              cluster_records)
+        base_ckpt = student_ckpt  # the next round's base is this round's student
+    return student_ckpt
+
+
+def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex, cluster_records):
+    """Stages 2 and 3 of round ``r`` on top of ``base_ckpt``; returns the round's student."""
+    _, expert_cfg, student_cfg = _stage_configs(config, options, r)
+    rdir = round_dir(run_dir, r)
+    tag = "" if options.rounds == 1 else f"round {r}/{options.rounds}: "
+    name = "DnC" if options.rounds == 1 else f"DnC round {r}"
+
     # ---- stage 2a: k-means on the base embeddings
-    clusters_path = run_dir / CLUSTERS_NAME
-    if stages.get("clusters", {}).get("done") and clusters_path.exists():
+    clusters_path = rdir / CLUSTERS_NAME
+    if marks.get("clusters", {}).get("done") and clusters_path.exists():
         clusters = read_clusters(clusters_path)
         if clusters["train_indices"] != data.train.indices.tolist():
             raise ValueError(f"{str(clusters_path)!r} was computed on another training split")
-        print(f"DnC clusters: done, sizes {clusters['sizes']}")
+        print(f"{name} clusters: done, {cluster_summary(clusters)}")
     else:
-        print(f"DnC stage 2/3: k-means (k={options.k}, {options.kmeans_metric}, {options.cluster_on}) "
+        print(f"{tag}DnC stage 2/3: k-means (k={options.k}, {options.kmeans_metric}, {options.cluster_on}) "
               f"on the base embeddings")
         record = cluster_stage(load_model(base_ckpt, device=ex.device), data, options, seed=config.seed,
-                               batch_size=base_cfg.batch_size, device=ex.device, amp=ex.amp)
+                               batch_size=config.batch_size, device=ex.device, amp=ex.amp)
         write_json(clusters_path, record, what="the DnC clusters")
-        stages["clusters"] = {"done": True, "file": CLUSTERS_NAME, "sizes": record["sizes"],
-                              "backend": record["backend"]}
+        marks["clusters"] = {"done": True, "file": _rel(clusters_path, run_dir), "sizes": record["sizes"],
+                             "backend": record["backend"]}
         mark()
         clusters = read_clusters(clusters_path)
-        print(f"DnC clusters: sizes {record['sizes']} ({record['backend']}, {record['iterations']} iterations)")
+        print(f"{name} clusters: {cluster_summary(record)} ({record['backend']}, {record['iterations']} "
+              f"iterations)")
+    cluster_records.append((r, clusters))
+    write_text(run_dir / CLUSTERS_MD_NAME, clusters_markdown(cluster_records, data.class_names),
+               what="the DnC clusters report")
     assignments = clusters["assignments"]
-    _between_stages(run_dir, "clustering")
+    _between_stages(run_dir, f"{tag}clustering")
 
     # ---- stage 2b: one expert per cluster, initialised from the base model
-    experts = stages.setdefault("experts", {})
+    experts = marks.setdefault("experts", {})
     expert_ckpts = []
     for k in range(options.k):
         key = str(k)
         if experts.get(key, {}).get("done"):
             expert_ckpts.append(run_dir / experts[key]["checkpoint"])
-            print(f"DnC expert {k}: done ({expert_ckpts[-1]})")
+            print(f"{name} expert {k}: done ({expert_ckpts[-1]})")
             continue
         members = (assignments == k).nonzero().flatten()
         if members.numel() < 2:
             # one image has no negative and no other view pairs: nothing to contrast
-            print(f"DnC expert {k}: cluster has {members.numel()} image(s); the base model is its expert")
+            print(f"{name} expert {k}: cluster has {members.numel()} image(s); the base model is its expert")
             experts[key] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir), "size": int(members.numel()),
                             "trained": False}
-            expert_ckpts.append(base_ckpt)
+            expert_ckpts.append(Path(base_ckpt))
             mark()
             continue
+        label = f"DnC expert {k}" if options.rounds == 1 else f"DnC round {r} expert {k}"
         cfg_k = expert_cfg.replace(batch_size=min(expert_cfg.batch_size, int(members.numel())),
-                                   extra={**expert_cfg.extra, "label": f"DnC expert {k}", "dnc_cluster": k})
-        print(f"DnC stage 2/3: expert {k + 1}/{options.k} on {members.numel()} images, {cfg_k.epochs} epochs "
-              f"-> {run_dir / f'expert_{k}'}")
-        ckpt = _pretrain_module.pretrain(cfg_k, run_dir=run_dir / f"expert_{k}", indices=members, data=data,
+                                   extra={**expert_cfg.extra, "label": label, "dnc_cluster": k})
+        print(f"{tag}DnC stage 2/3: expert {k + 1}/{options.k} on {members.numel()} images, {cfg_k.epochs} "
+              f"epochs -> {rdir / f'expert_{k}'}")
+        ckpt = _pretrain_module.pretrain(cfg_k, run_dir=rdir / f"expert_{k}", indices=members, data=data,
                                          init_checkpoint=base_ckpt, resume=resume)
         experts[key] = {"done": True, "checkpoint": _rel(ckpt, run_dir), "size": int(members.numel()),
                         "trained": True}
         mark()
         expert_ckpts.append(Path(ckpt))
-        _between_stages(run_dir, f"expert {k}")
+        _between_stages(run_dir, f"{tag}expert {k}")
 
     # ---- stage 3: the student
-    student_dir = run_dir / "student"
-    if stages.get("student", {}).get("done"):
-        student_ckpt = run_dir / stages["student"]["checkpoint"]
-        print(f"DnC student: done ({student_ckpt})")
+    student_dir = rdir / "student"
+    final = run_dir / CHECKPOINT_NAME
+    if marks.get("student", {}).get("done"):
+        student_ckpt = run_dir / marks["student"]["checkpoint"]
+        print(f"{name} student: done ({student_ckpt})")
     else:
-        print(f"DnC stage 3/3: distilling base + {options.k} experts into a student, "
+        print(f"{tag}DnC stage 3/3: distilling base + {options.k} experts into a student, "
               f"{student_cfg.epochs} epochs -> {student_dir}")
         student_ckpt = distill_student(student_cfg, options, run_dir=student_dir, data=data,
                                        base_checkpoint=base_ckpt, expert_checkpoints=expert_ckpts,
                                        assignments=assignments, resume=resume)
-        link_or_copy(student_ckpt, run_dir / CHECKPOINT_NAME, what="the DnC run's final checkpoint")
-        stages["student"] = {"done": True, "checkpoint": _rel(student_ckpt, run_dir), "final": CHECKPOINT_NAME}
+        marks["student"] = {"done": True, "checkpoint": _rel(student_ckpt, run_dir)}
         mark()
+    if r == options.rounds and not (final.exists() and os.path.samefile(final, student_ckpt)):
+        link_or_copy(student_ckpt, final, what="the DnC run's final checkpoint")
+        marks["student"]["final"] = CHECKPOINT_NAME
+        mark()
+    if r < options.rounds:
+        _between_stages(run_dir, f"{tag}student")
     return student_ckpt
