@@ -341,6 +341,9 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--probe-epochs", type=int, default=None,
                    help="linear-probe epochs (default: the protocol's 30 full / 100 few-shot)")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
+    g.add_argument("--probe-per-class", type=int, default=None,
+                   help="train the full-shot probe and kNN on this many images per class of the probe pool "
+                        "(cheaper on a CPU; default: the whole pool, as the protocol)")
     g.add_argument("--title", default="Study", help="report title")
 
 
@@ -351,7 +354,8 @@ def cmd_study(args) -> int:
     base = config_from_args(args)
     out = run_study(base, args.run_dir, methods=args.methods, splits=args.splits, seeds=args.seeds,
                     balanced=args.balanced_baseline, probes=probe_names(args.probe, _shots(args.shots)),
-                    probe_epochs=args.probe_epochs, knn_k=args.knn_k, device=base.device, title=args.title)
+                    probe_epochs=args.probe_epochs, knn_k=args.knn_k, device=base.device, title=args.title,
+                    probe_per_class=args.probe_per_class)
     print(f"report: {out['report']}")
     return 0
 

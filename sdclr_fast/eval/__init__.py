@@ -41,7 +41,8 @@ def parse_probe(probe: str):
 def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_size: int = 512, flip: bool = False,
                       on: str = "test", probe_options: dict | None = None, knn_k: int = 200,
                       knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None,
-                      select_on_val: bool | None = None, augment: bool = True) -> dict:
+                      select_on_val: bool | None = None, augment: bool = True,
+                      probe_per_class: int | None = None) -> dict:
     """Evaluate ``encoder`` on a :class:`~sdclr_fast.data.ContrastiveData`; returns {probe: EvalResult}.
 
     probes: any of "linear" (full-shot probe on ``data.probe_train``, 30 epochs), "fewshot-<k>"
@@ -53,6 +54,8 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
             set per epoch). False trains on features computed once (faster), with ``flip`` adding
             the flipped view.
     probe_options: extra keyword arguments for ``linear_probe`` (lr, schedule, normalize, ...).
+    probe_per_class: train the full-shot probe and kNN on a balanced subset of that many images
+            per class of ``data.probe_train`` (cheaper); None: all of it (the protocol).
     select_on_val: report the probe epoch with the best accuracy on ``data.val`` (SDCLR's
             protocol); None = whenever the data set has a val split and ``on="test"``.
     module: the nn.Module to freeze when ``encoder`` is a lambda (see ``extract_features``);
@@ -78,7 +81,8 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     if select_on_val and (data.val is None or on != "test"):
         raise ValueError("select_on_val needs a data set with a val split and on='test'")
     # Resolve the few-shot sets first: a bad shots value fails before any feature pass.
-    probe_sets = {name: data.probe_train if kind != "fewshot" else data.fewshot(shots) for name, kind, shots in parsed}
+    full = data.probe_train if probe_per_class is None else data.fewshot(probe_per_class, pool="probe")
+    probe_sets = {name: full if kind != "fewshot" else data.fewshot(shots) for name, kind, shots in parsed}
     common = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, module=module)
 
     def features(images, **kw):

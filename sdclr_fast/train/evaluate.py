@@ -42,7 +42,8 @@ def data_for_run(checkpoint_state: dict, run_dir: Path):
 
 
 def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=None, batch_size: int = 512,
-                        probe_options: dict | None = None, knn_k: int = 200, seed: int = 0):
+                        probe_options: dict | None = None, knn_k: int = 200, seed: int = 0,
+                        probe_per_class: int | None = None):
     """(label, {probe: EvalResult}) for the checkpoint at ``path`` (file or run directory).
 
     data: the ``ContrastiveData`` to evaluate on (default: rebuilt from the run's config and
@@ -59,7 +60,7 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     amp = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate_backbone(DenseEncoder(model), data, probes=tuple(probes), device=device,
                                 batch_size=batch_size, probe_options=probe_options, knn_k=knn_k, seed=seed,
-                                autocast_dtype=amp)
+                                autocast_dtype=amp, probe_per_class=probe_per_class)
     return run_label(state, ckpt), results
 
 

@@ -36,11 +36,14 @@ def _label(method, balanced):
 
 def run_study(base: PretrainConfig, out_dir, *, methods=("simclr", "sdclr"), splits=(0, 1, 2), seeds=(0,),
               balanced: bool = False, probes=("linear", "fewshot-0.01", "knn"), probe_epochs=None, knn_k: int = 200,
-              device=None, title: str = "Study", data=None) -> dict:
+              device=None, title: str = "Study", data=None, probe_per_class: int | None = None) -> dict:
     """Run (or continue) the grid and write the report; returns the report's paths and numbers.
 
     data: None (each cell builds its data set from its configuration) or a function
-          ``(config) -> ContrastiveData`` (tests, data held in memory)."""
+          ``(config) -> ContrastiveData`` (tests, data held in memory).
+    probe_per_class: train the full-shot probe and kNN on a balanced subset of that many images
+          per class of the probe pool (cheaper on a CPU); None: the whole pool (the protocol)."""
+    from .run import run_data
     from ..eval import EvalResult
     from .evaluate import evaluate_checkpoint
     from .pretrain import pretrain
@@ -62,7 +65,7 @@ def run_study(base: PretrainConfig, out_dir, *, methods=("simclr", "sdclr"), spl
                                            pretrain_set="balanced" if bal else "long_tail",
                                            extra={**base.extra, "label": _label(method, bal)})
                         print(f"study: {_label(method, bal)}, split {split}, seed {seed} -> {run}", flush=True)
-                        cell_data = None if data is None else data(cfg)
+                        cell_data = run_data(cfg, run) if data is None else data(cfg)
                         pretrain(cfg, run_dir=run, resume=True, data=cell_data)
                         scores = run / "eval.json"
                         if scores.exists():
@@ -70,7 +73,8 @@ def run_study(base: PretrainConfig, out_dir, *, methods=("simclr", "sdclr"), spl
                         else:
                             opts = {"epochs": probe_epochs} if probe_epochs is not None else None
                             _, res = evaluate_checkpoint(run, probes=probes, device=device, probe_options=opts,
-                                                         knn_k=knn_k, seed=seed, data=cell_data)
+                                                         knn_k=knn_k, seed=seed, data=cell_data,
+                                                         probe_per_class=probe_per_class)
                             write_json(scores, {p: r.to_dict() for p, r in res.items()}, what="the cell's scores")
                         cells.append(dict(method=method, balanced=bal, split=split, seed=seed, results=res))
                         for p, r in res.items():
