@@ -39,10 +39,11 @@ def check_flag(name, value):
 def value_checked(check_finite, t):
     """Whether the values of tensor t are checked: check_finite=True always (a device sync on
     CUDA), False never, None where it costs nothing: a CPU tensor outside torch.compile (a
-    compiled graph cannot branch on a value without a graph break)."""
+    compiled graph cannot branch on a value without a graph break) and torch.func transforms."""
     if check_finite is not None:
         return check_finite
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))  # vmap: no values
 
 
 def check_values(named, temperature, check_finite):
@@ -106,6 +107,18 @@ def inv_tau_tensor(tau, tau_value, device, dtype):
 
 
 # ------------------------------------------------------------------ dispatch
+def transformed(*ts):
+    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD sees any
+    of these tensors; the custom ops' registered autograd does not run there, so the ops take
+    a route of their own. torch.compile traces the custom ops."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(t, torch.Tensor) and wrapped(t) for t in ts)
+
+
 def use_triton(z, backend, what):
     """Whether the Triton kernels run: CUDA fp32/fp16/bf16 by default; `_backend="triton"` or
     SDCLR_FAST_FORCE_TRITON=1 (read at call time) force them (tests run them on CPU tensors

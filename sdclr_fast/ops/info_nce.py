@@ -59,21 +59,17 @@ Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="trit
 tensors through the Triton kernels; set TRITON_INTERPRET=1 before Triton is imported.
 """
 import functools
-import math
-import numbers
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["info_nce", "InfoNCELoss", "MemoryBank", "momentum_update_"]
+from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
+from ._common import chain as _chain, check_flag, check_temperature, check_values
+from ._common import cpu_block as _cpu_block, define_op, dist_world as _dist_world
+from ._common import inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
-_EPS = 1e-12  # F.normalize's eps: rows are divided by max(|z_i|, eps)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_REDUCTIONS = ("mean", "sum", "none")
-_CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch path (8 MiB in fp32)
-_LN2 = math.log(2.0)
+__all__ = ["info_nce", "InfoNCELoss", "MemoryBank", "momentum_update_"]
 
 
 def _kernels():
@@ -136,18 +132,7 @@ def _check(query, key, temperature, negatives, symmetric, normalize, reduction, 
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1 or not temperature.dtype.is_floating_point:
-            raise ValueError(f"temperature must be a number or a 1-element floating tensor, got "
-                             f"shape {tuple(temperature.shape)} dtype {temperature.dtype}")
-        if temperature.device != query.device and temperature.device.type != "cpu":
-            raise ValueError(f"temperature is on {temperature.device} but query is on "
-                             f"{query.device}")
-    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise ValueError(f"temperature must be a positive number or a 1-element tensor, got "
-                         f"{temperature!r}")
-    elif not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+    check_temperature(temperature, query.device, "query")
 
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (m,):
@@ -165,51 +150,7 @@ def _check(query, key, temperature, negatives, symmetric, normalize, reduction, 
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
 
 
-def _batched(t):
-    """Whether t is (or wraps) a vmap BatchedTensor, whose values cannot be read."""
-    fc = torch._C._functorch
-    while isinstance(t, torch.Tensor) and fc.is_functorch_wrapped_tensor(t):
-        if fc.is_batchedtensor(t):
-            return True
-        t = fc.get_unwrapped(t)
-    return False
-
-
-def _check_values(tensors, temperature):
-    """NaN/inf in the named tensors or a non-positive temperature tensor: ValueError. One
-    host sync; which input is bad is worked out on failure."""
-    if any(_batched(t) for _, t in tensors) or _batched(temperature):
-        return  # under vmap values cannot be read
-    flags = [torch.isfinite(t.detach()).all() for _, t in tensors]
-    if isinstance(temperature, torch.Tensor):
-        t = temperature.detach().reshape(()).to(tensors[0][1].device)
-        flags.append(torch.isfinite(t) & (t > 0))
-    ok = torch.stack(flags).tolist()
-    for (name, _), good in zip(tensors, ok):
-        if not good:
-            raise ValueError(f"{name} holds NaN or inf values")
-    if isinstance(temperature, torch.Tensor) and not ok[-1]:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature.item()!r}")
-
-
 # ------------------------------------------------------------------ shared math
-# _inv_norms and _chain repeat the helpers of ops/nt_xent.py (merge candidates).
-def _inv_norms(u, dtype):
-    """1 / max(|u_i|, eps) in `dtype`, and the mask norm >= eps where the normalisation's
-    gradient goes through the norm (F.normalize's clamp)."""
-    norm = torch.linalg.vector_norm(u, dim=1, dtype=dtype)
-    return 1.0 / norm.clamp_min(_EPS), norm >= _EPS
-
-
-def _chain(zh, dzh, r, through, normalize):
-    """dL/du from dL/dzhat, zhat = r u: r (dzhat - zhat (zhat . dzhat)) where the norm is at
-    least eps (below it zhat = u / eps is linear in u)."""
-    if not normalize:
-        return dzh
-    proj = (zh * dzh).sum(1, keepdim=True) * through[:, None]
-    return (dzh - zh * proj) * r[:, None]
-
-
 def _prepared(u, cdt, normalize):
     """(zhat in cdt, r, through) of a row matrix, or Nones for a missing one."""
     if u is None:
@@ -217,10 +158,6 @@ def _prepared(u, cdt, normalize):
     r, through = _inv_norms(u, cdt)
     zh = u.to(cdt) * r[:, None] if normalize else u.to(cdt)
     return zh, r, through
-
-
-def _cpu_block(cols):
-    return max(16, min(1024, _CPU_BLOCK_ELEMS // max(cols, 1)))
 
 
 def _pos_term(S, s, e, keys_r, keys_c, ncol):
@@ -358,10 +295,10 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
     return dx, dy, dn
 
 
-def _grads_create_graph(x, y, n, tau, tau_value, keys_x, keys_y, grad_rows, conf, cdt):
+def _grads_create_graph(x, y, n, tau, inv_tau, keys_x, keys_y, grad_rows, conf, cdt):
     """The same gradients from plain PyTorch ops on the materialised (Cq, Ck + Q) matrix, so
     that autograd can differentiate them again (double backward, torch.func)."""
-    M, symmetric, in_batch, normalize = conf[:4]
+    M, symmetric, in_batch, normalize = conf
     dtypes = [t.dtype for t in (x, y, n) if t is not None]
     xh, yh = x.to(cdt), y.to(cdt)
     nh = n.to(cdt) if n is not None else None
@@ -375,10 +312,11 @@ def _grads_create_graph(x, y, n, tau, tau_value, keys_x, keys_y, grad_rows, conf
         yh, ry, ty = norm(yh)
         if nh is not None:
             nh, rn, tn = norm(nh)
-    t = tau.reshape(()).to(cdt) if tau is not None else tau_value
+    t = tau.reshape(()).to(cdt) if tau is not None else None
+    inv_t = 1.0 / t if t is not None else inv_tau.reshape(()).to(cdt)  # a Python temperature
     Cq, Ck = xh.shape[0], yh.shape[0]
     cols = torch.cat([yh, nh]) if nh is not None else yh
-    S = xh @ cols.t() / t
+    S = xh @ cols.t() * inv_t
     dev = x.device
     ar = torch.arange(M, device=dev)
     if keys_x is None:
@@ -403,8 +341,8 @@ def _grads_create_graph(x, y, n, tau, tau_value, keys_x, keys_y, grad_rows, conf
         h = grad_rows[M:].to(cdt)
         dT = h[:, None] * (P2 - pos2.to(cdt) / pos2.sum(1, keepdim=True))
         dS = torch.cat([dS[:, :M] + dT.t(), dS[:, M:]], 1)
-    dxh = dS @ cols / t
-    dcols = dS.t() @ xh / t
+    dxh = dS @ cols * inv_t
+    dcols = dS.t() @ xh * inv_t
     dyh, dnh = dcols[:Ck], dcols[Ck:]
     gtau = None
     if tau is not None:
@@ -418,135 +356,240 @@ def _grads_create_graph(x, y, n, tau, tau_value, keys_x, keys_y, grad_rows, conf
             dnh.to(dtypes[0]) if n is not None else None, gtau)
 
 
-# ------------------------------------------------------------------ autograd
-@functools.lru_cache(maxsize=16)
-def _const_inv_tau(tau_value, device):
-    return torch.full((1,), 1.0 / tau_value, device=device, dtype=torch.float32)
-
-
+# ------------------------------------------------------------------ custom ops
 @functools.lru_cache(maxsize=8)
-def _index_keys(m, device):
+def _index_keys_cached(m, device):
     return torch.arange(m, device=device, dtype=torch.int32)
 
 
-class _InfoNCERows(torch.autograd.Function):
-    """Unweighted per-row losses of the first M rows of x (queries, (Cq, D)) against the
-    columns [y; n] (keys (Ck, D), negatives (Q, D) or None), and of the first M rows of y
-    against x when symmetric.
+def _index_keys(m, device):
+    """Keys of the kernels without labels (row i pairs with column i); cached in eager."""
+    if torch.compiler.is_compiling():
+        return torch.arange(m, device=device, dtype=torch.int32)
+    return _index_keys_cached(m, device)
 
-    keys_x / keys_y: int positive keys of the rows of x / y (query i and key j are positives
-    iff equal), or None: query i <-> key i only. tau: temperature tensor or None (then
-    tau_value). conf = (M, symmetric, in_batch, normalize, use_triton, block_d).
-    Returns (rows, lse1, lse2, cnt1, cnt2); only rows is differentiable."""
+
+# The per-row losses are custom ops (sdclr_fast::info_nce_fwd / _bwd for the PyTorch path,
+# info_nce_fwd_triton / _bwd_triton for the kernels) with fake implementations, a registered
+# autograd formula and a vmap rule, so torch.compile traces info_nce without a graph break.
+# Rows: the first M rows of x (queries, (Cq, D)) against the columns [y; n] (keys (Ck, D),
+# negatives (Q, D) or None), then the first M rows of y against x when symmetric.
+# keys_x / keys_y: integer positive keys of the rows of x / y (query i and key j are positives
+# iff equal), or None: query i <-> key i only (the kernels then get the row index as keys).
+# tau: the temperature tensor (for its gradient) or None; inv_tau: 1 / tau as a (1,) tensor
+# (fp32 for the kernels, the compute dtype otherwise). Outputs (rows, lse1, lse2, cnt1, cnt2);
+# only rows is differentiable.
+def _fwd_torch(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | None,
+               tau: torch.Tensor | None, inv_tau: torch.Tensor, keys_x: torch.Tensor | None,
+               keys_y: torch.Tensor | None, M: int, symmetric: bool, in_batch: bool,
+               normalize: bool, block_d: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xh, yh, nh = (_prepared(u, cdt, normalize)[0] for u in (x, y, n))
+    rows, lse1, lse2, cnt1, cnt2 = _torch_forward(xh, yh, nh, inv_tau, M, keys_x, keys_y,
+                                                  symmetric, in_batch)
+    one = torch.ones(M, dtype=torch.int64, device=x.device)
+    return (rows, lse1, lse2, one if cnt1 is None else cnt1,
+            torch.ones_like(one) if cnt2 is None else cnt2)
+
+
+def _fwd_triton(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | None,
+                tau: torch.Tensor | None, inv_tau: torch.Tensor, keys_x: torch.Tensor | None,
+                keys_y: torch.Tensor | None, M: int, symmetric: bool, in_batch: bool,
+                normalize: bool, block_d: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = _kernels()
+    x, y = x.contiguous(), y.contiguous()
+    n = n.contiguous() if n is not None else None
+    kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
+    ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
+    rx, _ = _inv_norms(x, torch.float32)
+    ry, _ = _inv_norms(y, torch.float32)
+    rn = _inv_norms(n, torch.float32)[0] if n is not None else None
+    loss1, lse1, cnt1 = k.forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize,
+                                  not in_batch, block_d)
+    if symmetric:
+        loss2, lse2, cnt2 = k.forward(y, ry, ky, x, rx, kx, None, None, inv_tau, M, normalize,
+                                      False, block_d)
+        return torch.cat([loss1, loss2]), lse1, lse2, cnt1, cnt2
+    lse2 = torch.full((y.shape[0],), float("inf"), device=x.device)
+    return loss1, lse1, lse2, cnt1, cnt1.clone()
+
+
+def _fwd_fake(x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch, normalize,
+              block_d, triton):
+    dt = torch.float64 if x.dtype == torch.float64 and not triton else torch.float32
+    ct = torch.int32 if triton else torch.int64
+    return (x.new_empty(2 * M if symmetric else M, dtype=dt), x.new_empty(x.shape[0], dtype=dt),
+            x.new_empty(y.shape[0], dtype=dt), x.new_empty(M, dtype=ct),
+            x.new_empty(M, dtype=ct))
+
+
+def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2, M,
+              symmetric, in_batch, normalize, block_d, need_x, need_y, need_n, need_tau,
+              triton):
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_rows = grad_rows.to(cdt)
+    g = grad_rows[:M]
+    gpos = g / cnt1.to(cdt)
+    h = hpos = None
+    if symmetric:
+        h = grad_rows[M:]
+        hpos = h / cnt2.to(cdt)
+    (xh, rx, tx), (yh, ry, ty), (nh, rn, tn) = (_prepared(u, cdt, normalize)
+                                                for u in (x, y, n))
+    need_n = need_n and n is not None
+    if triton:
+        k = _kernels()
+        kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
+        ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
+        rx32, ry32 = rx.float(), ry.float()
+        rn32 = rn.float() if rn is not None else None
+        dxh, dyh, dnh = k.backward(
+            x.contiguous(), rx32, kx, y.contiguous(), ry32, ky,
+            n.contiguous() if n is not None else None, rn32, inv_tau, M, normalize,
+            not in_batch, symmetric, lse1, lse2, g.float(), gpos.float(),
+            h.float() if h is not None else None, hpos.float() if h is not None else None,
+            need_x or need_tau, need_y, need_n, block_d)
+    else:
+        dxh, dyh, dnh = _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric,
+                                        in_batch, lse1, lse2, g, gpos, h, hpos, need_y, need_n)
+    def empty():  # one per output: the outputs of a custom op must not alias each other
+        return x.new_empty(0)
+
+    gt = empty()
+    if need_tau:
+        gt = (-(xh * dxh.to(cdt)).sum() / tau.detach().to(cdt)).to(tau.dtype).reshape(tau.shape)
+    gx = _chain(xh, dxh.to(cdt), rx, tx, normalize).to(x.dtype) if need_x else empty()
+    gy = _chain(yh, dyh.to(cdt), ry, ty, normalize).to(y.dtype) if need_y else empty()
+    gn = _chain(nh, dnh.to(cdt), rn, tn, normalize).to(n.dtype) if need_n else empty()
+    return gx, gy, gn, gt
+
+
+def _bwd_torch(grad_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+               n: torch.Tensor | None, tau: torch.Tensor | None, inv_tau: torch.Tensor,
+               keys_x: torch.Tensor | None, keys_y: torch.Tensor | None, lse1: torch.Tensor,
+               lse2: torch.Tensor, cnt1: torch.Tensor, cnt2: torch.Tensor, M: int,
+               symmetric: bool, in_batch: bool, normalize: bool, block_d: int | None,
+               need_x: bool, need_y: bool, need_n: bool, need_tau: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2,
+                     M, symmetric, in_batch, normalize, block_d, need_x, need_y, need_n,
+                     need_tau, False)
+
+
+def _bwd_triton(grad_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                n: torch.Tensor | None, tau: torch.Tensor | None, inv_tau: torch.Tensor,
+                keys_x: torch.Tensor | None, keys_y: torch.Tensor | None, lse1: torch.Tensor,
+                lse2: torch.Tensor, cnt1: torch.Tensor, cnt2: torch.Tensor, M: int,
+                symmetric: bool, in_batch: bool, normalize: bool, block_d: int | None,
+                need_x: bool, need_y: bool, need_n: bool, need_tau: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2,
+                     M, symmetric, in_batch, normalize, block_d, need_x, need_y, need_n,
+                     need_tau, True)
+
+
+def _bwd_fake(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2, M,
+              symmetric, in_batch, normalize, block_d, need_x, need_y, need_n, need_tau):
+    e = x.new_empty(0)
+    return (torch.empty_like(x) if need_x else e, torch.empty_like(y) if need_y else e,
+            torch.empty_like(n) if need_n and n is not None else e,
+            torch.empty_like(tau) if need_tau else e)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, n, tau, inv_tau, keys_x, keys_y, *conf = inputs
+    rows, lse1, lse2, cnt1, cnt2 = output
+    ctx.mark_non_differentiable(lse1, lse2, cnt1, cnt2)
+    ctx.save_for_backward(x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2)
+    ctx.conf = tuple(conf[:5])  # (M, symmetric, in_batch, normalize, block_d)
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_rows, *_):
+        """The fused backward; in grad mode (create_graph=True, torch.func) the gradient
+        formula in differentiable PyTorch ops instead."""
+        x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2 = ctx.saved_tensors
+        M, symmetric, in_batch, normalize, block_d = ctx.conf
+        need_x, need_y, need_n, need_tau = ctx.needs_input_grad[:4]
+        need_n, need_tau = need_n and n is not None, need_tau and tau is not None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+            gx, gy, gn, gt = _grads_create_graph(x, y, n, tau, inv_tau, keys_x, keys_y,
+                                                 grad_rows, ctx.conf[:4], cdt)
+        else:
+            gx, gy, gn, gt = bwd_op(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1,
+                                    lse2, cnt1, cnt2, M, symmetric, in_batch, normalize,
+                                    block_d, need_x, need_y, need_n, need_tau)
+        return (gx if need_x else None, gy if need_y else None, gn if need_n else None,
+                gt if need_tau else None, *([None] * 8))
+    return backward
+
+
+def _make_vmap(fwd):
+    def vmap(info, in_dims, x, y, n, tau, inv_tau, keys_x, keys_y, *conf):
+        # one call per batch element (the kernels have no batch dimension)
+        args = (x, y, n, tau, inv_tau, keys_x, keys_y)
+        outs = []
+        for b in range(info.batch_size):
+            sl = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims[:7])]
+            outs.append(fwd(*sl, *conf))
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * 5
+    return vmap
+
+
+_ops = {}
+_bwd_ops = {}
+
+
+def _define_ops(triton):
+    """Define (once) the forward / backward ops of one path."""
+    if triton in _ops:
+        return _ops[triton]
+    sfx = "_triton" if triton else ""
+    fwd = define_op(f"info_nce_fwd{sfx}", _fwd_triton if triton else _fwd_torch,
+                    functools.partial(_fwd_fake, triton=triton), triton=triton)
+    bwd = define_op(f"info_nce_bwd{sfx}", _bwd_triton if triton else _bwd_torch, _bwd_fake,
+                    triton=triton)
+    fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
+    fwd.register_vmap(_make_vmap(fwd))
+    _ops[triton], _bwd_ops[triton] = fwd, bwd
+    return fwd
+
+
+class _Transformed(torch.autograd.Function):
+    """The same ops for torch.func transforms (grad, jacrev, vmap), which do not run the
+    autograd formula registered on a custom op: an autograd.Function around the forward op
+    with the same backward (in grad mode the differentiable formula) and vmap rule."""
 
     @staticmethod
-    def forward(x, y, n, tau, keys_x, keys_y, tau_value, conf):
-        M, symmetric, in_batch, normalize, use_triton, block_d = conf
-        if use_triton:
-            k = _kernels()
-            inv_tau = ((1.0 / tau.detach().to(device=x.device, dtype=torch.float32)).reshape(1)
-                       if tau is not None else _const_inv_tau(tau_value, x.device))
-            x, y = x.contiguous(), y.contiguous()
-            n = n.contiguous() if n is not None else None
-            kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
-            ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
-            rx, _ = _inv_norms(x, torch.float32)
-            ry, _ = _inv_norms(y, torch.float32)
-            rn = _inv_norms(n, torch.float32)[0] if n is not None else None
-            loss1, lse1, cnt1 = k.forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize,
-                                          not in_batch, block_d)
-            if symmetric:
-                loss2, lse2, cnt2 = k.forward(y, ry, ky, x, rx, kx, None, None, inv_tau, M,
-                                              normalize, False, block_d)
-                return torch.cat([loss1, loss2]), lse1, lse2, cnt1, cnt2
-            lse2 = torch.full((y.shape[0],), float("inf"), device=x.device)
-            return loss1, lse1, lse2, cnt1, cnt1
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        tv = float(tau.detach()) if tau is not None else tau_value
-        xh, yh, nh = (_prepared(u, cdt, normalize)[0] for u in (x, y, n))
-        rows, lse1, lse2, cnt1, cnt2 = _torch_forward(xh, yh, nh, 1.0 / tv, M, keys_x, keys_y,
-                                                      symmetric, in_batch)
-        one = torch.ones(M, dtype=torch.int64, device=x.device)
-        return rows, lse1, lse2, one if cnt1 is None else cnt1, one if cnt2 is None else cnt2
+    def forward(x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch, normalize,
+                block_d, triton):
+        return _ops[triton](x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch,
+                            normalize, block_d)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, y, n, tau, keys_x, keys_y, tau_value, conf = inputs
-        rows, lse1, lse2, cnt1, cnt2 = output
-        ctx.mark_non_differentiable(lse1, lse2, cnt1, cnt2)
-        ctx.save_for_backward(x, y, n, tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2)
-        ctx.tau_value = tau_value
-        ctx.conf = conf
+        _setup_context(ctx, inputs, output)
+        ctx.triton = inputs[-1]
 
     @staticmethod
-    def backward(ctx, grad_rows, *_):
-        x, y, n, tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2 = ctx.saved_tensors
-        M, symmetric, in_batch, normalize, use_triton, block_d = ctx.conf
-        need_x, need_y, need_n, need_tau = ctx.needs_input_grad[:4]
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if torch.is_grad_enabled():  # create_graph / torch.func: differentiable recompute
-            gx, gy, gn, gt = _grads_create_graph(x, y, n, tau, ctx.tau_value, keys_x, keys_y,
-                                                 grad_rows, ctx.conf, cdt)
-            return (gx if need_x else None, gy if need_y else None, gn if need_n else None,
-                    gt if need_tau else None, None, None, None, None)
-        grad_rows = grad_rows.to(cdt)
-        g = grad_rows[:M]
-        gpos = g / cnt1.to(cdt)
-        h = hpos = None
-        if symmetric:
-            h = grad_rows[M:]
-            hpos = h / cnt2.to(cdt)
-        tv = float(tau.detach()) if tau is not None else ctx.tau_value
-        (xh, rx, tx), (yh, ry, ty), (nh, rn, tn) = (_prepared(u, cdt, normalize)
-                                                    for u in (x, y, n))
-        need_n = need_n and n is not None
-        if use_triton:
-            k = _kernels()
-            inv_tau = torch.full((1,), 1.0 / tv, device=x.device, dtype=torch.float32)
-            kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
-            ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
-            rx32, ry32 = rx.float(), ry.float()
-            rn32 = rn.float() if rn is not None else None
-            dxh, dyh, dnh = k.backward(
-                x.contiguous(), rx32, kx, y.contiguous(), ry32, ky,
-                n.contiguous() if n is not None else None, rn32, inv_tau, M, normalize,
-                not in_batch, symmetric, lse1, lse2, g.float(), gpos.float(),
-                h.float() if h is not None else None, hpos.float() if h is not None else None,
-                need_x or need_tau, need_y, need_n, block_d)
-        else:
-            dxh, dyh, dnh = _torch_backward(xh, yh, nh, 1.0 / tv, M, keys_x, keys_y, symmetric,
-                                            in_batch, lse1, lse2, g, gpos, h, hpos, need_y,
-                                            need_n)
-        gt = None
-        if need_tau and tau is not None:
-            gt = (-(xh * dxh.to(cdt)).sum() / tv).to(tau.dtype).reshape(tau.shape)
-        gx = _chain(xh, dxh.to(cdt), rx, tx, normalize).to(x.dtype) if need_x else None
-        gy = _chain(yh, dyh.to(cdt), ry, ty, normalize).to(y.dtype) if need_y else None
-        gn = _chain(nh, dnh.to(cdt), rn, tn, normalize).to(n.dtype) if need_n else None
-        return gx, gy, gn, gt, None, None, None, None
+    def backward(ctx, *grads):
+        return *_make_backward(_bwd_ops[ctx.triton])(ctx, *grads), None
 
     @staticmethod
-    def vmap(info, in_dims, x, y, n, tau, keys_x, keys_y, tau_value, conf):
-        # one call per batch element (the kernels have no batch dimension)
-        args = (x, y, n, tau, keys_x, keys_y)
-        outs = []
-        for b in range(info.batch_size):
-            sl = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims[:6])]
-            outs.append(_InfoNCERows.apply(*sl, tau_value, conf))
-        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * 5
+    def vmap(info, in_dims, *args):
+        return _make_vmap(_Transformed.apply)(info, in_dims, *args)
+
+
+# Both paths' ops exist from import on (defining an op while torch.compile traces is not
+# possible); neither definition imports Triton.
+_define_ops(False)
+_define_ops(True)
 
 
 # ------------------------------------------------------------------ distributed gather
-def _dist_world(gather_distributed):
-    if not gather_distributed:
-        return None
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _check_same_rows(m, device, world):
     import torch.distributed as dist
 
@@ -575,22 +618,9 @@ def _gather_plain(t, rank, world):
 
 
 # ------------------------------------------------------------------ public API
-def _use_triton(z, backend):
-    if backend == "torch":
-        return False
-    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
-        if z.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"the Triton kernels take query/key of dtype "
-                             f"float32/float16/bfloat16, got {z.dtype}")
-        return True
-    if backend != "auto":
-        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return z.is_cuda and z.dtype in _TRITON_DTYPES
-
-
 def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, normalize=True,
              reduction="mean", weights=None, labels=None, gather_distributed=False,
-             in_batch_negatives=True, _backend="auto", _block_d=None):
+             in_batch_negatives=True, check_finite=None, _backend="auto", _block_d=None):
     """InfoNCE of query (M, D) against key (M, D) (row i's positive is k_i) and the optional
     negatives (Q, D), without the (M, M + Q) logit matrix.
 
@@ -600,13 +630,14 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
     `sdclr_fast.ops.reference.info_nce_reference`."""
     _check(query, key, temperature, negatives, symmetric, normalize, reduction, weights, labels,
            in_batch_negatives)
-    use_triton = _use_triton(query, _backend)
+    check_flag("check_finite", check_finite)
+    triton = use_triton(query, _backend, "query/key")
     if negatives is not None and negatives.shape[0] == 0:
         negatives = None
     named = [("query", query), ("key", key)]
     if negatives is not None:
         named.append(("negatives", negatives))
-    _check_values(named, temperature)
+    check_values(named, temperature, check_finite)
     m = query.shape[0]
     world = _dist_world(gather_distributed) if in_batch_negatives else None
     x, y = query, key
@@ -624,14 +655,18 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
             keys_y = all_lab
     elif labels is not None:
         keys_y = keys_x
-    if keys_x is not None:
-        # labels of any range as int32 ids (the kernels compare int32 keys)
-        inv = torch.unique(torch.cat([keys_x, keys_y]), return_inverse=True)[1].to(torch.int32)
-        keys_x, keys_y = inv[: keys_x.shape[0]], inv[keys_x.shape[0]:]
+    if keys_x is not None:  # labels of any range, no data-dependent relabelling
+        keys_x, keys_y = keys_x.long(), keys_y.long()
     tau = temperature if isinstance(temperature, torch.Tensor) else None
     tau_value = None if tau is not None else float(temperature)
-    conf = (m, symmetric, in_batch_negatives, normalize, use_triton, _block_d)
-    rows = _InfoNCERows.apply(x, y, negatives, tau, keys_x, keys_y, tau_value, conf)[0]
+    cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    inv_tau = inv_tau_tensor(tau, tau_value, query.device, torch.float32 if triton else cdt)
+    args = (x, y, negatives, tau, inv_tau, keys_x, keys_y, m, symmetric, in_batch_negatives,
+            normalize, _block_d)
+    if transformed(*args[:7]):
+        rows = _Transformed.apply(*args, triton)[0]
+    else:
+        rows = _ops[triton](*args)[0]
     if weights is not None:
         w = weights.to(rows.dtype)
         rows = rows * (torch.cat([w, w]) if symmetric else w)

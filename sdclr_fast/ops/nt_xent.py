@@ -69,14 +69,13 @@ import functools
 import numbers
 
 import torch
-import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_temperature as _check_temperature
 from ._common import check_values, cpu_block as _cpu_block, define_op, dist_world as _dist_world
-from ._common import inv_norms as _inv_norms, inv_tau_tensor, use_triton
+from ._common import inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
 __all__ = ["nt_xent", "NTXentLoss"]
 
@@ -158,19 +157,6 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_pos
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     return rows
-
-
-def _transformed(*ts):
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD sees any
-    of these tensors: then the op runs its differentiable PyTorch formulation (no host reads,
-    no data-dependent shapes). torch.compile traces the op as before (a graph break at the
-    value checks)."""
-    if torch.compiler.is_compiling():
-        return False
-    if _fwad._current_level >= 0:
-        return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(t, torch.Tensor) and wrapped(t) for t in ts)
 
 
 # ------------------------------------------------------------------ shared math
@@ -596,7 +582,7 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
         lab = lab.to(z1.device)
         lab = torch.cat([lab, lab]) if lab.shape[0] != R else lab
 
-    if _transformed(z1, z2, temperature, weights, labels):
+    if transformed(z1, z2, temperature, weights, labels):
         if world is not None:
             raise ValueError("gather_distributed=True cannot run under torch.func transforms or "
                              "forward-mode AD")
