@@ -1,0 +1,169 @@
+"""nt_xent and info_nce as compile-visible custom ops: torch.library.opcheck, torch.compile
+(fullgraph, Inductor on CPU) with no graph break and no recompile when only values change,
+eager values and gradients; check_finite=False reads no device value."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch._dynamo.testing  # noqa: E402
+
+from sdclr_fast.ops import info_nce as inf  # noqa: E402
+from sdclr_fast.ops import nt_xent as nt  # noqa: E402
+
+
+def _rows(m, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, d, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_opcheck_nt_xent(triton):
+    if triton and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton ops run on CPU tensors in the interpreter only")
+    u = _rows(6, 8, 0).requires_grad_()
+    tau = torch.tensor([0.3], requires_grad=True)
+    inv_tau = (1 / tau.detach()).float()
+    keys = torch.arange(6, dtype=torch.int32).remainder(3)
+    for args in [(u, tau, inv_tau, keys, 6, True, None, False, True),
+                 (u, None, inv_tau, torch.tensor([0, 0, 1, 2, 2, 2]), 6, True, None, True, False)]:
+        torch.library.opcheck(nt._ops[triton], args)
+
+
+def test_opcheck_info_nce():
+    q, k, n = _rows(5, 4, 0).requires_grad_(), _rows(5, 4, 1).requires_grad_(), _rows(3, 4, 2)
+    inv_tau = torch.tensor([5.0])
+    torch.library.opcheck(inf._ops[False], (q, k, n, None, inv_tau, None, None, 5, True, True,
+                                            True, None))
+
+
+def _compile_counted(fn):
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    return torch.compile(fn, backend=cnt, fullgraph=True), cnt
+
+
+@pytest.mark.parametrize("loss", ["nt_xent", "nt_xent_labels", "info_nce"])
+def test_compile_fullgraph_no_recompile(loss):
+    """fullgraph=True (a graph break raises), one frame compiled once over three calls with a
+    new temperature tensor value, an in-place weight change and a new batch of the same shape;
+    values and gradients match eager."""
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(8, 6)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])
+
+    def step(a, b, tau):
+        z1, z2 = lin(a), lin(b)
+        if loss == "nt_xent":
+            return nt.nt_xent(z1, z2, tau)
+        if loss == "nt_xent_labels":
+            return nt.nt_xent(torch.cat([z1, z2]), temperature=tau, labels=labels,
+                              multi_positive="in")
+        return inf.info_nce(z1, z2, tau, symmetric=True)
+
+    compiled, cnt = _compile_counted(step)
+    tau = torch.tensor(0.2)
+    for i in range(3):
+        a, b = _rows(4, 8, 2 * i), _rows(4, 8, 2 * i + 1)
+        tau.fill_(0.2 + 0.1 * i)
+        with torch.no_grad():
+            lin.weight.mul_(0.9)
+        out = compiled(a, b, tau)
+        g = torch.autograd.grad(out, list(lin.parameters()))
+        ref = step(a, b, tau)
+        gr = torch.autograd.grad(ref, list(lin.parameters()))
+        torch.testing.assert_close(out, ref)
+        for x, y in zip(g, gr):
+            torch.testing.assert_close(x, y)
+    assert cnt.frame_count == 1
+
+
+def test_compiled_graph_calls_the_custom_op():
+    """The loss is one custom-op node of the graph (not an opaque graph break)."""
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda a, b: nt.nt_xent(a, b, 0.2))(_rows(3, 4, 0),
+                                                                        _rows(3, 4, 1))
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    assert "sdclr_fast.nt_xent_fwd" in str(explain.graphs[0].code)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
+@pytest.mark.parametrize("fn", ["nt_xent", "nt_xent_labels", "info_nce"])
+def test_check_finite_false_reads_no_value(monkeypatch, fn):
+    """The kernel path with check_finite=False (what a CUDA step runs) never reads a tensor's
+    value on the host: .item(), bool() and .tolist() raise here."""
+    z1, z2 = _rows(4, 8, 0).requires_grad_(), _rows(4, 8, 1).requires_grad_()
+    tau = torch.tensor(0.3)
+    labels = torch.tensor([5, 9, 5, 7, 9, 9, 1, 7])
+
+    def run():
+        if fn == "nt_xent":
+            out = nt.nt_xent(z1, z2, tau, check_finite=False, _backend="triton")
+        elif fn == "nt_xent_labels":
+            out = nt.nt_xent(torch.cat([z1, z2]), temperature=tau, labels=labels,
+                             multi_positive="in", check_finite=False, _backend="triton")
+        else:
+            out = inf.info_nce(z1, z2, tau, symmetric=True, labels=labels[:4],
+                               check_finite=False, _backend="triton")
+        out.backward()
+
+    run()  # warm caches
+
+    def boom(*a, **k):
+        raise AssertionError("host read of a tensor value")
+
+    for name in ("item", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    run()
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="host read"):  # the patch does catch a check
+        for name in ("item", "__bool__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, boom)
+        nt.nt_xent(z1, z2, tau, check_finite=True, _backend="triton")
+
+
+@pytest.mark.parametrize("fn", ["nt_xent", "info_nce"])
+def test_check_finite_modes(fn):
+    """None checks CPU tensors, True always, False never; the error names the argument."""
+    a, b = _rows(3, 4, 0), _rows(3, 4, 1)
+    b[1, 2] = float("nan")
+    call = nt.nt_xent if fn == "nt_xent" else inf.info_nce
+    name = "z2" if fn == "nt_xent" else "key"
+    for mode in (None, True):
+        with pytest.raises(ValueError, match=f"{name} holds NaN or inf"):
+            call(a, b, 0.2, check_finite=mode)
+    assert torch.isnan(call(a, b, 0.2, check_finite=False))
+    with pytest.raises(ValueError, match="temperature must be finite"):
+        call(a, a, torch.tensor(-1.0))
+    with pytest.raises(ValueError, match="check_finite must be"):
+        call(a, a, 0.2, check_finite="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("fn", ["nt_xent", "nt_xent_labels", "info_nce"])
+def test_cuda_default_path_does_not_sync(fn):
+    """The eager CUDA default (check_finite=None) issues no synchronisation, forward and
+    backward (after a warm-up call that compiles the kernels)."""
+    z1 = torch.randn(64, 32, device="cuda", requires_grad=True)
+    z2 = torch.randn(64, 32, device="cuda", requires_grad=True)
+    tau = torch.tensor(0.2, device="cuda")
+    labels = torch.arange(128, device="cuda") % 40
+
+    def run():
+        if fn == "nt_xent":
+            out = nt.nt_xent(z1, z2, tau)
+        elif fn == "nt_xent_labels":
+            out = nt.nt_xent(torch.cat([z1, z2]), temperature=tau, labels=labels)
+        else:
+            out = inf.info_nce(z1, z2, tau, symmetric=True, labels=labels[:64])
+        out.backward()
+
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
