@@ -131,8 +131,11 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast for the forward passes (default: on for CUDA, off on CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on for CUDA, off on CPU)")
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the training forward (default off)")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "max-autotune", "reduce-overhead"),
+                   help="torch.compile the training step (both forwards, loss and backward in "
+                        "one graph) with this mode; --compile alone means 'default'; "
+                        "'reduce-overhead' adds CUDA graphs (default off)")
     g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
                    help="keep per-process BatchNorm statistics under DDP (default: SyncBatchNorm)")
     g.add_argument("--threads", dest="num_threads", type=int, default=None,
@@ -301,6 +304,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear-probe epochs (default: the protocol's 30 full / 100 few-shot; the "
                         "milestones scale with it)")
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
+    p.add_argument("--probe-per-class", type=int, default=None,
+                   help="train the full-shot probe and kNN on this many images per class of the probe pool "
+                        "(cheaper on a CPU; default: the whole pool, as the protocol)")
     p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size (default 512)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None,
@@ -316,7 +322,8 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent
     with lock_directory(out, what="output directory"):  # not while a run is writing there
         results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
-                                knn_k=args.knn_k, batch_size=args.batch_size, device=args.device)
+                                knn_k=args.knn_k, batch_size=args.batch_size, device=args.device,
+                                probe_per_class=args.probe_per_class)
         print(format_table(results))
         paths = write_outputs(results, out, title=args.title)
     print(f"report: {paths['report']}")

@@ -69,14 +69,14 @@ def _shots(value: float):
 
 
 def evaluate_runs(run_dirs, *, probe="all", shots=0.01, probe_epochs=None, knn_k=200, batch_size=512,
-                  device=None, data=None) -> dict:
+                  device=None, data=None, probe_per_class=None) -> dict:
     """{label: {probe: EvalResult}} for each run (labels made unique)."""
     probes = probe_names(probe, _shots(shots))
     opts = {"epochs": probe_epochs} if probe_epochs is not None else None
     results = {}
     for rd in run_dirs:
         label, res = evaluate_checkpoint(rd, probes=probes, data=data, device=device, batch_size=batch_size,
-                                         probe_options=opts, knn_k=knn_k)
+                                         probe_options=opts, knn_k=knn_k, probe_per_class=probe_per_class)
         base, i = label, 2
         while label in results:
             label, i = f"{base} #{i}", i + 1
