@@ -146,6 +146,20 @@ def dist_world(gather_distributed):
     return dist.get_rank(), dist.get_world_size()
 
 
+def all_gather_autograd(local, group=None):
+    """Every rank's ``local`` (same shape everywhere) concatenated along dim 0 in rank order,
+    through the functional collective (``torch.distributed.nn.functional.all_gather`` is
+    deprecated): its backward is a sum-reduce-scatter, so each rank's rows get the sum of the
+    gradients that all ranks put on them. ``group``: a process group (None: the default one)."""
+    import torch.distributed as dist
+    from torch.distributed import _functional_collectives as fc
+
+    # torch >= 2.13 names it all_gather_single_autograd (and deprecates the older name)
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather(local.contiguous(), 0, dist.group.WORLD if group is None else group)
+    return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
 def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -37,7 +37,7 @@ Options:
   gets its gradient too.
 * `gather_distributed=True` under torch.distributed (initialised, world size > 1): keys (and
   queries when symmetric) of all ranks are the in-batch negatives, gathered with
-  torch.distributed.nn.functional.all_gather (its backward sums every rank's gradient).
+  the functional collective all_gather (its backward sums every rank's gradient).
   Every rank holds the same M; each rank returns the loss of its own rows reduced over them,
   so the mean of the ranks' "mean" losses is the single-process loss of the concatenated
   batch, and the gradient reaching each rank's inputs is world_size x the single-process one
@@ -66,7 +66,8 @@ from torch import nn
 
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_temperature, check_values
-from ._common import cpu_block as _cpu_block, define_op, dist_world as _dist_world
+from ._common import all_gather_autograd as _all_gather_autograd, cpu_block as _cpu_block, define_op, \
+    dist_world as _dist_world
 from ._common import inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
 __all__ = ["info_nce", "InfoNCELoss", "MemoryBank", "momentum_update_"]
@@ -603,9 +604,7 @@ def _check_same_rows(m, device, world):
 def _gather_rows(local, rank, world):
     """[local; the other ranks' rows in rank order]; gradients of the other ranks' copies flow
     back to their owners (all_gather's backward sums them)."""
-    import torch.distributed.nn.functional as dist_nn
-
-    gathered = dist_nn.all_gather(local.contiguous())
+    gathered = _all_gather_autograd(local).split(local.shape[0])
     return torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
 
 

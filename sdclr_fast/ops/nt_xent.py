@@ -33,7 +33,7 @@ Options beyond the plain loss:
   gradient (learnable temperature).
 * `gather_distributed=True` under torch.distributed (initialised, world size > 1): negatives
   come from all ranks. Convention: every rank holds N local pairs (the same N everywhere);
-  the rows are gathered with torch.distributed.nn.functional.all_gather, whose backward sums
+  the rows are gathered with the functional collective all_gather, whose backward sums
   the gradients of all ranks; each rank returns the loss of its own 2N rows against all
   2N * world rows, reduced over its own rows ("mean" divides by 2N). The mean of the ranks'
   "mean" losses is the single-process loss of the concatenated batch
@@ -74,7 +74,8 @@ from torch import nn
 
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_temperature as _check_temperature
-from ._common import check_values, cpu_block as _cpu_block, define_op, dist_world as _dist_world
+from ._common import (all_gather_autograd as _all_gather_autograd, check_values, cpu_block as _cpu_block, define_op,
+                      dist_world as _dist_world)
 from ._common import inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
 __all__ = ["nt_xent", "NTXentLoss"]
@@ -526,7 +527,6 @@ def _gather_rows(local, labels, two_view, rank, world):
     """Local rows first, then the other ranks' rows; keys = the global pair index (two views,
     no labels) or the gathered labels. labels: None or (M_local,)."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
 
     m = local.shape[0]
     dev = local.device
@@ -536,7 +536,7 @@ def _gather_rows(local, labels, two_view, rank, world):
     if any(s != sizes[rank] for s in sizes):
         what = "N" if two_view else "number of rows M"
         raise ValueError(f"gather_distributed needs the same {what} on every rank, got {sizes}")
-    gathered = dist_nn.all_gather(local)  # backward: sum of all ranks' gradients
+    gathered = _all_gather_autograd(local).split(m)  # backward: sum of all ranks' gradients
     u = torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
     order = [rank] + [q for q in range(world) if q != rank]
     if labels is None:
