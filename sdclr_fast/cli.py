@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from .nn import METHODS
-from .train.config import KMEANS_BACKENDS, KMEANS_METRICS, RECIPES, STUDENT_INITS, DnCConfig, PretrainConfig
+from .train.config import (KMEANS_BACKENDS, KMEANS_METRICS, RECIPES, STUDENT_INITS, DnCConfig, PretrainConfig,
+                           parse_prune_block)
 from .train.models import EMBEDDINGS
 
 RUN_METHODS = METHODS + ("dnc",)
@@ -109,6 +110,10 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
                    help="SDCLR: one magnitude threshold over all convs (global, the paper's, default) or "
                         "one per conv (layer)")
+    g.add_argument("--prune-block", type=_prune_block, default=None, metavar="OUTxIN",
+                   help="SDCLR: prune whole OUTxIN channel blocks (all taps) instead of single weights, e.g. "
+                        "32x32: on CUDA the pruned branch then skips the empty blocks in the Triton kernels "
+                        "(where the tuned table says they win; cuDNN otherwise); default unstructured")
     g.add_argument("--moclr-momentum", type=float, default=None,
                    help=f"MoCLR: base EMA momentum of the target network (default {d.moclr_momentum:g}, "
                         f"BYOL's), raised to 1 over the run with BYOL's cosine schedule")
@@ -152,6 +157,13 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func", "debug", "recipe"}
+
+
+def _prune_block(text):
+    try:
+        return parse_prune_block(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--prune-block: {exc}") from None
 
 
 def _explicit(args) -> dict:

@@ -16,6 +16,20 @@ from ..nn import METHODS
 from .models import EMBEDDINGS
 PRUNE_SCOPES = ("global", "layer")
 
+
+def parse_prune_block(value):
+    """(out, in) channel block from "32x32" (or a 2-list); ValueError naming prune_block."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"prune_block must look like OUTxIN, e.g. 32x32, got {value!r}")
+        value = [int(p) for p in parts]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"prune_block must be two ints (out, in), got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value):
+        raise ValueError(f"prune_block must be positive ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
 # Fields that only change how a run executes, not what it computes; they may differ on resume.
 RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "progress", "num_threads",
                             "checkpoint_every_steps"})
@@ -52,6 +66,7 @@ class PretrainConfig:
     sparsity: float = 0.9                # SDCLR only
     prune_scope: str = "global"          # SDCLR only: "global" (paper) or "layer"
     random_prune: float = 0.0            # SDCLR only: part of `sparsity` pruned at random (official random_prune_percent)
+    prune_block: tuple | None = None     # SDCLR only: (out, in) channel blocks pruned whole (e.g. (32, 32)); None unstructured
     crop_scale: tuple = (0.1, 1.0)       # random resized crop's area range (SDCLR CIFAR; ImageNet 0.08-1)
     blur_prob: float = 0.0               # Gaussian blur probability (SDCLR's ImageNet recipe: 0.5)
     permute_classes: bool = True         # each split gives the head/tail ranks to a seeded class permutation
@@ -74,6 +89,8 @@ class PretrainConfig:
     def __post_init__(self):
         if isinstance(self.crop_scale, list):  # from JSON
             self.crop_scale = tuple(self.crop_scale)
+        if isinstance(self.prune_block, (list, str)):  # from JSON / a "32x32" string
+            self.prune_block = parse_prune_block(self.prune_block)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -122,6 +139,10 @@ class PretrainConfig:
         if self.sparsity >= 1:
             raise ValueError(f"sparsity must be < 1 (some weights must stay), got {self.sparsity!r}")
         finite("random_prune", lo=0, hi=self.sparsity)
+        pb = self.prune_block
+        if pb is not None and (not isinstance(pb, tuple) or len(pb) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in pb)):
+            raise ValueError(f"prune_block must be None or (out, in) positive ints, got {pb!r}")
         finite("blur_prob", lo=0, hi=1)
         cs = self.crop_scale
         if (not isinstance(cs, tuple) or len(cs) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real)

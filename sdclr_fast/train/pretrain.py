@@ -213,6 +213,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 ex.sync()
                 t0 = time.perf_counter()
                 kept = float(base.update_masks(sparsity=config.sparsity, scope=config.prune_scope,
+                                               block=config.prune_block,
                                                random_fraction=config.random_prune))
                 ex.sync()
                 prune_s = time.perf_counter() - t0
