@@ -15,6 +15,7 @@ from ..data.base import PRETRAIN_SETS
 from ..nn import METHODS
 from .models import EMBEDDINGS
 PRUNE_SCOPES = ("global", "layer")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
 
 
 def parse_prune_block(value):
@@ -29,6 +30,7 @@ def parse_prune_block(value):
     if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value):
         raise ValueError(f"prune_block must be positive ints, got {value!r}")
     return tuple(int(v) for v in value)
+
 
 # Fields that only change how a run executes, not what it computes; they may differ on resume.
 RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "progress", "num_threads",
@@ -77,7 +79,7 @@ class PretrainConfig:
     device: str | None = None            # None: cuda when available, else cpu
     amp: bool | None = None              # bf16 autocast; None: on for CUDA, off on CPU
     channels_last: bool | None = None    # None: on for CUDA, off on CPU
-    compile: bool = False
+    compile: str | None = None          # torch.compile mode of the step (COMPILE_MODES); None: eager
     sync_bn: bool = True                 # SyncBatchNorm when running under DDP
     log_every: int = 10                  # progress-bar refresh period in steps
     tensorboard: bool = True             # write TensorBoard scalars when tensorboard is installed
@@ -159,6 +161,10 @@ class PretrainConfig:
         for name in ("amp", "channels_last"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (auto), got {getattr(self, name)!r}")
+        if self.compile is True or self.compile is False:  # configs written before the modes
+            self.compile = "default" if self.compile else None
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
 

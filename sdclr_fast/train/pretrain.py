@@ -35,10 +35,9 @@ from .config import PretrainConfig
 from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown
 from .models import build_model_from_args, load_weights, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
-from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, Preempted, StopCheck, data_order,
+from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, StepCheckpoints, StopCheck, data_order,
                   open_checkpoint, params_finite, progress_bar, resolve_device, restore_training, run_data, run_lock,
-                  seed_everything, sgd_with_schedule, stop_signals, stopped_message, two_view_augment,
-                  write_run_files)
+                  seed_everything, sgd_with_schedule, stop_signals, two_view_augment, write_run_files)
 
 
 class ContrastiveForward(nn.Module):
@@ -65,6 +64,38 @@ class ContrastiveForward(nn.Module):
         # SimCLR: one forward over the 2B batch, so BN normalises both views together.
         z = self.model(torch.cat([v1, v2]), branch="dense")
         return z[: v1.shape[0]], z[v1.shape[0]:]
+
+
+def compile_step(step_module, config, ex, distributed):
+    """torch.compile of the step in mode ``config.compile``. Single process, SimCLR / SDCLR:
+    both forwards and the NT-Xent loss in one fullgraph function (AOTAutograd compiles its
+    backward with it), the temperature a device tensor; masks (buffers updated in place at
+    epoch starts) and the tensor learning rate change no guard, so nothing recompiles. Under
+    "reduce-overhead" the step replays as a CUDA graph and the returned loss is cloned (the
+    next replay overwrites the graph's output). Otherwise (DDP, MoCLR) the forward module
+    alone is compiled. Returns (step_module, loss_fn or None)."""
+    mode = config.compile
+    if distributed or config.method == "moclr":
+        return torch.compile(step_module, mode=mode), None
+    from ..ops.nt_xent import nt_xent
+
+    tau = torch.tensor(float(config.temperature), device=ex.device)
+
+    def step_loss(v1, v2):
+        with ex.autocast():
+            z1, z2 = step_module(v1, v2)
+        # no value checks in the graph; LossGuard catches a non-finite loss one step late
+        return nt_xent(z1.float(), z2.float(), tau, check_finite=False)
+
+    compiled = torch.compile(step_loss, mode=mode, fullgraph=True)
+    if mode != "reduce-overhead":
+        return step_module, compiled
+
+    def graphed(v1, v2):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(v1, v2).clone()
+
+    return step_module, graphed
 
 
 def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=None, data=None,
@@ -173,14 +204,14 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
         # step is only needed when BN statistics are per process.
         step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
                           find_unused_parameters=False, broadcast_buffers=not synced_bn)
+    compiled_loss = None
     if config.compile:
-        step_module = torch.compile(step_module)
+        step_module, compiled_loss = compile_step(step_module, config, ex, dist_info.enabled)
 
     from ..ops.nt_xent import nt_xent
 
     log = MetricsLog(run_dir, dist_info.is_main, config.tensorboard, global_step)
     guard = LossGuard(ckpt_path, "Lower --lr or disable --amp")
-    stop = StopCheck(dist_info, config.log_every, device)
     per_rank = config.batch_size // world
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, stop_at_epoch)
     total_steps = steps_per_epoch * config.epochs
@@ -203,6 +234,9 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 "moclr_target": None if target is None else target.state_dict(),
             }, ckpt_path)
         barrier(dist_info)
+
+    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
+                                  guard, save, ckpt_path, steps_per_epoch)
 
     try:
         for epoch in range(start_epoch, last_epoch):
@@ -228,10 +262,16 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 images = batch.images[rank * per_rank:(rank + 1) * per_rank]
                 with torch.no_grad():
                     v1, v2 = augment(images)
-                with ex.autocast():
-                    out = step_module(ex.images(v1), ex.images(v2))
+                if compiled_loss is not None:
+                    out = None
+                    loss = compiled_loss(ex.images(v1), ex.images(v2))
+                else:
+                    with ex.autocast():
+                        out = step_module(ex.images(v1), ex.images(v2))
                 try:
-                    if target is not None:
+                    if out is None:
+                        pass  # the compiled step's loss
+                    elif target is not None:
                         loss = moclr_loss(*out, config.temperature, gather_distributed=dist_info.enabled)
                     else:
                         loss = nt_xent(out[0].float(), out[1].float(), config.temperature,
@@ -253,23 +293,14 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
                     lval = guard.check()
                     rate = (step + 1) * config.batch_size / (time.perf_counter() - t_epoch)
-                    lr = optimizer.param_groups[0]["lr"]
+                    lr = float(optimizer.param_groups[0]["lr"])  # a CPU tensor under --compile
                     if bar is not None:
                         bar.set_postfix(loss=f"{lval:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
                     log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr,
                                "epoch_time_s": time.perf_counter() - t_epoch}, global_step)
                 if bar is not None:
                     bar.update(1)
-                if step + 1 < steps_per_epoch:
-                    stopping = stop(step + 1)
-                    every = config.checkpoint_every_steps
-                    if stopping or (every and global_step % every == 0):
-                        guard.check()
-                        save(epoch, step + 1, epoch_start_state, loss_sum, None)
-                    if stopping:
-                        if bar is not None:
-                            bar.close()
-                        raise Preempted(stopped_message(ckpt_path, epoch, step + 1, steps_per_epoch), ckpt_path)
+                checkpoints.after_step(epoch, step + 1, global_step, epoch_start_state, loss_sum, bar)
             if bar is not None:
                 bar.close()
             guard.check()
@@ -280,7 +311,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 raise NonFiniteLossError(f"weights became non-finite during epoch {epoch + 1}; the run stopped "
                                          f"and the last good checkpoint {str(ckpt_path)!r} was kept")
             row = {"kind": "epoch", "epoch": epoch, "step": global_step, "loss": mean_loss,
-                   "lr": optimizer.param_groups[0]["lr"],
+                   "lr": float(optimizer.param_groups[0]["lr"]),
                    "images_per_s": steps_per_epoch * config.batch_size / (epoch_s + prune_s),
                    "epoch_s": epoch_s, "prune_s": prune_s}
             if kept is not None:
@@ -289,8 +320,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                 row["target_momentum"] = momentum_at(global_step - 1, total_steps, config.moclr_momentum)
             log.write(row, global_step)
             save(epoch + 1, 0, None, 0.0, row)
-            if epoch + 1 < config.epochs and stop(steps_per_epoch, force=True):
-                raise Preempted(stopped_message(ckpt_path, epoch + 1, 0, steps_per_epoch), ckpt_path)
+            checkpoints.after_epoch(epoch + 1, config.epochs)
     finally:
         log.close()
     return ckpt_path

@@ -107,10 +107,38 @@ class StopCheck:
         import torch.distributed as dist
 
         flag = torch.tensor([1.0 if stop_requested() else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist_info.group)
         if flag.item() and stop_requested() is None:
             request_stop("a stop signal on another rank")
         return bool(flag.item())
+
+
+class StepCheckpoints:
+    """The checkpoints a loop writes inside and at the end of an epoch besides its epoch-end one:
+    every ``every`` steps (``--checkpoint-every-steps``), and when a stop signal came, one more
+    followed by :class:`Preempted`. ``save(epochs_done, position, epoch_start_state, loss_sum,
+    row)`` is the loop's own checkpoint writer."""
+
+    def __init__(self, stop: StopCheck, every: int | None, guard: "LossGuard", save, ckpt_path, steps_per_epoch: int):
+        self.stop, self.every, self.guard, self.save = stop, every, guard, save
+        self.ckpt_path, self.steps_per_epoch = ckpt_path, steps_per_epoch
+
+    def after_step(self, epoch: int, done: int, global_step: int, epoch_start_state, loss_sum, bar=None) -> None:
+        if done >= self.steps_per_epoch:
+            return  # the epoch-end checkpoint follows
+        stopping = self.stop(done)
+        if stopping or (self.every and global_step % self.every == 0):
+            self.guard.check()
+            self.save(epoch, done, epoch_start_state, loss_sum, None)
+        if stopping:
+            if bar is not None:
+                bar.close()
+            raise Preempted(stopped_message(self.ckpt_path, epoch, done, self.steps_per_epoch), self.ckpt_path)
+
+    def after_epoch(self, epochs_done: int, total_epochs: int) -> None:
+        """Call after the epoch-end checkpoint: stops there when a signal came during the epoch."""
+        if epochs_done < total_epochs and self.stop(self.steps_per_epoch, force=True):
+            raise Preempted(stopped_message(self.ckpt_path, epochs_done, 0, self.steps_per_epoch), self.ckpt_path)
 
 
 def stopped_message(ckpt_path, epoch: int, position: int, steps_per_epoch: int) -> str:
@@ -285,8 +313,12 @@ def sgd_with_schedule(params, config, steps_per_epoch: int, lr: float | None = N
     """SGD with the config's momentum and weight decay, and the per-step warm-up + cosine schedule."""
     from .schedule import warmup_cosine
 
-    optimizer = torch.optim.SGD(params, lr=config.lr if lr is None else lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    lr = config.lr if lr is None else lr
+    if config.compile:  # a tensor lr: the schedule updates it in place, nothing recompiles
+        lr = torch.tensor(float(lr))
+    # foreach: one multi-tensor kernel per update instead of one per parameter
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, foreach=True)
     total = steps_per_epoch * config.epochs
     scheduler = warmup_cosine(optimizer, total, round(config.warmup_epochs_effective * steps_per_epoch))
     return optimizer, scheduler
