@@ -61,6 +61,7 @@ class _BuildExt(BuildExtension):
 setup(
     packages=find_packages(include=["sdclr_fast", "sdclr_fast.*"]) + ["sdclr_fast.kernels"],
     package_dir={"sdclr_fast.kernels": "kernels"},
+    package_data={"sdclr_fast.kernels": ["*.json"]},  # the masked-conv tuned-config table
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
 )

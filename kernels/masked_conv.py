@@ -1,26 +1,32 @@
 """Triton implicit-GEMM kernels for a convolution whose weight is multiplied by a 0/1 mask.
 
-The mask is applied in registers: each kernel loads a weight tile and the matching mask tile
-and zeroes pruned entries before `tl.dot`, so no masked copy of the weight is ever written.
+GEMMs per group g (Cg = C / groups, Og = O / groups, T = KH * KW taps, m a pixel (n, h, w)):
+  forward      y[m, o]       = sum_{tap, c} x[m @ tap, c] * (w * mask)[o, c, tap]
+  grad_input   dx[m, c]      = sum_{tap, o} dy[m @ tap, o] * (w * mask)[o, c, tap]
+  grad_weight  dw[o, c, tap] = mask * sum_m dy[m, o] * x[m @ tap, c]
+The weight is cut into BLOCK_O x BLOCK_C tiles per tap; the host lists, once per mask change,
+the tiles that hold a kept weight (sdclr_fast.ops.masked_conv.MaskTiles: occupancy[g, ot, tap,
+ct], its non-empty tiles `wgt_tiles` in (g, ot, tap, ct) order, and per output tile row the
+(tap, k-tile) steps and packed-tile indices of the K loop). `pack` writes the masked weight of
+only those tiles, once, into P (n_active, BLOCK_O, BLOCK_C) in the compute dtype, in
+`wgt_tiles` order: the forward of out-channel tile ot reads its tiles as one contiguous run of
+P, grad_input reads P[j] through its index list. The mask is applied there (a select, so
+inf/nan in pruned weights never reach a product) and nowhere else in forward / grad_input.
 
-Layout of the GEMMs (per group g; Cg = C / groups, Og = O / groups, T = KH * KW taps):
-  forward      y[m, o]   = sum_{tap, c}  x[m @ tap, c] * w[o, c, tap]      m = (n, oh, ow)
-  grad_input   dx[m, c]  = sum_{tap, o}  dy[m @ tap, o] * w[o, c, tap]     m = (n, ih, iw)
-  grad_weight  dw[o, c, tap] = sum_m     dy[m, o] * x[m @ tap, c]          m = (n, oh, ow)
-The reduction dimension of the first two is ordered (tap, channel tile), so one step of the
-K loop reads one contiguous in-channel (or out-channel) chunk of one tap. The weight is cut into
-BLOCK_O x BLOCK_C tiles per tap; the host builds, once per mask, lists of the tiles that hold at
-least one kept weight (see sdclr_fast.ops.masked_conv.MaskTiles):
-  fwd_idx[g * O_T + ot, i]  = tap * C_T + ct   (the i-th non-empty tile of out-channel tile ot)
-  bwd_idx[g * C_T + ct, i]  = tap * O_T + ot   (the i-th non-empty tile of in-channel tile ct)
-  wgt_tiles[j]              = (g, ot, tap, ct) (the non-empty tiles, one grad_weight program each)
-so every kernel loops over (or launches) only the non-empty tiles: empty tiles cost neither
-loads nor MMA work, and their grad_weight entries stay zero.
+`_conv_gemm_kernel` is the forward and (TRANSPOSED) the grad_input: rows m are output pixels,
+the K loop walks only the non-empty tiles of the program's column tile, and each step reads
+BLOCK_K contiguous channels of one tap (channels-last activations: unit channel stride, wide
+pipelined loads). On Hopper with a Triton that has tensor descriptors the packed tiles are
+loaded by TMA. grad_weight is its own GEMM over M, one program per (non-empty tile, slice of
+M) with fp32 partials per slice (split-K, deterministic, no atomics).
 
-All kernels accumulate in fp32 and address tensors through their strides (NCHW and
-channels-last alike). Offsets that involve the batch index are computed in int64.
+Everything accumulates in fp32. Offsets that involve the batch index are int64.
+Meta-parameters: BLOCK_M / num_warps / num_stages per kernel from the tuned table
+(sdclr_fast.ops.masked_conv) when the host passes a config, else triton.autotune keyed on the
+shape on a GPU and one fixed config in the interpreter.
 """
 import functools
+import os
 
 import torch
 import triton
@@ -28,39 +34,64 @@ import triton.language as tl
 
 from ._host import cdiv, interpreting
 
+try:  # host-side TMA descriptors (Triton >= 3.2); plain pointers where missing
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 
 @triton.jit
-def _masked_weight_tile(w_ptr, m_ptr, rows, cols, row_ok, col_ok, kh, kw,
-                        s_wr, s_wc, s_wh, s_ww, s_mr, s_mc, s_mh, s_mw, UPCAST: tl.constexpr):
-    """Load w[rows, cols, kh, kw] * mask[rows, cols, kh, kw] as a (len(rows), len(cols)) tile.
-
-    `rows`/`cols` are whatever weight dimensions the caller wants along each tile axis (the
-    strides say which); pruned entries become exact zeros (also where the weight is inf/nan)."""
-    ok = row_ok[:, None] & col_ok[None, :]
-    wt = tl.load(w_ptr + rows[:, None] * s_wr + cols[None, :] * s_wc + kh * s_wh + kw * s_ww,
+def _pack_kernel(w_ptr, m_ptr, p_ptr, tiles_ptr, Og, Cg,
+                 s_wo, s_wc, s_wh, s_ww, s_mo, s_mc, s_mh, s_mw,
+                 KW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                 RNE_BF16: tl.constexpr):
+    # P[j] = (w * mask)[tile j] in P's dtype, rounded to nearest even as torch's .to() does,
+    # zero-padded past Og / Cg. RNE_BF16: fp32 -> bf16 rounded by hand (the interpreter's
+    # own cast truncates).
+    j = tl.program_id(0)
+    g = tl.load(tiles_ptr + j * 4 + 0)
+    ot = tl.load(tiles_ptr + j * 4 + 1)
+    tap = tl.load(tiles_ptr + j * 4 + 2)
+    ct = tl.load(tiles_ptr + j * 4 + 3)
+    kh = tap // KW
+    kw = tap % KW
+    ar_o = tl.arange(0, BLOCK_O)
+    ar_c = tl.arange(0, BLOCK_C)
+    offs_o = ot * BLOCK_O + ar_o
+    offs_c = ct * BLOCK_C + ar_c
+    ok = (offs_o < Og)[:, None] & (offs_c < Cg)[None, :]
+    o_glob = g * Og + offs_o
+    wt = tl.load(w_ptr + (o_glob * s_wo)[:, None] + (offs_c * s_wc)[None, :] + kh * s_wh + kw * s_ww,
                  mask=ok, other=0.0)
-    keep = tl.load(m_ptr + rows[:, None] * s_mr + cols[None, :] * s_mc + kh * s_mh + kw * s_mw,
-                   mask=ok, other=0)
-    if UPCAST:
-        wt = wt.to(tl.float32)
-    return tl.where(keep != 0, wt, tl.zeros_like(wt))
+    keep = tl.load(m_ptr + (o_glob * s_mo)[:, None] + (offs_c * s_mc)[None, :] + kh * s_mh
+                   + kw * s_mw, mask=ok, other=0)
+    wt = tl.where(keep != 0, wt, tl.zeros_like(wt))
+    if RNE_BF16:
+        bits = wt.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        wt = bits.to(tl.float32, bitcast=True)
+    wt = wt.to(p_ptr.dtype.element_ty)
+    tl.store(p_ptr + j.to(tl.int64) * (BLOCK_O * BLOCK_C) + ar_o[:, None] * BLOCK_C + ar_c[None, :], wt)
 
 
 @triton.jit
-def _masked_conv_fwd_kernel(
-    x_ptr, w_ptr, m_ptr, b_ptr, y_ptr, idx_ptr, cnt_ptr,
-    N, H, W, OH, OW, Cg, Og, O_T, C_T, IDX_W,
-    s_xn, s_xc, s_xh, s_xw,
-    s_wo, s_wc, s_wh, s_ww,
-    s_mo, s_mc, s_mh, s_mw,
-    s_yn, s_yc, s_yh, s_yw,
+def _conv_gemm_kernel(
+    a_ptr, p_ptr, p_desc, out_ptr, b_ptr, idx_ptr, pk_ptr, cnt_ptr,
+    N, AH, AW, OH, OW, KA, NO, K_T, N_T, IDX_W,
+    s_an, s_ac, s_ah, s_aw,
+    s_on, s_oc, s_oh, s_ow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    KW: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # out[m, n] (m over N x OH x OW, n over NO channels of group g) = sum over the listed
+    # (tap, k-tile) steps of A[m @ tap, k-tile] @ W_tile, A with AH x AW pixels, KA channels.
+    # Forward: A = x, out = y, P[j] is (BLOCK_N = out, BLOCK_K = in) and is read transposed.
+    # TRANSPOSED (grad_input): A = dy, out = dx, P[j] is (BLOCK_K = out, BLOCK_N = in); output
+    # pixel (h, w) receives dy[(h + pad - kh * dil) / stride] where that divides exactly.
     pid_m = tl.program_id(0)
-    pid_o = tl.program_id(1)
+    pid_n = tl.program_id(1)
     g = tl.program_id(2)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,112 +100,63 @@ def _masked_conv_fwd_kernel(
     rem = offs_m % (OH * OW)
     oh = rem // OW
     ow = rem % OW
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-    x_rows = x_ptr + n.to(tl.int64) * s_xn  # (BLOCK_M,) pointers to each sample
+    a_rows = a_ptr + n.to(tl.int64) * s_an
+    ar_k = tl.arange(0, BLOCK_K)
+    ar_n = tl.arange(0, BLOCK_N)
+    if TRANSPOSED:
+        p_off = ar_k[:, None] * BLOCK_N + ar_n[None, :]
+    else:
+        p_off = ar_n[None, :] * BLOCK_K + ar_k[:, None]
 
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = offs_o < Og
-    o_glob = g * Og + offs_o
-    arange_c = tl.arange(0, BLOCK_C)
-
-    row = g * O_T + pid_o
+    row = g * N_T + pid_n
     count = tl.load(cnt_ptr + row)
-    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(0, count):
         k = tl.load(idx_ptr + row * IDX_W + i)
-        tap = k // C_T
-        ct = k % C_T
+        j = tl.load(pk_ptr + row * IDX_W + i)
+        tap = k // K_T
+        kt = k % K_T
         kh = tap // KW
         kw = tap % KW
-        ih = ih0 + kh * dil_h
-        iw = iw0 + kw * dil_w
-        sp_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        offs_c = ct * BLOCK_C + arange_c
-        c_ok = offs_c < Cg
-        xt = tl.load(x_rows[:, None] + ((g * Cg + offs_c) * s_xc)[None, :]
-                     + (ih * s_xh + iw * s_xw)[:, None],
-                     mask=sp_ok[:, None] & c_ok[None, :], other=0.0)
-        # (BLOCK_C, BLOCK_O) tile: rows are in-channels, columns out-channels.
-        wt = _masked_weight_tile(w_ptr, m_ptr, offs_c, o_glob, c_ok, o_ok, kh, kw,
-                                 s_wc, s_wo, s_wh, s_ww, s_mc, s_mo, s_mh, s_mw, UPCAST)
+        if TRANSPOSED:
+            th = oh + pad_h - kh * dil_h
+            tw = ow + pad_w - kw * dil_w
+            ah = th // stride_h
+            aw = tw // stride_w
+            sp_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
+                     & (ah < AH) & (aw < AW))
+        else:
+            ah = oh * stride_h - pad_h + kh * dil_h
+            aw = ow * stride_w - pad_w + kw * dil_w
+            sp_ok = m_ok & (ah >= 0) & (ah < AH) & (aw >= 0) & (aw < AW)
+        offs_k = kt * BLOCK_K + ar_k
+        at = tl.load(a_rows[:, None] + ((g * KA + offs_k) * s_ac)[None, :]
+                     + (ah * s_ah + aw * s_aw)[:, None],
+                     mask=sp_ok[:, None] & (offs_k < KA)[None, :], other=0.0)
+        if USE_TMA:
+            if TRANSPOSED:
+                wt = p_desc.load([j * BLOCK_K, 0])
+            else:
+                wt = tl.trans(p_desc.load([j * BLOCK_N, 0]))
+        else:
+            wt = tl.load(p_ptr + j.to(tl.int64) * (BLOCK_N * BLOCK_K) + p_off)
         if UPCAST:
-            xt = xt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            at = at.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(at, wt, acc, input_precision=PRECISION)
 
+    offs_n = pid_n * BLOCK_N + ar_n
+    n_ok = offs_n < NO
+    n_glob = g * NO + offs_n
     if HAS_BIAS:
-        bias = tl.load(b_ptr + o_glob, mask=o_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    y_ptrs = (y_ptr + n.to(tl.int64)[:, None] * s_yn + (o_glob * s_yc)[None, :]
-              + (oh * s_yh + ow * s_yw)[:, None])
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
+        acc += tl.load(b_ptr + n_glob, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = (out_ptr + n.to(tl.int64)[:, None] * s_on + (n_glob * s_oc)[None, :]
+           + (oh * s_oh + ow * s_ow)[:, None])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _masked_conv_bwd_input_kernel(
-    dy_ptr, w_ptr, m_ptr, dx_ptr, idx_ptr, cnt_ptr,
-    N, H, W, OH, OW, Cg, Og, O_T, C_T, IDX_W,
-    s_dn, s_dc, s_dh, s_dw,
-    s_wo, s_wc, s_wh, s_ww,
-    s_mo, s_mc, s_mh, s_mw,
-    s_xn, s_xc, s_xh, s_xw,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # Direct transposed convolution: input pixel (ih, iw) receives dy[oh, ow] through tap
-    # (kh, kw) when ih + pad - kh * dil = oh * stride; the divisibility test handles stride > 1.
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    g = tl.program_id(2)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * H * W
-    n = offs_m // (H * W)
-    rem = offs_m % (H * W)
-    ih = rem // W
-    iw = rem % W
-    dy_rows = dy_ptr + n.to(tl.int64) * s_dn
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < Cg
-    arange_o = tl.arange(0, BLOCK_O)
-
-    row = g * C_T + pid_c
-    count = tl.load(cnt_ptr + row)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for i in range(0, count):
-        k = tl.load(idx_ptr + row * IDX_W + i)
-        tap = k // O_T
-        ot = k % O_T
-        kh = tap // KW
-        kw = tap % KW
-        th = ih + pad_h - kh * dil_h
-        tw = iw + pad_w - kw * dil_w
-        oh = th // stride_h
-        ow = tw // stride_w
-        sp_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
-                 & (oh < OH) & (ow < OW))
-        offs_o = ot * BLOCK_O + arange_o
-        o_ok = offs_o < Og
-        o_glob = g * Og + offs_o
-        dyt = tl.load(dy_rows[:, None] + (o_glob * s_dc)[None, :] + (oh * s_dh + ow * s_dw)[:, None],
-                      mask=sp_ok[:, None] & o_ok[None, :], other=0.0)
-        # (BLOCK_O, BLOCK_C) tile: rows are out-channels, columns in-channels.
-        wt = _masked_weight_tile(w_ptr, m_ptr, o_glob, offs_c, o_ok, c_ok, kh, kw,
-                                 s_wo, s_wc, s_wh, s_ww, s_mo, s_mc, s_mh, s_mw, UPCAST)
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-        acc = tl.dot(dyt, wt, acc, input_precision=PRECISION)
-
-    dx_ptrs = (dx_ptr + n.to(tl.int64)[:, None] * s_xn + ((g * Cg + offs_c) * s_xc)[None, :]
-               + (ih * s_xh + iw * s_xw)[:, None])
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
-
-
-@triton.jit
-def _masked_conv_bwd_weight_kernel(
+def _bwd_weight_kernel(
     x_ptr, dy_ptr, m_ptr, dw_ptr, tiles_ptr,
     N, H, W, OH, OW, Cg, Og, M_PER_SPLIT,
     s_xn, s_xc, s_xh, s_xw,
@@ -237,14 +219,21 @@ def _masked_conv_bwd_weight_kernel(
     tl.store(dw_ptrs, acc, mask=ok)
 
 
-# ------------------------------------------------------------------ launch helpers
-# One configuration per kernel: autotuning with several configs does not run in the
-# interpreter. BLOCK_O x BLOCK_C is the weight tile, chosen by the host per mask
-# (sdclr_fast.ops.masked_conv.default_block / prepare_mask) and carried by the tile map.
-_BLOCK_M_GPU = 128
-_BLOCK_M_INTERP = 64
-_NUM_WARPS = 4
-_NUM_STAGES = 3
+# ------------------------------------------------------------------ configurations
+# What a kernel config sets: BLOCK_M and the launch options. The weight tile (BLOCK_O x
+# BLOCK_C, i.e. BLOCK_N x BLOCK_K of the forward and BLOCK_K x BLOCK_N of grad_input) is fixed
+# by the tile map the host built, so it is not tuned here but per layer by the sweep
+# (bench/tune_masked_conv.py), which also times these candidates.
+# (the sweep's list: every one compiles per shape specialisation, and it must finish in minutes)
+CANDIDATES = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns) for bm, nw, ns in (
+    (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3), (256, 8, 5))]
+WGT_CANDIDATES = CANDIDATES[:4]  # grad_weight: BLOCK_M is its reduction chunk
+# the subset triton.autotune tries where no tuned entry exists (first call of a shape only)
+AUTOTUNE = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)
+            for bm, nw, ns in ((64, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 4))]
+_INTERP = dict(BLOCK_M=32)  # the one interpreter config (several fail there)
+_GEMM_KEY = ["N", "AH", "AW", "OH", "OW", "KA", "NO", "BLOCK_N", "BLOCK_K", "TRANSPOSED"]
+_WGT_KEY = ["N", "H", "W", "OH", "OW", "Cg", "Og", "M_PER_SPLIT", "BLOCK_O", "BLOCK_C"]
 
 
 def _dot_precision(dtype):
@@ -256,8 +245,8 @@ def _dot_precision(dtype):
 
 
 def _config(dtype):
-    """Kernel meta-parameters (BLOCK_M, UPCAST, PRECISION) and launch options for `dtype`.
-    Cached: it runs for every launch."""
+    """(dtype-dependent meta-parameters, interpreter launch config or None). Cached: it runs for
+    every launch."""
     tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     return _config_cached(dtype, interpreting(), tf32)
 
@@ -266,47 +255,94 @@ def _config(dtype):
 def _config_cached(dtype, interp, tf32):
     # The interpreter's bf16/fp16 arithmetic is unreliable: upcast tiles there. On a GPU the
     # 16-bit tiles go to the tensor cores as they are (fp32 accumulation either way).
-    meta = dict(BLOCK_M=_BLOCK_M_INTERP if interp else _BLOCK_M_GPU,
-                UPCAST=interp or dtype == torch.float32, PRECISION=_dot_precision(dtype))
-    launch = {} if interp else {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
-    return meta, launch
+    meta = dict(UPCAST=interp or dtype == torch.float32, PRECISION=_dot_precision(dtype))
+    return meta, (dict(_INTERP) if interp else None)
 
 
-def forward(x, weight, mask, bias, y, tiles, geom):
-    """y <- conv(x, weight * mask) + bias, written into the preallocated `y` (any strides)."""
-    N, C, H, W = x.shape
-    _, _, OH, OW = y.shape
+@functools.lru_cache(maxsize=None)
+def _autotuned(which):
+    kernel, key = {"gemm": (_conv_gemm_kernel, _GEMM_KEY), "wgt": (_bwd_weight_kernel, _WGT_KEY)}[which]
+    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"]}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in AUTOTUNE]
+    return triton.autotune(configs, key=key)(kernel)
+
+
+def _launch(which, grid, args, const, dtype, cfg):
+    """Launch `which` ("gemm" or "wgt") with cfg (BLOCK_M, num_warps, num_stages), or the
+    interpreter's config, or triton.autotune's choice."""
+    meta, interp_cfg = _config(dtype)
+    cfg = interp_cfg or cfg
+    if cfg is None:
+        _autotuned(which)[grid](*args, **const, **meta)
+    else:
+        kernel = _conv_gemm_kernel if which == "gemm" else _bwd_weight_kernel
+        kernel[grid](*args, **const, **meta, **cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_ok(device_index):
+    if TensorDescriptor is None or os.environ.get("SDCLR_FAST_MASKED_CONV_TMA", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_tma(device):
+    """Whether the packed tiles go through TMA descriptors: a Hopper-or-newer GPU and a Triton
+    that has them (SDCLR_FAST_MASKED_CONV_TMA=0 turns them off)."""
+    if interpreting() or device.type != "cuda":
+        return False
+    return _tma_ok(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ------------------------------------------------------------------ launch helpers
+def pack(weight, tiles, dtype):
+    """The masked weight of the non-empty tiles, (n_active, block_o, block_c) in `dtype`, in
+    `tiles.wgt_tiles` order; one program per tile, empty tiles never read."""
+    n = tiles.wgt_tiles.shape[0]
+    p = torch.empty((n, tiles.block_o, tiles.block_c), device=weight.device, dtype=dtype)
+    if n:
+        _pack_kernel[(n,)](weight, tiles.mask, p, tiles.wgt_tiles, tiles.og, tiles.cg,
+                           *weight.stride(), *tiles.mask.stride(), KW=weight.shape[3],
+                           BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c,
+                           RNE_BF16=interpreting() and weight.dtype == torch.float32
+                           and dtype == torch.bfloat16)
+    return p
+
+
+def _gemm(a, packed, bias, out, tiles, geom, transposed, cfg):
+    N, _, AH, AW = a.shape
+    _, _, OH, OW = out.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
-    meta, launch = _config(x.dtype)
-    bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
-    grid = (cdiv(N * OH * OW, meta["BLOCK_M"]), tiles.o_tiles, groups)
-    _masked_conv_fwd_kernel[grid](
-        x, weight, mask, bias if bias is not None else weight, y, tiles.fwd_idx, tiles.fwd_cnt,
-        N, H, W, OH, OW, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles, tiles.fwd_idx.shape[1],
-        *x.stride(), *weight.stride(), *mask.stride(), *y.stride(),
-        sh, sw, ph, pw, dh, dw,
-        KW=weight.shape[3], HAS_BIAS=bias is not None,
-        BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c, **meta, **launch,
-    )
-    return y
+    if transposed:
+        bn, bk, ka, no, n_t, k_t = tiles.block_c, tiles.block_o, tiles.og, tiles.cg, tiles.c_tiles, tiles.o_tiles
+        idx, pk, cnt = tiles.bwd_idx, tiles.bwd_pk, tiles.bwd_cnt
+    else:
+        bn, bk, ka, no, n_t, k_t = tiles.block_o, tiles.block_c, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles
+        idx, pk, cnt = tiles.fwd_idx, tiles.fwd_pk, tiles.fwd_cnt
+    tma = use_tma(a.device) and packed.shape[0] > 0
+    desc = (TensorDescriptor.from_tensor(packed.view(-1, tiles.block_c), [tiles.block_o, tiles.block_c])
+            if tma else packed)
+    bias_arg = bias.contiguous() if bias is not None else packed  # read at unit stride
+    args = (a, packed, desc, out, bias_arg, idx, pk, cnt,
+            N, AH, AW, OH, OW, ka, no, k_t, n_t, idx.shape[1],
+            *a.stride(), *out.stride(), sh, sw, ph, pw, dh, dw)
+    const = dict(KW=tiles.kw, TRANSPOSED=transposed, HAS_BIAS=bias is not None, USE_TMA=tma,
+                 BLOCK_N=bn, BLOCK_K=bk)
+
+    def grid(meta):
+        return (cdiv(N * OH * OW, meta["BLOCK_M"]), n_t, groups)
+    _launch("gemm", grid, args, const, a.dtype, cfg)
+    return out
 
 
-def backward_input(grad_y, weight, mask, grad_x, tiles, geom):
-    """grad_x <- conv_transpose(grad_y, weight * mask), written into `grad_x` (any strides)."""
-    N, C, H, W = grad_x.shape
-    _, _, OH, OW = grad_y.shape
-    (sh, sw), (ph, pw), (dh, dw), groups = geom
-    meta, launch = _config(grad_y.dtype)
-    grid = (cdiv(N * H * W, meta["BLOCK_M"]), tiles.c_tiles, groups)
-    _masked_conv_bwd_input_kernel[grid](
-        grad_y, weight, mask, grad_x, tiles.bwd_idx, tiles.bwd_cnt,
-        N, H, W, OH, OW, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles, tiles.bwd_idx.shape[1],
-        *grad_y.stride(), *weight.stride(), *mask.stride(), *grad_x.stride(),
-        sh, sw, ph, pw, dh, dw,
-        KW=weight.shape[3],
-        BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c, **meta, **launch,
-    )
-    return grad_x
+def forward(x, packed, bias, y, tiles, geom, cfg=None):
+    """y <- conv(x, weight * mask) + bias from the packed tiles, into `y` (any strides)."""
+    return _gemm(x, packed, bias, y, tiles, geom, False, cfg)
+
+
+def backward_input(grad_y, packed, grad_x, tiles, geom, cfg=None):
+    """grad_x <- conv_transpose(grad_y, weight * mask) from the packed tiles, into `grad_x`."""
+    return _gemm(grad_y, packed, None, grad_x, tiles, geom, True, cfg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,15 +360,20 @@ def _num_splits(n_tiles, m_total, block_m, device):
     return max(1, min(want, m_total // (8 * block_m)))
 
 
-def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None):
+def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None, cfg=None):
     """mask * d(conv)/d(weight), shape of the weight, dtype `out_dtype`. Only non-empty tiles
-    are computed; the others stay zero."""
+    are computed; the others stay zero. cfg may carry "splits" (slices of M) beside BLOCK_M."""
     N, C, H, W = x.shape
     _, _, OH, OW = grad_y.shape
     (sh, sw), (ph, pw), (dh, dw), groups = geom
     O, Cg, KH, KW = mask.shape
-    meta, launch = _config(x.dtype)
-    block_m = meta["BLOCK_M"]
+    cfg = dict(cfg) if cfg else None
+    if cfg and splits is None:
+        splits = cfg.get("splits")
+    if cfg:
+        cfg.pop("splits", None)
+    interp_cfg = _config(x.dtype)[1]
+    block_m = (interp_cfg or cfg or {"BLOCK_M": 128})["BLOCK_M"]  # split granularity
     m_total = N * OH * OW
     n_tiles = tiles.wgt_tiles.shape[0]
     if n_tiles == 0 or m_total == 0:
@@ -343,12 +384,10 @@ def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None):
     splits = cdiv(m_total, m_per_split)
     # fp32 partials, one slab per slice; tiles that are never launched stay zero.
     buf = torch.zeros((splits, O, Cg, KH, KW), device=x.device, dtype=torch.float32)
-    _masked_conv_bwd_weight_kernel[(n_tiles, splits)](
-        x, grad_y, mask, buf, tiles.wgt_tiles,
-        N, H, W, OH, OW, Cg, tiles.og, m_per_split,
-        *x.stride(), *grad_y.stride(), *mask.stride(), *buf.stride(),
-        sh, sw, ph, pw, dh, dw,
-        KW=KW, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c, **meta, **launch,
-    )
+    args = (x, grad_y, mask, buf, tiles.wgt_tiles, N, H, W, OH, OW, Cg, tiles.og, m_per_split,
+            *x.stride(), *grad_y.stride(), *mask.stride(), *buf.stride(),
+            sh, sw, ph, pw, dh, dw)
+    const = dict(KW=KW, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c)
+    _launch("wgt", (n_tiles, splits), args, const, x.dtype, cfg)
     dw_ = buf[0] if splits == 1 else buf.sum(0)
     return dw_.to(out_dtype)

@@ -319,21 +319,24 @@ from triton.compiler import ASTSource
 from sdclr_fast.kernels import masked_conv as K
 
 arch, = sys.argv[1:]
-ptr = {"x_ptr": "*D", "w_ptr": "*D", "b_ptr": "*D", "y_ptr": "*D", "dy_ptr": "*D", "dx_ptr": "*D",
-       "m_ptr": "*u8", "idx_ptr": "*i32", "cnt_ptr": "*i32", "tiles_ptr": "*i32",
-       "dw_ptr": "*fp32"}
+ptr = {"x_ptr": "*D", "a_ptr": "*D", "p_ptr": "*D", "p_desc": "*D", "b_ptr": "*D",
+       "out_ptr": "*D", "dy_ptr": "*D", "m_ptr": "*u8", "idx_ptr": "*i32", "pk_ptr": "*i32",
+       "cnt_ptr": "*i32", "tiles_ptr": "*i32", "dw_ptr": "*fp32"}
 # what the JIT specialises for channels-last tensors with 64 channels: unit channel strides,
 # other strides and sizes divisible by 16
-ones = {"s_xc", "s_yc", "s_dc", "s_wc", "s_mc"}
-div16 = {"Cg", "Og", "H", "W", "OH", "OW", "s_xn", "s_xh", "s_xw", "s_yn", "s_yh", "s_yw",
-         "s_dn", "s_dh", "s_dw", "s_wo", "s_wh", "s_ww", "s_mo", "s_mh", "s_mw",
-         "s_gs", "s_go", "s_gc", "s_gh"}
-for kern in (K._masked_conv_fwd_kernel, K._masked_conv_bwd_input_kernel,
-             K._masked_conv_bwd_weight_kernel):
+ones = {"s_xc", "s_ac", "s_oc", "s_dc", "s_mc"}
+div16 = {"Cg", "Og", "KA", "NO", "H", "W", "AH", "AW", "OH", "OW", "s_xn", "s_xh", "s_xw",
+         "s_an", "s_ah", "s_aw", "s_on", "s_oh", "s_ow", "s_dn", "s_dh", "s_dw",
+         "s_mo", "s_mh", "s_mw", "s_gs", "s_go", "s_gc", "s_gh"}
+# forward, grad_input (the same kernel, TRANSPOSED), grad_weight; pointer loads of the packed
+# tiles (TMA is compiled by the GPU run's tests)
+for kern, transposed in ((K._conv_gemm_kernel, False), (K._conv_gemm_kernel, True),
+                         (K._bwd_weight_kernel, None)):
     names = kern.arg_names
     for dt in ("fp32", "fp16", "bf16"):
-        const = dict(KW=3, BLOCK_M=128, BLOCK_O=32, BLOCK_C=32, UPCAST=dt == "fp32",
-                     PRECISION="tf32", HAS_BIAS=True)
+        const = dict(KW=3, BLOCK_M=128, BLOCK_O=32, BLOCK_C=32, BLOCK_N=32, BLOCK_K=32,
+                     UPCAST=dt == "fp32", PRECISION="tf32", HAS_BIAS=True,
+                     TRANSPOSED=transposed, USE_TMA=False)
         const.update({n: 1 for n in ones})
         const = {n: v for n, v in const.items() if n in names}
         sig = {n: "constexpr" if n in const else ptr.get(n, "i32").replace("D", dt) for n in names}
@@ -343,7 +346,8 @@ for kern in (K._masked_conv_fwd_kernel, K._masked_conv_bwd_input_kernel,
                         constexprs={(names.index(n),): v for n, v in const.items()})
         ck = triton.compile(src, target=GPUTarget("cuda", int(arch), 32),
                             options=dict(num_warps=4, num_stages=3))
-        print(kern.fn.__name__, dt, ck.asm["ttgir"].count("async_copy_global_to_local"))
+        print(kern.fn.__name__ + ("_t" if transposed else ""), dt,
+              ck.asm["ttgir"].count("async_copy_global_to_local"))
 """
 
 
@@ -375,13 +379,14 @@ def test_dispatch_policy(monkeypatch):
     dense = torch.ones(64, 64, 3, 3, dtype=torch.bool, device=TRITON_DEVICE)
     assert _backend_for(x, dense, 1, "triton") == "triton"
     assert _backend_for(x, sparse, 1, "torch") == "torch"
-    if CUDA:  # auto: Triton only where tiles can be skipped
-        assert _backend_for(x, sparse, 1, "auto") == "triton"
-        assert _backend_for(x, dense, 1, "auto") == "torch"
-        monkeypatch.setenv("SDCLR_FAST_MASKED_CONV_DENSE", "1.0")
-        assert _backend_for(x, dense, 1, "auto") == "triton"
-    else:  # CPU tensors take the PyTorch path unless forced
+    win = {"triton_ms": 1.0, "cudnn_ms": 2.0}
+    if CUDA:  # auto: Triton only where the tuned entry says it beats cuDNN
+        assert _backend_for(x, sparse, 1, "auto") == "torch"  # no entry
+        assert _backend_for(x, sparse, 1, "auto", win) == "triton"
+        assert _backend_for(x, sparse, 1, "auto", dict(win, triton_ms=3.0)) == "torch"
+    else:  # CPU tensors take the PyTorch path unless forced, whatever the table says
         assert _backend_for(x, sparse, 1, "auto") == "torch"
+        assert _backend_for(x, sparse, 1, "auto", win) == "torch"
         monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
         assert _backend_for(x, dense, 1, "auto") == "triton"
 
@@ -732,3 +737,136 @@ def test_triton_path_second_derivative_raises_clearly():
     (gw,) = torch.autograd.grad(y.square().sum(), w, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once.*_backend='torch'"):
         gw.sum().backward()
+
+
+# ------------------------------------------------------------------ block masks, packed tiles, TMA, tuned table
+@pytest.mark.slow
+@settings(max_examples=20, **HYP)
+@given(og=st.sampled_from([16, 32, 40, 64]), cg=st.sampled_from([3, 16, 33, 48]),
+       groups=st.sampled_from([1, 1, 2]), k=st.sampled_from([1, 3]), stride=st.integers(1, 2),
+       block=st.sampled_from([(16, 16), (32, 32), (16, 32), (32, 16)]),
+       tile=st.sampled_from([None, (16, 16), (32, 32), (64, 32), (32, 64)]),
+       sparsity=st.sampled_from([0.5, 0.75, 0.9]), dtype=st.sampled_from(DTYPES),
+       channels_last=st.booleans(), seed=st.integers(0, 999))
+def test_triton_block_masks(og, cg, groups, k, stride, block, tile, sparsity, dtype, channels_last,
+                            seed):
+    """magnitude_masks(..., block=...) masks as SDCLR --prune-block makes them (whole blocks,
+    every tap together) at 50-90% sparsity, kernel tiles equal to, smaller or larger than the
+    blocks: values and both gradients against F.conv2d(x, w * mask)."""
+    from sdclr_fast.ops.prune import magnitude_masks
+
+    case = dict(n=1, groups=groups, cg=cg, og=og, k=k, k2=None, stride=stride, dilation=1,
+                padding=k // 2, h=5, w=4, mask="ones", density=1.0, bias=True,
+                channels_last=channels_last, seed=seed)
+    x, w, _, b, gy, conf = build(case, dtype, TRITON_DEVICE)
+    m = magnitude_masks([w.float()], sparsity, scope="layer", block=block)[0].to(TRITON_DEVICE)
+    assert 0 < m.float().mean() < 1
+    check_against_reference(x, w, m, b, gy, "triton", block=tile, **conf)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_holds_the_masked_nonempty_tiles(dtype):
+    """P[j] = (w * mask)[tile j] in wgt_tiles order, zero-padded; pruned inf/nan become 0."""
+    from sdclr_fast.ops.masked_conv import _kernels
+
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(3 * 14, 24, 3, 3, generator=gen)
+    m = make_mask("block_tap", w.shape, gen, block=(16, 16), p=0.4)
+    w[~m] = float("nan")
+    tiles = prepare_mask(m.to(TRITON_DEVICE), groups=3, block=(16, 16))
+    p = _kernels().pack(w.to(TRITON_DEVICE), tiles, dtype).cpu()
+    assert p.shape == (tiles.wgt_tiles.shape[0], 16, 16) and p.dtype == dtype
+    og = 14
+    wm = torch.where(m, w, torch.zeros(()))
+    for j, (g, ot, tap, ct) in enumerate(tiles.wgt_tiles.tolist()):
+        ref = torch.zeros(16, 16)
+        blk = wm[g * og + ot * 16: g * og + min(ot * 16 + 16, og), ct * 16: ct * 16 + 16,
+                 tap // 3, tap % 3]
+        ref[:blk.shape[0], :blk.shape[1]] = blk
+        assert torch.equal(p[j], ref.to(dtype)), (j, g, ot, tap, ct)
+    # the index lists point at those tiles
+    rank = {tuple(t): j for j, t in enumerate(tiles.wgt_tiles.tolist())}
+    for r in range(tiles.fwd_cnt.shape[0]):
+        g, ot = divmod(r, tiles.o_tiles)
+        for i in range(int(tiles.fwd_cnt[r])):
+            tap, ct = divmod(int(tiles.fwd_idx[r, i]), tiles.c_tiles)
+            assert int(tiles.fwd_pk[r, i]) == rank[(g, ot, tap, ct)]
+    for r in range(tiles.bwd_cnt.shape[0]):
+        g, ct = divmod(r, tiles.c_tiles)
+        for i in range(int(tiles.bwd_cnt[r])):
+            tap, ot = divmod(int(tiles.bwd_idx[r, i]), tiles.o_tiles)
+            assert int(tiles.bwd_pk[r, i]) == rank[(g, ot, tap, ct)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_descriptor_path(monkeypatch, dtype):
+    """The packed tiles loaded through TMA tensor descriptors (the interpreter runs them too on
+    CPU; on a GPU without TMA support the plain-pointer path is tested everywhere else)."""
+    from sdclr_fast.ops.masked_conv import _kernels
+
+    k = _kernels()
+    if k.TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    if CUDA and not k.use_tma(torch.device("cuda")):
+        pytest.skip("TMA needs a Hopper GPU")
+    monkeypatch.setattr(k, "use_tma", lambda device: True)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 48, 5, 4, generator=gen)
+    w = torch.randn(64, 48, 3, 3, generator=gen) / (48 * 9) ** 0.5
+    m = make_mask("block", w.shape, gen, block=(16, 16), p=0.4)
+    gy = torch.randn(2, 64, 3, 2, generator=gen)
+    dev = TRITON_DEVICE
+    check_against_reference(x.to(dev, dtype), w.to(dev, dtype), m.to(dev), None,
+                            gy.to(dev, dtype), "triton", stride=2, padding=1, block=(32, 16))
+
+
+def test_tuned_table(tmp_path, monkeypatch):
+    import json
+
+    from sdclr_fast.ops import _masked_conv_tuned as tuned
+    from sdclr_fast.ops.masked_conv import _tuned_cfg
+
+    assert tuned.bucket(0.09) == "s90" and tuned.bucket(0.27) == "s75"
+    assert tuned.bucket(0.55) == "s50" and tuned.bucket(0.9) is None
+    key = tuned.shape_key("GPU X", torch.bfloat16, (256, 64, 32, 32), (128, 64, 3, 3), (2, 2),
+                          (1, 1), (1, 1), 1, "s90")
+    assert key == "GPU X|bfloat16|C64-O128-H32-W32-k3x3-s2x2-p1x1-d1x1-g1|s90"
+    # the repository's table parses
+    assert isinstance(tuned.entries(tuned.default_path()), dict)
+    path = tmp_path / "t.json"
+    monkeypatch.setenv("SDCLR_FAST_MASKED_CONV_TUNED", str(path))
+    assert tuned.entries() == {}  # missing file: no entries, cuDNN everywhere
+    entry = {"batch": 256, "tile": [64, 32], "fwd": {"BLOCK_M": 128, "num_warps": 4, "num_stages": 3},
+             "bgi": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 4},
+             "bgw": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "splits": 4},
+             "triton_ms": 1.0, "cudnn_ms": 2.0}
+    path.write_text(json.dumps({"format": 1, "entries": {key: entry}}))
+    assert tuned.entries()[key] == entry and tuned.triton_wins(entry)
+    assert not tuned.triton_wins(dict(entry, triton_ms=2.5)) and not tuned.triton_wins(None)
+    path.write_text(json.dumps({"format": 99, "entries": {}}))
+    with pytest.raises(ValueError, match="format must be 1"):
+        tuned.entries()
+    m = torch.ones(128, 64, 3, 3, dtype=torch.bool)
+    assert _tuned_cfg(entry, prepare_mask(m, block=(64, 32)), "fwd") == entry["fwd"]
+    assert _tuned_cfg(entry, prepare_mask(m), "fwd") is None  # another tile: autotune picks
+
+
+def test_triton_forced_with_tuned_configs_matches_reference(monkeypatch):
+    """The Triton path with a tuned entry's tile and configs (on CPU the interpreter's one
+    config runs, but the tile and the grad_weight split count come from the entry)."""
+    from sdclr_fast.ops import masked_conv as mc
+
+    entry = {"batch": 1, "tile": [16, 32], "fwd": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
+             "bgi": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3},
+             "bgw": {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "splits": 3},
+             "triton_ms": 1.0, "cudnn_ms": 2.0}
+    seen = []
+    monkeypatch.setattr(mc, "_tuned_entry", lambda *a: seen.append(1) or entry)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 40, 6, 6, generator=gen)
+    w = torch.randn(36, 40, 3, 3, generator=gen) / 20
+    m = make_mask("block", w.shape, gen, block=(16, 16), p=0.5)
+    gy = torch.randn(2, 36, 6, 6, generator=gen)
+    dev = TRITON_DEVICE
+    check_against_reference(x.to(dev), w.to(dev), m.to(dev), None, gy.to(dev), "triton", padding=1)
+    assert seen

@@ -2,12 +2,14 @@
 
 Equal in value and gradients to `F.conv2d(x, weight * mask, bias, ...)`:
 
-* CUDA (fp32 / fp16 / bf16): Triton implicit-GEMM kernels (kernels/masked_conv.py) for the
-  forward, grad_input and grad_weight that apply the mask in registers and skip the weight
-  tiles the mask empties; no masked copy of the weight is ever written. The tile map
-  (`MaskTiles`) is built once per mask change and cached on the mask tensor (keyed on its
-  version counter and storage pointer), so a mask that stays fixed for an epoch, as in SDCLR,
-  costs one small pass per epoch.
+* CUDA (fp32 / fp16 / bf16), where the tuned table says Triton wins: Triton implicit-GEMM
+  kernels (kernels/masked_conv.py) for the forward, grad_input and grad_weight that skip the
+  weight tiles the mask empties. The tile map (`MaskTiles`) is built once per mask change and
+  cached on the mask tensor (keyed on its version counter, not its data pointer), so a mask
+  that stays fixed for an epoch, as in SDCLR, costs one small pass per epoch. Each forward
+  packs the masked weight of the non-empty tiles once (one pass over those tiles, cast to the
+  compute dtype there, also under autocast) and its backward reuses the packed tiles: in an
+  SDCLR step, one pack per layer and optimiser step.
 * CPU (and CUDA when the tiles are mostly occupied, or float64): plain autograd on
   `F.conv2d(x, weight * scale)`, `scale` the mask as 0/1 in the weight's dtype, cached with the
   mask (a float multiply is ~20x faster than a bool one on CPU). Autograd keeps the masked
@@ -24,20 +26,18 @@ kernels select instead of multiplying (an empty tile is never read), so there th
 exactly zero.
 
 Tile skipping: the kernels cut the (out-channels x in-channels) plane of every tap into
-`block` = (block_o, block_c) tiles, by default (32, 32) where a group has at least 32 channels
+`block` = (block_o, block_c) tiles (`block=` argument, else the tuned entry's, else (32, 32) where a group has at least 32 channels
 (16, or the next power of two, below that). Block masks whose blocks are multiples of the tile,
 e.g. `magnitude_masks(..., block=(32, 32))`, make most tiles empty at high sparsity; unstructured
 masks at 90% leave almost every tile occupied (nothing to skip). `prepare_mask(mask,
 block=...)` picks another tile (powers of two >= 16).
 
-Dispatch on CUDA: a mask whose tiles are mostly occupied (unstructured 90% masks occupy ~all
-32 x 32 tiles) gains nothing from skipping, so above SDCLR_FAST_MASKED_CONV_DENSE (default
-0.75, read at call time) of occupied tiles the op takes the PyTorch path (cuDNN) instead.
-Measured on an H100 (README, "On an H100"; bf16, 128->128 3x3 at 16x16, forward + both
-backward kernels): cuDNN 0.125 ms, the Triton kernels 0.109 ms with 9% of the tiles occupied
-and 1.35 ms with all of them, about 10x cuDNN's time per computed tile. By that measurement the
-kernels only draw level with cuDNN near 0.1 occupancy, so 0.75 sends masks between ~0.1 and 0.75
-to the slower path; set the variable lower (e.g. 0.1) where that matters.
+Dispatch on CUDA: the op looks the call up in the tuned table (`_masked_conv_tuned`,
+kernels/masked_conv_tuned.json, written by bench/tune_masked_conv.py on a GPU: GPU name, dtype,
+layer shape, sparsity bucket from the mask's tile density) and runs the Triton kernels, with the
+tuned weight tile and kernel configs, only where the sweep measured them faster than cuDNN
+(forward + both backward). No entry (another GPU or shape, a mask occupying more than 5/8 of
+the tiles, e.g. unstructured) or a losing one: the PyTorch path (cuDNN).
 
 Layout: the kernels take any strides, but on a GPU the 16-bit loads are only wide (and
 software-pipelined) along a unit-stride channel dimension: use channels-last activations and
@@ -63,6 +63,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import _masked_conv_tuned as _tuned
 
 __all__ = ["masked_conv2d", "prepare_mask", "MaskTiles", "default_block"]
 
@@ -110,7 +112,7 @@ def _resolve_padding(padding, kernel, stride, dilation):
     return _pair(padding, "padding", 0), (0, 0)
 
 
-def _check(x, weight, mask, bias, groups):
+def _check(x, weight, mask, bias, groups, weight_dtype=None):
     for name, t in (("x", x), ("weight", weight), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -127,7 +129,7 @@ def _check(x, weight, mask, bias, groups):
         raise ValueError(f"mask must be a bool or 0/1 tensor, got dtype {mask.dtype}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if weight.dtype != x.dtype:
+    if (weight_dtype or weight.dtype) != x.dtype:  # under autocast: the dtype it is cast to
         raise ValueError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
@@ -182,12 +184,15 @@ class MaskTiles:
     o_tiles: int
     c_tiles: int
     taps: int
+    kw: int
     occupancy: torch.Tensor  # (groups, o_tiles, taps, c_tiles) bool
-    fwd_idx: torch.Tensor
+    fwd_idx: torch.Tensor  # (g * o_tiles, taps * c_tiles): tap * c_tiles + ct, active first
+    fwd_pk: torch.Tensor   # same layout: the packed-tile index (row of wgt_tiles) of each step
     fwd_cnt: torch.Tensor
-    bwd_idx: torch.Tensor
+    bwd_idx: torch.Tensor  # (g * c_tiles, taps * o_tiles): tap * o_tiles + ot, active first
+    bwd_pk: torch.Tensor
     bwd_cnt: torch.Tensor
-    wgt_tiles: torch.Tensor  # (n_active, 4) int32 rows (g, ot, tap, ct)
+    wgt_tiles: torch.Tensor  # (n_active, 4) int32 rows (g, ot, tap, ct): the packed order
 
     @property
     def tile_density(self):
@@ -207,9 +212,14 @@ def _build_tiles(keep, groups, block):
     fwd_idx, fwd_cnt = _active_lists(occ.reshape(groups * o_t, taps * c_t))
     bwd_idx, bwd_cnt = _active_lists(occ.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t))
     wgt_tiles = occ.nonzero().to(torch.int32).contiguous()
+    # rank of every active tile in wgt_tiles order = its index in the packed weight
+    rank = (occ.flatten().cumsum(0) - 1).reshape(occ.shape)
+    fwd_pk = rank.reshape(groups * o_t, taps * c_t).gather(1, fwd_idx.long())
+    bwd_pk = rank.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t).gather(1, bwd_idx.long())
     return dict(groups=groups, og=og, cg=Cg, block_o=bo, block_c=bc, o_tiles=o_t, c_tiles=c_t,
-                taps=taps, occupancy=occ, fwd_idx=fwd_idx, fwd_cnt=fwd_cnt, bwd_idx=bwd_idx,
-                bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
+                taps=taps, kw=KW, occupancy=occ, fwd_idx=fwd_idx,
+                fwd_pk=fwd_pk.to(torch.int32).contiguous(), fwd_cnt=fwd_cnt, bwd_idx=bwd_idx,
+                bwd_pk=bwd_pk.to(torch.int32).contiguous(), bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
 
 
 def _plain():
@@ -220,8 +230,8 @@ def _plain():
 
 
 def _mask_key(mask):
-    return (mask._version, mask.data_ptr(), mask.dtype, tuple(mask.shape), tuple(mask.stride()),
-            mask.device)
+    # the version counter, not the data pointer: torch.compile then needs no pointer guard
+    return (mask._version, mask.dtype, tuple(mask.shape), tuple(mask.stride()), mask.device)
 
 
 def _as_keep(mask):
@@ -235,7 +245,7 @@ def _as_keep(mask):
 
 def _cached(mask):
     """Per-mask cache stored on the tensor itself: dropped with it, invalidated by any in-place
-    change (version counter) or storage swap (data pointer)."""
+    change (version counter; a `.data` swap that bypasses it is not seen)."""
     key = _mask_key(mask)
     entry = getattr(mask, _CACHE_ATTR, None)
     if entry is None or entry["key"] != key:
@@ -315,8 +325,12 @@ class _MaskedConv2dTriton(torch.autograd.Function):
     """Triton path: the mask is applied inside the kernels; empty tiles are skipped."""
 
     @staticmethod
-    def forward(x, weight, tiles, bias, stride, padding, dilation, groups):
+    def forward(x, weight, tiles, packed, bias, stride, padding, dilation, groups, entry):
+        # packed: the masked tiles in x's dtype (None: packed here, e.g. for a batched weight);
+        # weight may be fp32 under autocast, x's dtype otherwise. entry: the tuned entry or None.
         k = _kernels()
+        if packed is None:
+            packed = k.pack(weight, tiles, x.dtype)
         N, _, H, W = x.shape
         O, _, KH, KW = weight.shape
         OH = _out_size(H, KH, stride[0], padding[0], dilation[0])
@@ -324,36 +338,42 @@ class _MaskedConv2dTriton(torch.autograd.Function):
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         y = torch.empty((N, O, OH, OW), device=x.device, dtype=x.dtype, memory_format=fmt)
         if y.numel():
-            k.forward(x, weight, tiles.mask, bias, y, tiles, (stride, padding, dilation, groups))
+            k.forward(x, packed, bias, y, tiles, (stride, padding, dilation, groups),
+                      _tuned_cfg(entry, tiles, "fwd"))
         return y
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, tiles, bias, stride, padding, dilation, groups = inputs
+        x, weight, tiles, packed, bias, stride, padding, dilation, groups, entry = inputs
         # The tiles (and their copy of the mask) are those of the mask as it was in forward.
         ctx.save_for_backward(x, weight)
-        ctx.tiles = tiles
+        ctx.tiles, ctx.packed, ctx.entry = tiles, packed, entry
         ctx.conf = ((stride, padding, dilation, groups), bias is not None)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         geom, has_bias = ctx.conf
-        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        need_x, need_w, _, _, need_b = ctx.needs_input_grad[:5]
         gx = None
         if need_x:
             fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-            gx = _GradInput.apply(grad_y, weight, ctx.tiles, geom, x.shape, fmt)
-        gw = _GradWeight.apply(grad_y, x, ctx.tiles, geom, weight.dtype) if need_w else None
+            gx = _GradInput.apply(grad_y, weight, ctx.packed, ctx.tiles, geom, x.shape, fmt,
+                                  _tuned_cfg(ctx.entry, ctx.tiles, "bgi"))
+        gw = None
+        if need_w:
+            gw = _GradWeight.apply(grad_y, x, ctx.tiles, geom, weight.dtype,
+                                   _tuned_cfg(ctx.entry, ctx.tiles, "bgw"))
         gb = None
         if need_b and has_bias:
             gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
-        return gx, gw, None, gb, None, None, None, None
+        return gx, gw, None, None, gb, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, tiles, bias, stride, padding, dilation, groups):
-        args = (x, weight, tiles, bias, stride, padding, dilation, groups)
-        if in_dims[0] is not None and in_dims[1] is None and in_dims[3] is None:
+    def vmap(info, in_dims, x, weight, tiles, packed, bias, stride, padding, dilation, groups,
+             entry):
+        args = (x, weight, tiles, packed, bias, stride, padding, dilation, groups, entry)
+        if in_dims[0] is not None and in_dims[1] is None and in_dims[4] is None:
             xs, batch = _fold_batch(x, in_dims[0])
             y = _MaskedConv2dTriton.apply(xs, *args[1:])
             return y.reshape((batch, -1) + tuple(y.shape[1:])), 0
@@ -370,10 +390,13 @@ class _GradInput(torch.autograd.Function):
     """d(loss)/dx of the Triton path: conv_transpose(grad_y, weight * mask)."""
 
     @staticmethod
-    def forward(grad_y, weight, tiles, geom, x_shape, fmt):
+    def forward(grad_y, weight, packed, tiles, geom, x_shape, fmt, cfg):
+        k = _kernels()
         gx = torch.empty(x_shape, device=grad_y.device, dtype=grad_y.dtype, memory_format=fmt)
         if gx.numel():
-            _kernels().backward_input(grad_y, weight, tiles.mask, gx, tiles, geom)
+            if packed is None:
+                packed = k.pack(weight, tiles, grad_y.dtype)
+            k.backward_input(grad_y, packed, gx, tiles, geom, cfg)
         return gx
 
     @staticmethod
@@ -383,22 +406,24 @@ class _GradInput(torch.autograd.Function):
     backward = staticmethod(_twice_error)
 
     @staticmethod
-    def vmap(info, in_dims, grad_y, weight, tiles, geom, x_shape, fmt):
+    def vmap(info, in_dims, grad_y, weight, packed, tiles, geom, x_shape, fmt, cfg):
         if in_dims[0] is not None and in_dims[1] is None:  # e.g. jacrev: a batch of grad_y
             gys, batch = _fold_batch(grad_y, in_dims[0])
-            gx = _GradInput.apply(gys, weight, tiles, geom,
-                                  (gys.shape[0],) + tuple(x_shape[1:]), fmt)
+            gx = _GradInput.apply(gys, weight, packed, tiles, geom,
+                                  (gys.shape[0],) + tuple(x_shape[1:]), fmt, cfg)
             return gx.reshape((batch,) + tuple(x_shape)), 0
         return _map_over_batch(_GradInput.apply, info, in_dims,
-                               (grad_y, weight, tiles, geom, x_shape, fmt))
+                               (grad_y, weight, packed, tiles, geom, x_shape, fmt, cfg))
 
 
 class _GradWeight(torch.autograd.Function):
     """d(loss)/dweight of the Triton path: mask * dW, computed over the non-empty tiles."""
 
     @staticmethod
-    def forward(grad_y, x, tiles, geom, dtype):
-        return _kernels().backward_weight(x, grad_y, tiles.mask, tiles, geom, dtype)
+    def forward(grad_y, x, tiles, geom, dtype, cfg):
+        # rounded to x's dtype first, as the gradient of autocast's weight cast would be
+        gw = _kernels().backward_weight(x, grad_y, tiles.mask, tiles, geom, x.dtype, cfg=cfg)
+        return gw.to(dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -407,23 +432,35 @@ class _GradWeight(torch.autograd.Function):
     backward = staticmethod(_twice_error)
 
     @staticmethod
-    def vmap(info, in_dims, grad_y, x, tiles, geom, dtype):
-        return _map_over_batch(_GradWeight.apply, info, in_dims, (grad_y, x, tiles, geom, dtype))
+    def vmap(info, in_dims, grad_y, x, tiles, geom, dtype, cfg):
+        return _map_over_batch(_GradWeight.apply, info, in_dims,
+                               (grad_y, x, tiles, geom, dtype, cfg))
 
 
 def _is_channels_last(x):
     return (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _dense_threshold():
-    return float(os.environ.get("SDCLR_FAST_MASKED_CONV_DENSE", "0.75"))
+def _tuned_cfg(entry, tiles, which):
+    """The tuned kernel config ("fwd", "bgi", "bgw") of `entry` when it was tuned for these
+    tiles' weight tile, else None (triton.autotune picks)."""
+    if entry is None or tuple(entry["tile"]) != (tiles.block_o, tiles.block_c):
+        return None
+    return entry[which]
 
 
-def _backend_for(x, mask, groups, backend, block=None):
-    """'triton' or 'torch'. auto: Triton on CUDA for fp32/fp16/bf16 when the mask empties
-    enough weight tiles; with more than SDCLR_FAST_MASKED_CONV_DENSE (default 0.75) of the
-    tiles occupied (e.g. unstructured masks) there is little to skip and cuDNN on the
-    recomputed masked weight is the faster kernel."""
+def _tuned_entry(x, weight, mask, geom):
+    """The tuned-table entry of this CUDA call (None elsewhere or when there is none)."""
+    if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+        return None
+    stride, pad, dilation, groups = geom
+    density = prepare_mask(mask, groups).tile_density
+    return _tuned.lookup(x, weight, stride, pad, dilation, groups, density)
+
+
+def _backend_for(x, mask, groups, backend, entry=None):
+    """'triton' or 'torch'. auto: Triton on CUDA for fp32/fp16/bf16 where the tuned `entry`
+    (`_tuned_entry`) measured Triton faster than cuDNN; cuDNN / oneDNN everywhere else."""
     if backend == "torch":
         return "torch"
     if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
@@ -435,23 +472,24 @@ def _backend_for(x, mask, groups, backend, block=None):
         raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
         return "torch"
-    dense = prepare_mask(mask, groups, block).tile_density > _dense_threshold()
-    return "torch" if dense else "triton"
+    return "triton" if _tuned.triton_wins(entry) else "torch"
 
 
 def _autocast(x, weight, bias):
-    """Under autocast, cast x, weight and bias to the autocast dtype, as autocast does for
-    F.conv2d (activations usually arrive in it already, the weights are fp32)."""
+    """Under autocast: x and bias cast to the autocast dtype, as autocast does for F.conv2d
+    (activations usually arrive in it already), and that dtype returned for the weight, which
+    the PyTorch path casts and the Triton path's pack converts (one pass). Else None."""
     if not isinstance(x, torch.Tensor) or x.dtype == torch.float64:
-        return x, weight, bias
+        return x, bias, None
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
-        return x, weight, bias
+        return x, bias, None
     dt = torch.get_autocast_dtype(dev)
 
     def cast(t):
         return t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-    return cast(x), cast(weight), cast(bias)
+    wdt = dt if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+    return cast(x), cast(bias), wdt
 
 
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -467,11 +505,11 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
     else runs the PyTorch path. block: the kernels' (block_o, block_c) weight tile (powers of
     two >= 16; default `default_block`), e.g. to match coarser pruning blocks. `_backend`
     ("auto", "triton", "torch") is for tests and benches."""
-    x, weight, bias = _autocast(x, weight, bias)
+    x, bias, wdt = _autocast(x, weight, bias)
     if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes
         return masked_conv2d(x.unsqueeze(0), weight, mask, bias, stride, padding, dilation,
                              groups, block=block, _backend=_backend).squeeze(0)
-    _check(x, weight, mask, bias, groups)
+    _check(x, weight, mask, bias, groups, wdt)
     stride = _pair(stride, "stride", 1)
     dilation = _pair(dilation, "dilation", 1)
     kernel = tuple(weight.shape[2:])
@@ -489,9 +527,18 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         if _backend == "triton":
             raise ValueError("mask: the Triton path takes a plain tensor; a mask batched by "
                              "torch.func.vmap needs _backend='auto' or 'torch'")
-        return F.conv2d(x, weight * mask.to(weight.dtype), bias, stride, pad, dilation, groups)
-    if _backend_for(x, mask, groups, _backend, block) == "triton":
+        w = weight.to(wdt or weight.dtype)
+        return F.conv2d(x, w * mask.to(w.dtype), bias, stride, pad, dilation, groups)
+    entry = _tuned_entry(x, weight, mask, (stride, pad, dilation, groups)) if _backend != "torch" else None
+    if _backend_for(x, mask, groups, _backend, entry) == "triton":
+        if block is None and entry is not None:
+            block = tuple(entry["tile"])
         tiles = prepare_mask(mask, groups, block)
-        return _MaskedConv2dTriton.apply(x, weight, tiles, bias, stride, pad, dilation, groups)
-    return F.conv2d(x, weight * _mask_scale(mask, weight.dtype), bias, stride, pad, dilation,
-                    groups)
+        packed = None  # a weight wrapped by torch.func is packed inside the Function
+        if not torch._C._functorch.is_functorch_wrapped_tensor(weight):
+            with torch.no_grad():
+                packed = _kernels().pack(weight, tiles, x.dtype)
+        return _MaskedConv2dTriton.apply(x, weight, tiles, packed, bias, stride, pad, dilation,
+                                         groups, entry)
+    w = weight.to(wdt or weight.dtype)
+    return F.conv2d(x, w * _mask_scale(mask, w.dtype), bias, stride, pad, dilation, groups)
