@@ -61,7 +61,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                         f"dataset-fashion-mnist, the others need --data-root")
     g.add_argument("--data-root", default=None,
                    help="folder of the data set files (cifar: the folder holding cifar-10-batches-py / "
-                        "cifar-100-python; imagefolder: the folder with train/<class>/)")
+                        "cifar-100-python; imagefolder: the folder with train/<class>/; webdataset: the "
+                        "shards, e.g. 'shards/train-{000000..000127}.tar')")
     g.add_argument("--ratio", type=_ratio, default=None,
                    help=f"imbalance factor n_max/n_min of the long-tailed split (default {d.ratio:g}, the "
                         f"SDCLR protocol; 'none' keeps the training pool as is)")
@@ -70,6 +71,18 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--balanced-subset", dest="pretrain_set", action="store_const", const="balanced", default=None,
                    help="pretrain on the class-balanced subset D_b of the long-tailed split's size (SDCLR's "
                         "balanced baseline); evaluation groups still follow the long-tailed counts")
+    g.add_argument("--train-list", default=None,
+                   help="webdataset: a file of the sample keys to train on, one per line (e.g. a long-tailed "
+                        "subset; default: the whole stream)")
+    g.add_argument("--data-workers", type=int, default=None,
+                   help="webdataset: DataLoader workers decoding each rank's shards (default 2; part of the "
+                        "data order, keep it on --resume)")
+    g.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="webdataset: samples in each reader's seeded shuffle buffer (default 1000)")
+    g.add_argument("--eval-dataset", choices=DATASETS, default=None,
+                   help="labelled data set whose probe / test sets evaluate the run (needed when the training "
+                        "data has none: --dataset webdataset)")
+    g.add_argument("--eval-data-root", default=None, help="the folder of --eval-dataset")
     g.add_argument("--split-file", dest="official_split", default=None,
                    help="CIFAR: the official SDCLR split/ folder; --split k (1-5) then loads its split{k}_D_i / "
                         "_D_b / _S_b and trainIdxList / valIdxList instead of drawing the splits")
@@ -180,8 +193,13 @@ def config_from_args(args, **overrides) -> PretrainConfig:
     given.update(overrides)
     if given.get("method") == "dnc":
         given.pop("method")
-    if given.get("dataset") == "imagefolder" and "ratio" not in given:
-        given["ratio"] = None  # an image folder is taken as it is unless a ratio is asked for
+    if given.get("dataset") in ("imagefolder", "webdataset") and "ratio" not in given:
+        given["ratio"] = None  # an image folder or a stream is taken as it is unless a ratio is asked for
+    stream = {k: getattr(args, a) for k, a in (("train_list", "train_list"), ("num_workers", "data_workers"),
+                                               ("shuffle_buffer", "shuffle_buffer"))
+              if getattr(args, a, None) is not None}
+    if stream:
+        given["data_options"] = {**given.get("data_options", {}), **stream}
     return PretrainConfig(**given)
 
 
@@ -217,7 +235,7 @@ _DNC_FLAGS = {  # DnCConfig field -> flag
     "distill_target": "--dnc-distill-target", "distill_lr": "--dnc-distill-lr",
     "head_hidden": "--dnc-head-hidden", "base_weight": "--dnc-base-weight",
     "expert_weight": "--dnc-expert-weight", "student_init": "--dnc-student-init",
-    "rounds": "--dnc-rounds",
+    "rounds": "--dnc-rounds", "parallel_experts": "--dnc-parallel-experts",
 }
 
 
@@ -245,8 +263,8 @@ def add_dnc_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dnc-kmeans-iters", type=int, default=None,
                    help=f"maximum Lloyd iterations of k-means (default {d.kmeans_iters})")
     g.add_argument("--dnc-kmeans-backend", choices=KMEANS_BACKENDS, default=None,
-                   help="k-means implementation: faiss (CPU), torch (on the training device) or auto = "
-                        "faiss where installed (default auto)")
+                   help="k-means implementation: faiss (its GPU index with faiss-gpu, else CPU), torch (on "
+                        "the training device) or auto = faiss where installed (default auto)")
     g.add_argument("--dnc-kmeans-metric", choices=KMEANS_METRICS, default=None,
                    help=f"spherical (cosine) or Euclidean k-means on the L2-normalised embeddings "
                         f"(default {d.kmeans_metric})")
@@ -266,6 +284,10 @@ def add_dnc_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dnc-student-init", choices=STUDENT_INITS, default=None,
                    help=f"student initialisation: a fresh network or the base model's weights "
                         f"(default {d.student_init})")
+    g.add_argument("--dnc-parallel-experts", action="store_true", default=None,
+                   help="under torchrun, train the experts at the same time on disjoint groups of ranks "
+                        "(W ranks, k experts: min(W, k) groups; 8 GPUs and k = 8: one expert per GPU) "
+                        "instead of one after the other on all ranks")
 
 
 def dnc_configs_from_args(args):
@@ -444,6 +466,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- shards
+def add_shards_arguments(p: argparse.ArgumentParser) -> None:
+    from .data import DATASETS
+
+    p.add_argument("--dataset", required=True, choices=[d for d in DATASETS if d != "webdataset"],
+                   help="the data set whose images are written")
+    p.add_argument("--data-root", default=None, help="its folder (as for pretrain)")
+    p.add_argument("--out", required=True, help="the folder the shards and shards.json go to")
+    p.add_argument("--set", dest="which", choices=("train", "probe_train", "test"), default="train",
+                   help="which images: the pretraining split (default), the probe pool or the test set")
+    p.add_argument("--ratio", type=_ratio, default=argparse.SUPPRESS,
+                   help="imbalance factor of the long-tailed split (default: the data set's; 'none': all)")
+    p.add_argument("--split", type=int, default=0, help="which long-tailed draw (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="resize to this square size (default: native)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--prefix", default=None, help="shard name prefix (default: the --set name)")
+
+
+def cmd_shards(args) -> int:
+    from .data import build_dataset
+    from .data.webdataset import write_shards
+
+    kw = {"ratio": args.ratio} if hasattr(args, "ratio") else {}
+    data = build_dataset(args.dataset, args.data_root, seed=args.seed, split=args.split,
+                         image_size=args.image_size, **kw)
+    images = getattr(data, args.which)
+    path = write_shards(images, args.out, prefix=args.prefix or args.which.replace("_", "-"),
+                        shard_size=args.shard_size, mean=data.mean, std=data.std, class_names=data.class_names)
+    print(f"{len(images)} images -> {path.parent} ({path.name})")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -484,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and write a comparison report and plot.")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("shards", help="write a data set's training images as WebDataset shards",
+                       description="Write the training split of a data set (an image folder, CIFAR-LT, "
+                                   "Fashion-MNIST-LT) as tar shards out/<prefix>-000000.tar ... of lossless PNGs "
+                                   "keyed by source index, with the manifest out/shards.json; train on them with "
+                                   "--dataset webdataset --data-root out.")
+    add_shards_arguments(p)
+    p.set_defaults(func=cmd_shards)
     return parser
 
 

@@ -16,7 +16,7 @@ from .base import PRETRAIN_SETS, ContrastiveData, ImageSet, check_image_size, lo
 from .loader import Batch, BatchIterator
 from .splits import check_nonneg_int, check_ratio, long_tail_counts
 
-DATASETS = ("fashion-mnist-lt", "cifar10-lt", "cifar100-lt", "imagefolder")
+DATASETS = ("fashion-mnist-lt", "cifar10-lt", "cifar100-lt", "imagefolder", "webdataset")
 
 
 _DEFAULT_RATIO = object()
@@ -30,7 +30,10 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
     root:       where the files are. fashion-mnist-lt: a folder of IDX .gz files (default
                 $SDCLR_FAST_FMNIST_DIR, else /usr/share/datasets/fashion-mnist); cifar10-lt /
                 cifar100-lt: the folder holding cifar-10-batches-py / cifar-100-python (required);
-                imagefolder: the folder holding train/<class>/ and test/ or val/ (required).
+                imagefolder: the folder holding train/<class>/ and test/ or val/ (required);
+                webdataset: the training shards, a brace pattern such as
+                'shards/train-{000000..000127}.tar' (required; streamed, see
+                :mod:`sdclr_fast.data.webdataset`: it returns a ``StreamData``, no probe / test sets).
     ratio:      imbalance factor n_max / n_min (>= 1) of n_i = floor(n_max * ratio^(-i/(C-1)));
                 None keeps the training pool as is. Default: 100, except for imagefolder, whose
                 default None keeps its tree as is (such data is usually long-tailed already).
@@ -64,7 +67,7 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     name = name.lower()
     if ratio is _DEFAULT_RATIO:
-        ratio = None if name == "imagefolder" else 100
+        ratio = None if name in ("imagefolder", "webdataset") else 100
     check_ratio(ratio)
     check_nonneg_int(seed, "seed")
     check_nonneg_int(split, "split")
@@ -85,10 +88,18 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
                   split_file=split_file, pretrain_set=pretrain_set)
     cifar_opts = {"val_fraction", "probe_per_class", "official_split"}
     allowed = {"cifar10-lt": cifar_opts, "cifar100-lt": cifar_opts,
-               "imagefolder": {"train_list", "test_list", "grayscale", "workers"}}.get(name, set())
+               "imagefolder": {"train_list", "test_list", "grayscale", "workers"},
+               "webdataset": {"train_list", "num_workers", "shuffle_buffer"}}.get(name, set())
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"unknown options {unknown} for dataset {name!r}; allowed: {sorted(allowed) or 'none'}")
+    if name == "webdataset":
+        if ratio is not None:
+            raise ValueError(f"ratio={ratio!r}: a stream is not subsampled by a profile; give the keys to keep "
+                             f"as train_list (one per line) or none for the whole stream")
+        from .webdataset import build_webdataset
+
+        return build_webdataset(root, image_size=image_size, seed=seed, **options)
     if name == "fashion-mnist-lt":
         from .fmnist import build_fashion_mnist_lt
 

@@ -46,16 +46,49 @@ def canonical_order(assignments, k):
     return remap[assignments], order
 
 
-def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=False) -> dict:
+def embed_distributed(model, images, data, which, dist_info, *, batch_size=512, device=None, amp=False):
+    """:func:`embed_images` of ``images`` (an ImageSet) split over the ranks: rank r embeds the
+    extraction batches r, r + W, ... (whole batches, so each feature is computed exactly as in one
+    process) and rank 0 gets all of them back in order; the other ranks get None."""
+    from .distributed import gather_object
+
+    n = len(images)
+    starts = list(range(0, n, batch_size))
+    mine = starts[dist_info.rank::dist_info.world_size]
+    pos = torch.cat([torch.arange(s, min(s + batch_size, n)) for s in mine]) if mine else \
+        torch.empty(0, dtype=torch.long)
+    local = embed_images(model, images.subset(pos), data, which, batch_size=batch_size, device=device,
+                         amp=amp).cpu() if mine else None
+    parts = gather_object(local, dist_info)
+    if parts is None:
+        return None
+    out, taken = [], [0] * dist_info.world_size
+    for b, s in enumerate(starts):  # batch b came from rank b % W
+        q, size = b % dist_info.world_size, min(s + batch_size, n) - s
+        out.append(parts[q][taken[q]:taken[q] + size])
+        taken[q] += size
+    return torch.cat(out)
+
+
+def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=False, dist_info=None) -> dict:
     """Embed the training split with the base model, run k-means and return the clusters record
-    (what ``clusters.json`` holds). ``opt`` is the run's DnCConfig."""
+    (what ``clusters.json`` holds). ``opt`` is the run's DnCConfig. Under torchrun (``dist_info``
+    enabled) every rank embeds its share of the images and rank 0 alone runs k-means on all of
+    them (the other ranks return None), so the record is the one-process one."""
     from .kmeans import kmeans
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     if opt.k > len(data.train):
         raise ValueError(f"--dnc-k={opt.k} exceeds the {len(data.train)} training images")
     t0 = time.perf_counter()
-    emb = embed_images(model, data.train, data, opt.cluster_on, batch_size=batch_size, device=device, amp=amp)
+    if dist_info is not None and dist_info.enabled:
+        emb = embed_distributed(model, data.train, data, opt.cluster_on, dist_info, batch_size=batch_size,
+                                device=device, amp=amp)
+        if emb is None:
+            return None
+        emb = emb.to(device)
+    else:
+        emb = embed_images(model, data.train, data, opt.cluster_on, batch_size=batch_size, device=device, amp=amp)
     t_embed = time.perf_counter() - t0
     res = kmeans(emb, opt.k, iters=opt.kmeans_iters, seed=seed, metric=opt.kmeans_metric, backend=opt.kmeans_backend)
     assignments, order = canonical_order(res.assignments.cpu(), opt.k)

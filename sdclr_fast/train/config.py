@@ -34,7 +34,7 @@ def parse_prune_block(value):
 
 # Fields that only change how a run executes, not what it computes; they may differ on resume.
 RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "progress", "num_threads",
-                            "checkpoint_every_steps"})
+                            "checkpoint_every_steps", "eval_dataset", "eval_data_root"})
 
 
 @dataclass
@@ -74,6 +74,10 @@ class PretrainConfig:
     permute_classes: bool = True         # each split gives the head/tail ranks to a seeded class permutation
     pretrain_set: str = "long_tail"      # "long_tail" (D_i) or "balanced" (D_b of the same size: the baseline)
     official_split: str | None = None    # CIFAR: the official SDCLR split/ folder (D_i, D_b, S_b .npy), --split 1-5
+    data_options: dict = field(default_factory=dict)  # more options of build_dataset (webdataset: train_list,
+                                                      # num_workers, shuffle_buffer)
+    eval_dataset: str | None = None      # evaluation data of a run whose training set has no probe / test sets
+    eval_data_root: str | None = None    # (webdataset): a labelled data set name and its root
     moclr_momentum: float = 0.996        # MoCLR only: base EMA momentum of the target (BYOL's), cosine to 1
     seed: int = 0
     device: str | None = None            # None: cuda when available, else cpu
@@ -165,6 +169,8 @@ class PretrainConfig:
             self.compile = "default" if self.compile else None
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
+        if not isinstance(self.data_options, dict):
+            raise ValueError(f"data_options must be a dict, got {type(self.data_options).__name__}")
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
 
@@ -236,6 +242,8 @@ class DnCConfig:
     student_init:    "scratch" (a fresh network, seeded) or "base" (start from the base weights).
     rounds:          divide-and-contrast rounds; from the second on, the previous round's student
                      is the base that is clustered, initialises the experts and is distilled.
+    parallel_experts: under torchrun, train the experts concurrently on disjoint groups of ranks
+                     (e.g. 8 GPUs and k = 8: one expert per GPU) instead of one after the other on all.
     """
 
     k: int = 5
@@ -254,6 +262,7 @@ class DnCConfig:
     expert_weight: float = 1.0
     student_init: str = "scratch"
     rounds: int = 1
+    parallel_experts: bool = False
 
     # Options that only change how a run executes; they may differ on resume.
     RUNTIME = frozenset({"kmeans_backend"})
@@ -288,6 +297,8 @@ class DnCConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.parallel_experts, bool):
+            raise ValueError(f"parallel_experts must be a bool, got {self.parallel_experts!r}")
         if self.base_weight == 0 and self.expert_weight == 0:
             raise ValueError("base_weight and expert_weight cannot both be 0")
         if self.distill_lr is not None:

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
 from .models import DenseEncoder, build_model_from_args, load_model, load_weights
-from .distributed import DistInfo
-from .run import (Execution, LossGuard, MetricsLog, Preempted, StopCheck, data_order, open_checkpoint, progress_bar,
-                  restore_training, run_lock, seed_everything, sgd_with_schedule, stop_signals, stopped_message,
+from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
+from .run import (Execution, LossGuard, MetricsLog, StepCheckpoints, StopCheck, data_order, open_checkpoint,
+                  progress_bar, restore_training, run_lock, seed_everything, sgd_with_schedule, stop_signals,
                   two_view_augment, write_run_files)
 
 __all__ = ["cosine_regression_loss", "dnc_distillation_loss", "PredictionHead", "DnCStudent",
@@ -179,15 +179,24 @@ def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_c
     ``options`` the DnCConfig; ``assignments[i]`` is the cluster of training image i (a position
     in ``data.train``); ``expert_checkpoints[k]`` is cluster k's expert. ``stop_at_epoch`` stops
     with a resumable checkpoint once that many epochs are complete. Holds ``run_dir``'s lock and
-    stops on SIGTERM / SIGUSR1 like :func:`sdclr_fast.train.pretrain.pretrain`."""
-    with run_lock(run_dir), stop_signals():
-        return _distill_student(config, options, Path(run_dir), data, base_checkpoint, expert_checkpoints,
-                                assignments, resume, stop_at_epoch)
+    stops on SIGTERM / SIGUSR1 like :func:`sdclr_fast.train.pretrain.pretrain`. Under torchrun the
+    student is trained with DDP like :func:`pretrain`: each rank distils its slice of every batch
+    (the teachers run on that slice only), every rank's RNG states are saved."""
+    from .run import resolve_device
+
+    dist_info = init_distributed(resolve_device(config.device).type)
+    try:
+        with run_lock(run_dir, dist_info), stop_signals():
+            return _distill_student(config, options, Path(run_dir), data, base_checkpoint, expert_checkpoints,
+                                    assignments, resume, stop_at_epoch, dist_info)
+    finally:
+        shutdown(dist_info)
 
 
 def _distill_student(config, options, run_dir, data, base_checkpoint, expert_checkpoints, assignments, resume,
-                     stop_at_epoch):
+                     stop_at_epoch, dist_info):
     ckpt_path = run_dir / CHECKPOINT_NAME
+    say = print if dist_info.is_main else (lambda *a, **k: None)
     assignments = torch.as_tensor(assignments, dtype=torch.long).cpu()
     if assignments.shape != (len(data.train),):
         raise ValueError(f"assignments must have one cluster id per training image ({len(data.train)}), "
@@ -202,13 +211,19 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
         if resumed.get("dnc_teachers") != teacher_paths:
             raise ValueError(f"cannot resume {str(ckpt_path)!r}: it was distilled from other teachers")
         if resumed.get("finished"):
-            print(f"{ckpt_path}: student already finished; nothing to do")
+            say(f"{ckpt_path}: student already finished; nothing to do")
             return ckpt_path
 
-    ex = Execution.of(config).setup_process(config)
+    ex = Execution.of(config, dist_info).setup_process(config)
     device = ex.device
+    world, rank = dist_info.world_size, dist_info.rank
     batch_size = min(config.batch_size, len(data.train))
-    write_run_files(run_dir, data, config)
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} (the student's batch) must be divisible by the number of "
+                         f"processes ({world})")
+    if dist_info.is_main:
+        write_run_files(run_dir, data, config)
+    barrier(dist_info)
 
     # ---- teachers: frozen, eval mode (BN running statistics, dense branch)
     cache = {}
@@ -229,39 +244,63 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
     student = ex.place(DnCStudent(DenseEncoder(shell), feature_dim, options.k, target_dim,
                                   hidden_dim=options.head_hidden))
     order, batches = data_order(config, data.train, batch_size, device)
+    local_batches = getattr(batches, "local", False)  # a stream gives each rank its own share
+    if local_batches:
+        batches.for_rank(dist_info.rank, dist_info.world_size)
     steps_per_epoch = len(batches)
     # the shell's projection head is not trained by distillation: leave it out of the optimiser
     optimizer, scheduler = sgd_with_schedule(list(shell.backbone.parameters()) + list(student.heads.parameters()),
                                              config, steps_per_epoch)
     augment = two_view_augment(config, data, device)
     cluster_of = assignments.to(device)
-    seed_everything(config.seed + 7919)
+    seed_everything(config.seed + 7919 * (rank + 1))  # per-rank augmentation randomness, as in pretrain()
     start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0
     if resumed is not None:
         start_epoch, global_step, position, partial_loss = restore_training(resumed, shell, optimizer, scheduler,
-                                                                            order)
+                                                                            order, rank=rank, world=world)
         student.heads.load_state_dict(resumed["dnc_heads"])
-        print(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}, step {position}")
+        say(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}, step {position}")
 
-    log = MetricsLog(run_dir, True, config.tensorboard, global_step)
+    step_module = student
+    if dist_info.enabled:
+        synced_bn = config.sync_bn and device.type == "cuda"
+        if synced_bn:  # parameters and buffers are kept; ``shell`` is the converted one
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            shell = student.backbone.model
+        # DDP reduces what the student's loss reaches: the projection head / predictor of the shell
+        # are not trained (not in the optimiser) and an SDCLR shell's pruned-branch BN is never used.
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for p in student.parameters():
+            p.requires_grad_(id(p) in trained)
+        step_module = wrap_ddp(student, dist_info, device, sync_buffers=not synced_bn,
+                               find_unused_parameters=margs["method"] == "sdclr")
+    per_rank = batch_size // world
+
+    log = MetricsLog(run_dir, dist_info.is_main, config.tensorboard, global_step)
     guard = LossGuard(ckpt_path, "Lower --dnc-distill-lr or disable --amp")
-    stop = StopCheck(DistInfo(), 1, device)
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
 
     def save(epoch_done, at, epoch_start_state, loss_sum, row):
         rng = capture_rng(order)
         if at:
             rng["data"] = epoch_start_state  # the epoch is drawn again on resume
+        rng_states = all_gather_object(rng, dist_info)
+        if not dist_info.is_main:
+            return barrier(dist_info)
         save_checkpoint({
             "config": config.to_dict(), "model_args": margs, "model": shell.state_dict(),
             "dnc_heads": student.heads.state_dict(), "dnc_teachers": teacher_paths,
             "dnc_head_dims": [feature_dim, int(options.head_hidden or feature_dim), target_dim],
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": [rng], "epoch": epoch_done, "step": global_step, "position": at, "loss_sum": float(loss_sum),
+            "rng": rng_states, "epoch": epoch_done, "step": global_step, "position": at, "loss_sum": float(loss_sum),
             "finished": epoch_done == config.epochs and not at, "train_indices": None,
             "init_checkpoint": str(base_checkpoint) if options.student_init == "base" else None,
             "last_epoch_metrics": row,
         }, ckpt_path)
+        barrier(dist_info)
+
+    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps, guard, save,
+                                  ckpt_path, steps_per_epoch)
 
     try:
         for epoch in range(start_epoch, last_epoch):
@@ -270,15 +309,16 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
             student.train()
             t_epoch = time.perf_counter()
             loss_sum = torch.full((), partial_loss if first else 0.0, device=device)
-            bar = progress_bar(config.progress, steps_per_epoch, f"dnc student epoch {epoch + 1}/{config.epochs}")
+            bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch, f"dnc student epoch {epoch + 1}/{config.epochs}")
             for step, batch in enumerate(batches.epoch(first), start=first):
+                mine = slice(None) if local_batches else slice(rank * per_rank, (rank + 1) * per_rank)
                 with torch.no_grad():
-                    v1, v2 = augment(batch.images)
+                    v1, v2 = augment(batch.images[mine])
                 x = ex.images(torch.cat([v1, v2]))
-                c = cluster_of[batch.index].repeat(2)
+                c = cluster_of[batch.index[mine]].repeat(2)
                 with ex.autocast():
                     base_t, expert_t = teacher_targets(x, c, base_teacher, experts)
-                    base_p, expert_p = student(x)
+                    base_p, expert_p = step_module(x)
                 loss = dnc_distillation_loss(base_p, base_t, expert_p, expert_t, c, base_weight=options.base_weight,
                                              expert_weight=options.expert_weight)
                 optimizer.zero_grad(set_to_none=True)
@@ -297,25 +337,18 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
                               global_step)
                 if bar is not None:
                     bar.update(1)
-                if step + 1 < steps_per_epoch:
-                    stopping = stop(step + 1)
-                    every = config.checkpoint_every_steps
-                    if stopping or (every and global_step % every == 0):
-                        guard.check()
-                        save(epoch, step + 1, epoch_start_state, loss_sum, None)
-                    if stopping:
-                        raise Preempted(stopped_message(ckpt_path, epoch, step + 1, steps_per_epoch), ckpt_path)
+                checkpoints.after_step(epoch, step + 1, global_step, epoch_start_state, loss_sum, bar)
             if bar is not None:
                 bar.close()
             guard.check()
             epoch_s = time.perf_counter() - t_epoch
             row = {"kind": "epoch", "epoch": epoch, "step": global_step,
-                   "loss": float(loss_sum / steps_per_epoch), "lr": optimizer.param_groups[0]["lr"],
+                   "loss": float(all_reduce_mean(loss_sum / steps_per_epoch, dist_info)),
+                   "lr": optimizer.param_groups[0]["lr"],
                    "images_per_s": steps_per_epoch * batch_size / epoch_s, "epoch_s": epoch_s}
             log.write(row, global_step)
             save(epoch + 1, 0, None, 0.0, row)
-            if epoch + 1 < config.epochs and stop(steps_per_epoch, force=True):
-                raise Preempted(stopped_message(ckpt_path, epoch + 1, 0, steps_per_epoch), ckpt_path)
+            checkpoints.after_epoch(epoch + 1, config.epochs)
     finally:
         log.close()
     return ckpt_path

@@ -1,6 +1,7 @@
 """torchrun / DDP plumbing: process-group set-up from the environment and small collectives."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     initialized_here: bool = False  # this code created the process group (and must destroy it)
+    group: object = None            # the process group (None: the default one); rank / world_size are in it
 
     @property
     def enabled(self) -> bool:
@@ -28,6 +30,8 @@ def init_distributed(device_type: str) -> DistInfo:
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT) when WORLD_SIZE > 1; NCCL on CUDA, Gloo on CPU. A group that already
     exists (e.g. created by the caller) is reused."""
+    if _active["group"] is not None:
+        return _active["group"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -44,6 +48,51 @@ def init_distributed(device_type: str) -> DistInfo:
                     initialized_here=created)
 
 
+_active = {"group": None}
+
+
+@contextlib.contextmanager
+def within_group(info: DistInfo):
+    """While active, :func:`init_distributed` returns ``info`` (a sub-group of the ranks, or a
+    single process: ``DistInfo()``), so that a run started inside trains on that group only
+    (DnC's ``parallel_experts``: one expert per group of ranks)."""
+    previous, _active["group"] = _active["group"], info
+    try:
+        yield info
+    finally:
+        _active["group"] = previous
+
+
+def new_groups(info: DistInfo, n: int) -> list:
+    """Split the ranks into ``n`` consecutive groups of ``world_size // n`` (every rank must call
+    this, in the same order: torch.distributed.new_group is collective). Returns this rank's
+    (group index, DistInfo in that group)."""
+    size = info.world_size // n
+    mine = None
+    for g in range(n):
+        ranks = list(range(g * size, (g + 1) * size))
+        pg = dist.new_group(ranks) if size > 1 else None
+        if info.rank in ranks:
+            sub = DistInfo(rank=ranks.index(info.rank), world_size=size, local_rank=info.local_rank, group=pg) \
+                if size > 1 else DistInfo(local_rank=info.local_rank)
+            mine = (g, sub)
+    return mine
+
+
+def wrap_ddp(module, info: DistInfo, device, *, sync_buffers: bool, find_unused_parameters: bool = False):
+    """DistributedDataParallel on ``info``'s group; ``sync_buffers``: rank 0's buffers are sent to
+    the other ranks before every forward (``forward_sync_buffers`` from torch 2.13 on, where
+    ``broadcast_buffers`` is deprecated; ``broadcast_buffers`` before)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            else "broadcast_buffers")
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, process_group=info.group,
+               find_unused_parameters=find_unused_parameters, **{name: sync_buffers})
+
+
 def shutdown(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
@@ -51,20 +100,40 @@ def shutdown(info: DistInfo) -> None:
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.group)
 
 
 def all_gather_object(obj, info: DistInfo) -> list:
     if not info.enabled:
         return [obj]
     out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=info.group)
     return out
+
+
+def gather_object(obj, info: DistInfo):
+    """Every rank's ``obj`` as a list on rank 0 (None on the other ranks)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dst = 0 if info.group is None else dist.get_global_rank(info.group, 0)
+    dist.gather_object(obj, out, dst=dst, group=info.group)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    src = 0 if info.group is None else dist.get_global_rank(info.group, 0)
+    dist.broadcast_object_list(box, src=src, group=info.group)
+    return box[0]
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return t
     t = t.clone()
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=info.group)
     return t / info.world_size

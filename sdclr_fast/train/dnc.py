@@ -57,7 +57,16 @@ Choices made here (documented because DnC has no public code):
   heads, optimiser, schedule, RNG and data-order states) at the end of every epoch, like
   :func:`pretrain`.
 
-The DnC stages run in one process (no DDP for the student stage).
+Under torchrun every stage runs on all ranks: the base, each expert and the student train with
+DDP (:func:`pretrain`, :func:`distill_student`); for clustering each rank embeds its share of the
+training split (whole extraction batches, so every feature equals the one-process one), rank 0
+gathers them, runs k-means (faiss, on the GPU where faiss-gpu is installed, or the torch
+implementation) and writes clusters.json, which every rank then reads: the assignment is the
+one-process result by construction. Only rank 0 writes the shared files (dnc.json,
+clusters.json, clusters.md, the final link); the run directory must be on a file system every
+rank sees. With ``parallel_experts`` the ranks are split into groups
+(``torch.distributed.new_group``) of ``world // min(world, k)`` ranks and the groups train
+different experts at the same time, each expert with DDP on its group.
 """
 from __future__ import annotations
 
@@ -72,8 +81,10 @@ from .clustering import CLUSTERS_NAME, cluster_stage, cluster_summary, clusters_
 from .config import DnCConfig, PretrainConfig
 from .distill import distill_student
 from .models import load_model
-from .run import (Execution, Preempted, config_differences_error, run_data, run_lock, stop_requested, stop_signals,
-                  write_run_files)
+from .distributed import (DistInfo, all_gather_object, barrier, gather_object, init_distributed, new_groups, shutdown,
+                          within_group)
+from .run import (Execution, Preempted, StopCheck, config_differences_error, resolve_device, run_data, run_lock,
+                  stop_requested, stop_signals, write_run_files)
 
 __all__ = ["dnc", "dnc_state", "round_dir", "STATE_NAME", "CLUSTERS_MD_NAME"]
 
@@ -164,21 +175,29 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
     config = config.replace(method=options.base_method)
     config.validate()
     options.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("DnC runs in a single process; launch it without torchrun")
     run_dir = Path(run_dir)
-    with run_lock(run_dir), stop_signals():
-        return _dnc(config, options, run_dir, resume, data, init_checkpoint)
+    dist_info = init_distributed(resolve_device(config.device).type)
+    try:
+        with run_lock(run_dir, dist_info), stop_signals():
+            return _dnc(config, options, run_dir, resume, data, init_checkpoint, dist_info)
+    finally:
+        shutdown(dist_info)
 
 
-def _between_stages(run_dir, done: str):
-    if stop_requested():
+def _say(dist_info):
+    return print if dist_info.is_main else (lambda *a, **k: None)
+
+
+def _between_stages(run_dir, done: str, dist_info: DistInfo, device):
+    # every rank stops or none does (a signal may reach one rank only)
+    if StopCheck(dist_info, 1, device)(0, force=True):
         raise Preempted(f"stopped by {stop_requested()} after DnC's {done}; the DnC run {str(run_dir)!r} "
                         f"continues with --resume")
 
 
-def _dnc(config, options, run_dir, resume, data, init_checkpoint):
+def _dnc(config, options, run_dir, resume, data, init_checkpoint, dist_info):
     state_path = run_dir / STATE_NAME
+    say = _say(dist_info)
 
     # ---- the state file: refuse to overwrite a run, refuse to resume a different one
     if state_path.exists():
@@ -194,29 +213,33 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint):
     else:
         state = {"format": STATE_FORMAT, "dnc": options.to_dict(), "base_config": config.to_dict(), "stages": {}}
 
-    def mark():
-        write_json(state_path, state, what="the DnC state")
+    def mark():  # every rank keeps the same state; rank 0 writes it
+        if dist_info.is_main:
+            write_json(state_path, state, what="the DnC state")
 
     # ---- data: one split for every stage
     data = run_data(config, run_dir, data)
-    write_run_files(run_dir, data)
+    barrier(dist_info)  # every rank has read the state file before rank 0 writes it
+    if dist_info.is_main:
+        write_run_files(run_dir, data)
     mark()
+    barrier(dist_info)
     base_cfg = _stage_configs(config, options)[0]
-    ex = Execution.of(config)
+    ex = Execution.of(config, dist_info)
 
     # ---- round 1, stage 1: the base model
     stages = state["stages"]
     base_dir = run_dir / "base"
     if stages.get("base", {}).get("done"):
         base_ckpt = run_dir / stages["base"]["checkpoint"]
-        print(f"DnC base: done ({base_ckpt})")
+        say(f"DnC base: done ({base_ckpt})")
     else:
-        print(f"DnC stage 1/3: base {options.base_method} model, {base_cfg.epochs} epochs -> {base_dir}")
+        say(f"DnC stage 1/3: base {options.base_method} model, {base_cfg.epochs} epochs -> {base_dir}")
         base_ckpt = _pretrain_module.pretrain(base_cfg, run_dir=base_dir, data=data, resume=resume,
                                               init_checkpoint=init_checkpoint)
         stages["base"] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir)}
         mark()
-    _between_stages(run_dir, "base model")
+    _between_stages(run_dir, "base model", dist_info, ex.device)
 
     cluster_records = []
     for r in range(1, options.rounds + 1):
@@ -224,13 +247,14 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint):
         # under "round_<r>"
         marks = stages if r == 1 else stages.setdefault(f"round_{r}", {})
         student_ckpt = _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex,
-                              cluster_records)
+                              cluster_records, dist_info)
         base_ckpt = student_ckpt  # the next round's base is this round's student
     return student_ckpt
 
 
-def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex, cluster_records):
+def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex, cluster_records, dist_info):
     """Stages 2 and 3 of round ``r`` on top of ``base_ckpt``; returns the round's student."""
+    say = _say(dist_info)
     _, expert_cfg, student_cfg = _stage_configs(config, options, r)
     rdir = round_dir(run_dir, r)
     tag = "" if options.rounds == 1 else f"round {r}/{options.rounds}: "
@@ -242,74 +266,130 @@ def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex
         clusters = read_clusters(clusters_path)
         if clusters["train_indices"] != data.train.indices.tolist():
             raise ValueError(f"{str(clusters_path)!r} was computed on another training split")
-        print(f"{name} clusters: done, {cluster_summary(clusters)}")
+        say(f"{name} clusters: done, {cluster_summary(clusters)}")
     else:
-        print(f"{tag}DnC stage 2/3: k-means (k={options.k}, {options.kmeans_metric}, {options.cluster_on}) "
-              f"on the base embeddings")
+        say(f"{tag}DnC stage 2/3: k-means (k={options.k}, {options.kmeans_metric}, {options.cluster_on}) "
+            f"on the base embeddings")
+        # every rank embeds its share, rank 0 clusters (None on the other ranks)
         record = cluster_stage(load_model(base_ckpt, device=ex.device), data, options, seed=config.seed,
-                               batch_size=config.batch_size, device=ex.device, amp=ex.amp)
-        write_json(clusters_path, record, what="the DnC clusters")
-        marks["clusters"] = {"done": True, "file": _rel(clusters_path, run_dir), "sizes": record["sizes"],
-                             "backend": record["backend"]}
+                               batch_size=config.batch_size, device=ex.device, amp=ex.amp, dist_info=dist_info)
+        summary = None
+        if dist_info.is_main:
+            write_json(clusters_path, record, what="the DnC clusters")
+            summary = {"sizes": record["sizes"], "backend": record["backend"]}
+        summary = all_gather_object(summary, dist_info)[0]
+        marks["clusters"] = {"done": True, "file": _rel(clusters_path, run_dir), **summary}
         mark()
+        barrier(dist_info)
         clusters = read_clusters(clusters_path)
-        print(f"{name} clusters: {cluster_summary(record)} ({record['backend']}, {record['iterations']} "
-              f"iterations)")
+        say(f"{name} clusters: {cluster_summary(clusters)} ({clusters['backend']}, {clusters['iterations']} "
+            f"iterations)")
     cluster_records.append((r, clusters))
-    write_text(run_dir / CLUSTERS_MD_NAME, clusters_markdown(cluster_records, data.class_names),
-               what="the DnC clusters report")
+    if dist_info.is_main:
+        write_text(run_dir / CLUSTERS_MD_NAME, clusters_markdown(cluster_records, data.class_names),
+                   what="the DnC clusters report")
     assignments = clusters["assignments"]
-    _between_stages(run_dir, f"{tag}clustering")
+    _between_stages(run_dir, f"{tag}clustering", dist_info, ex.device)
 
     # ---- stage 2b: one expert per cluster, initialised from the base model
     experts = marks.setdefault("experts", {})
-    expert_ckpts = []
+    todo = []
     for k in range(options.k):
         key = str(k)
         if experts.get(key, {}).get("done"):
-            expert_ckpts.append(run_dir / experts[key]["checkpoint"])
-            print(f"{name} expert {k}: done ({expert_ckpts[-1]})")
+            say(f"{name} expert {k}: done ({run_dir / experts[key]['checkpoint']})")
             continue
         members = (assignments == k).nonzero().flatten()
         if members.numel() < 2:
             # one image has no negative and no other view pairs: nothing to contrast
-            print(f"{name} expert {k}: cluster has {members.numel()} image(s); the base model is its expert")
+            say(f"{name} expert {k}: cluster has {members.numel()} image(s); the base model is its expert")
             experts[key] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir), "size": int(members.numel()),
                             "trained": False}
-            expert_ckpts.append(Path(base_ckpt))
             mark()
             continue
+        todo.append((k, members))
+
+    def train_expert(k, members, talk):
         label = f"DnC expert {k}" if options.rounds == 1 else f"DnC round {r} expert {k}"
         cfg_k = expert_cfg.replace(batch_size=min(expert_cfg.batch_size, int(members.numel())),
                                    extra={**expert_cfg.extra, "label": label, "dnc_cluster": k})
-        print(f"{tag}DnC stage 2/3: expert {k + 1}/{options.k} on {members.numel()} images, {cfg_k.epochs} "
-              f"epochs -> {rdir / f'expert_{k}'}")
-        ckpt = _pretrain_module.pretrain(cfg_k, run_dir=rdir / f"expert_{k}", indices=members, data=data,
+        talk(f"{tag}DnC stage 2/3: expert {k + 1}/{options.k} on {members.numel()} images, {cfg_k.epochs} "
+             f"epochs -> {rdir / f'expert_{k}'}")
+        return _pretrain_module.pretrain(cfg_k, run_dir=rdir / f"expert_{k}", indices=members, data=data,
                                          init_checkpoint=base_ckpt, resume=resume)
-        experts[key] = {"done": True, "checkpoint": _rel(ckpt, run_dir), "size": int(members.numel()),
-                        "trained": True}
+
+    def finished(k, ckpt, members):
+        experts[str(k)] = {"done": True, "checkpoint": _rel(ckpt, run_dir), "size": int(members.numel()),
+                           "trained": True}
         mark()
-        expert_ckpts.append(Path(ckpt))
-        _between_stages(run_dir, f"{tag}expert {k}")
+
+    if options.parallel_experts and dist_info.enabled and len(todo) > 1:
+        _parallel_experts(todo, train_expert, finished, dist_info, run_dir, tag)
+    else:
+        for k, members in todo:
+            finished(k, train_expert(k, members, say), members)
+            _between_stages(run_dir, f"{tag}expert {k}", dist_info, ex.device)
+    expert_ckpts = [run_dir / experts[str(k)]["checkpoint"] for k in range(options.k)]
 
     # ---- stage 3: the student
     student_dir = rdir / "student"
     final = run_dir / CHECKPOINT_NAME
     if marks.get("student", {}).get("done"):
         student_ckpt = run_dir / marks["student"]["checkpoint"]
-        print(f"{name} student: done ({student_ckpt})")
+        say(f"{name} student: done ({student_ckpt})")
     else:
-        print(f"{tag}DnC stage 3/3: distilling base + {options.k} experts into a student, "
-              f"{student_cfg.epochs} epochs -> {student_dir}")
+        say(f"{tag}DnC stage 3/3: distilling base + {options.k} experts into a student, "
+            f"{student_cfg.epochs} epochs -> {student_dir}")
         student_ckpt = distill_student(student_cfg, options, run_dir=student_dir, data=data,
                                        base_checkpoint=base_ckpt, expert_checkpoints=expert_ckpts,
                                        assignments=assignments, resume=resume)
         marks["student"] = {"done": True, "checkpoint": _rel(student_ckpt, run_dir)}
         mark()
-    if r == options.rounds and not (final.exists() and os.path.samefile(final, student_ckpt)):
-        link_or_copy(student_ckpt, final, what="the DnC run's final checkpoint")
+    if r == options.rounds:
+        if dist_info.is_main and not (final.exists() and os.path.samefile(final, student_ckpt)):
+            link_or_copy(student_ckpt, final, what="the DnC run's final checkpoint")
         marks["student"]["final"] = CHECKPOINT_NAME
         mark()
+        barrier(dist_info)
     if r < options.rounds:
-        _between_stages(run_dir, f"{tag}student")
+        _between_stages(run_dir, f"{tag}student", dist_info, ex.device)
     return student_ckpt
+
+
+def _parallel_experts(todo, train_expert, finished, dist_info, run_dir, tag):
+    """Train the experts of ``todo`` concurrently: the ranks are split into ``g = min(world, len(todo))``
+    groups (fewer when g does not divide the world size), group j trains experts j, j + g, ... with
+    DDP on its own ranks. Every rank then learns which experts finished; a stop signal or an error
+    in any group stops every rank (finished experts stay marked)."""
+    n_groups = min(dist_info.world_size, len(todo))
+    while dist_info.world_size % n_groups:
+        n_groups -= 1
+    if dist_info.world_size // n_groups > 1:
+        # the losses' cross-rank gather runs on the default group; a sub-group DDP needs it on the sub-group
+        raise ValueError(f"parallel_experts (--dnc-parallel-experts) trains one expert per rank: it needs at "
+                         f"least as many experts to train ({len(todo)}) as ranks ({dist_info.world_size})")
+    g, sub = new_groups(dist_info, n_groups)
+    done, failure, error = {}, None, None
+    talk = print if sub.is_main else (lambda *a, **k: None)
+    with within_group(sub):
+        try:
+            for i, (k, members) in enumerate(todo):
+                if i % n_groups == g:
+                    done[k] = str(train_expert(k, members, talk))
+        except Preempted as exc:
+            failure = f"preempted: {exc}"
+        except Exception as exc:  # re-raised below, after the other groups have been told
+            failure, error = f"{type(exc).__name__}: {exc}", exc
+    reports = all_gather_object((done if sub.is_main else {}, failure), dist_info)
+    members_of = dict(todo)
+    for rank_done, _ in reports:
+        for k, ckpt in sorted(rank_done.items()):
+            finished(k, Path(ckpt), members_of[k])
+    if error is not None:
+        raise error
+    failures = [f for _, f in reports if f is not None]
+    if any(not f.startswith("preempted") for f in failures):
+        raise RuntimeError(f"DnC {tag}experts: another group of ranks failed ({failures[0]})")
+    if failures:
+        raise Preempted(f"stopped by a stop signal during DnC's {tag}experts; the DnC run {str(run_dir)!r} "
+                        f"continues with --resume")

@@ -37,8 +37,18 @@ def run_label(checkpoint_state: dict, path: Path) -> str:
 
 
 def data_for_run(checkpoint_state: dict, run_dir: Path):
-    """The run's data set, with the exact split it was trained on when split.json is there."""
-    return run_data(PretrainConfig.from_dict(checkpoint_state["config"]), run_dir)
+    """The run's data set, with the exact split it was trained on when split.json is there. A run
+    on a stream (webdataset) has no probe / test sets: its ``eval_dataset`` is built instead."""
+    config = PretrainConfig.from_dict(checkpoint_state["config"])
+    if config.dataset == "webdataset":
+        if config.eval_dataset is None:
+            raise ValueError(f"{str(run_dir)!r} was trained on a stream (--dataset webdataset), which has no probe "
+                             f"or test sets; pretrain it with --eval-dataset / --eval-data-root, or pass data= to "
+                             f"evaluate_checkpoint")
+        from ..data import build_dataset
+
+        return build_dataset(config.eval_dataset, config.eval_data_root, seed=config.seed, split=config.split)
+    return run_data(config, run_dir)
 
 
 def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=None, batch_size: int = 512,

@@ -227,8 +227,10 @@ def _faiss_lloyd(x, init, iters, metric, seed):
 
     n, d = x.shape
     k = init.shape[0]
+    # faiss' GPU index where faiss-gpu sees a GPU, its CPU one otherwise
+    gpu = bool(getattr(faiss, "get_num_gpus", lambda: 0)())
     km = faiss.Kmeans(d, k, niter=max(iters, 1), seed=int(seed) & 0x7FFFFFFF, verbose=False,
-                      spherical=(metric == "cosine"), nredo=1,
+                      spherical=(metric == "cosine"), nredo=1, gpu=gpu,
                       # no subsampling and no warning on small clusters: cluster every point
                       min_points_per_centroid=1, max_points_per_centroid=n // k + 1)
     xn = np.ascontiguousarray(x.cpu().numpy(), dtype=np.float32)
@@ -251,7 +253,8 @@ def kmeans(x, k, *, iters=50, seed=0, metric="cosine", backend="auto"):
         iters: maximum number of Lloyd iterations.
         seed: seeds the k-means++ draws (and faiss' own generator); same seed, same result.
         metric: ``"cosine"`` (spherical k-means) or ``"euclidean"``.
-        backend: ``"faiss"`` (CPU faiss, numpy round trip), ``"torch"`` (on x's device) or
+        backend: ``"faiss"`` (faiss-gpu where installed with a GPU, else CPU faiss; numpy round
+            trip), ``"torch"`` (on x's device) or
             ``"auto"``: faiss where it is installed, torch otherwise.
 
     Returns:

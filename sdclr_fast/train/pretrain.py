@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, save_checkpoint
 from .config import PretrainConfig
-from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown
+from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
 from .models import build_model_from_args, load_weights, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
 from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, StepCheckpoints, StopCheck, data_order,
@@ -168,6 +168,9 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
         load_weights(model, load_checkpoint(init_checkpoint, expect={"arch": config.arch}))
     ex.place(model)
     order, batches = data_order(config, train_set, config.batch_size, device)
+    local_batches = getattr(batches, "local", False)  # a stream gives each rank its own share
+    if local_batches:
+        batches.for_rank(rank, world)
     steps_per_epoch = len(batches)
     optimizer, scheduler = sgd_with_schedule(model.parameters(), config, steps_per_epoch)
 
@@ -197,13 +200,10 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
             target.load_state_dict(resumed["moclr_target"])
     step_module: nn.Module = ContrastiveForward(base, config.method, target)
     if dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # Every rank derives the same masks from the same weights, and SyncBN keeps the running
         # statistics equal, so re-broadcasting the buffers (~11 MB of masks for ResNet-18) each
         # step is only needed when BN statistics are per process.
-        step_module = DDP(step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=False, broadcast_buffers=not synced_bn)
+        step_module = wrap_ddp(step_module, dist_info, device, sync_buffers=not synced_bn)
     compiled_loss = None
     if config.compile:
         step_module, compiled_loss = compile_step(step_module, config, ex, dist_info.enabled)
@@ -259,7 +259,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
             if bar is not None:
                 bar.update(first)
             for step, batch in enumerate(batches.epoch(first), start=first):
-                images = batch.images[rank * per_rank:(rank + 1) * per_rank]
+                images = batch.images if local_batches else batch.images[rank * per_rank:(rank + 1) * per_rank]
                 with torch.no_grad():
                     v1, v2 = augment(images)
                 if compiled_loss is not None:

@@ -218,7 +218,9 @@ def run_data(config, run_dir, data=None):
 
     run_dir = Path(run_dir)
     split_file = run_dir if (run_dir / SPLIT_NAME).exists() else None
-    options = {} if config.official_split is None else {"official_split": config.official_split}
+    options = dict(config.data_options)
+    if config.official_split is not None:
+        options["official_split"] = config.official_split
     return build_dataset(config.dataset, config.data_root, ratio=config.ratio, seed=config.seed,
                          split=config.split, image_size=config.image_size, split_file=split_file,
                          permute_classes=config.permute_classes, pretrain_set=config.pretrain_set, **options)
@@ -306,6 +308,8 @@ def data_order(config, train_set, batch_size: int, device):
 
     order = torch.Generator()
     order.manual_seed(config.seed)
+    if hasattr(train_set, "batches"):  # a streamed set (data/webdataset.py): the order seeds each epoch's draw
+        return order, train_set.batches(batch_size, order, device)
     return order, BatchIterator(train_set, batch_size, shuffle=True, drop_last=True, generator=order, device=device)
 
 

@@ -1,0 +1,173 @@
+"""Every method and every DnC stage under two gloo processes on the CPU (the torchrun
+environment set by hand, torch.multiprocessing.spawn): SimCLR / SDCLR / MoCLR without the
+deprecated gather, DnC end to end with its clustering equal to the one-process result, a DnC run
+stopped inside an expert and inside the student and resumed equal bit for bit to an
+uninterrupted one, and the experts trained in parallel on groups of ranks."""
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from sdclr_fast.data import ContrastiveData
+from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
+from sdclr_fast.train.clustering import cluster_stage, read_clusters
+from sdclr_fast.train.config import DnCConfig
+
+from helpers import assert_same_state, separable_images  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def tiny_data():
+    return ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
+                           train=separable_images([24, 16, 12, 8], seed=1),
+                           probe_train=separable_images([8, 8, 8, 8], seed=2), val=None,
+                           test=separable_images([6, 6, 6, 6], seed=3), class_order=torch.arange(4),
+                           mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})
+
+
+def tiny_config(**kw):
+    base = dict(method="simclr", dataset="synthetic", arch="resnet18", width=4, proj_dim=16, epochs=2,
+                batch_size=8, lr=0.1, warmup_epochs=1, seed=3, device="cpu", progress=False,
+                tensorboard=False, log_every=1)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def tiny_options(**kw):
+    base = dict(k=2, base_epochs=1, expert_epochs=2, student_epochs=2, kmeans_backend="torch")
+    base.update(kw)
+    return DnCConfig(**base)
+
+
+def spawn(fn, *args, world=2):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _worker(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+# ---------------------------------------------------------------- SimCLR / SDCLR / MoCLR
+def _pretrain_job(rank, method, run_dir):
+    from sdclr_fast.train.pretrain import pretrain
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain(tiny_config(method=method, epochs=1), run_dir=run_dir, data=tiny_data())
+    deprecated = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    Path(run_dir, f"warnings_{rank}.txt").write_text("\n".join(deprecated))
+
+
+@pytest.mark.parametrize("method", ["simclr", "sdclr", "moclr"])
+def test_two_process_pretraining_without_deprecated_gather(tmp_path, method):
+    spawn(_pretrain_job, method, str(tmp_path))
+    st = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert st["finished"] and len(st["rng"]) == 2
+    for rank in range(2):  # the loss gathers through the functional collective, no deprecation warning
+        assert (tmp_path / f"warnings_{rank}.txt").read_text() == ""
+
+
+# ---------------------------------------------------------------- DnC
+def _dnc_job(rank, run_dir, options, stop_in=None, stop_step=1):
+    """One DnC attempt; with ``stop_in`` ("expert_1" / "student") rank 1 alone receives a stop
+    request after ``stop_step`` steps of that stage, as a SIGTERM reaching one rank would."""
+    import sdclr_fast.train.dnc as dnc_module
+    import sdclr_fast.train.pretrain as loop
+    from sdclr_fast.train import run
+    from sdclr_fast.train.run import Preempted
+
+    armed = {"on": False}
+    real_call = run.StopCheck.__call__
+
+    def call(self, steps_done, force=False):
+        if armed["on"] and rank == 1 and steps_done == stop_step and not force:
+            run.request_stop("SIGTERM")
+        return real_call(self, steps_done, force)
+
+    def arming(real, name):
+        def wrapped(*a, **kw):
+            armed["on"] = Path(kw["run_dir"]).name == stop_in
+            try:
+                return real(*a, **kw)
+            finally:
+                armed["on"] = False
+        return wrapped
+
+    run.StopCheck.__call__ = call
+    loop.pretrain = arming(loop.pretrain, "pretrain")
+    dnc_module.distill_student = arming(dnc_module.distill_student, "student")
+    try:
+        dnc_module.dnc(tiny_config(), options, run_dir=run_dir, data=tiny_data(), resume=True)
+    except Preempted:
+        Path(run_dir, f"preempted_{rank}").write_text("1")
+
+
+def test_dnc_two_processes_end_to_end_kill_and_resume(tmp_path):
+    from sdclr_fast.train.dnc import dnc_state
+
+    opts = tiny_options()
+    full, part = tmp_path / "full", tmp_path / "part"
+    spawn(_dnc_job, str(full), opts)
+    state = dnc_state(full)
+    assert state["stages"]["student"]["done"] and sorted(state["stages"]["experts"]) == ["0", "1"]
+    student = load_checkpoint(full / "checkpoint.pt")
+    assert len(student["rng"]) == 2 and student["finished"]
+    for k in range(2):  # the experts trained with DDP on both ranks
+        assert len(load_checkpoint(full / f"expert_{k}" / "checkpoint.pt")["rng"]) == 2
+
+    # clustering: the features embedded on two ranks and clustered on rank 0 give exactly the
+    # one-process record of the same base model
+    one = cluster_stage(load_model(full / "base" / "checkpoint.pt"), tiny_data(), opts, seed=3, batch_size=8)
+    two = read_clusters(full)
+    assert torch.equal(two["assignments"], torch.tensor(one["assignments"]))
+    assert torch.equal(two["centroids"], torch.tensor(one["centroids"], dtype=torch.float32))
+
+    # stopped inside expert 1 (the signal reaches rank 1 only: both ranks stop), then inside the
+    # student, then resumed to the end: the same student, bit for bit
+    spawn(_dnc_job, str(part), opts, "expert_1")
+    assert (part / "preempted_0").exists() and (part / "preempted_1").exists()
+    marks = dnc_state(part)["stages"]
+    assert marks["experts"]["0"]["done"] and "1" not in marks["experts"]
+    assert not load_checkpoint(part / "expert_1" / "checkpoint.pt")["finished"]
+    for f in part.glob("preempted_*"):
+        f.unlink()
+    spawn(_dnc_job, str(part), opts, "student")
+    assert (part / "preempted_0").exists() and (part / "preempted_1").exists()
+    assert not dnc_state(part)["stages"].get("student", {}).get("done")
+    assert load_checkpoint(part / "student" / "checkpoint.pt")["position"] == 1  # mid-epoch
+    spawn(_dnc_job, str(part), opts)
+    resumed = load_checkpoint(part / "checkpoint.pt")
+    for key in ("model", "dnc_heads", "optimizer", "rng"):
+        assert_same_state(student[key], resumed[key], key)
+    assert_same_state(load_checkpoint(full / "expert_1" / "checkpoint.pt")["model"],
+                      load_checkpoint(part / "expert_1" / "checkpoint.pt")["model"], "expert_1")
+
+
+def test_dnc_parallel_experts_one_expert_per_rank(tmp_path):
+    from sdclr_fast.train.dnc import dnc_state
+    from sdclr_fast.train.pretrain import pretrain
+
+    opts = tiny_options(parallel_experts=True, student_epochs=1)
+    spawn(_dnc_job, str(tmp_path / "run"), opts)
+    marks = dnc_state(tmp_path / "run")["stages"]
+    assert marks["student"]["done"] and sorted(marks["experts"]) == ["0", "1"]
+    assignments = read_clusters(tmp_path / "run")["assignments"]
+    for k in range(2):
+        got = load_checkpoint(tmp_path / "run" / f"expert_{k}" / "checkpoint.pt")
+        assert len(got["rng"]) == 1  # trained by one rank alone
+        # the same as training that expert in one process
+        ref = pretrain(PretrainConfig.from_dict(got["config"]), run_dir=tmp_path / f"ref_{k}", data=tiny_data(),
+                       indices=(assignments == k).nonzero().flatten(),
+                       init_checkpoint=tmp_path / "run" / "base" / "checkpoint.pt")
+        assert_same_state(got["model"], load_checkpoint(ref)["model"], f"expert_{k}")
