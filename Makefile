@@ -15,7 +15,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	@$(MAKE) --no-print-directory data
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
-	$(BIN)/pip install --quiet torch==2.13.0 'triton==3.7.*' numpy tqdm matplotlib kornia \
+	$(BIN)/pip install --quiet torch==2.13.0 'triton==3.7.*' numpy tqdm matplotlib kornia webdataset \
 		pytest pytest-xdist hypothesis
 	-$(BIN)/pip install --quiet faiss-cpu
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
