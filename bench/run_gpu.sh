@@ -1,49 +1,115 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one go, for a machine whose Python already holds CUDA
-# torch and triton (the Makefile's .venv is the CPU build): build the extension against that
-# torch for this GPU only, run the tests with compiled Triton kernels (TRITON_INTERPRET=0),
-# then every benchmark on the GPU. Logs and JSON go to OUTDIR (default bench/results/gpu).
+# Everything that needs a CUDA GPU, in one call that fits a 15-minute device lease (budget
+# TOTAL_S, default 450 s, shared by the steps; each step gets what is left): build the
+# extension for this GPU only, run the tests marked cuda (compiled Triton kernels,
+# TRITON_INTERPRET=0; the CUDA no-sync tests, the pruning ops' CUDA error path), then every
+# benchmark: bench_nt_xent (eager + CUDA-graph replay), bench_info_nce, bench_step (official /
+# SimCLR / SDCLR, eager / compiled / compiled + CUDA graphs), bench_masked_conv, bench_prune.
+# Logs, each bench's JSON and one summary (summary.json + summary.md) go to OUTDIR.
 #
-#   bench/run_gpu.sh [OUTDIR]   env: PYTHON=python3 TESTS=1 BENCH=1 QUICK=0 BENCHES="nt_xent ..."
-# The data and DnC tests also need kornia in that Python.
+#   bench/run_gpu.sh [--dry-run] [OUTDIR]     OUTDIR default: $OUT if set, else bench/results/gpu
+#   env: PYTHON=python3 TESTS=1 BENCH=1 TOTAL_S=450 BENCHES="nt_xent info_nce step masked_conv prune"
+#
+# --dry-run: the same steps on this machine's CPU with tiny sizes (no build, no nvidia-smi; the
+# cuda-marked tests report as skipped), so that the script is known to run before a GPU call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = --dry-run ]; then DRY=1; shift; fi
+if [ -z "${PYTHON:-}" ] && [ $DRY = 1 ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
-OUT=${1:-bench/results/gpu}
-mkdir -p "$OUT"
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
+OUTDIR=${1:-${OUT:-bench/results/gpu}}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
+if [ $DRY = 1 ]; then export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""; else export TRITON_INTERPRET=0; fi
+START=$(date +%s)
+TOTAL=${TOTAL_S:-450}
+STEPS="$OUTDIR/steps.tsv"
+: >"$STEPS"
 status=0
 
-{ nvidia-smi -L; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton',
-triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; } \
-  2>&1 | tee "$OUT/build.log" || exit 1
+left() { echo $(( TOTAL - ($(date +%s) - START) )); }
+# run NAME TIMEOUT_CAP CMD...: the command under min(cap, time left), logged to NAME.log, its
+# exit status and wall time recorded for the summary
+run() {
+  local name=$1 cap=$2; shift 2
+  local t=$(left); [ "$t" -gt "$cap" ] && t=$cap
+  if [ "$t" -lt 10 ]; then
+    printf '%s\tskipped (time budget)\t0\n' "$name" >>"$STEPS"; echo "== $name: skipped, budget spent"
+    status=1; return
+  fi
+  echo "== $name (limit ${t}s, $(date +%T))"
+  local t0=$(date +%s)
+  timeout "$t" "$@" >"$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  tail -25 "$OUTDIR/$name.log"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >>"$STEPS"
+  [ $rc = 0 ] || status=1
+}
 
-# Build for this GPU's architecture only: a fraction of the compile time of a fat binary.
-arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-echo "== build (sm ${arch})"
-TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) \
-  $PY -m pip install --no-build-isolation --no-deps --no-index -e . >>"$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; exit 1; }
-$PY -c "import torch, sdclr_fast.ops.prune; assert torch.ops.sdclr_fast.kth_abs_value.default.has_kernel_for_dispatch_key('CUDA'), 'no CUDA kernel'" \
-  || exit 1
+if [ $DRY = 0 ]; then
+  { nvidia-smi -L; $PY -c "import torch, triton; print('torch', torch.__version__, 'triton',
+triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"; } \
+    2>&1 | tee "$OUTDIR/device.log" || exit 1
+  # Build for this GPU's architecture only: a fraction of the compile time of a fat binary.
+  arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=$(nproc) run build 240 \
+    $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+  $PY -c "import torch, sdclr_fast.ops.prune; assert torch.ops.sdclr_fast.kth_abs_value.default.has_kernel_for_dispatch_key('CUDA'), 'no CUDA kernel'" \
+    || { echo "the extension has no CUDA kernels"; exit 1; }
+  DEV=cuda
+else
+  DEV=cpu
+fi
 
 if [ "${TESTS:-1}" = 1 ]; then
-  echo "== tests on the GPU ($(date +%T))"
-  # The masked-conv and module tests run whole on the GPU; elsewhere the tests marked cuda.
-  timeout 240 $PY -m pytest -q -n 6 -p no:cacheprovider -rfEs \
-      tests/test_masked_conv.py tests/test_nn.py 2>&1 | tee "$OUT/tests.log" || status=1
-  timeout 150 $PY -m pytest -q -n 4 -p no:cacheprovider -rfEs -m cuda tests \
-      --ignore tests/test_masked_conv.py --ignore tests/test_nn.py 2>&1 \
-      | tee -a "$OUT/tests.log" || status=1
+  # every test marked cuda (tests/test_prune.py's CUDA error path, the compiled kernels, the
+  # no-sync tests of tests/test_compile_ops.py); in a dry run they report as skipped
+  run tests 150 $PY -m pytest -q -p no:cacheprovider -rfEs -m cuda tests \
+    $([ $DRY = 1 ] && echo "-n 0" || echo "-n 8")
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then
-  q=; [ "${QUICK:-0}" = 1 ] && q=--quick
-  for b in ${BENCHES:-nt_xent step masked_conv prune}; do
-    echo "== bench_$b ($(date +%T))" | tee -a "$OUT/bench.log"
-    extra=; [ "$b" = step ] && extra=--compile
-    timeout ${BENCH_TIMEOUT:-300} $PY bench/bench_$b.py --device cuda $q $extra --out "$OUT/$b.json" 2>&1 \
-      | tee -a "$OUT/bench.log" || status=1
+  for b in ${BENCHES:-nt_xent info_nce step masked_conv prune}; do
+    args="--device $DEV --quick --out $OUTDIR/$b.json"
+    case $b in
+      nt_xent) [ $DRY = 1 ] && args="$args --rows 256 --no-memory --threads 2" ;;
+      info_nce) [ $DRY = 1 ] && args="$args --m 64 --bank 256 --no-memory --threads 2" ;;
+      step) args="$args --compile"; [ $DRY = 1 ] && args="$args --batch 2 --width 8 --reps 2 --threads 2" ;;
+      masked_conv) [ $DRY = 1 ] && args="$args --batch 2 --no-memory --layers layer1.0.conv1 --threads 2" ;;
+      prune) [ $DRY = 1 ] && args="$args --no-memory --models resnet18 --threads 2" ;;
+    esac
+    run "bench_$b" 200 $PY bench/bench_$b.py $args
   done
 fi
+
+# one summary of what ran: each step's status and wall time, each bench's JSON
+$PY - "$OUTDIR" "$DRY" "$START" <<'EOF'
+import glob, json, os, sys, time
+out, dry, start = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+steps = []
+for line in open(os.path.join(out, "steps.tsv")):
+    name, rc, wall = line.rstrip("\n").split("\t")
+    steps.append({"step": name, "status": "ok" if rc == "0" else ("timeout" if rc in ("124", "137") else rc),
+                  "wall_s": int(wall)})
+benches = {}
+for path in sorted(glob.glob(os.path.join(out, "*.json"))):
+    if os.path.basename(path) != "summary.json":
+        with open(path) as f:
+            benches[os.path.basename(path)[:-5]] = json.load(f)
+summary = {"dry_run": dry, "total_s": int(time.time()) - start, "steps": steps, "benches": benches}
+with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+md = [f"# run_gpu.sh summary{' (dry run on CPU)' if dry else ''}", "",
+      f"total {summary['total_s']} s", "", "| step | status | wall s |", "| --- | --- | --- |"]
+md += [f"| {s['step']} | {s['status']} | {s['wall_s']} |" for s in steps]
+for name in benches:
+    log = os.path.join(out, f"{name if name.startswith('bench_') else 'bench_' + name}.log")
+    if os.path.exists(log):  # the bench's printed table, as it printed it
+        table = [l for l in open(log).read().splitlines() if "|" in l or l.startswith(("nt_xent", "SDCLR", "batch", "CUDA"))]
+        md += ["", f"## {name}", "", "```", *table, "```"]
+with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(md) + "\n")
+print(f"wrote {out}/summary.json and {out}/summary.md")
+EOF
 exit $status

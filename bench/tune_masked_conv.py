@@ -186,6 +186,8 @@ def main():
             density = mc.prepare_mask(mask).tile_density
             bkt = tuned.bucket(density)
             if bkt is None:
+                print(f"{name:18s} {sparsity:4.0%} tiles {density:.2f}: too dense to skip, cuDNN",
+                      flush=True)
                 continue
             key = tuned.shape_key(gpu, dtype, x.shape, w.shape, (stride,) * 2, (pad,) * 2, (1, 1),
                                   1, bkt)
