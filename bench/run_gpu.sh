@@ -9,6 +9,7 @@
 #
 #   bench/run_gpu.sh [--dry-run] [OUTDIR]     OUTDIR default: $OUT if set, else bench/results/gpu
 #   env: PYTHON=python3 TESTS=1 BENCH=1 TOTAL_S=450 BENCHES="nt_xent info_nce step masked_conv prune"
+#   TUNE=1: also the masked-conv tuning sweep and its rows (see the TUNE block)
 #
 # --dry-run: the same steps on this machine's CPU with tiny sizes (no build, no nvidia-smi; the
 # cuda-marked tests report as skipped), so that the script is known to run before a GPU call.
@@ -67,6 +68,26 @@ if [ "${TESTS:-1}" = 1 ]; then
   # no-sync tests of tests/test_compile_ops.py); in a dry run they report as skipped
   run tests 150 $PY -m pytest -q -p no:cacheprovider -rfEs -m cuda tests \
     $([ $DRY = 1 ] && echo "-n 0" || echo "-n 8")
+fi
+
+# ---- TUNE=1: the masked-conv tuning sweep, then its benchmark rows (block-sparse SDCLR).
+# Alone in one call: TUNE=1 TESTS=0 BENCH=0 bench/run_gpu.sh OUTDIR (about 7 minutes). The sweep
+# updates kernels/masked_conv_tuned.json (copied to OUTDIR: commit it) and starts no new shape
+# after TUNE_BUDGET seconds (default 200); untuned shapes stay on cuDNN.
+if [ "${TUNE:-0}" = 1 ]; then
+  if [ $DRY = 1 ]; then
+    run tune_masked_conv 300 $PY bench/tune_masked_conv.py --dry-run --layers layer2.0.conv1 \
+      --out "$OUTDIR/masked_conv_tuned.json"
+    extra="--batch 2 --quick --layers layer2.0.conv1 --threads 2"
+  else
+    run tune_masked_conv 330 $PY bench/tune_masked_conv.py --budget-s "${TUNE_BUDGET:-200}"
+    cp kernels/masked_conv_tuned.json "$OUTDIR/masked_conv_tuned.json"
+    extra=
+  fi
+  run bench_masked_conv_block 150 $PY bench/bench_masked_conv.py --device $DEV --no-memory $extra \
+    --out "$OUTDIR/masked_conv_block.json"
+  extra=; [ $DRY = 1 ] && extra="--batch 2 --width 8 --reps 2 --threads 2"
+  run bench_step_block 100 $PY bench/bench_step.py --device $DEV --quick $extra --out "$OUTDIR/step_block.json"
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then
