@@ -1,0 +1,132 @@
+"""Streamed shards (--dataset webdataset): `sdclr-fast shards` writes the images the in-memory
+loaders hold, the stream decodes them bit for bit (same augmentation seed, same views), its
+epochs are a function of the data-order state (a resumed epoch skips exactly the batches done),
+ranks read disjoint shards, key lists keep a subset, and a pretraining run on a stream stopped
+mid-epoch and resumed equals an uninterrupted one."""
+import pytest
+import torch
+
+from sdclr_fast.cli import main
+from sdclr_fast.data import ContrastiveData, TwoViewAugment, build_dataset
+from sdclr_fast.data.webdataset import sample_key, write_shards
+from sdclr_fast.train import PretrainConfig, load_checkpoint
+
+from helpers import assert_same_state, separable_images  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fmnist_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fmnist_shards")
+    assert main(["shards", "--dataset", "fashion-mnist-lt", "--ratio", "100", "--out", str(out),
+                 "--shard-size", "1500"]) == 0
+    return out, build_dataset("fashion-mnist-lt", ratio=100)
+
+
+def _first_batch(stream_data, batch, seed=0, workers=1, rank=0, world=1):
+    gen = torch.Generator().manual_seed(seed)
+    train = stream_data.train
+    train.reader["num_workers"] = workers
+    it = train.batches(batch, gen).for_rank(rank, world)
+    return next(iter(it)), it
+
+
+def test_shards_hold_the_in_memory_images_and_give_the_same_first_batch(fmnist_shards):
+    out, mem = fmnist_shards
+    stream = build_dataset("webdataset", str(out) + "/train-{000000..%06d}.tar" % ((len(mem.train) - 1) // 1500))
+    assert len(stream.train) == len(mem.train)
+    assert stream.train.keys == [sample_key(i) for i in mem.train.indices.tolist()]
+    assert stream.in_channels == 1 and stream.image_size == 28 and stream.mean == pytest.approx(mem.mean)
+    batch, _ = _first_batch(stream, 64, workers=2)
+    # the same images, by key, from the in-memory split
+    pos_in_mem = batch.index.cpu()  # positions into the kept keys = positions into mem.train here
+    assert torch.equal(batch.images, mem.train.images[pos_in_mem])
+    assert torch.equal(batch.labels, mem.train.labels[pos_in_mem])
+    # same augmentation seed -> same views
+    aug = TwoViewAugment(28, 1, mem.mean, mem.std)
+    torch.manual_seed(5)
+    a = aug(batch.images)
+    torch.manual_seed(5)
+    b = aug(mem.train.images[pos_in_mem])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_stream_epochs_resume_and_rank_split(fmnist_shards):
+    out, mem = fmnist_shards
+    stream = build_dataset("webdataset", str(out), shuffle_buffer=64, num_workers=1)
+    gen = torch.Generator().manual_seed(1)
+    state = gen.get_state()
+    it = stream.train.batches(256, gen)
+    whole = [b.index.clone() for b in it.epoch(0)]
+    assert len(whole) == len(mem.train) // 256
+    assert len(torch.cat(whole).unique()) == len(torch.cat(whole))  # an epoch draws without repetition
+    gen.set_state(state)
+    again = [b.index.clone() for b in it.epoch(3)]
+    assert len(again) == len(whole) - 3 and all(torch.equal(x, y) for x, y in zip(again, whole[3:]))
+    nxt = next(iter(it.epoch(0)))  # the next epoch is another order
+    assert not torch.equal(nxt.index, whole[0])
+    # two ranks: half the batch each, from disjoint shards
+    parts = []
+    for rank in range(2):
+        g = torch.Generator().manual_seed(1)
+        parts.append(torch.cat([b.index for b in stream.train.batches(256, g).for_rank(rank, 2).epoch(0)]))
+        assert len(parts[-1]) == len(whole) * 128
+    shard_of = {}
+    for j in range(len(stream.train.urls)):
+        for p in range(j * 1500, min((j + 1) * 1500, len(mem.train))):
+            shard_of[p] = j
+    s0 = {shard_of[int(p)] for p in parts[0]}
+    s1 = {shard_of[int(p)] for p in parts[1]}
+    assert s0 and s1 and not s0 & s1
+
+
+def test_train_list_and_subset_filter_the_stream(tmp_path):
+    images = separable_images([10, 6, 4, 4], seed=1)
+    write_shards(images, tmp_path / "s", shard_size=7)
+    keys = [sample_key(i) for i in (0, 3, 5, 11, 12, 20, 21, 23)]
+    (tmp_path / "keys.txt").write_text("\n".join(keys) + "\n")
+    data = build_dataset("webdataset", str(tmp_path / "s"), train_list=str(tmp_path / "keys.txt"), num_workers=0)
+    assert len(data.train) == 8
+    seen = torch.cat([b.index for b in data.train.batches(4, torch.Generator().manual_seed(0)).epoch(0)])
+    assert sorted(data.train.keys[int(data.train.kept[i])] for i in seen) == keys
+    sub = data.subset([1, 2, 6, 7])  # a DnC cluster: positions into the kept samples
+    seen = torch.cat([b.index for b in sub.batches(2, torch.Generator().manual_seed(0)).epoch(0)])
+    assert sorted(sub.keys[int(sub.kept[i])] for i in seen) == [keys[1], keys[2], keys[6], keys[7]]
+    with pytest.raises(ValueError, match="train_list"):
+        (tmp_path / "bad.txt").write_text("nope\n")
+        build_dataset("webdataset", str(tmp_path / "s"), train_list=str(tmp_path / "bad.txt"))
+    with pytest.raises(ValueError, match="ratio"):
+        build_dataset("webdataset", str(tmp_path / "s"), ratio=100)
+    with pytest.raises(ValueError, match="data-root"):
+        build_dataset("webdataset", str(tmp_path / "s" / "missing-{000000..000001}.tar"))
+
+
+@pytest.mark.slow
+def test_pretraining_on_a_stream_stopped_mid_epoch_resumes_bit_identical(tmp_path, monkeypatch):
+    from sdclr_fast.train import run
+    from sdclr_fast.train.pretrain import pretrain
+    from sdclr_fast.train.run import Preempted
+
+    write_shards(separable_images([24, 12, 8, 4], seed=1), tmp_path / "s", shard_size=10)
+    cfg = PretrainConfig(method="sdclr", dataset="webdataset", data_root=str(tmp_path / "s"), ratio=None,
+                         data_options={"num_workers": 1, "shuffle_buffer": 8}, arch="resnet18", width=4,
+                         proj_dim=16, epochs=2, batch_size=8, lr=0.1, warmup_epochs=1, seed=3, device="cpu",
+                         progress=False, tensorboard=False, log_every=1)
+    full = pretrain(cfg, run_dir=tmp_path / "full")
+    real = run.StopCheck.__call__
+
+    def stop_at_3(self, steps_done, force=False):
+        if steps_done == 3 and not force:
+            run.request_stop("SIGTERM")
+        return real(self, steps_done, force)
+
+    monkeypatch.setattr(run.StopCheck, "__call__", stop_at_3)
+    with pytest.raises(Preempted):
+        pretrain(cfg, run_dir=tmp_path / "part")
+    monkeypatch.setattr(run.StopCheck, "__call__", real)
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["position"] == 3
+    part = pretrain(cfg, run_dir=tmp_path / "part", resume=True)
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    for key in ("model", "optimizer", "rng"):
+        assert_same_state(a[key], b[key], key)
