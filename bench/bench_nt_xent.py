@@ -8,7 +8,9 @@ fresh process). On a CPU the implementations are timed in interleaved rounds, so
 load on a shared machine hits them alike. ratio = reference / op (above 1: the op is faster / leaner). A reference that
 would not fit (CPU: estimated above --max-ref-gib) is skipped, and its memory is extrapolated
 from the largest measured size as M^2 (marked "~"); CUDA OOM is reported as "OOM".
-Writes JSON to bench/results/nt_xent_<device>_<dtype>.json.
+On CUDA each implementation is also timed as a CUDA-graph replay of the same forward +
+backward ("graph ms": the kernels' time without the host). Writes JSON to
+bench/results/nt_xent_<device>_<dtype>.json.
 
     .venv/bin/python bench/bench_nt_xent.py                          # CPU: 2N = 512 .. 32768
     .venv/bin/python bench/bench_nt_xent.py --quick                  # 2N = 512 .. 4096
@@ -79,6 +81,31 @@ def cuda_case(impl, rows, dim, dtype, device, memory):
         return ms, peak
     except torch.OutOfMemoryError:
         return "OOM", None
+    finally:
+        del z1, z2
+        torch.cuda.empty_cache()
+
+
+def cuda_graph_ms(impl, rows, dim, dtype, device):
+    """Forward + backward captured once in a CUDA graph and timed by replay: the kernels' time
+    without the host ("OOM" if it does not fit, "n/a" if the capture fails)."""
+    z1, z2 = make_inputs(rows, dim, dtype, device)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (kernel compilation, cached constants)
+            for _ in range(3):
+                step(impl, z1, z2)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(impl, z1, z2)
+        return time_ms(graph.replay, device)
+    except torch.OutOfMemoryError:
+        return "OOM"
+    except RuntimeError as e:  # a capture error: report it, keep the other rows
+        print(f"CUDA-graph capture of {impl} at 2N={rows} failed: {str(e).splitlines()[0]}")
+        return "n/a"
     finally:
         del z1, z2
         torch.cuda.empty_cache()
@@ -169,6 +196,8 @@ def main():
             if impl != "op" and isinstance(peak, (int, float)) and not est:
                 last_ref_peak[impl] = (rows, peak)
             rec[f"{impl}_ms"] = ms
+            if cuda:  # the same step replayed as a CUDA graph (kernel time without the host)
+                rec[f"{impl}_graph_ms"] = cuda_graph_ms(impl, rows, args.dim, dtype, device)
             rec[f"{impl}_peak_bytes"] = peak
             rec[f"{impl}_peak_estimated"] = est
         records.append(rec)
@@ -176,6 +205,11 @@ def main():
         for ref in ("sdclr_ref", "ce_ref"):
             row[f"{ref}_ms"] = _fmt_ms(rec[f"{ref}_ms"])
             row[f"{ref}_speed"] = _ratio(rec[f"{ref}_ms"], rec["op_ms"])
+        if cuda:
+            row["op_graph_ms"] = _fmt_ms(rec["op_graph_ms"])
+            for ref in ("sdclr_ref", "ce_ref"):
+                row[f"{ref}_graph_ms"] = _fmt_ms(rec[f"{ref}_graph_ms"])
+                row[f"{ref}_graph_speed"] = _ratio(rec[f"{ref}_graph_ms"], rec["op_graph_ms"])
         if memory:
             row["op_mem"] = fmt_bytes(rec["op_peak_bytes"])
             for ref in ("sdclr_ref", "ce_ref"):
@@ -189,6 +223,10 @@ def main():
     columns = [("rows", "2N"), ("op_ms", "op ms"), ("sdclr_ref_ms", "sdclr-ref ms"),
                ("sdclr_ref_speed", "speedup"), ("ce_ref_ms", "ce-ref ms"),
                ("ce_ref_speed", "speedup")]
+    if cuda:
+        columns += [("op_graph_ms", "op graph ms"), ("sdclr_ref_graph_ms", "sdclr-ref graph ms"),
+                    ("sdclr_ref_graph_speed", "speedup"), ("ce_ref_graph_ms", "ce-ref graph ms"),
+                    ("ce_ref_graph_speed", "speedup")]
     if memory:
         columns += [("op_mem", "op peak"), ("sdclr_ref_mem", "sdclr-ref peak"),
                     ("sdclr_ref_mem_ratio", "mem ratio"), ("ce_ref_mem", "ce-ref peak"),
@@ -196,6 +234,8 @@ def main():
     print(f"\nnt_xent forward + backward, D={args.dim}, {dtype}, tau={TEMPERATURE}, "
           f"device={device}")
     print_table(rows_out, columns)
+    if not cuda:
+        print("CUDA-graph replay rows (kernel time without the host) need CUDA: not measured here")
     name = f"nt_xent_{device.type}_{str(dtype).replace('torch.', '')}"
     write_json(name, {"bench": "nt_xent", "machine": machine_info(device), "dtype": str(dtype),
                       "dim": args.dim, "temperature": TEMPERATURE, "results": records},

@@ -52,8 +52,16 @@ with plain PyTorch ops on the materialised (M, M + Q) matrix, so that second der
 (and torch.func transforms) are exact; that path costs the reference's memory. torch.vmap
 runs the op once per batch element.
 
-Checks: bad arguments raise ValueError naming the argument; NaN/inf in query, key or
-negatives and a non-positive temperature too (one device sync per call; skipped under vmap).
+Checks: bad arguments raise ValueError naming the argument; values (NaN / inf in query, key or
+negatives, a temperature tensor that is not finite and > 0) follow `check_finite` as in
+nt_xent: None checks CPU tensors outside torch.compile and vmap, True always (a device sync on
+CUDA), False never; the eager CUDA default issues no host sync.
+
+torch.compile: the per-row losses are custom ops (sdclr_fast::info_nce_fwd / info_nce_bwd, the
+_triton variants as torch.library.triton_op) with fake implementations, registered autograd
+and a vmap rule; a compiled function calling info_nce has no graph break and a temperature
+tensor's new value recompiles nothing. torch.func transforms go through an autograd.Function
+around the same ops; gather_distributed gathers (eagerly) before the op.
 
 Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"` sends CPU
 tensors through the Triton kernels; set TRITON_INTERPRET=1 before Triton is imported.

@@ -54,9 +54,21 @@ formulation directly: no host reads (the NaN/inf and temperature-value checks ar
 non-finite input gives NaN) and no data-dependent shapes, so vmap over a batch of
 independent problems works; gather_distributed=True is refused there.
 
-Checks: bad arguments raise ValueError naming the argument; z1 / z2 holding NaN or inf, and a
-non-positive or non-finite temperature, are rejected too, which costs one device sync per call.
-Under torch.compile the op is a graph break (the checks and the Triton launch run eagerly).
+Checks: bad arguments raise ValueError naming the argument. Values (NaN / inf in z1 / z2, a
+temperature tensor that is not finite and > 0) follow `check_finite`: None (default) checks
+where it costs nothing (CPU tensors outside torch.compile; a Python temperature always), True
+always (a device sync on CUDA), False never. So the eager CUDA default issues no host sync;
+non-finite input then gives a NaN loss. The PyTorch path itself reads two values per call
+(a rare-overflow redo and a sign test in the backward): free on CPU, a sync for float64 CUDA.
+
+torch.compile: the per-row losses are custom ops (sdclr_fast::nt_xent_fwd / nt_xent_bwd, and
+nt_xent_fwd_triton / nt_xent_bwd_triton as torch.library.triton_op with wrap_triton launches,
+so Inductor sees the kernels) with fake implementations and a registered autograd formula;
+a compiled function calling nt_xent has no graph break, and a temperature tensor whose value
+changes recompiles nothing (a new Python temperature is a new constant: it recompiles).
+Routed around the custom ops in Python: torch.func transforms / forward AD (the dense
+formulation above), double backward (the create_graph branch of the registered backward, eager
+only), gather_distributed (the gather runs before the op, eager; it reads the row counts).
 
 NTXentLoss takes lightly's positional order (temperature, memory_bank_size,
 gather_distributed) and its memory-bank loss; see its docstring.
