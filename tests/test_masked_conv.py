@@ -760,7 +760,6 @@ def test_triton_block_masks(og, cg, groups, k, stride, block, tile, sparsity, dt
                 channels_last=channels_last, seed=seed)
     x, w, _, b, gy, conf = build(case, dtype, TRITON_DEVICE)
     m = magnitude_masks([w.float()], sparsity, scope="layer", block=block)[0].to(TRITON_DEVICE)
-    assert 0 < m.float().mean() < 1
     check_against_reference(x, w, m, b, gy, "triton", block=tile, **conf)
 
 
