@@ -171,3 +171,59 @@ def test_dnc_parallel_experts_one_expert_per_rank(tmp_path):
                        indices=(assignments == k).nonzero().flatten(),
                        init_checkpoint=tmp_path / "run" / "base" / "checkpoint.pt")
         assert_same_state(got["model"], load_checkpoint(ref)["model"], f"expert_{k}")
+
+
+# ---------------------------------------------------------------- sub-groups
+def _group_loss_job(rank, out_dir):
+    import torch.distributed as dist
+
+    from sdclr_fast.ops.info_nce import info_nce
+    from sdclr_fast.ops.nt_xent import nt_xent
+
+    dist.init_process_group("gloo")
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    z = [torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(q), dtype=torch.float64) for q in range(4)]
+    mine = z[rank].clone().requires_grad_(True)
+    nt = nt_xent(mine[0], mine[1], 0.3, reduction="none", gather_distributed=group)
+    nce = info_nce(mine[0], mine[1], 0.3, reduction="none", gather_distributed=group)
+    (nt.sum() + nce.sum()).backward()
+    torch.save({"nt": nt.detach(), "nce": nce.detach(), "grad": mine.grad}, f"{out_dir}/group_{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_losses_gather_over_a_sub_group_only(tmp_path):
+    """gather_distributed=<ProcessGroup>: ranks {0, 1} and {2, 3} each form one batch; each rank's
+    per-row losses are those of its rows in the one-process loss of its group's batch."""
+    from sdclr_fast.ops.info_nce import info_nce
+    from sdclr_fast.ops.nt_xent import nt_xent
+
+    spawn(_group_loss_job, str(tmp_path), world=4)
+    z = [torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(q), dtype=torch.float64) for q in range(4)]
+    for a in (0, 2):
+        z1 = torch.cat([z[a][0], z[a + 1][0]]).requires_grad_(True)
+        z2 = torch.cat([z[a][1], z[a + 1][1]]).requires_grad_(True)
+        nt = nt_xent(z1, z2, 0.3, reduction="none")
+        nce = info_nce(z1, z2, 0.3, reduction="none")
+        (nt.sum() + nce.sum()).backward()  # sums: each rank's rows get the gradient of the group's total
+        for i, q in enumerate((a, a + 1)):
+            got = torch.load(tmp_path / f"group_{q}.pt")
+            rows = torch.cat([torch.arange(5) + 5 * i, torch.arange(5) + 10 + 5 * i])
+            torch.testing.assert_close(got["nt"], nt.detach()[rows], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got["nce"], nce.detach()[5 * i:5 * i + 5], rtol=1e-12, atol=1e-12)
+            grad = torch.stack([z1.grad[5 * i:5 * i + 5], z2.grad[5 * i:5 * i + 5]])
+            torch.testing.assert_close(got["grad"], grad, rtol=1e-12, atol=1e-12)
+
+
+def test_dnc_parallel_experts_on_groups_of_two_ranks(tmp_path):
+    """Four ranks, two experts: each expert trains with DDP on its own pair of ranks."""
+    from sdclr_fast.train.dnc import dnc_state
+
+    opts = tiny_options(parallel_experts=True, base_epochs=1, expert_epochs=1, student_epochs=1)
+    spawn(_dnc_job, str(tmp_path), opts, world=4)
+    marks = dnc_state(tmp_path)["stages"]
+    assert marks["student"]["done"] and sorted(marks["experts"]) == ["0", "1"]
+    for k in range(2):
+        st = load_checkpoint(tmp_path / f"expert_{k}" / "checkpoint.pt")
+        assert st["finished"] and len(st["rng"]) == 2  # DDP on a group of two ranks
+    assert len(load_checkpoint(tmp_path / "checkpoint.pt")["rng"]) == 4

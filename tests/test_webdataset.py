@@ -130,3 +130,37 @@ def test_pretraining_on_a_stream_stopped_mid_epoch_resumes_bit_identical(tmp_pat
     a, b = load_checkpoint(full), load_checkpoint(part)
     for key in ("model", "optimizer", "rng"):
         assert_same_state(a[key], b[key], key)
+
+
+@pytest.mark.slow
+def test_dnc_on_a_stream_clusters_by_key_and_experts_filter_the_stream(tmp_path):
+    from sdclr_fast.train.clustering import read_clusters
+    from sdclr_fast.train.config import DnCConfig
+    from sdclr_fast.train.dnc import dnc, dnc_state
+
+    images = separable_images([24, 16, 12, 8], seed=1)
+    write_shards(images, tmp_path / "s", shard_size=16)
+    cfg = PretrainConfig(method="simclr", dataset="webdataset", data_root=str(tmp_path / "s"), ratio=None,
+                         data_options={"num_workers": 0, "shuffle_buffer": 8}, arch="resnet18", width=4,
+                         proj_dim=16, epochs=1, batch_size=8, lr=0.1, warmup_epochs=1, seed=3, device="cpu",
+                         progress=False, tensorboard=False, log_every=1)
+    opts = DnCConfig(k=2, base_epochs=1, expert_epochs=1, student_epochs=1, kmeans_backend="torch")
+    dnc(cfg, opts, run_dir=tmp_path / "run")
+    assert dnc_state(tmp_path / "run")["stages"]["student"]["done"]
+    rec = read_clusters(tmp_path / "run")
+    assert rec["keys"] == [sample_key(i) for i in range(len(images))]
+    # the stream's features equal the in-memory ones (same images, eval mode), so the clusters do
+    from sdclr_fast.train import load_model
+    from sdclr_fast.train.clustering import canonical_order, embed_images
+    from sdclr_fast.train.kmeans import kmeans
+
+    stream = build_dataset("webdataset", str(tmp_path / "s"))
+    mem = ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
+                          train=images, probe_train=images, val=None, test=images, class_order=torch.arange(4),
+                          mean=stream.mean, std=stream.std)
+    emb = embed_images(load_model(tmp_path / "run" / "base" / "checkpoint.pt"), images, mem, batch_size=8)
+    ref = kmeans(emb, 2, iters=opts.kmeans_iters, seed=3, backend="torch")
+    assert torch.equal(canonical_order(ref.assignments, 2)[0], rec["assignments"])
+    for k in range(2):  # each expert was trained on its cluster's keys only
+        st = load_checkpoint(tmp_path / "run" / f"expert_{k}" / "checkpoint.pt")
+        assert st["train_indices"] == (rec["assignments"] == k).nonzero().flatten().tolist()

@@ -163,8 +163,57 @@ class StreamSet:
     def batches(self, batch_size: int, generator: torch.Generator, device=None) -> "ShardStream":
         return ShardStream(self, batch_size, generator=generator, device=device, **self.reader)
 
+    @property
+    def labels(self) -> torch.Tensor:
+        """Labels of the kept samples (-1 where a sample has none: uncurated data); reports only."""
+        return torch.tensor([self.labels_by_key.get(self.keys[int(p)], -1) for p in self.kept.tolist()],
+                            dtype=torch.int64)
+
+    def kept_keys(self) -> list:
+        return [self.keys[int(p)] for p in self.kept.tolist()]
+
+    def ordered_batches(self, batch_size: int, rank: int = 0, world: int = 1):
+        """One pass, unshuffled, over this rank's shards (``urls[rank::world]``) for embedding:
+        (uint8 images, int64 positions into the set) batches; the ranks together cover every
+        kept sample once."""
+        keep = {self.keys[int(p)]: i for i, p in enumerate(self.kept.tolist())}
+        samples = _OrderedSamples(self.urls[rank::world], keep, self.reader["image_size"], self.reader["channels"])
+        workers = min(self.reader.get("num_workers", 0), len(self.urls[rank::world]))
+        yield from torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers)
+
 
 # ---------------------------------------------------------------- reading
+def _decode(sample, image_size: int, channels: int) -> torch.Tensor:
+    """uint8 (C, H, W) of a sample's image, resized (shorter side, centre crop) when needed."""
+    from PIL import Image, ImageOps
+
+    data = next(sample[e] for e in IMAGE_EXTS if e in sample)
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("L" if channels == 1 else "RGB")
+        if img.size != (image_size, image_size):
+            img = ImageOps.fit(img, (image_size,) * 2, method=getattr(Image, "Resampling", Image).BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+
+
+class _OrderedSamples(torch.utils.data.IterableDataset):
+    """The kept samples of ``urls`` once, in file order; DataLoader worker w reads urls w, w + n, ..."""
+
+    def __init__(self, urls, keep: dict, image_size: int, channels: int):
+        super().__init__()
+        self.urls, self.keep, self.image_size, self.channels = urls, keep, image_size, channels
+
+    def __iter__(self):
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for s in wds.DataPipeline(wds.SimpleShardList(list(self.urls[wid::workers])), wds.tarfile_to_samples()):
+            if s["__key__"] in self.keep:
+                yield _decode(s, self.image_size, self.channels), self.keep[s["__key__"]]
+
+
 class _EpochSamples(torch.utils.data.IterableDataset):
     """One rank's samples of one epoch, endless (its shards again, reshuffled, when they run out);
     each DataLoader worker reads its own share of the rank's shards."""
@@ -193,20 +242,15 @@ class _EpochSamples(torch.utils.data.IterableDataset):
             pipe = wds.DataPipeline(wds.SimpleShardList(list(mine)), wds.tarfile_to_samples(),
                                     wds.select(lambda s: s["__key__"] in keep),
                                     wds.shuffle(self.buffer, initial=self.buffer, rng=rng))
+            got = False
             for s in pipe:
-                yield self._decode(s), keep[s["__key__"]]
-
-    def _decode(self, sample) -> torch.Tensor:
-        from PIL import Image, ImageOps
-
-        data = next(sample[e] for e in IMAGE_EXTS if e in sample)
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            if img.size != (self.image_size, self.image_size):
-                img = ImageOps.fit(img, (self.image_size,) * 2, method=getattr(Image, "Resampling", Image).BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8)
-        t = torch.from_numpy(arr.copy())
-        return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
+                got = True
+                yield _decode(s, self.image_size, self.channels), keep[s["__key__"]]
+            if not got:
+                if len(mine) == len(order):
+                    return  # no shard holds a kept sample
+                # none of this reader's shards holds a kept sample (a small DnC cluster): read them all
+                mine = list(order)
 
 
 class ShardStream:
@@ -257,7 +301,11 @@ class ShardStream:
         it = iter(loader)
         try:
             for b in range(len(self)):
-                x, idx = next(it)
+                try:
+                    x, idx = next(it)
+                except StopIteration:
+                    raise ValueError(f"the shards {self.data.urls[0]!r}... hold none of the {len(self.data)} "
+                                     f"samples to train on") from None
                 if b < start:
                     continue  # a resumed epoch: drawn again, the batches done are dropped
                 labels = torch.tensor([self.data.labels_by_key.get(self.data.keys[int(self.data.kept[i])], -1)

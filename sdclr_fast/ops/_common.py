@@ -136,14 +136,17 @@ def use_triton(z, backend, what):
 
 
 def dist_world(gather_distributed):
-    """(rank, world size) when gather_distributed applies (initialised, world > 1), else None."""
-    if not gather_distributed:
+    """(rank, world size, group) when gather_distributed applies (initialised, world > 1), else
+    None. gather_distributed: True (the default group) or a ProcessGroup (its ranks only: e.g.
+    one DnC expert's group of ranks)."""
+    if gather_distributed is None or gather_distributed is False:
         return None
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    group = None if gather_distributed is True else gather_distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return None
-    return dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(group), dist.get_world_size(group), group
 
 
 def all_gather_autograd(local, group=None):

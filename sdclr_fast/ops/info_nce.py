@@ -38,6 +38,7 @@ Options:
 * `gather_distributed=True` under torch.distributed (initialised, world size > 1): keys (and
   queries when symmetric) of all ranks are the in-batch negatives, gathered with
   the functional collective all_gather (its backward sums every rank's gradient).
+  A ProcessGroup instead of True gathers over that group's ranks only.
   Every rank holds the same M; each rank returns the loss of its own rows reduced over them,
   so the mean of the ranks' "mean" losses is the single-process loss of the concatenated
   batch, and the gradient reaching each rank's inputs is world_size x the single-process one
@@ -599,28 +600,28 @@ _define_ops(True)
 
 
 # ------------------------------------------------------------------ distributed gather
-def _check_same_rows(m, device, world):
+def _check_same_rows(m, device, world, group=None):
     import torch.distributed as dist
 
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=device))
+    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=device), group=group)
     sizes = [int(s) for s in sizes]
     if any(s != m for s in sizes):
         raise ValueError(f"gather_distributed needs the same M on every rank, got {sizes}")
 
 
-def _gather_rows(local, rank, world):
+def _gather_rows(local, rank, world, group=None):
     """[local; the other ranks' rows in rank order]; gradients of the other ranks' copies flow
     back to their owners (all_gather's backward sums them)."""
-    gathered = _all_gather_autograd(local).split(local.shape[0])
+    gathered = _all_gather_autograd(local, group).split(local.shape[0])
     return torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
 
 
-def _gather_plain(t, rank, world):
+def _gather_plain(t, rank, world, group=None):
     import torch.distributed as dist
 
     parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
+    dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat([t] + [parts[q] for q in range(world) if q != rank])
 
 
@@ -652,7 +653,7 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
     if labels is not None:
         keys_x = labels.to(query.device)
     if world is not None:
-        _check_same_rows(m, query.device, world[1])
+        _check_same_rows(m, query.device, world[1], world[2])
         y = _gather_rows(key, *world)
         if symmetric:
             x = _gather_rows(query, *world)

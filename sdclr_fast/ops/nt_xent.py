@@ -32,7 +32,8 @@ Options beyond the plain loss:
   memory, so a temperature schedule recompiles nothing; one that requires grad gets its
   gradient (learnable temperature).
 * `gather_distributed=True` under torch.distributed (initialised, world size > 1): negatives
-  come from all ranks. Convention: every rank holds N local pairs (the same N everywhere);
+  come from all ranks (a ProcessGroup instead of True: from that group's ranks only).
+  Convention: every rank holds N local pairs (the same N everywhere);
   the rows are gathered with the functional collective all_gather, whose backward sums
   the gradients of all ranks; each rank returns the loss of its own 2N rows against all
   2N * world rows, reduced over its own rows ("mean" divides by 2N). The mean of the ranks'
@@ -535,7 +536,7 @@ _define_ops(True)
 
 
 # ------------------------------------------------------------------ distributed gather
-def _gather_rows(local, labels, two_view, rank, world):
+def _gather_rows(local, labels, two_view, rank, world, group=None):
     """Local rows first, then the other ranks' rows; keys = the global pair index (two views,
     no labels) or the gathered labels. labels: None or (M_local,)."""
     import torch.distributed as dist
@@ -543,12 +544,12 @@ def _gather_rows(local, labels, two_view, rank, world):
     m = local.shape[0]
     dev = local.device
     sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=dev))
+    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=dev), group=group)
     sizes = [int(s) // (2 if two_view else 1) for s in sizes]
     if any(s != sizes[rank] for s in sizes):
         what = "N" if two_view else "number of rows M"
         raise ValueError(f"gather_distributed needs the same {what} on every rank, got {sizes}")
-    gathered = _all_gather_autograd(local).split(m)  # backward: sum of all ranks' gradients
+    gathered = _all_gather_autograd(local, group).split(m)  # backward: sum of all ranks' gradients
     u = torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
     order = [rank] + [q for q in range(world) if q != rank]
     if labels is None:
@@ -558,7 +559,7 @@ def _gather_rows(local, labels, two_view, rank, world):
     else:
         lab = labels.to(dev).long().contiguous()
         all_lab = [torch.empty_like(lab) for _ in range(world)]
-        dist.all_gather(all_lab, lab)
+        dist.all_gather(all_lab, lab, group=group)
         keys = torch.cat([all_lab[q] for q in order])
     return u, keys
 

@@ -70,6 +70,28 @@ def embed_distributed(model, images, data, which, dist_info, *, batch_size=512, 
     return torch.cat(out)
 
 
+def embed_stream(model, train, data, which, dist_info=None, *, batch_size=512, device=None, amp=False):
+    """Embeddings (N, D) of a streamed set (``data/webdataset.py``) in its own order: rank r reads
+    the shards r, r + W, ... once, unshuffled; rank 0 gets all of them (None on the other ranks)."""
+    from .distributed import DistInfo, gather_object
+
+    dist_info = dist_info or DistInfo()
+    pos, feats = [], []
+    for images, p in train.ordered_batches(batch_size, dist_info.rank, dist_info.world_size):
+        feats.append(embed_images(model, images, data, which, batch_size=batch_size, device=device, amp=amp).cpu())
+        pos.append(p)
+    parts = gather_object((torch.cat(pos), torch.cat(feats)) if pos else None, dist_info)
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    pos, feats = torch.cat([p for p, _ in parts]), torch.cat([f for _, f in parts])
+    if pos.numel() != len(train) or torch.unique(pos).numel() != len(train):
+        raise ValueError(f"the shards gave {pos.numel()} of the {len(train)} samples to embed; are all shards there?")
+    out = torch.empty(len(train), feats.shape[1], dtype=feats.dtype)
+    out[pos] = feats
+    return out
+
+
 def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=False, dist_info=None) -> dict:
     """Embed the training split with the base model, run k-means and return the clusters record
     (what ``clusters.json`` holds). ``opt`` is the run's DnCConfig. Under torchrun (``dist_info``
@@ -81,7 +103,14 @@ def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=
     if opt.k > len(data.train):
         raise ValueError(f"--dnc-k={opt.k} exceeds the {len(data.train)} training images")
     t0 = time.perf_counter()
-    if dist_info is not None and dist_info.enabled:
+    streamed = hasattr(data.train, "ordered_batches")
+    if streamed:
+        emb = embed_stream(model, data.train, data, opt.cluster_on, dist_info, batch_size=batch_size, device=device,
+                           amp=amp)
+        if emb is None:
+            return None
+        emb = emb.to(device)
+    elif dist_info is not None and dist_info.enabled:
         emb = embed_distributed(model, data.train, data, opt.cluster_on, dist_info, batch_size=batch_size,
                                 device=device, amp=amp)
         if emb is None:
@@ -94,8 +123,11 @@ def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=
     assignments, order = canonical_order(res.assignments.cpu(), opt.k)
     centroids = res.centroids.cpu()[torch.tensor(order)]
     sizes = torch.bincount(assignments, minlength=opt.k)
+    labels = data.train.labels
+    labelled = labels >= 0  # an uncurated stream has no labels: no histogram for those samples
     class_counts = torch.zeros(opt.k, int(data.num_classes), dtype=torch.long)
-    class_counts.index_put_((assignments, data.train.labels), torch.ones_like(assignments), accumulate=True)
+    class_counts.index_put_((assignments[labelled], labels[labelled]), torch.ones_like(assignments[labelled]),
+                            accumulate=True)
     purity, overall = cluster_purity(class_counts.tolist())
     return {
         "k": opt.k, "backend": res.backend, "metric": res.metric, "embedding": opt.cluster_on,
@@ -105,6 +137,7 @@ def cluster_stage(model, data, opt, *, seed=0, batch_size=512, device=None, amp=
         "class_counts": class_counts.tolist(),
         "purity": purity, "overall_purity": overall,
         "train_indices": data.train.indices.tolist(),
+        **({"keys": data.train.kept_keys()} if streamed else {}),  # a stream's experts keep these keys
         "assignments": assignments.tolist(),
         "centroids": centroids.tolist(),
     }
@@ -139,7 +172,7 @@ def cluster_summary(record) -> str:
     """One line: sizes and purities of a clusters record."""
     per, overall = cluster_purity(record["class_counts"])
     pur = ", ".join("-" if p is None else f"{p:.2f}" for p in per)
-    return f"sizes {record['sizes']}, purity [{pur}], overall purity {overall:.3f}"
+    return f"sizes {record['sizes']}, purity [{pur}], overall purity " + ("-" if overall is None else f"{overall:.3f}")
 
 
 def clusters_markdown(rounds, class_names=None) -> str:
@@ -155,7 +188,7 @@ def clusters_markdown(rounds, class_names=None) -> str:
             [str(c) for c in range(n_cls)]
         lines += [f"## Round {r}", "",
                   f"k = {rec['k']}, {rec.get('metric', '?')} k-means on the {rec.get('embedding', '?')} "
-                  f"({rec.get('backend', '?')}), overall purity {overall:.3f}", "",
+                  f"({rec.get('backend', '?')}), overall purity {'-' if overall is None else f'{overall:.3f}'}", "",
                   "| cluster | size | purity | " + " | ".join(names) + " |",
                   "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
         for k, (size, p, row) in enumerate(zip(rec["sizes"], per, rec["class_counts"])):

@@ -25,6 +25,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def gather(self):
+        """The losses' ``gather_distributed``: the group when it is a sub-group, else whether DDP runs."""
+        return self.group if self.group is not None else self.enabled
+
 
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,

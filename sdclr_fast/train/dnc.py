@@ -67,6 +67,10 @@ clusters.json, clusters.md, the final link); the run directory must be on a file
 rank sees. With ``parallel_experts`` the ranks are split into groups
 (``torch.distributed.new_group``) of ``world // min(world, k)`` ranks and the groups train
 different experts at the same time, each expert with DDP on its group.
+
+On a stream (``--dataset webdataset``, :mod:`sdclr_fast.data.webdataset`) the clustering reads
+every rank's shards once, in order; clusters.json also holds the sample keys, and each expert
+trains on the stream filtered to its cluster's keys.
 """
 from __future__ import annotations
 
@@ -364,10 +368,6 @@ def _parallel_experts(todo, train_expert, finished, dist_info, run_dir, tag):
     n_groups = min(dist_info.world_size, len(todo))
     while dist_info.world_size % n_groups:
         n_groups -= 1
-    if dist_info.world_size // n_groups > 1:
-        # the losses' cross-rank gather runs on the default group; a sub-group DDP needs it on the sub-group
-        raise ValueError(f"parallel_experts (--dnc-parallel-experts) trains one expert per rank: it needs at "
-                         f"least as many experts to train ({len(todo)}) as ranks ({dist_info.world_size})")
     g, sub = new_groups(dist_info, n_groups)
     done, failure, error = {}, None, None
     talk = print if sub.is_main else (lambda *a, **k: None)

@@ -272,10 +272,10 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                     if out is None:
                         pass  # the compiled step's loss
                     elif target is not None:
-                        loss = moclr_loss(*out, config.temperature, gather_distributed=dist_info.enabled)
+                        loss = moclr_loss(*out, config.temperature, gather_distributed=dist_info.gather)
                     else:
                         loss = nt_xent(out[0].float(), out[1].float(), config.temperature,
-                                       gather_distributed=dist_info.enabled)
+                                       gather_distributed=dist_info.gather)
                 except ValueError:
                     # the losses reject non-finite embeddings; report it like a non-finite loss.
                     if all(bool(torch.isfinite(o).all()) for o in out):
