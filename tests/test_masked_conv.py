@@ -869,3 +869,48 @@ def test_triton_forced_with_tuned_configs_matches_reference(monkeypatch):
     dev = TRITON_DEVICE
     check_against_reference(x.to(dev), w.to(dev), m.to(dev), None, gy.to(dev), "triton", padding=1)
     assert seen
+
+
+_AOT_TMA_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sdclr_fast.kernels import masked_conv as K
+
+kern = K._conv_gemm_kernel
+names = kern.arg_names
+ptr = {"a_ptr": "*bf16", "p_ptr": "*bf16", "out_ptr": "*bf16", "b_ptr": "*bf16",
+       "idx_ptr": "*i32", "pk_ptr": "*i32", "cnt_ptr": "*i32"}
+for transposed in (False, True):
+    const = dict(KW=3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, UPCAST=False, PRECISION="tf32",
+                 HAS_BIAS=False, TRANSPOSED=transposed, USE_TMA=True)
+    sig = {n: "constexpr" if n in const else ("tensordesc<bf16[32, 32]>" if n == "p_desc"
+                                              else ptr.get(n, "i32")) for n in names}
+    src = ASTSource(fn=kern, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in const.items()})
+    ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4, num_stages=3)).asm["ttgir"]
+    print(ttgir.count("tma"), ttgir.count("async_copy_global_to_local"), ttgir.count("warp_group_dot"))
+"""
+
+
+@pytest.mark.slow
+def test_tma_variant_compiles_for_hopper():
+    """Forward and grad_input with the packed tiles behind a TMA descriptor compile for sm_90:
+    TMA loads of the weight tiles, pipelined loads of the activations, wgmma."""
+    import subprocess
+    import sys
+
+    from sdclr_fast.ops.masked_conv import _kernels
+
+    if _kernels().TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _AOT_TMA_SCRIPT], cwd=root,
+                          env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [[int(v) for v in ln.split()] for ln in proc.stdout.strip().splitlines()]
+    assert len(lines) == 2
+    for n_tma, n_async, n_wgmma in lines:
+        assert n_tma > 0 and n_async > 0 and n_wgmma > 0, (n_tma, n_async, n_wgmma)

@@ -77,7 +77,7 @@ class MaskedConv2d(nn.Conv2d):
         if not self.mask_enabled:
             return self._conv_forward(x, self.weight, self.bias)
         if torch.compiler.is_compiling():
-            # masked_conv2d (Triton launches, a mask cache keyed on data pointers) is opaque to
+            # masked_conv2d (Triton launches, a per-mask cache stored on the tensor) is opaque to
             # dynamo and would break the graph at every conv; the plain expression traces, has
             # the same value and gradient (d(w * m)/dw = m), and the compiler fuses the product.
             return self._conv_forward(x, self.weight * self.mask, self.bias)
