@@ -189,10 +189,10 @@ def clusters_markdown(rounds, class_names=None) -> str:
         lines += [f"## Round {r}", "",
                   f"k = {rec['k']}, {rec.get('metric', '?')} k-means on the {rec.get('embedding', '?')} "
                   f"({rec.get('backend', '?')}), overall purity {'-' if overall is None else f'{overall:.3f}'}", "",
-                  "| cluster | size | purity | " + " | ".join(names) + " |",
-                  "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+                  "| " + " | ".join(["cluster", "size", "purity", *names]) + " |",
+                  "| " + " | ".join("---" for _ in range(3 + len(names))) + " |"]
         for k, (size, p, row) in enumerate(zip(rec["sizes"], per, rec["class_counts"])):
-            lines.append(f"| {k} | {size} | {'-' if p is None else f'{p:.3f}'} | "
-                         + " | ".join(str(int(c)) for c in row) + " |")
+            cells = [str(k), str(size), "-" if p is None else f"{p:.3f}", *(str(int(c)) for c in row)]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
