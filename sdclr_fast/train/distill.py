@@ -299,8 +299,8 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
         }, ckpt_path)
         barrier(dist_info)
 
-    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps, guard, save,
-                                  ckpt_path, steps_per_epoch)
+    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
+                                  guard, save, ckpt_path, steps_per_epoch)
 
     try:
         for epoch in range(start_epoch, last_epoch):
@@ -309,7 +309,8 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
             student.train()
             t_epoch = time.perf_counter()
             loss_sum = torch.full((), partial_loss if first else 0.0, device=device)
-            bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch, f"dnc student epoch {epoch + 1}/{config.epochs}")
+            bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch,
+                               f"dnc student epoch {epoch + 1}/{config.epochs}")
             for step, batch in enumerate(batches.epoch(first), start=first):
                 mine = slice(None) if local_batches else slice(rank * per_rank, (rank + 1) * per_rank)
                 with torch.no_grad():
