@@ -7,6 +7,12 @@ official: a plain-PyTorch ResNet-18 with dual BN whose convs multiply weight * m
           forwards and two backwards (pruned view without grad, dense view + backward, pruned view
           + backward); masks from a NumPy sort of all conv weights on the CPU.
 
+simclr:   sdclr-fast's SimCLR step (one dense forward of both views, fused NT-Xent), for scale.
+--compile adds "<impl>+compile" rows (the step as `pretrain --compile` runs it: forwards + loss
+in one fullgraph function; the official one with its model forwards compiled) and, on CUDA,
+"<impl>+cudagraphs" (`--compile reduce-overhead`). speed-up = official step time / this one,
+measured in the same run.
+
 Both sides see the same pre-augmented views (augmentation is not timed) and use the same
 precision: fp32 on CPU, bf16 autocast + channels_last on CUDA. Pruning runs once per epoch in
 both, so it is reported separately and amortised over an epoch of CIFAR-10-LT (11,165 images).
@@ -100,14 +106,15 @@ class OfficialResNet18(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.fc1, self.hbn1 = nn.Linear(cin, cin, bias=False), OfficialDualBN(cin, b, nn.BatchNorm1d)
         self.fc2, self.hbn2 = nn.Linear(cin, cin, bias=False), OfficialDualBN(cin, b, nn.BatchNorm1d)
-        self.fc3 = nn.Linear(cin, proj_dim)
+        self.fc3 = nn.Linear(cin, proj_dim, bias=False)
+        self.hbn3 = OfficialDualBN(proj_dim, b, nn.BatchNorm1d)  # the official head ends in BN
 
     def forward(self, x):
         h = self.layers(F.relu(self.bn1(self.conv1(x))))
         h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
         h = F.relu(self.hbn1(self.fc1(h)))
         h = F.relu(self.hbn2(self.fc2(h)))
-        return self.fc3(h)
+        return self.hbn3(self.fc3(h))
 
     def convs(self):
         return [m for m in self.modules() if isinstance(m, OfficialConv)]
@@ -121,29 +128,30 @@ def official_update_masks(model):
         c.mask.copy_(m)
 
 
-def official_step(model, opt, v1, v2, amp):
+def official_step(model, opt, v1, v2, amp, forward=None):
     """Three forwards and two backwards, as the official SDCLR training loop does."""
+    forward = model if forward is None else forward
     opt.zero_grad(set_to_none=True)
     with amp():
         model.branch.pruned = True
         with torch.no_grad():
-            z2_fixed = model(v2)
+            z2_fixed = forward(v2)
         model.branch.pruned = False
-        z1 = model(v1)
+        z1 = forward(v1)
     nt_xent_reference(z1.float(), z2_fixed.float(), TAU).backward()
     with amp():
         model.branch.pruned = True
-        z2 = model(v2)
+        z2 = forward(v2)
     nt_xent_reference(z1.detach().float(), z2.float(), TAU).backward()
     model.branch.pruned = False
     opt.step()
 
 
 # ---------------------------------------------------------------- the sdclr-fast step
-def fast_model(width=64):
+def fast_model(width=64, method="sdclr"):
     from sdclr_fast.nn import build_model
 
-    return build_model(arch="resnet18", method="sdclr", in_channels=3, width=width, cifar_stem=True, proj_dim=128)
+    return build_model(arch="resnet18", method=method, in_channels=3, width=width, cifar_stem=True, proj_dim=128)
 
 
 def fast_step(step_module, opt, v1, v2, amp):
@@ -156,6 +164,24 @@ def fast_step(step_module, opt, v1, v2, amp):
     opt.step()
 
 
+def compiled_step(step_module, opt, kind, device, v1, v2, amp, _cache={}):
+    """The step as `pretrain --compile` runs it: forwards + loss in one fullgraph function
+    (mode "default", or "reduce-overhead" = CUDA graphs for *+cudagraphs), one backward."""
+    from types import SimpleNamespace
+
+    from sdclr_fast.train.pretrain import compile_step
+
+    key = id(step_module)
+    if key not in _cache:
+        mode = "reduce-overhead" if kind.endswith("+cudagraphs") else "default"
+        cfg = SimpleNamespace(compile=mode, method=step_module.method, temperature=TAU)
+        ex = SimpleNamespace(device=torch.device(device), autocast=amp)
+        _cache[key] = compile_step(step_module, cfg, ex, False)[1]
+    opt.zero_grad(set_to_none=True)
+    _cache[key](v1, v2).backward()
+    opt.step()
+
+
 # ---------------------------------------------------------------- set-up shared by timing and memory
 def _setup(kind, batch, width, device):
     """kind: "official", "fast", or "fast+compile" (the fast step with the forward compiled by
@@ -163,24 +189,29 @@ def _setup(kind, batch, width, device):
     torch.manual_seed(0)
     device = torch.device(device)
     cuda = device.type == "cuda"
-    if kind == "official":
+    method = "simclr" if kind.startswith("simclr") else "sdclr"
+    if kind.startswith("official"):
         model = OfficialResNet18(width=width).to(device)
     else:
         from sdclr_fast.train.pretrain import ContrastiveForward
 
-        model = fast_model(width).to(device)
+        model = fast_model(width, method).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    if kind == "official":
+    if kind.startswith("official"):
         official_update_masks(model)
-        step = functools.partial(official_step, model, opt)
+        # official+compile: its forwards compiled (one graph per branch flag value)
+        fwd = torch.compile(model) if kind == "official+compile" else model
+        step = functools.partial(official_step, model, opt, forward=fwd)
     else:
-        model.update_masks(sparsity=SPARSITY, block=_block(kind))
-        step_module = ContrastiveForward(model, "sdclr")
-        if kind == "fast+compile":
-            step_module = torch.compile(step_module)
-        step = functools.partial(fast_step, step_module, opt)
+        if method == "sdclr":
+            model.update_masks(sparsity=SPARSITY, block=_block(kind))
+        step_module = ContrastiveForward(model, method)
+        if kind.endswith(("+compile", "+cudagraphs")):
+            step = functools.partial(compiled_step, step_module, opt, kind, device)
+        else:
+            step = functools.partial(fast_step, step_module, opt)
     model.train()
     fmt = torch.channels_last if cuda else torch.contiguous_format
     v1 = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
@@ -200,8 +231,10 @@ def _memory_run(run):
 
 
 def _prune_fn(kind, model):
-    if kind == "official":
+    if kind.startswith("official"):
         return lambda: official_update_masks(model)
+    if kind.startswith("simclr"):
+        return lambda: None
     return lambda: model.update_masks(sparsity=SPARSITY, block=_block(kind))
 
 
@@ -235,7 +268,11 @@ def _interleaved_ms(runs, reps, warmup=1):
 
 
 def measure(batch, width, device, reps, with_memory, compile_=False):
-    kinds = ("official", "fast", "fast+block") + (("fast+compile",) if compile_ else ())
+    cuda = torch.device(device).type == "cuda"
+    kinds = ("official", "fast", "fast+block", "simclr")
+    if compile_:  # compiled as `pretrain --compile`; CUDA graphs (reduce-overhead) on CUDA only
+        modes = ("+compile", "+cudagraphs") if cuda else ("+compile",)
+        kinds += ("official+compile",) + tuple(m + x for m in ("fast", "simclr") for x in modes)
     built = {k: _setup(k, batch, width, device) for k in kinds}
     if torch.device(device).type == "cuda":
         step_ms = {k: time_ms(built[k][1], device) for k in kinds}
@@ -255,8 +292,9 @@ def measure(batch, width, device, reps, with_memory, compile_=False):
         out[k] = {"step_ms": step_ms[k], "prune_ms": prune_ms[k], "peak": mem,
                   "params": sum(p.numel() for p in model.parameters())}
     del built
-    # Same network on both sides, or the comparison means nothing.
-    assert len({v["params"] for v in out.values()}) == 1, {k: v["params"] for k, v in out.items()}
+    # Same network on both SDCLR sides, or the comparison means nothing (SimCLR's head is smaller).
+    sdclr = {k: v["params"] for k, v in out.items() if not k.startswith("simclr")}
+    assert len(set(sdclr.values())) == 1, sdclr
     return out
 
 
@@ -267,7 +305,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=64, help="ResNet-18 width (default 64, the standard)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions on CPU (default 5; --quick 3)")
     ap.add_argument("--compile", action="store_true",
-                    help="also time the fast step with torch.compile (as `pretrain --compile`)")
+                    help="also time the fast step compiled as `pretrain --compile` runs it (one "
+                         "fullgraph step; on CUDA also under CUDA graphs, --compile reduce-overhead)")
     args = parse_bench_args(ap, argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -295,13 +334,13 @@ def main(argv=None):
         records.append(rec)
         for k in res:
             r = rec[k]
-            rows.append({"impl": k, "batch": b, "step": f"{r['step_ms']:.1f} ms", "img_s": f"{r['images_per_s']:.1f}",
+            rows.append({"impl": k, "batch": b, "step": f"{r['step_ms']:.2f} ms", "img_s": f"{r['images_per_s']:.1f}",
                          "epoch_img_s": f"{r['epoch_images_per_s']:.1f}", "prune": f"{r['prune_ms']:.1f} ms",
                          "prune_pct": f"{100 * r['prune_fraction_of_epoch']:.3f}%", "peak": fmt_bytes(r["peak"]),
                          "ratio": f"{r['speedup']:.2f}x", "epoch_ratio": f"{r['epoch_speedup']:.2f}x"})
     print(f"SDCLR training step, ResNet-18 width {args.width}, 32x32, {device} "
           f"({'bf16 autocast' if cuda else 'fp32'}); epoch = CIFAR-10-LT, {CIFAR10_LT_IMAGES} images")
-    print_table(rows, [("impl", "impl"), ("batch", "batch"), ("step", "step time"), ("img_s", "images/s"),
+    print_table(rows, [("impl", "impl"), ("batch", "batch"), ("step", "step time"), ("img_s", "image pairs/s"),
                        ("ratio", "speed-up"), ("prune", "pruning"), ("prune_pct", "pruning % of epoch"),
                        ("epoch_img_s", "images/s incl. pruning"), ("epoch_ratio", "epoch speed-up"),
                        ("peak", "peak memory")])

@@ -402,7 +402,8 @@ def test_temperature_schedule():
 
 
 def test_torch_compile_training_step():
-    """Inside a compiled step the op is a graph break; values and gradients stay right."""
+    """Inside a compiled step (the loss and its backward included) values and gradients stay
+    right; tests/test_compile_ops.py checks fullgraph compilation and recompiles."""
     lin = torch.nn.Linear(6, 5, dtype=torch.float64)
     x1, x2 = _inputs(7, 6, 0, torch.float64)
 
