@@ -227,3 +227,12 @@ def test_dnc_parallel_experts_on_groups_of_two_ranks(tmp_path):
         st = load_checkpoint(tmp_path / f"expert_{k}" / "checkpoint.pt")
         assert st["finished"] and len(st["rng"]) == 2  # DDP on a group of two ranks
     assert len(load_checkpoint(tmp_path / "checkpoint.pt")["rng"]) == 4
+
+
+def test_dnc_with_an_sdclr_base_under_two_processes(tmp_path):
+    """An SDCLR base: the student's dual-BN shell has a pruned branch its loss never reaches."""
+    from sdclr_fast.train.dnc import dnc_state
+
+    spawn(_dnc_job, str(tmp_path), tiny_options(base_method="sdclr", expert_epochs=1, student_epochs=1))
+    assert dnc_state(tmp_path)["stages"]["student"]["done"]
+    assert len(load_checkpoint(tmp_path / "checkpoint.pt")["rng"]) == 2
