@@ -347,6 +347,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for report.md, report.json and the per-class plots (default: the first "
                         "--run-dir, or the folder of the checkpoint file)")
     p.add_argument("--title", default="Linear evaluation", help="report title")
+    from .data import DATASETS
+
+    p.add_argument("--eval-dataset", choices=[d for d in DATASETS if d != "webdataset"], default=None,
+                   help="evaluate on this labelled data set's probe / test sets instead of each run's own (a run "
+                        "on a stream has none; default: the run's --eval-dataset, else its training data set)")
+    p.add_argument("--eval-data-root", default=None, help="the folder of --eval-dataset")
 
 
 def cmd_eval(args) -> int:
@@ -355,9 +361,14 @@ def cmd_eval(args) -> int:
 
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent
     with lock_directory(out, what="output directory"):  # not while a run is writing there
+        data = None
+        if args.eval_dataset is not None:
+            from .data import build_dataset
+
+            data = build_dataset(args.eval_dataset, args.eval_data_root)
         results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
                                 knn_k=args.knn_k, batch_size=args.batch_size, device=args.device,
-                                probe_per_class=args.probe_per_class)
+                                probe_per_class=args.probe_per_class, data=data)
         print(format_table(results))
         paths = write_outputs(results, out, title=args.title)
     print(f"report: {paths['report']}")

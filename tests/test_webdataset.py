@@ -164,3 +164,21 @@ def test_dnc_on_a_stream_clusters_by_key_and_experts_filter_the_stream(tmp_path)
     for k in range(2):  # each expert was trained on its cluster's keys only
         st = load_checkpoint(tmp_path / "run" / f"expert_{k}" / "checkpoint.pt")
         assert st["train_indices"] == (rec["assignments"] == k).nonzero().flatten().tolist()
+
+
+def test_a_stream_run_is_evaluated_on_its_eval_dataset(tmp_path):
+    from sdclr_fast.train.evaluate import data_for_run
+
+    cfg = PretrainConfig(method="simclr", dataset="webdataset", data_root=str(tmp_path / "s"), ratio=None,
+                         eval_dataset="fashion-mnist-lt", device="cpu")
+    data = data_for_run({"config": cfg.to_dict()}, tmp_path)
+    assert data.name == build_dataset("fashion-mnist-lt").name and len(data.test) == 10000
+    with pytest.raises(ValueError, match="--eval-dataset"):
+        data_for_run({"config": cfg.replace(eval_dataset=None).to_dict()}, tmp_path)
+    # evaluation data is a runtime field: it may differ on resume
+    assert cfg.differences(cfg.replace(eval_dataset=None)) == {}
+    from sdclr_fast.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--run-dir", "r", "--eval-dataset", "cifar10-lt",
+                                      "--eval-data-root", "/data/cifar"])
+    assert (args.eval_dataset, args.eval_data_root) == ("cifar10-lt", "/data/cifar")
