@@ -167,6 +167,17 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def eager(fn):
+    """fn run directly in eager mode, its wrap_triton launches plain kernel launches (outside a
+    triton_op, wrap_triton would route each launch through the tracing machinery)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    def run(*args):
+        with set_wrap_triton_enabled(False):
+            return fn(*args)
+    return run
+
+
 def define_op(name, fn, fake, *, triton=False):
     """A custom op `sdclr_fast::<name>` that torch.compile traces without a graph break.
 

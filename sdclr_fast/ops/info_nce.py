@@ -77,7 +77,7 @@ from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_temperature, check_values
 from ._common import all_gather_autograd as _all_gather_autograd, cpu_block as _cpu_block, define_op, \
     dist_world as _dist_world
-from ._common import inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
+from ._common import eager, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
 __all__ = ["info_nce", "InfoNCELoss", "MemoryBank", "momentum_update_"]
 
@@ -550,7 +550,6 @@ def _make_vmap(fwd):
 
 
 _ops = {}
-_bwd_ops = {}
 
 
 def _define_ops(triton):
@@ -564,20 +563,25 @@ def _define_ops(triton):
                     triton=triton)
     fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
     fwd.register_vmap(_make_vmap(fwd))
-    _ops[triton], _bwd_ops[triton] = fwd, bwd
+    _ops[triton] = fwd
     return fwd
 
 
-class _Transformed(torch.autograd.Function):
-    """The same ops for torch.func transforms (grad, jacrev, vmap), which do not run the
-    autograd formula registered on a custom op: an autograd.Function around the forward op
-    with the same backward (in grad mode the differentiable formula) and vmap rule."""
+_eager_fwd = {False: eager(_fwd_torch), True: eager(_fwd_triton)}
+_eager_bwd = {False: eager(_bwd_torch), True: eager(_bwd_triton)}
+
+
+class _Eager(torch.autograd.Function):
+    """Eager calls, and torch.func transforms (which do not run the autograd formula
+    registered on a custom op): the same implementations, backward (in grad mode the
+    differentiable formula) and vmap rule in a Function, without the custom ops' dispatcher
+    round-trips."""
 
     @staticmethod
     def forward(x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch, normalize,
                 block_d, triton):
-        return _ops[triton](x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch,
-                            normalize, block_d)
+        return _eager_fwd[triton](x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric,
+                                  in_batch, normalize, block_d)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -586,11 +590,16 @@ class _Transformed(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return *_make_backward(_bwd_ops[ctx.triton])(ctx, *grads), None
+        return *_make_backward(_eager_bwd[ctx.triton])(ctx, *grads), None
 
     @staticmethod
     def vmap(info, in_dims, *args):
-        return _make_vmap(_Transformed.apply)(info, in_dims, *args)
+        return _make_vmap(_Eager.apply)(info, in_dims, *args)
+
+
+# Function.apply binds the arguments with inspect.signature when setup_context is defined
+# (~100 us a call on a CPU); outside functorch transforms this C-level apply is called.
+_apply_eager = super(torch.autograd.Function, _Eager).apply
 
 
 # Both paths' ops exist from import on (defining an op while torch.compile traces is not
@@ -671,10 +680,12 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
     inv_tau = inv_tau_tensor(tau, tau_value, query.device, torch.float32 if triton else cdt)
     args = (x, y, negatives, tau, inv_tau, keys_x, keys_y, m, symmetric, in_batch_negatives,
             normalize, _block_d)
-    if transformed(*args[:7]):
-        rows = _Transformed.apply(*args, triton)[0]
-    else:
+    if torch.compiler.is_compiling():  # the custom ops: what the compiler sees
         rows = _ops[triton](*args)[0]
+    elif transformed(*args[:7]) or torch._C._are_functorch_transforms_active():
+        rows = _Eager.apply(*args, triton)[0]
+    else:
+        rows = _apply_eager(*args, triton)[0]
     if weights is not None:
         w = weights.to(rows.dtype)
         rows = rows * (torch.cat([w, w]) if symmetric else w)

@@ -89,7 +89,7 @@ from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_temperature as _check_temperature
 from ._common import (all_gather_autograd as _all_gather_autograd, check_values, cpu_block as _cpu_block, define_op,
                       dist_world as _dist_world)
-from ._common import inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
+from ._common import eager, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
 __all__ = ["nt_xent", "NTXentLoss"]
 
@@ -529,6 +529,34 @@ def _normalised(u, r, normalize):
     return u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
 
 
+_eager_fwd = {False: eager(_fwd_torch), True: eager(_fwd_triton)}
+_eager_bwd = {False: eager(_bwd_torch), True: eager(_bwd_triton)}
+
+
+class _EagerRows(torch.autograd.Function):
+    """Eager calls skip the dispatcher round-trips of the custom ops (host time that a small
+    loss on a GPU waits for): the same implementations and autograd formula in a Function."""
+
+    @staticmethod
+    def forward(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive, triton):
+        return _eager_fwd[triton](u, tau, inv_tau, keys, R, normalize, block_d, pos_lse,
+                                  one_positive)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[:-1], output)
+        ctx.triton = inputs[-1]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return *_make_backward(_eager_bwd[ctx.triton])(ctx, *grads), None
+
+
+# Function.apply binds the arguments with inspect.signature when setup_context is defined
+# (~100 us a call on a CPU); outside functorch transforms this C-level apply is called.
+_apply_eager = super(torch.autograd.Function, _EagerRows).apply
+
+
 # Both paths' ops exist from import on (defining an op while torch.compile traces is not
 # possible); neither definition imports Triton.
 _define_ops(False)
@@ -616,8 +644,13 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
         cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
         inv_tau = inv_tau_tensor(tau, tau_value, u.device, torch.float32 if triton else cdt)
         one_positive = labels is None and u.shape[0] == R
-        rows = _define_ops(triton)(u, tau, inv_tau, keys, R, normalize, _block_d, pos_lse,
-                                   one_positive)[0]
+        args = (u, tau, inv_tau, keys, R, normalize, _block_d, pos_lse, one_positive)
+        if torch.compiler.is_compiling():  # the custom ops: what the compiler sees
+            rows = _ops[triton](*args)[0]
+        else:
+            apply = _EagerRows.apply if torch._C._are_functorch_transforms_active() \
+                else _apply_eager
+            rows = apply(*args, triton)[0]
     if weights is not None:
         rows = rows * weights.to(rows.dtype)
     if reduction == "none":
