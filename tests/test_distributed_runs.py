@@ -113,45 +113,69 @@ def _dnc_job(rank, run_dir, options, stop_in=None, stop_step=1):
         Path(run_dir, f"preempted_{rank}").write_text("1")
 
 
-def test_dnc_two_processes_end_to_end_kill_and_resume(tmp_path):
+OPTS = tiny_options(expert_epochs=1, student_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def full_dnc(tmp_path_factory):
+    """One uninterrupted two-process DnC run (MoCLR base, k = 2)."""
+    run_dir = tmp_path_factory.mktemp("dnc_full")
+    spawn(_dnc_job, str(run_dir), OPTS)
+    return run_dir
+
+
+def test_dnc_two_processes_end_to_end(full_dnc):
     from sdclr_fast.train.dnc import dnc_state
 
-    opts = tiny_options()
-    full, part = tmp_path / "full", tmp_path / "part"
-    spawn(_dnc_job, str(full), opts)
-    state = dnc_state(full)
+    state = dnc_state(full_dnc)
     assert state["stages"]["student"]["done"] and sorted(state["stages"]["experts"]) == ["0", "1"]
-    student = load_checkpoint(full / "checkpoint.pt")
+    student = load_checkpoint(full_dnc / "checkpoint.pt")
     assert len(student["rng"]) == 2 and student["finished"]
     for k in range(2):  # the experts trained with DDP on both ranks
-        assert len(load_checkpoint(full / f"expert_{k}" / "checkpoint.pt")["rng"]) == 2
-
+        assert len(load_checkpoint(full_dnc / f"expert_{k}" / "checkpoint.pt")["rng"]) == 2
     # clustering: the features embedded on two ranks and clustered on rank 0 give exactly the
     # one-process record of the same base model
-    one = cluster_stage(load_model(full / "base" / "checkpoint.pt"), tiny_data(), opts, seed=3, batch_size=8)
-    two = read_clusters(full)
+    one = cluster_stage(load_model(full_dnc / "base" / "checkpoint.pt"), tiny_data(), OPTS, seed=3, batch_size=8)
+    two = read_clusters(full_dnc)
     assert torch.equal(two["assignments"], torch.tensor(one["assignments"]))
     assert torch.equal(two["centroids"], torch.tensor(one["centroids"], dtype=torch.float32))
+    assert (full_dnc / "clusters.md").exists()
 
-    # stopped inside expert 1 (the signal reaches rank 1 only: both ranks stop), then inside the
-    # student, then resumed to the end: the same student, bit for bit
-    spawn(_dnc_job, str(part), opts, "expert_1")
+
+def _stopped_then_resumed(part, stage):
+    spawn(_dnc_job, str(part), OPTS, stage)  # the signal reaches rank 1 only: both ranks stop
     assert (part / "preempted_0").exists() and (part / "preempted_1").exists()
-    marks = dnc_state(part)["stages"]
-    assert marks["experts"]["0"]["done"] and "1" not in marks["experts"]
-    assert not load_checkpoint(part / "expert_1" / "checkpoint.pt")["finished"]
     for f in part.glob("preempted_*"):
         f.unlink()
-    spawn(_dnc_job, str(part), opts, "student")
-    assert (part / "preempted_0").exists() and (part / "preempted_1").exists()
-    assert not dnc_state(part)["stages"].get("student", {}).get("done")
-    assert load_checkpoint(part / "student" / "checkpoint.pt")["position"] == 1  # mid-epoch
-    spawn(_dnc_job, str(part), opts)
-    resumed = load_checkpoint(part / "checkpoint.pt")
+    marks = dnc_state_of(part)
+    stopped = load_checkpoint(part / stage / "checkpoint.pt")
+    spawn(_dnc_job, str(part), OPTS)
+    assert not list(part.glob("preempted_*"))
+    return marks, stopped
+
+
+def dnc_state_of(run_dir):
+    from sdclr_fast.train.dnc import dnc_state
+
+    return dnc_state(run_dir)["stages"]
+
+
+def test_dnc_two_processes_stopped_in_an_expert_resumes_bit_identical(full_dnc, tmp_path):
+    marks, stopped = _stopped_then_resumed(tmp_path, "expert_1")
+    assert marks["experts"]["0"]["done"] and "1" not in marks["experts"] and not stopped["finished"]
+    for name in ("expert_1", "student"):
+        a = load_checkpoint(full_dnc / name / "checkpoint.pt")
+        b = load_checkpoint(tmp_path / name / "checkpoint.pt")
+        for key in ("model", "optimizer", "rng"):
+            assert_same_state(a[key], b[key], f"{name}.{key}")
+
+
+def test_dnc_two_processes_stopped_in_the_student_resumes_bit_identical(full_dnc, tmp_path):
+    marks, stopped = _stopped_then_resumed(tmp_path, "student")
+    assert not marks.get("student", {}).get("done") and stopped["position"] == 1  # mid-epoch
+    a, b = load_checkpoint(full_dnc / "checkpoint.pt"), load_checkpoint(tmp_path / "checkpoint.pt")
     for key in ("model", "dnc_heads", "optimizer", "rng"):
-        assert_same_state(student[key], resumed[key], key)
-    assert_same_state(load_checkpoint(full / "expert_1" / "checkpoint.pt")["model"],
-                      load_checkpoint(part / "expert_1" / "checkpoint.pt")["model"], "expert_1")
+        assert_same_state(a[key], b[key], key)
 
 
 def test_dnc_parallel_experts_one_expert_per_rank(tmp_path):
