@@ -465,7 +465,7 @@ def test_unknown_dataset_and_options():
         build_dataset("fashion-mnist-lt", split=1.5)
     with pytest.raises(ValueError, match="image_size"):
         build_dataset("fashion-mnist-lt", image_size=0)
-    assert set(DATASETS) == {"fashion-mnist-lt", "cifar10-lt", "cifar100-lt", "imagefolder"}
+    assert set(DATASETS) == {"fashion-mnist-lt", "cifar10-lt", "cifar100-lt", "imagefolder", "webdataset"}
 
 
 # ----------------------------------------------------------------------------- ImageSet, fewshot
