@@ -199,3 +199,129 @@ def test_compile_config_modes():
     assert tiny_config(compile="reduce-overhead").compile == "reduce-overhead"
     with pytest.raises(ValueError, match="compile must be"):
         tiny_config(compile="fast")
+
+
+# ------------------------------------------------------------------ masked_conv2d
+def _conv_args(seed, n=2, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 5, 5, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 2, 3, 3, generator=g)
+    m = torch.rand(6, 2, 3, 3, generator=g) > 0.5
+    return x, w, m, torch.randn(6, generator=g)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_opcheck_masked_conv(triton):
+    """The forward op (its autograd formula calls the backward op): schema, fake tensors,
+    autograd registration, AOT dispatch; groups, stride, channels-last, with / without bias."""
+    if triton and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton ops run on CPU tensors in the interpreter only")
+    from sdclr_fast.ops import masked_conv as mc
+
+    x, w, m, b = _conv_args(0, channels_last=triton)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    torch.library.opcheck(mc._ops["fwd"], (x, w, m, b, [2, 1], [1, 0], [1, 1], 2, None, triton))
+    torch.library.opcheck(mc._ops["fwd"], (x, w, m, None, [1, 1], [1, 1], [1, 1], 2, None,
+                                           triton))
+
+
+def test_masked_conv_fake_checks_match_eager():
+    """The fake implementation raises the eager call's errors (a compiled trace or a direct op
+    call on fake tensors fails like eager)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sdclr_fast.ops import masked_conv as mc
+
+    x, w, m, b = _conv_args(0)
+    cases = [((x, w, m[:3], b), "mask must have the weight's shape"),
+             ((x, w, m, b[:2]), r"bias must be None or a tensor of shape \(6,\)"),
+             ((x[:, :3], w, m, b), "x has 3 channels but weight expects"),
+             ((x.double(), w.double(), m, b), "bias must have the dtype of x")]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            mc.masked_conv2d(*args, groups=2)
+        with FakeTensorMode() as mode, pytest.raises(ValueError, match=match):
+            fargs = [mode.from_tensor(a) for a in args]
+            mc._ops["fwd"](*fargs, [1, 1], [0, 0], [1, 1], 2, None, False)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with FakeTensorMode() as mode:  # shape / strides of the output
+        y = mc._ops["fwd"](mode.from_tensor(x_cl),
+                           mode.from_tensor(w), mode.from_tensor(m), None, [2, 2], [1, 1],
+                           [1, 1], 2, None, True)
+    assert y.shape == (2, 6, 3, 3) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("path", ["auto", "triton"])
+def test_compile_masked_conv_fullgraph_no_recompile(path):
+    """fullgraph=True (a graph break raises) over masked_conv2d: one frame compiled once over
+    three calls with a new batch of the same shape, an in-place mask update (mask.copy_, new
+    tile map from the version-keyed cache) and an in-place weight change; values and
+    gradients of x, weight and bias match eager. path: the default dispatch (CPU: traced
+    F.conv2d) or the forced Triton path (the custom ops, kernels in the interpreter)."""
+    if path == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton ops run on CPU tensors in the interpreter only")
+    from sdclr_fast.ops.masked_conv import masked_conv2d
+
+    torch._dynamo.reset()
+    _, w, mask, b = _conv_args(0)
+    w.requires_grad_(), b.requires_grad_()
+
+    def step(x):
+        return masked_conv2d(x, w, mask, b, stride=1, padding=1, groups=2, _backend=path).tanh()
+
+    compiled, cnt = _compile_counted(step)
+    before = None
+    for i in range(3):
+        x = _conv_args(10 + i)[0].requires_grad_()
+        if i == 1:
+            mask.copy_(_conv_args(20)[2])
+        if i == 2:
+            with torch.no_grad():
+                w.mul_(0.5)
+        out = compiled(x)
+        g = torch.autograd.grad(out.square().sum(), [x, w, b])
+        ref = step(x)
+        gr = torch.autograd.grad(ref.square().sum(), [x, w, b])
+        torch.testing.assert_close(out, ref)
+        for a, e in zip(g, gr):
+            torch.testing.assert_close(a, e)
+        assert g[1][~mask].abs().max() == 0  # pruned weights get no gradient
+        if i == 1:  # the mask update reached the compiled call
+            assert not torch.allclose(out, before)
+        before = out
+    assert cnt.frame_count == 1 and cnt.op_count > 0
+
+
+@pytest.mark.parametrize("path", ["auto", "triton"])
+def test_compiled_masked_conv_graph(path):
+    """No graph break; the forced Triton path is one custom-op node, the CPU default a traced
+    convolution (no custom op)."""
+    from sdclr_fast.ops.masked_conv import masked_conv2d
+
+    torch._dynamo.reset()
+    x, w, m, b = _conv_args(0)
+    explain = torch._dynamo.explain(
+        lambda x, w, m, b: masked_conv2d(x, w, m, b, padding=1, groups=2, _backend=path))(
+            x, w, m, b)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1
+    code = str(explain.graphs[0].code)
+    assert ("sdclr_fast.masked_conv2d_fwd" in code) == (path == "triton")
+    assert path == "triton" or "conv2d" in code
+
+
+def test_compiled_masked_conv_bad_arguments():
+    """A compiled call raises the eager call's ValueError."""
+    from sdclr_fast.ops.masked_conv import masked_conv2d
+
+    x, w, m, b = _conv_args(0)
+    for kwargs, match in [(dict(_backend="fast", groups=2), "_backend must be"),
+                          (dict(groups=4), "groups=4 must divide"),
+                          (dict(_backend="triton", block=(16, 24), groups=2),
+                           "block must be a pair")]:
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match=match):
+            masked_conv2d(x, w, m, b, **kwargs)
+        with pytest.raises(Exception, match=match):  # Dynamo may wrap the user error
+            torch.compile(lambda x: masked_conv2d(x, w, m, b, **kwargs), fullgraph=True)(x)

@@ -54,10 +54,20 @@ is differentiable once: a second derivative (gradgradcheck, hessians) raises an 
 says to use _backend="torch", and forward mode (jvp, jacfwd) is not implemented there (torch
 raises). A mask that a transform batches (vmap over masks) takes the PyTorch path, uncached.
 
+torch.compile: a function calling masked_conv2d compiles with fullgraph=True (no graph break)
+and recompiles nothing when only values change (a new batch of the same shape, an in-place
+mask update, new weights). The PyTorch path is traced as F.conv2d(x, weight * mask); the
+Triton path and the CUDA default (whose Triton-or-cuDNN choice depends on the mask's tile
+density) are the custom ops sdclr_fast::masked_conv2d_fwd / masked_conv2d_bwd (plain
+torch.library.custom_op, opaque to Inductor, fake implementations and a registered autograd
+formula) that run the eager code with the version-keyed tile cache; see the torch.compile
+section at the end of this file. Eager calls do not go through the ops (host time).
+
 Testing switch: with SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"`,
 CPU tensors go through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is
 imported so that they run in the interpreter.
 """
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -271,6 +281,13 @@ def _mask_scale(mask, dtype):
     return scale
 
 
+def _check_block(block):
+    block = tuple(block)
+    if len(block) != 2 or any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in block):
+        raise ValueError(f"block must be a pair of powers of two >= 16, got {block!r}")
+    return block
+
+
 def prepare_mask(mask, groups=1, block=None):
     """The `MaskTiles` of a (O, C/groups, KH, KW) mask, computed once per mask change and cached
     on the mask (`masked_conv2d` calls this itself). block: (block_o, block_c) powers of two
@@ -283,9 +300,7 @@ def prepare_mask(mask, groups=1, block=None):
                          f"got {groups!r}")
     if block is None:
         block = default_block(mask.shape[0] // groups, mask.shape[1])
-    block = tuple(block)
-    if len(block) != 2 or any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in block):
-        raise ValueError(f"block must be a pair of powers of two >= 16, got {block!r}")
+    block = _check_block(block)
     entry = _cached(mask)
     tiles = entry["tiles"].get((groups, block))
     if tiles is None:
@@ -522,6 +537,9 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         if _out_size(size, k, s, p, d) < 1:
             raise ValueError(f"x {name} {size} (padded by {p} per side) is smaller than the "
                              f"dilated kernel {d * (k - 1) + 1}")
+    if torch.compiler.is_compiling():  # the traced route: see "torch.compile" above
+        return _compiled_call(x, weight, mask, bias, stride, pad, dilation, groups, block,
+                              _backend, wdt)
     if torch._C._functorch.is_functorch_wrapped_tensor(mask):
         # batched by vmap (or wrapped by another transform): no per-mask cache can hold it
         if _backend == "triton":
@@ -542,3 +560,160 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
                                          groups, entry)
     w = weight.to(wdt or weight.dtype)
     return F.conv2d(x, w * _mask_scale(mask, w.dtype), bias, stride, pad, dilation, groups)
+
+
+# ------------------------------------------------------------------ torch.compile
+# Under torch.compile (`torch.compiler.is_compiling()`), `masked_conv2d` takes this route:
+#  * the PyTorch path (CPU, float64, `_backend="torch"`, and a mask that a transform batches) is
+#    traced as F.conv2d(x, weight * mask), which Dynamo and Inductor take natively (a float
+#    mask's 0/1 values are not checked there: that would read a value);
+#  * the Triton path (forced: `_backend="triton"` / SDCLR_FAST_FORCE_TRITON=1) and the CUDA
+#    default (Triton or cuDNN, chosen per call from the tuned table and the mask's tile density,
+#    a value the compiler cannot see) are the custom ops sdclr_fast::masked_conv2d_fwd /
+#    masked_conv2d_bwd with fake implementations and a registered autograd formula. Their
+#    implementations run the eager path's code: the tile map comes from the per-mask cache
+#    (keyed on the mask's version counter, so an in-place mask update `mask.copy_(new)`
+#    recompiles nothing and no data-pointer guard exists), then the same kernels.
+#    They are plain torch.library.custom_op, opaque to Inductor, not triton_op: the tile map
+#    has data-dependent sizes (the number of non-empty tiles) and lives in a host cache, which
+#    a triton_op's trace over fake tensors cannot build or read.
+#  The forward's mask: the traced path keeps its 0/1 copy for the backward, as eager does; the
+#  custom ops save the mask itself (eager keeps a copy), so changing it in place between a
+#  compiled forward and its backward makes autograd raise (version check) instead of using
+#  the forward's mask. The ops carry the cudagraph_unsafe tag where torch has it
+#  (their host-side cache and dispatch must run every call).
+
+def _geom_of(stride, padding, dilation, groups):
+    return (tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _route(x, weight, mask, geom, block, force):
+    """(tiles, tuned entry) of the Triton path, or (None, None) for cuDNN / oneDNN: the same
+    choice as the eager call (`force`: the Triton path was forced)."""
+    entry = _tuned_entry(x, weight, mask, geom)
+    if not force and not _tuned.triton_wins(entry):
+        return None, None
+    if block is None and entry is not None:
+        block = tuple(entry["tile"])
+    return prepare_mask(mask, geom[3], None if block is None else tuple(block)), entry
+
+
+def _out_format(x):
+    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+
+
+def _op_fwd(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+            stride: list[int], padding: list[int], dilation: list[int], groups: int,
+            block: list[int] | None, force: bool) -> torch.Tensor:
+    geom = _geom_of(stride, padding, dilation, groups)
+    tiles, entry = _route(x, weight, mask, geom, block, force)
+    if tiles is None:
+        w = weight.to(x.dtype)
+        y = F.conv2d(x, w * _mask_scale(mask, w.dtype), bias, *geom)
+        return y.contiguous(memory_format=_out_format(x))
+    packed = _kernels().pack(weight, tiles, x.dtype)
+    return _MaskedConv2dTriton.forward(x, weight, tiles, packed, bias, *geom, entry)
+
+
+def _op_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+            stride: list[int], padding: list[int], dilation: list[int], groups: int,
+            block: list[int] | None, force: bool, need_x: bool, need_w: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    geom = _geom_of(stride, padding, dilation, groups)
+    tiles, entry = _route(x, weight, mask, geom, block, force)
+    gx = gw = x.new_empty(0)
+    if tiles is None:
+        scale = _mask_scale(mask, x.dtype)
+        gx_, gw_, _ = torch.ops.aten.convolution_backward(
+            grad_y, x, weight.to(x.dtype) * scale, None, list(geom[0]), list(geom[1]),
+            list(geom[2]), False, [0, 0], groups, [need_x, need_w, False])
+        if need_x:
+            gx = gx_.contiguous(memory_format=_out_format(x))
+        if need_w:
+            gw = (gw_ * scale).to(weight.dtype).contiguous()
+        return gx, gw
+    if need_x:
+        gx = _GradInput.forward(grad_y, weight, None, tiles, geom, x.shape, _out_format(x),
+                                _tuned_cfg(entry, tiles, "bgi"))
+    if need_w:
+        gw = _GradWeight.forward(grad_y, x, tiles, geom, weight.dtype,
+                                 _tuned_cfg(entry, tiles, "bgw")).contiguous()
+    return gx, gw
+
+
+def _fake_fwd(x, weight, mask, bias, stride, padding, dilation, groups, block, force):
+    # the eager call's shape / dtype / device checks (the weight may be fp32 under autocast)
+    _check(x, weight, mask, bias, groups, x.dtype if weight.dtype.is_floating_point else None)
+    if force and block is not None:
+        _check_block(block)
+    N, _, H, W = x.shape
+    O, _, KH, KW = weight.shape
+    OH = _out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = _out_size(W, KW, stride[1], padding[1], dilation[1])
+    if OH < 1 or OW < 1:
+        raise ValueError(f"x of spatial size {(H, W)} (padded by {tuple(padding)}) is smaller "
+                         f"than the dilated kernel")
+    return torch.empty((N, O, OH, OW), device=x.device, dtype=x.dtype,
+                       memory_format=_out_format(x))
+
+
+def _fake_bwd(grad_y, x, weight, mask, stride, padding, dilation, groups, block, force, need_x,
+              need_w):
+    gx = (torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_out_format(x))
+          if need_x else x.new_empty(0))
+    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w \
+        else x.new_empty(0)
+    return gx, gw
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, mask, bias, stride, padding, dilation, groups, block, force = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.conf = (stride, padding, dilation, groups, block, force, bias is not None)
+
+
+def _op_backward(ctx, grad_y):
+    x, weight, mask = ctx.saved_tensors
+    stride, padding, dilation, groups, block, force, has_bias = ctx.conf
+    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = _ops["bwd"](grad_y, x, weight, mask, stride, padding, dilation, groups, block,
+                             force, need_x, need_w)
+    if need_b and has_bias:
+        gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
+    return (gx if need_x else None, gw if need_w else None, None, gb, *([None] * 6))
+
+
+def _define_op(name, fn, fake):
+    kw = {}
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is not None and "tags" in inspect.signature(torch.library.custom_op).parameters:
+        kw["tags"] = (tag,)
+    op = torch.library.custom_op(f"sdclr_fast::{name}", fn, mutates_args=(), **kw)
+    op.register_fake(fake)
+    return op
+
+
+_ops = {"fwd": _define_op("masked_conv2d_fwd", _op_fwd, _fake_fwd),
+        "bwd": _define_op("masked_conv2d_bwd", _op_bwd, _fake_bwd)}
+_ops["fwd"].register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _compiled_call(x, weight, mask, bias, stride, pad, dilation, groups, block, backend, wdt):
+    """masked_conv2d under torch.compile (arguments checked and padding resolved)."""
+    w = weight.to(wdt or weight.dtype)
+    forced = backend == "triton" or (backend != "torch"
+                                     and os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1")
+    if forced and x.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"the Triton kernels take x of dtype float32/float16/bfloat16, got "
+                         f"{x.dtype}")
+    if not forced and backend not in ("auto", "torch"):
+        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if block is not None:
+        block = list(block)
+    if forced or (backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES):
+        return _ops["fwd"](x, weight, mask, bias, list(stride), list(pad), list(dilation),
+                           groups, block, forced)
+    scale = mask.to(w.dtype) if mask.dtype == torch.bool else (mask != 0).to(w.dtype)
+    return F.conv2d(x, w * scale, bias, stride, pad, dilation, groups)
