@@ -400,12 +400,12 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_study(args) -> int:
-    from .train.evaluate import _shots, probe_names
+    from .train.evaluate import parse_shots, probe_names
     from .train.study import run_study
 
     base = config_from_args(args)
     out = run_study(base, args.run_dir, methods=args.methods, splits=args.splits, seeds=args.seeds,
-                    balanced=args.balanced_baseline, probes=probe_names(args.probe, _shots(args.shots)),
+                    balanced=args.balanced_baseline, probes=probe_names(args.probe, parse_shots(args.shots)),
                     probe_epochs=args.probe_epochs, knn_k=args.knn_k, device=base.device, title=args.title,
                     probe_per_class=args.probe_per_class)
     print(f"report: {out['report']}")

@@ -74,14 +74,15 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     return run_label(state, ckpt), results
 
 
-def _shots(value: float):
+def parse_shots(value: float):
+    """The CLI's --shots: an int >= 1 of images per class, else a fraction."""
     return int(value) if float(value).is_integer() and value >= 1 else float(value)
 
 
 def evaluate_runs(run_dirs, *, probe="all", shots=0.01, probe_epochs=None, knn_k=200, batch_size=512,
                   device=None, data=None, probe_per_class=None) -> dict:
     """{label: {probe: EvalResult}} for each run (labels made unique)."""
-    probes = probe_names(probe, _shots(shots))
+    probes = probe_names(probe, parse_shots(shots))
     opts = {"epochs": probe_epochs} if probe_epochs is not None else None
     results = {}
     for rd in run_dirs:
