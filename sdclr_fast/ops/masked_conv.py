@@ -15,7 +15,9 @@ Equal in value and gradients to `F.conv2d(x, weight * mask, bias, ...)`:
   mask (a float multiply is ~20x faster than a bool one on CPU). Autograd keeps the masked
   copy for backward, one weight-sized tensor: a custom autograd Function that recomputed it
   instead cost twice the host time of `F.conv2d` per call, and host time is what a small
-  convolution on a GPU waits for.
+  convolution on a GPU waits for. bfloat16 on the CPU runs this in float32 and rounds the
+  output once (and autograd the gradients): torch 2.13's oneDNN bfloat16 weight gradient
+  returns uninitialised memory for some grouped strided shapes (`_pytorch_path`).
 
 The mask is captured at forward time: changing it in place before the backward does not change
 the gradients of that forward (both paths hold their own copy of it).
@@ -70,6 +72,7 @@ imported so that they run in the interpreter.
 import inspect
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +94,17 @@ def _kernels():
 
 
 # ------------------------------------------------------------------ argument checks
+def _pytorch_path(x, w, scale_of, bias, stride, padding, dilation, groups):
+    """F.conv2d(x, w * scale_of(dtype), ...), the mask as 0/1 in `dtype`. On the CPU a
+    bfloat16 call computes in float32, whose accumulation oneDNN's bfloat16 kernels use too, so
+    the output is that of a correct bfloat16 kernel up to rounding."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        b = None if bias is None else bias.float()
+        return _pytorch_path(x.float(), w.float(), scale_of, b, stride, padding, dilation,
+                             groups).to(torch.bfloat16)
+    return F.conv2d(x, w * scale_of(w.dtype), bias, stride, padding, dilation, groups)
+
+
 def _pair(value, name, minimum):
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -545,8 +559,8 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         if _backend == "triton":
             raise ValueError("mask: the Triton path takes a plain tensor; a mask batched by "
                              "torch.func.vmap needs _backend='auto' or 'torch'")
-        w = weight.to(wdt or weight.dtype)
-        return F.conv2d(x, w * mask.to(w.dtype), bias, stride, pad, dilation, groups)
+        return _pytorch_path(x, weight.to(wdt or weight.dtype), mask.to, bias, stride, pad,
+                             dilation, groups)
     entry = _tuned_entry(x, weight, mask, (stride, pad, dilation, groups)) if _backend != "torch" else None
     if _backend_for(x, mask, groups, _backend, entry) == "triton":
         if block is None and entry is not None:
@@ -558,8 +572,8 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
                 packed = _kernels().pack(weight, tiles, x.dtype)
         return _MaskedConv2dTriton.apply(x, weight, tiles, packed, bias, stride, pad, dilation,
                                          groups, entry)
-    w = weight.to(wdt or weight.dtype)
-    return F.conv2d(x, w * _mask_scale(mask, w.dtype), bias, stride, pad, dilation, groups)
+    return _pytorch_path(x, weight.to(wdt or weight.dtype), partial(_mask_scale, mask), bias,
+                         stride, pad, dilation, groups)
 
 
 # ------------------------------------------------------------------ torch.compile
@@ -715,5 +729,5 @@ def _compiled_call(x, weight, mask, bias, stride, pad, dilation, groups, block, 
     if forced or (backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES):
         return _ops["fwd"](x, weight, mask, bias, list(stride), list(pad), list(dilation),
                            groups, block, forced)
-    scale = mask.to(w.dtype) if mask.dtype == torch.bool else (mask != 0).to(w.dtype)
-    return F.conv2d(x, w * scale, bias, stride, pad, dilation, groups)
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    return _pytorch_path(x, w, keep.to, bias, stride, pad, dilation, groups)
