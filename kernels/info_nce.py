@@ -37,41 +37,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._host import MAX_BLOCK_D, cdiv, config, load_tile as _load_tile  # noqa: F401
+from ._common import accumulate, cdiv, config, load_tile, online_lse, row_scale, scores, store_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _scores(a_ptr, b_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_am, s_ad, s_bm, s_bd,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) raw dot products a_m . b_n, fp32. With one D chunk `q` is the
-    preloaded row tile of a and the column tile of b is returned for reuse."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if D_CHUNKS == 1:
-        k = _load_tile(b_ptr, offs_n, col_ok, offs_d, D, s_bm, s_bd, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    else:
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c in range(D_CHUNKS):
-            d = c * BLOCK_D + offs_d
-            qc = _load_tile(a_ptr, offs_m, row_ok, d, D, s_am, s_ad, UPCAST)
-            kc = _load_tile(b_ptr, offs_n, col_ok, d, D, s_bm, s_bd, UPCAST)
-            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
-        k = s  # unused placeholder with D chunks
-    return s, k
-
-
-@triton.jit
-def _online_lse(m_i, l_i, s_masked):
-    """One column tile of the online base-2 log-sum-exp (running max m, scaled sum l)."""
-    m_new = tl.maximum(m_i, tl.max(s_masked, 1))
-    # a row whose columns so far are all masked keeps m = -inf: shift by 0 there
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s_masked - m_shift[:, None]), 1)
-    return m_new, l_i
 
 
 @triton.jit
@@ -88,13 +57,9 @@ def _info_nce_fwd_kernel(
     row_ok = offs_m < M
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = _load_tile(x_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_xm, s_xd, UPCAST)
+        q = load_tile(x_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_xm, s_xd, UPCAST)
     # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
-    scale = tl.load(scale_ptr) * LOG2E
-    if NORMALIZE:
-        row_scale = tl.load(rx_ptr + offs_m, mask=row_ok, other=0.0) * scale
-    else:
-        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    rows_f = row_scale(rx_ptr, offs_m, row_ok, tl.load(scale_ptr) * LOG2E, BLOCK_M, NORMALIZE)
     key_i = tl.load(kx_ptr + offs_m, mask=row_ok, other=-1)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -110,17 +75,13 @@ def _info_nce_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < C
-        s, _ = _scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
-                       s_ym, s_yd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        if NORMALIZE:
-            s = s * row_scale[:, None] * tl.load(ry_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
-        else:
-            s = s * row_scale[:, None]
+        s, _, _ = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd, s_ym,
+                         s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                         UPCAST, PRECISION)
         valid = col_ok[None, :]
         if DIAG_ONLY:
             valid = valid & (offs_n[None, :] == offs_m[:, None])
-        s_masked = tl.where(valid, s, float("-inf"))
-        m_i, l_i = _online_lse(m_i, l_i, s_masked)
+        m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
         key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
         same = valid & (key_j[None, :] == key_i[:, None])
         pos += tl.sum(tl.where(same, s, 0.0), 1)
@@ -129,13 +90,10 @@ def _info_nce_fwd_kernel(
         for start_n in range(0, Q, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Q
-            s, _ = _scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
-                           s_nm, s_nd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-            if NORMALIZE:
-                s = s * row_scale[:, None] * tl.load(rn_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
-            else:
-                s = s * row_scale[:, None]
-            m_i, l_i = _online_lse(m_i, l_i, tl.where(col_ok[None, :], s, float("-inf")))
+            s, _, _ = scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                             s_nm, s_nd, rows_f, rn_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                             D_CHUNKS, UPCAST, PRECISION)
+            m_i, l_i = online_lse(m_i, l_i, tl.where(col_ok[None, :], s, float("-inf")))
 
     lse2 = m_i + tl.log2(l_i)
     loss = (lse2 - pos / tl.maximum(cnt, 1).to(tl.float32)) * LN2
@@ -168,13 +126,9 @@ def _info_nce_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = _load_tile(x_ptr, offs_m, row_ok, offs_d, D, s_xm, s_xd, UPCAST)
+        q = load_tile(x_ptr, offs_m, row_ok, offs_d, D, s_xm, s_xd, UPCAST)
     inv_tau = tl.load(scale_ptr)
-    scale = inv_tau * LOG2E
-    if NORMALIZE:
-        row_scale = tl.load(rx_ptr + offs_m, mask=row_ok, other=0.0) * scale
-    else:
-        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    rows_f = row_scale(rx_ptr, offs_m, row_ok, inv_tau * LOG2E, BLOCK_M, NORMALIZE)
     lse_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     g_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     gp_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -198,13 +152,9 @@ def _info_nce_bwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < C
-        s, k = _scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
-                       s_ym, s_yd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        if NORMALIZE:
-            r_j = tl.load(ry_ptr + offs_n, mask=col_ok, other=0.0)
-            s = s * row_scale[:, None] * r_j[None, :]
-        else:
-            s = s * row_scale[:, None]
+        s, r_j, k = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                           s_ym, s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                           D_CHUNKS, UPCAST, PRECISION)
         valid = col_ok[None, :]
         if DIAG_ONLY:
             valid = valid & (offs_n[None, :] == offs_m[:, None])
@@ -224,37 +174,20 @@ def _info_nce_bwd_kernel(
             key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
             a -= tl.where(valid & (key_j[None, :] == key_x[:, None]), sub, 0.0)
         a = tl.where(valid, a, 0.0)
-        if NORMALIZE:
-            a = a * r_j[None, :]
-        if D_CHUNKS == 1:
-            v = k
-        else:
-            v = _load_tile(y_ptr, offs_n, col_ok, d_out, D, s_ym, s_yd, UPCAST)
-        acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
+        acc = accumulate(acc, a, r_j, k, y_ptr, offs_n, col_ok, d_out, D, s_ym, s_yd, NORMALIZE,
+                         D_CHUNKS, UPCAST, PRECISION)
     if HAS_N:  # bank columns: only the rows' own direction (X_ANCHOR), never positives
         for start_n in range(0, tl.where(local, Q, 0), BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < Q
-            s, k = _scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
-                           s_nm, s_nd, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-            if NORMALIZE:
-                r_j = tl.load(rn_ptr + offs_n, mask=col_ok, other=0.0)
-                s = s * row_scale[:, None] * r_j[None, :]
-            else:
-                s = s * row_scale[:, None]
+            s, r_j, k = scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                               s_nm, s_nd, rows_f, rn_ptr, NORMALIZE, BLOCK_M, BLOCK_N,
+                               BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             a = g_x[:, None] * tl.exp2(s - lse_x[:, None])
-            if NORMALIZE:
-                a = a * r_j[None, :]
-            if D_CHUNKS == 1:
-                v = k
-            else:
-                v = _load_tile(n_ptr, offs_n, col_ok, d_out, D, s_nm, s_nd, UPCAST)
-            acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
-
-    acc = acc * inv_tau
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * s_om + d_out[None, :] * s_od, acc,
-             mask=row_ok[:, None] & (d_out[None, :] < D))
+            acc = accumulate(acc, a, r_j, k, n_ptr, offs_n, col_ok, d_out, D, s_nm, s_nd,
+                             NORMALIZE, D_CHUNKS, UPCAST, PRECISION)
+    store_rows(out_ptr, acc * inv_tau, offs_m, row_ok, d_out, D, s_om, s_od)
 
 
 # ------------------------------------------------------------------ launch helpers

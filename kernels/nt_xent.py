@@ -38,31 +38,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._host import MAX_BLOCK_D, cdiv, config, load_tile as _load_tile  # noqa: F401
+from ._common import accumulate, cdiv, config, load_tile, online_lse, row_scale, scores, store_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) raw dot products u_m . u_n, fp32. With one D chunk `q` is the
-    preloaded (BLOCK_M, BLOCK_D) row tile and the column tile is returned for reuse."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if D_CHUNKS == 1:
-        k = _load_tile(u_ptr, offs_n, col_ok, offs_d, D, s_um, s_ud, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    else:
-        s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c in range(D_CHUNKS):
-            d = c * BLOCK_D + offs_d
-            qc = _load_tile(u_ptr, offs_m, row_ok, d, D, s_um, s_ud, UPCAST)
-            kc = _load_tile(u_ptr, offs_n, col_ok, d, D, s_um, s_ud, UPCAST)
-            s = tl.dot(qc, tl.trans(kc), s, input_precision=PRECISION)
-        k = s  # unused placeholder with D chunks
-    return s, k
 
 
 @triton.jit
@@ -76,16 +55,11 @@ def _nt_xent_fwd_kernel(
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < R
-    offs_d = tl.arange(0, BLOCK_D)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = _load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
+        q = load_tile(u_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_um, s_ud, UPCAST)
     # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
-    scale = tl.load(scale_ptr) * LOG2E
-    if NORMALIZE:
-        row_scale = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0) * scale
-    else:
-        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    rows_f = row_scale(r_ptr, offs_m, row_ok, tl.load(scale_ptr) * LOG2E, BLOCK_M, NORMALIZE)
     key_i = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -97,30 +71,16 @@ def _nt_xent_fwd_kernel(
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
-        s, _ = _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
-                       BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        if NORMALIZE:
-            r_j = tl.load(r_ptr + offs_n, mask=col_ok, other=0.0)
-            s = s * row_scale[:, None] * r_j[None, :]
-        else:
-            s = s * row_scale[:, None]
+        s, _, _ = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud, s_um,
+                         s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                         UPCAST, PRECISION)
         valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
-        s_masked = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_masked, 1))
-        # A row whose columns so far are all masked keeps m = -inf; shift by 0 there to
-        # avoid (-inf) - (-inf).
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_shift) + tl.sum(tl.exp2(s_masked - m_shift[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
         key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
         same = valid & (key_j[None, :] == key_i[:, None])
         cnt += tl.sum(same.to(tl.int32), 1)
         if POS_LSE:
-            s_pos = tl.where(same, s, float("-inf"))
-            mp_new = tl.maximum(mp_i, tl.max(s_pos, 1))
-            mp_shift = tl.where(mp_new == float("-inf"), 0.0, mp_new)
-            lp_i = lp_i * tl.exp2(mp_i - mp_shift) + tl.sum(tl.exp2(s_pos - mp_shift[:, None]), 1)
-            mp_i = mp_new
+            mp_i, lp_i = online_lse(mp_i, lp_i, tl.where(same, s, float("-inf")))
         else:
             pos += tl.sum(tl.where(same, s, 0.0), 1)
 
@@ -154,14 +114,9 @@ def _nt_xent_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = _load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
+        q = load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
     inv_tau = tl.load(scale_ptr)
-    scale = inv_tau * LOG2E
-    if NORMALIZE:
-        r_k = tl.load(r_ptr + offs_m, mask=row_ok, other=0.0)
-        row_scale = r_k * scale
-    else:
-        row_scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + scale
+    rows_f = row_scale(r_ptr, offs_m, row_ok, inv_tau * LOG2E, BLOCK_M, NORMALIZE)
     key_k = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
     lse2_k = tl.load(lse2_ptr + offs_m, mask=row_ok, other=float("inf"))
     g_k = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
@@ -177,13 +132,9 @@ def _nt_xent_bwd_kernel(
     for start_n in range(0, n_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
-        s, k = _scores(u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
-                       BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        if NORMALIZE:
-            r_j = tl.load(r_ptr + offs_n, mask=col_ok, other=0.0)
-            s = s * row_scale[:, None] * r_j[None, :]
-        else:
-            s = s * row_scale[:, None]
+        s, r_j, k = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
+                           s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                           D_CHUNKS, UPCAST, PRECISION)
         lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
         g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
         gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
@@ -204,17 +155,9 @@ def _nt_xent_bwd_kernel(
         else:
             a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
         a = tl.where(valid, a, 0.0)
-        if NORMALIZE:
-            a = a * r_j[None, :]
-        if D_CHUNKS == 1:
-            v = k
-        else:
-            v = _load_tile(u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud, UPCAST)
-        acc = tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION)
-
-    acc = acc * inv_tau
-    tl.store(dz_ptr + offs_m.to(tl.int64)[:, None] * s_dm + d_out[None, :] * s_dd, acc,
-             mask=row_ok[:, None] & (d_out[None, :] < D))
+        acc = accumulate(acc, a, r_j, k, u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud, NORMALIZE,
+                         D_CHUNKS, UPCAST, PRECISION)
+    store_rows(dz_ptr, acc * inv_tau, offs_m, row_ok, d_out, D, s_dm, s_dd)
 
 
 # ------------------------------------------------------------------ launch helpers
