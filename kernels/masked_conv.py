@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, interpreting
+from ._common import cdiv, interpreting
 
 try:  # host-side TMA descriptors (Triton >= 3.2); plain pointers where missing
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -192,3 +192,24 @@ def define_op(name, fn, fake, *, triton=False):
     op = torch.library.custom_op(qualname, fn, mutates_args=())
     op.register_fake(fake)
     return op
+
+
+def define_loss_ops(name, fwd, bwd, fwd_fake, bwd_fake, make_backward, setup_context,
+                    make_vmap=None):
+    """The compile-visible ops of a fused loss, both paths, defined at import (an op cannot be
+    defined while torch.compile traces; neither definition imports Triton).
+
+    fwd / bwd: {False: PyTorch path, True: Triton path} implementations; fwd_fake(triton) the
+    forward's fake implementation; make_backward(bwd_op) the autograd formula over a backward.
+    Returns ({path: forward op}, {path: eager forward}, {path: eager backward}); the eager ones
+    are the same implementations without the dispatcher (see `eager`)."""
+    ops = {}
+    for triton in (False, True):
+        sfx = "_triton" if triton else ""
+        op = define_op(f"{name}_fwd{sfx}", fwd[triton], fwd_fake(triton), triton=triton)
+        bwd_op = define_op(f"{name}_bwd{sfx}", bwd[triton], bwd_fake, triton=triton)
+        op.register_autograd(make_backward(bwd_op), setup_context=setup_context)
+        if make_vmap is not None:
+            op.register_vmap(make_vmap(op))
+        ops[triton] = op
+    return ops, {t: eager(f) for t, f in fwd.items()}, {t: eager(f) for t, f in bwd.items()}

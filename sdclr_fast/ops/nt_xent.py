@@ -87,9 +87,9 @@ from torch import nn
 
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_temperature as _check_temperature
-from ._common import (all_gather_autograd as _all_gather_autograd, check_values, cpu_block as _cpu_block, define_op,
+from ._common import (all_gather_autograd as _all_gather_autograd, check_values, cpu_block as _cpu_block,
                       dist_world as _dist_world)
-from ._common import eager, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
+from ._common import define_loss_ops, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
 
 __all__ = ["nt_xent", "NTXentLoss"]
 
@@ -505,21 +505,10 @@ def _differentiable_backward(u, tau, inv_tau, keys, grad_loss, R, normalize, pos
     return (grad_u, grad_tau, *([None] * 7))
 
 
-_ops = {}
-
-
-def _define_ops(triton):
-    """Define (once) the forward / backward ops of one path."""
-    if triton in _ops:
-        return _ops[triton]
-    sfx = "_triton" if triton else ""
-    fwd = define_op(f"nt_xent_fwd{sfx}", _fwd_triton if triton else _fwd_torch,
-                    functools.partial(_fwd_fake, triton=triton), triton=triton)
-    bwd = define_op(f"nt_xent_bwd{sfx}", _bwd_triton if triton else _bwd_torch, _bwd_fake,
-                    triton=triton)
-    fwd.register_autograd(_make_backward(bwd), setup_context=_setup_context)
-    _ops[triton] = fwd
-    return fwd
+_ops, _eager_fwd, _eager_bwd = define_loss_ops(
+    "nt_xent", {False: _fwd_torch, True: _fwd_triton}, {False: _bwd_torch, True: _bwd_triton},
+    lambda triton: functools.partial(_fwd_fake, triton=triton), _bwd_fake, _make_backward,
+    _setup_context)
 
 
 def _normalised(u, r, normalize):
@@ -527,10 +516,6 @@ def _normalised(u, r, normalize):
     u / max(|u|, eps) as F.normalize divides."""
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     return u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
-
-
-_eager_fwd = {False: eager(_fwd_torch), True: eager(_fwd_triton)}
-_eager_bwd = {False: eager(_bwd_torch), True: eager(_bwd_triton)}
 
 
 class _EagerRows(torch.autograd.Function):
@@ -555,12 +540,6 @@ class _EagerRows(torch.autograd.Function):
 # Function.apply binds the arguments with inspect.signature when setup_context is defined
 # (~100 us a call on a CPU); outside functorch transforms this C-level apply is called.
 _apply_eager = super(torch.autograd.Function, _EagerRows).apply
-
-
-# Both paths' ops exist from import on (defining an op while torch.compile traces is not
-# possible); neither definition imports Triton.
-_define_ops(False)
-_define_ops(True)
 
 
 # ------------------------------------------------------------------ distributed gather
