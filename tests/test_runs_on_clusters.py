@@ -147,11 +147,10 @@ def test_pretrain_on_a_full_tmpfs_exits_with_one_line(small_tmpfs, capsys):
 # ---------------------------------------------------------------- stop signals
 def _signal_at_steps(monkeypatch, steps, signum=signal.SIGTERM, during_save=False):
     """Send ``signum`` to this process inside the given (1-based) loss calls; optionally a second
-    one while the resulting checkpoint is being written."""
+    one while the resulting checkpoint is being written. Returns [loss calls, second signals]."""
     import sdclr_fast.ops.nt_xent as ntx
-    import sdclr_fast.train.pretrain as loop
 
-    real, calls = ntx.nt_xent, [0]
+    real, calls = ntx.nt_xent, [0, 0]
 
     def loss(*a, **k):
         calls[0] += 1
@@ -161,16 +160,17 @@ def _signal_at_steps(monkeypatch, steps, signum=signal.SIGTERM, during_save=Fals
 
     monkeypatch.setattr(ntx, "nt_xent", loss)
     if during_save:
-        real_save = loop.save_checkpoint
+        import sdclr_fast.train.run as run
+
+        real_save = run.save_checkpoint
 
         def save(*a, **k):
-            from sdclr_fast.train.run import stop_requested
-
-            if stop_requested():  # a second signal while the stop's checkpoint is written
+            if run.stop_requested():  # a second signal while the stop's checkpoint is written
+                calls[1] += 1
                 os.kill(os.getpid(), signum)
             return real_save(*a, **k)
 
-        monkeypatch.setattr(loop, "save_checkpoint", save)
+        monkeypatch.setattr(run, "save_checkpoint", save)
     return calls
 
 
@@ -208,9 +208,10 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch, 
 
 
 def test_second_signal_while_saving_corrupts_nothing(tmp_path, monkeypatch, uninterrupted):
-    _signal_at_steps(monkeypatch, {4, 5}, during_save=True)
+    calls = _signal_at_steps(monkeypatch, {4, 5}, during_save=True)
     with pytest.raises(Preempted):
         pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA)
+    assert calls[1] == 1  # the second signal did arrive during the save
     assert load_checkpoint(tmp_path)["step"] == 4
     monkeypatch.undo()
     pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA, resume=True)

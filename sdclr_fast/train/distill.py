@@ -25,11 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from .models import DenseEncoder, build_model_from_args, load_model, load_weights
-from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
+from .distributed import all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
 from .run import (Execution, LossGuard, MetricsLog, StepCheckpoints, StopCheck, data_order, open_checkpoint,
-                  progress_bar, restore_training, run_lock, seed_everything, sgd_with_schedule, stop_signals,
+                  progress_bar, restore_training, run_lock, save_training, seed_everything, sgd_with_schedule, stop_signals,
                   two_view_augment, write_run_files)
 
 __all__ = ["cosine_regression_loss", "dnc_distillation_loss", "PredictionHead", "DnCStudent",
@@ -281,23 +281,13 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
 
     def save(epoch_done, at, epoch_start_state, loss_sum, row):
-        rng = capture_rng(order)
-        if at:
-            rng["data"] = epoch_start_state  # the epoch is drawn again on resume
-        rng_states = all_gather_object(rng, dist_info)
-        if not dist_info.is_main:
-            return barrier(dist_info)
-        save_checkpoint({
-            "config": config.to_dict(), "model_args": margs, "model": shell.state_dict(),
-            "dnc_heads": student.heads.state_dict(), "dnc_teachers": teacher_paths,
-            "dnc_head_dims": [feature_dim, int(options.head_hidden or feature_dim), target_dim],
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_states, "epoch": epoch_done, "step": global_step, "position": at, "loss_sum": float(loss_sum),
-            "finished": epoch_done == config.epochs and not at, "train_indices": None,
-            "init_checkpoint": str(base_checkpoint) if options.student_init == "base" else None,
-            "last_epoch_metrics": row,
-        }, ckpt_path)
-        barrier(dist_info)
+        save_training(ckpt_path, dist_info, order, config=config, model_args=margs, model=shell,
+                      optimizer=optimizer, scheduler=scheduler, epoch_done=epoch_done, step=global_step,
+                      position=at, epoch_start_state=epoch_start_state, loss_sum=loss_sum,
+                      last_epoch_metrics=row,
+                      init_checkpoint=base_checkpoint if options.student_init == "base" else None,
+                      dnc_heads=student.heads.state_dict(), dnc_teachers=teacher_paths,
+                      dnc_head_dims=[feature_dim, int(options.head_hidden or feature_dim), target_dim])
 
     checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
                                   guard, save, ckpt_path, steps_per_epoch)

@@ -85,7 +85,7 @@ from .clustering import CLUSTERS_NAME, cluster_stage, cluster_summary, clusters_
 from .config import DnCConfig, PretrainConfig
 from .distill import distill_student
 from .models import load_model
-from .distributed import (DistInfo, all_gather_object, barrier, gather_object, init_distributed, new_groups, shutdown,
+from .distributed import (DistInfo, all_gather_object, barrier, init_distributed, new_groups, shutdown,
                           within_group)
 from .run import (Execution, Preempted, StopCheck, config_differences_error, resolve_device, run_data, run_lock,
                   stop_requested, stop_signals, write_run_files)

@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .config import PretrainConfig
-from .distributed import all_gather_object, all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
+from .distributed import all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
 from .models import build_model_from_args, load_weights, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
 from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, StepCheckpoints, StopCheck, data_order,
                   open_checkpoint, params_finite, progress_bar, resolve_device, restore_training, run_data, run_lock,
-                  seed_everything, sgd_with_schedule, stop_signals, two_view_augment, write_run_files)
+                  save_training, seed_everything, sgd_with_schedule, stop_signals, two_view_augment, write_run_files)
 
 
 class ContrastiveForward(nn.Module):
@@ -218,22 +218,11 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
 
     def save(epoch_done, at, epoch_start_state, loss_sum, row):
         """Checkpoint after ``epoch_done`` epochs and ``at`` steps of the next one (0: a boundary)."""
-        rng = capture_rng(order)
-        if at:
-            rng["data"] = epoch_start_state  # the epoch is drawn again on resume
-        rng_states = all_gather_object(rng, dist_info)
-        if dist_info.is_main:
-            save_checkpoint({
-                "config": config.to_dict(), "model_args": margs, "model": base.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_states, "epoch": epoch_done, "step": global_step, "position": at,
-                "loss_sum": float(loss_sum), "finished": epoch_done == config.epochs and not at,
-                "train_indices": index_list,
-                "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
-                "last_epoch_metrics": row,
-                "moclr_target": None if target is None else target.state_dict(),
-            }, ckpt_path)
-        barrier(dist_info)
+        save_training(ckpt_path, dist_info, order, config=config, model_args=margs, model=base,
+                      optimizer=optimizer, scheduler=scheduler, epoch_done=epoch_done, step=global_step,
+                      position=at, epoch_start_state=epoch_start_state, loss_sum=loss_sum,
+                      last_epoch_metrics=row, init_checkpoint=init_checkpoint, train_indices=index_list,
+                      moclr_target=None if target is None else target.state_dict())
 
     checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
                                   guard, save, ckpt_path, steps_per_epoch)

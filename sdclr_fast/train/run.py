@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ..files import WriteError, lock_directory, write_json
-from .checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, load_checkpoint, restore_rng
-from .distributed import DistInfo
+from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng,
+                         save_checkpoint)
+from .distributed import DistInfo, all_gather_object, barrier
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
@@ -299,6 +300,31 @@ def restore_training(state: dict, model, optimizer, scheduler, order: torch.Gene
                          f"this run has {world}")
     restore_rng(rng[rank], order)
     return int(state["epoch"]), int(state["step"]), int(state.get("position", 0)), float(state.get("loss_sum", 0.0))
+
+
+def save_training(path, dist_info: DistInfo, order: torch.Generator, *, config, model_args: dict, model, optimizer,
+                  scheduler, epoch_done: int, step: int, position: int, epoch_start_state, loss_sum,
+                  last_epoch_metrics, init_checkpoint=None, train_indices=None, **extra) -> None:
+    """The checkpoint restore_training reads: after ``epoch_done`` epochs and ``position`` steps
+    of the next (0: an epoch boundary). Every rank's RNG states are gathered and rank 0 writes;
+    all ranks return together. A mid-epoch checkpoint keeps the data order's state at the start
+    of its epoch (``epoch_start_state``), so that the epoch is drawn again on resume. ``extra``:
+    the method's own entries."""
+    rng = capture_rng(order)
+    if position:
+        rng["data"] = epoch_start_state
+    rng_states = all_gather_object(rng, dist_info)
+    if dist_info.is_main:
+        save_checkpoint({
+            "config": config.to_dict(), "model_args": model_args, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_states, "epoch": epoch_done, "step": step, "position": position,
+            "loss_sum": float(loss_sum), "finished": epoch_done == config.epochs and not position,
+            "train_indices": train_indices,
+            "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+            "last_epoch_metrics": last_epoch_metrics, **extra,
+        }, path)
+    barrier(dist_info)
 
 
 # ---------------------------------------------------------------- order and schedule
