@@ -31,6 +31,50 @@ def check_temperature(temperature, device=None, anchor="z1"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
 
 
+def check_matrix(name, t, what="2-d"):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a {what} tensor, got shape {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_pair(a_name, a, b_name, b):
+    """Two row matrices of one shape (at least one row and one column), device and dtype."""
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{a_name} and {b_name} must hold at least one row and one column, "
+                         f"got shape {tuple(a.shape)}")
+    if b.device != a.device:
+        raise ValueError(f"{b_name} is on {b.device} but {a_name} is on {a.device}")
+    if b.dtype != a.dtype:
+        raise ValueError(f"{b_name} has dtype {b.dtype} but {a_name} has dtype {a.dtype}")
+
+
+def check_row_values(weights, labels, rows, form, label_lengths, label_form, anchor_name, anchor):
+    """`weights` (rows,) floating on the anchor's device and `labels` 1-d integer of one of
+    `label_lengths`, where given; form / label_form name the expected lengths."""
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (rows,):
+            raise ValueError(f"weights must be a tensor of shape {form} = ({rows},), got "
+                             f"{getattr(weights, 'shape', type(weights).__name__)}")
+        if not weights.dtype.is_floating_point:
+            raise ValueError(f"weights must be a floating-point tensor, got {weights.dtype}")
+        if weights.device != anchor.device:
+            raise ValueError(f"weights is on {weights.device} but {anchor_name} is on "
+                             f"{anchor.device}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or \
+                labels.shape[0] not in label_lengths:
+            raise ValueError(f"labels must be a 1-d tensor of length {label_form}, "
+                             f"got {getattr(labels, 'shape', type(labels).__name__)}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+
+
 def check_flag(name, value):
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"{name} must be True, False or None, got {value!r}")

@@ -74,7 +74,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
-from ._common import chain as _chain, check_flag, check_temperature, check_values
+from ._common import chain as _chain, check_flag, check_matrix, check_pair, check_row_values, \
+    check_temperature, check_values
 from ._common import all_gather_autograd as _all_gather_autograd, cpu_block as _cpu_block, \
     dist_world as _dist_world
 from ._common import define_loss_ops, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
@@ -90,32 +91,14 @@ def _kernels():
 
 
 # ------------------------------------------------------------------ argument checks
-def _check_matrix(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be a 2-d tensor, got shape {tuple(t.shape)}")
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
 def _check(query, key, temperature, negatives, symmetric, normalize, reduction, weights, labels,
            in_batch_negatives):
-    _check_matrix("query", query)
-    _check_matrix("key", key)
-    if query.shape != key.shape:
-        raise ValueError(f"query and key must have the same shape (M, D), got "
-                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+    check_matrix("query", query)
+    check_matrix("key", key)
+    check_pair("query", query, "key", key)
     m, d = query.shape
-    if m == 0 or d == 0:
-        raise ValueError(f"query and key must hold at least one row and one column, got shape "
-                         f"{tuple(query.shape)}")
-    if key.device != query.device:
-        raise ValueError(f"key is on {key.device} but query is on {query.device}")
-    if key.dtype != query.dtype:
-        raise ValueError(f"key has dtype {key.dtype} but query has dtype {query.dtype}")
     if negatives is not None:
-        _check_matrix("negatives", negatives)
+        check_matrix("negatives", negatives)
         if negatives.shape[1] != d:
             raise ValueError(f"negatives must have D = {d} columns like query, got shape "
                              f"{tuple(negatives.shape)}")
@@ -144,20 +127,7 @@ def _check(query, key, temperature, negatives, symmetric, normalize, reduction, 
 
     check_temperature(temperature, query.device, "query")
 
-    if weights is not None:
-        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (m,):
-            raise ValueError(f"weights must be a tensor of shape (M,) = ({m},), got "
-                             f"{getattr(weights, 'shape', type(weights).__name__)}")
-        if not weights.dtype.is_floating_point:
-            raise ValueError(f"weights must be a floating-point tensor, got {weights.dtype}")
-        if weights.device != query.device:
-            raise ValueError(f"weights is on {weights.device} but query is on {query.device}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (m,):
-            raise ValueError(f"labels must be a tensor of shape (M,) = ({m},), got "
-                             f"{getattr(labels, 'shape', type(labels).__name__)}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_row_values(weights, labels, m, "(M,)", (m,), f"M = {m}", "query", query)
 
 
 # ------------------------------------------------------------------ shared math

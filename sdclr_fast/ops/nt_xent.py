@@ -86,7 +86,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
-from ._common import chain as _chain, check_flag, check_temperature as _check_temperature
+from ._common import chain as _chain, check_flag, check_matrix, check_pair, check_row_values, \
+    check_temperature as _check_temperature
 from ._common import (all_gather_autograd as _all_gather_autograd, check_values, cpu_block as _cpu_block,
                       dist_world as _dist_world)
 from ._common import define_loss_ops, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
@@ -123,12 +124,7 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_pos
                          f"got {type(z2).__name__}; in the one-matrix form pass the temperature "
                          f"by keyword: nt_xent(z, temperature=0.1, labels=idx)")
     for name, z in (("z1", z1),) if single else (("z1", z1), ("z2", z2)):
-        if not isinstance(z, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != 2:
-            raise ValueError(f"{name} must be a 2-d (N, D) tensor, got shape {tuple(z.shape)}")
-        if not z.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+        check_matrix(name, z, "2-d (N, D)")
     if single:
         m, d = z1.shape
         if labels is None:
@@ -139,37 +135,14 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_pos
                              f"form, got shape {tuple(z1.shape)}")
         rows, label_lengths, what = m, (m,), f"M = {m}"
     else:
-        if z1.shape != z2.shape:
-            raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and "
-                             f"{tuple(z2.shape)}")
-        n, d = z1.shape
-        if n == 0 or d == 0:
-            raise ValueError(f"z1 and z2 must hold at least one row and one column, got shape "
-                             f"{tuple(z1.shape)}")
-        if z2.device != z1.device:
-            raise ValueError(f"z2 is on {z2.device} but z1 is on {z1.device}")
-        if z2.dtype != z1.dtype:
-            raise ValueError(f"z2 has dtype {z2.dtype} but z1 has dtype {z1.dtype}")
+        check_pair("z1", z1, "z2", z2)
+        n = z1.shape[0]
         rows, label_lengths, what = 2 * n, (n, 2 * n), f"N = {n} or 2N = {2 * n}"
     _check_options(normalize, reduction, multi_positive)
     _check_temperature(temperature, z1.device)
 
-    if weights is not None:
-        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (rows,):
-            form = "(M,)" if single else "(2N,)"
-            raise ValueError(f"weights must be a tensor of shape {form} = ({rows},), got "
-                             f"{getattr(weights, 'shape', type(weights).__name__)}")
-        if not weights.dtype.is_floating_point:
-            raise ValueError(f"weights must be a floating-point tensor, got {weights.dtype}")
-        if weights.device != z1.device:
-            raise ValueError(f"weights is on {weights.device} but z1 is on {z1.device}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or \
-                labels.shape[0] not in label_lengths:
-            raise ValueError(f"labels must be a 1-d tensor of length {what}, "
-                             f"got {getattr(labels, 'shape', type(labels).__name__)}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_row_values(weights, labels, rows, "(M,)" if single else "(2N,)", label_lengths, what,
+                     "z1", z1)
     return rows
 
 
