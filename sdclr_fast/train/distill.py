@@ -206,7 +206,7 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
     # relative to the student's folder, so that a moved run directory still resumes
     teacher_paths = {"base": _rel(base_checkpoint, run_dir),
                      "experts": [_rel(p, run_dir) for p in expert_checkpoints]}
-    resumed = open_checkpoint(ckpt_path, config, resume=resume, announce=False)
+    resumed = open_checkpoint(ckpt_path, config, resume=resume, announce=False, warn=dist_info.is_main)
     if resumed is not None:
         if resumed.get("dnc_teachers") != teacher_paths:
             raise ValueError(f"cannot resume {str(ckpt_path)!r}: it was distilled from other teachers")

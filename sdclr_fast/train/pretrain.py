@@ -136,7 +136,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     ex = Execution.of(config, dist_info).setup_process(config)
     device = ex.device
     ckpt_path = run_dir / CHECKPOINT_NAME
-    resumed = open_checkpoint(ckpt_path, config, resume=resume, announce=dist_info.is_main,
+    resumed = open_checkpoint(ckpt_path, config, resume=resume, announce=dist_info.is_main, warn=dist_info.is_main,
                               expect={"method": config.method, "arch": config.arch})
     if resumed is not None and resumed.get("finished"):
         if dist_info.is_main:

@@ -253,11 +253,13 @@ def config_differences_error(diff: dict, what: str) -> ValueError:
 
 
 def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | None = None,
-                    announce: bool = True) -> dict | None:
+                    announce: bool = True, warn: bool = True) -> dict | None:
     """The checkpoint a run continues from, or None for a fresh start.
 
     An existing checkpoint without ``resume`` is an error (a run is never overwritten); with
     ``resume`` its stored configuration must equal ``config`` except for runtime fields.
+    ``announce``: say so when there is none to resume; ``warn``: say so when the newest is
+    unreadable and the previous one is used (one process of a distributed run says these).
     """
     from .config import PretrainConfig
 
@@ -275,8 +277,9 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
         if not previous.exists():
             raise
         state = load_checkpoint(previous, expect=expect)
-        print(f"warning: {exc}; resuming from the previous checkpoint {str(previous)!r} instead (epoch "
-              f"{state['epoch']}, step {state['step']}); the work after it is repeated")
+        if warn:
+            print(f"warning: {exc}; resuming from the previous checkpoint {str(previous)!r} instead (epoch "
+                  f"{state['epoch']}, step {state['step']}); the work after it is repeated")
     diff = PretrainConfig.from_dict(state["config"]).differences(config)
     if diff:
         raise config_differences_error(diff, repr(str(ckpt_path)))
