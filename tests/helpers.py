@@ -1,4 +1,10 @@
-"""Shared test helpers: a tiny separable image data set and bit-for-bit state comparison."""
+"""Shared test helpers: a tiny separable image data set, bit-for-bit state comparison and a
+port for a multi-process test's rendezvous."""
+import os
+import random
+import socket
+import time
+
 import torch
 
 from sdclr_fast.data import ImageSet
@@ -34,3 +40,25 @@ def assert_same_state(a, b, where=""):
             assert_same_state(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def free_port():
+    """A free port for a spawned group's rendezvous store, outside the kernel's ephemeral range.
+    A port that bind(("", 0)) hands out is in that range, where it can be taken again before
+    rank 0's store binds it: by any new connection, even rank 1's own retries (a socket
+    connecting to a local port nobody listens on can be given that port and connect to itself)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(200):
+        port = rng.randrange(min(10000, low // 2), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below the ephemeral range (which starts at {low})")

@@ -4,7 +4,6 @@ deprecated gather, DnC end to end with its clustering equal to the one-process r
 stopped inside an expert and inside the student and resumed equal bit for bit to an
 uninterrupted one, and the experts trained in parallel on groups of ranks."""
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
 from sdclr_fast.train.clustering import cluster_stage, read_clusters
 from sdclr_fast.train.config import DnCConfig
 
-from helpers import assert_same_state, separable_images  # noqa: E402
+from helpers import assert_same_state, free_port, separable_images  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -45,10 +44,7 @@ def tiny_options(**kw):
 
 
 def spawn(fn, *args, world=2):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(world, port, fn, args), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 def _worker(rank, world, port, fn, args):

@@ -15,6 +15,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
+from helpers import free_port  # noqa: E402
+
 import sdclr_fast  # noqa: E402
 from sdclr_fast.ops import _common as common  # noqa: E402
 from sdclr_fast.ops import info_nce as op  # noqa: E402
@@ -711,14 +713,6 @@ DIST_CASES = {
 }
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_data(name):
     """Every rank's inputs, generated identically in all processes; one shared bank."""
     import zlib
@@ -798,7 +792,7 @@ def dist_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_dist_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

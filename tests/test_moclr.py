@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sdclr_fast.ops.info_nce as info_nce_module
-from helpers import assert_same_state
+from helpers import assert_same_state, free_port
 from sdclr_fast.nn import build_model
 from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model, read_metrics
 from sdclr_fast.train.moclr import make_target, moclr_loss, momentum_at, update_target
@@ -175,14 +175,9 @@ def _ddp_worker(rank, world, port, run_dir):
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     st = load_checkpoint(tmp_path / "checkpoint.pt")
     assert st["epoch"] == 1 and len(st["rng"]) == 2 and st["moclr_target"] is not None
     assert not torch.equal(st["moclr_target"]["backbone.conv1.weight"], st["model"]["backbone.conv1.weight"])

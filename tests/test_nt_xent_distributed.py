@@ -11,7 +11,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import socket  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -19,6 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from helpers import free_port  # noqa: E402
 from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import nt_xent_reference  # noqa: E402
 
@@ -40,12 +40,6 @@ CASES = {
 }
 MULTI_POSITIVE = {name: "in" if name.endswith("_in") else "out" for name in CASES}
 M = 7  # rows per rank in the one-matrix cases (odd)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(name):
@@ -145,7 +139,7 @@ def _single(name):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

@@ -18,7 +18,7 @@ from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.checkpoint import capture_rng, restore_rng
 
 
-from helpers import assert_same_state, separable_images  # noqa: E402
+from helpers import assert_same_state, free_port, separable_images  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -348,14 +348,9 @@ def _ddp_worker(rank, world, port, run_dir, method):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sdclr", "simclr"])
 def test_ddp_two_processes_on_cpu(tmp_path, method):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), method), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path), method), nprocs=2, join=True)
     st = _state(tmp_path / "checkpoint.pt")
     assert st["epoch"] == 1 and len(st["rng"]) == 2  # one RNG state per process
     # Per-process augmentation differs, so the two processes' saved RNG states do too.
