@@ -493,6 +493,31 @@ def test_mask_captured_at_forward(backend, mask_dtype):
 
 
 # ------------------------------------------------------------------ CPU path
+_DILATED_UNIT_KERNEL = """
+import torch
+from sdclr_fast.ops.masked_conv import masked_conv2d
+x = torch.randn(2, 2, 6, 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+w = torch.randn(2, 2, 3, 1, requires_grad=True)
+m = torch.rand(2, 2, 3, 1) < 0.5
+y = masked_conv2d(x, w, m, torch.randn(2), stride=2, padding=1, dilation=2, _backend="torch")
+y.sum().backward()
+print(tuple(y.shape))
+"""
+
+
+def test_cpu_unit_kernel_side_with_dilation_does_not_crash():
+    """torch 2.13's oneDNN segfaults on this call when given as is (a width-1 kernel dilated by
+    2 over a channels-last width-1 input with bias); the op drops the dilation that changes
+    nothing. In a child process, so that a crash fails this test instead of ending the run."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _DILATED_UNIT_KERNEL], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "(2, 2, 2, 2)", \
+        (proc.returncode, proc.stderr[-2000:])
+
+
 def test_cpu_bfloat16_weight_grad_is_right():
     """torch 2.13's oneDNN bfloat16 weight gradient of this grouped strided convolution returns
     uninitialised memory in most calls; the op's CPU path must not pass that on."""

@@ -105,6 +105,13 @@ def _pytorch_path(x, w, scale_of, bias, stride, padding, dilation, groups):
     return F.conv2d(x, w * scale_of(w.dtype), bias, stride, padding, dilation, groups)
 
 
+def _unit_dilation(kernel, dilation):
+    """Dilation 1 along a kernel side of size 1, where it changes nothing: torch 2.13's oneDNN
+    convolution segfaults on e.g. a channels-last CPU input (2, 2, 6, 1), a (3, 1) kernel with
+    bias, stride 2, padding 1 and dilation 2 (a width-1 kernel dilated by 2)."""
+    return tuple(1 if k == 1 else d for k, d in zip(kernel, dilation))
+
+
 def _pair(value, name, minimum):
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -540,8 +547,8 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
                              groups, block=block, _backend=_backend).squeeze(0)
     _check(x, weight, mask, bias, groups, wdt)
     stride = _pair(stride, "stride", 1)
-    dilation = _pair(dilation, "dilation", 1)
     kernel = tuple(weight.shape[2:])
+    dilation = _unit_dilation(kernel, _pair(dilation, "dilation", 1))
     pad, extra = _resolve_padding(padding, kernel, stride, dilation)
     if extra != (0, 0):  # asymmetric "same": the odd pixel goes bottom/right, as in F.conv2d
         x = F.pad(x, (0, extra[1], 0, extra[0]))

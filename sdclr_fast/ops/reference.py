@@ -137,8 +137,11 @@ def magnitude_block_masks_reference(tensors, sparsity, block, scope="global", sc
 # ---------------------------------------------------------------- masked convolution
 def masked_conv2d_reference(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Convolution with the mask multiplied into a copy of the weight (what the official code
-    does every forward)."""
-    return F.conv2d(x, weight * mask.to(weight.dtype), bias, stride, padding, dilation, groups)
+    does every forward). Dilation is 1 along a kernel side of size 1, which changes nothing but
+    keeps torch 2.13's oneDNN from segfaulting (see ops/masked_conv.py, _unit_dilation)."""
+    d = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    d = tuple(1 if k == 1 else di for k, di in zip(weight.shape[2:], d))
+    return F.conv2d(x, weight * mask.to(weight.dtype), bias, stride, padding, d, groups)
 
 
 # ---------------------------------------------------------------- InfoNCE (query / key / bank)
