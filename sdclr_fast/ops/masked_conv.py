@@ -93,7 +93,7 @@ def _kernels():
     return k
 
 
-# ------------------------------------------------------------------ argument checks
+# ------------------------------------------------------------------ PyTorch path
 def _pytorch_path(x, w, scale_of, bias, stride, padding, dilation, groups):
     """F.conv2d(x, w * scale_of(dtype), ...), the mask as 0/1 in `dtype`. On the CPU a
     bfloat16 call computes in float32, whose accumulation oneDNN's bfloat16 kernels use too, so
@@ -112,6 +112,8 @@ def _unit_dilation(kernel, dilation):
     return tuple(1 if k == 1 else d for k, d in zip(kernel, dilation))
 
 
+
+# ------------------------------------------------------------------ argument checks
 def _pair(value, name, minimum):
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -724,13 +726,8 @@ _ops["fwd"].register_autograd(_op_backward, setup_context=_op_setup_context)
 def _compiled_call(x, weight, mask, bias, stride, pad, dilation, groups, block, backend, wdt):
     """masked_conv2d under torch.compile (arguments checked and padding resolved)."""
     w = weight.to(wdt or weight.dtype)
-    forced = backend == "triton" or (backend != "torch"
-                                     and os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1")
-    if forced and x.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"the Triton kernels take x of dtype float32/float16/bfloat16, got "
-                         f"{x.dtype}")
-    if not forced and backend not in ("auto", "torch"):
-        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    # without a tuned entry only a forced call (`_backend="triton"`, the env switch) says triton
+    forced = _backend_for(x, mask, groups, backend) == "triton"
     if block is not None:
         block = list(block)
     if forced or (backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES):
