@@ -144,6 +144,11 @@ def masked_conv2d_reference(x, weight, mask, bias=None, stride=1, padding=0, dil
     return F.conv2d(x, weight * mask.to(weight.dtype), bias, stride, padding, d, groups)
 
 
+def masked_linear_reference(x, weight, mask, bias=None):
+    """Linear layer with the mask multiplied into a copy of the weight."""
+    return F.linear(x, weight * mask.to(weight.dtype), bias)
+
+
 # ---------------------------------------------------------------- InfoNCE (query / key / bank)
 def info_nce_reference(query, key, temperature=0.2, *, negatives=None, symmetric=False,
                        normalize=True, reduction="mean", weights=None, labels=None,
