@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CUDA_ARCHS := 80 90
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo demo-dnc bench cuda-check data clean
+.PHONY: setup test test-all demo demo-dnc bench cuda-check data clean docs docs-serve docs-check
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
 	$(BIN)/pip install --quiet torch==2.13.0 'triton==3.7.*' numpy tqdm matplotlib kornia webdataset \
-		pytest pytest-xdist hypothesis
+		pytest pytest-xdist hypothesis mkdocs-material 'mkdocstrings[python]'
 	-$(BIN)/pip install --quiet faiss-cpu
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
@@ -53,6 +53,14 @@ demo-dnc: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m sdclr_fast bench
+
+# The documentation site (mkdocs.yml): strict, so a broken link or a missing API entry fails.
+export NO_MKDOCS_2_WARNING := 1
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve
 
 clean:
 	rm -rf build *.egg-info sdclr_fast/_C*.so

@@ -77,7 +77,8 @@ def dnc_distillation_loss(base_pred, base_target, expert_preds, expert_target, c
             or (N, D) when the caller already picked each image's expert head.
         expert_target: (N, D) embedding from the expert that owns each image.
         clusters: (N,) int cluster id of each image, in [0, K).
-        base_weight, expert_weight: weights of the two terms.
+        base_weight: weight of the base term.
+        expert_weight: weight of the expert term.
         reduction: "mean" (over images), "sum" or "none" (per-image loss, (N,)).
     """
     if expert_preds.dim() == 3:
