@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .nn import METHODS
 from .train.config import (KMEANS_BACKENDS, KMEANS_METRICS, RECIPES, STUDENT_INITS, DnCConfig, PretrainConfig,
-                           parse_prune_block)
+                           parse_prune_block, recipe_fields)
 from .train.models import EMBEDDINGS
 
 RUN_METHODS = METHODS + ("dnc",)
@@ -36,7 +36,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from an official SDCLR recipe: cifar-lt (the defaults) or imagenet100-lt (ResNet-50, "
-                        "224 px, crop scale 0.08-1, blur 0.5, batch 256, 500 epochs, sparsity 0.3, tau 0.2; give "
+                        "224 px, crop scale 0.08-1, blur 0.5, batch 256, 500 epochs, sparsity 0.3, tau 0.3 for "
+                        "sdclr and 0.2 for the other methods, as the official runs; give "
                         "--dataset imagefolder --data-root with the ImageNet-100-LT list); flags given still win")
     g.add_argument("--method", choices=RUN_METHODS, default=None,
                    help=f"pretraining method (default {d.method}): simclr = both views through the dense "
@@ -136,6 +137,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help=f"area range of the random resized crop (default {d.crop_scale[0]:g} {d.crop_scale[1]:g}, "
                         f"SDCLR on CIFAR; its ImageNet recipe uses 0.08 1)")
+    g.add_argument("--input-norm", choices=("imagenet", "dataset"), default=None,
+                   help="statistics the [0, 1] inputs are normalised with: imagenet (ImageNet mean/std, what the "
+                        "official models apply inside the network; default) or dataset (the training split's)")
     g.add_argument("--blur-prob", type=float, default=None,
                    help="probability of the Gaussian blur of a view (default 0; SDCLR's ImageNet recipe 0.5)")
     g.add_argument("--seed", type=int, default=None,
@@ -188,8 +192,10 @@ def _explicit(args) -> dict:
 def config_from_args(args, **overrides) -> PretrainConfig:
     """PretrainConfig from parsed pretrain flags: the defaults (the papers' values), the flags
     given, then ``overrides`` (e.g. ``method="sdclr"`` for a DnC stage)."""
-    given = dict(RECIPES[args.recipe]) if getattr(args, "recipe", None) else {}
-    given.update(_explicit(args))
+    explicit = _explicit(args)
+    method = overrides.get("method") or explicit.get("method") or _DEFAULTS.method
+    given = recipe_fields(args.recipe, method) if getattr(args, "recipe", None) else {}
+    given.update(explicit)
     given.update(overrides)
     if given.get("method") == "dnc":
         given.pop("method")

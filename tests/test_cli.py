@@ -166,7 +166,21 @@ def test_recipe_and_protocol_flags():
     cfg = config_from_args(args)
     assert (cfg.arch, cfg.cifar_stem, cfg.image_size, cfg.crop_scale, cfg.blur_prob) == \
         ("resnet50", False, 224, (0.08, 1.0), 0.5)
-    assert (cfg.batch_size, cfg.lr, cfg.sparsity, cfg.temperature, cfg.epochs) == (256, 0.5, 0.3, 0.2, 3)  # flag wins
+    assert (cfg.batch_size, cfg.lr, cfg.sparsity, cfg.epochs) == (256, 0.5, 0.3, 3)  # flag wins
+    # The official ImageNet-100-LT runs: SDCLR (the default method) at tau 0.3, SimCLR at 0.2; a flag still wins.
+    assert cfg.method == "sdclr" and cfg.temperature == 0.3
+    recipe = ["pretrain", "--run-dir", "x", "--recipe", "imagenet100-lt"]
+    assert config_from_args(build_parser().parse_args(recipe + ["--method", "simclr"])).temperature == 0.2
+    assert config_from_args(build_parser().parse_args(recipe + ["--temperature", "0.5"])).temperature == 0.5
+    assert config_from_args(build_parser().parse_args(recipe), method="sdclr").temperature == 0.3
+    assert "tau 0.3 for sdclr" in " ".join(build_parser()._subparsers._group_actions[0].choices["pretrain"]
+                                           .format_help().split())
+    # Inputs are normalised with ImageNet's statistics (the official models'); a config written before the
+    # option existed used the data set's.
+    assert cfg.input_norm == "imagenet"
+    assert config_from_args(build_parser().parse_args(recipe + ["--input-norm", "dataset"])).input_norm == "dataset"
+    old = {k: v for k, v in cfg.to_dict().items() if k != "input_norm"}
+    assert PretrainConfig.from_dict(old).input_norm == "dataset"
     args = build_parser().parse_args(["pretrain", "--run-dir", "x", "--crop-scale", "0.3", "0.9", "--blur-prob", "0.2",
                                       "--random-prune", "0.1", "--no-permute-classes"])
     cfg = config_from_args(args)

@@ -1,10 +1,55 @@
-"""Batched augmentation on the training device (kornia), instead of per-image CPU transforms."""
+"""Batched augmentation on the training device (kornia), instead of per-image CPU transforms,
+and the input normalisation every model of a run sees."""
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import torch
 from torch import nn
+
+
+INPUT_NORMS = ("imagenet", "dataset")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_stats(input_norm: str, data) -> tuple:
+    """(mean, std) in [0, 1] units that a run's inputs are normalised with.
+
+    input_norm: "imagenet" - ImageNet's mean / std, what the official SDCLR models apply inside
+                the network (``NormalizeByChannelMeanStd`` in its models/resnet.py) whatever the
+                data set; a 1-channel data set gets the mean of the three channels' values
+                (0.449, 0.226). "dataset" - the statistics of the data set's training split
+                (``data.mean`` / ``data.std`` as built; this package's default before the option).
+    data:       a ContrastiveData / StreamData (its ``in_channels`` and, for "dataset", its
+                statistics as built, kept across :func:`with_input_norm`).
+    Raises ValueError for another ``input_norm`` or a channel count other than 1 or 3.
+    """
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+    if input_norm == "dataset":
+        stats = data.config.get("dataset_stats")
+        return (tuple(stats[0]), tuple(stats[1])) if stats else (tuple(data.mean), tuple(data.std))
+    if data.in_channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    if data.in_channels == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    raise ValueError(f"input_norm='imagenet' needs 1- or 3-channel images, got {data.in_channels}")
+
+
+def with_input_norm(data, input_norm: str):
+    """A copy of ``data`` whose ``mean`` / ``std`` are :func:`input_stats` (``input_norm``); the
+    images are shared, the data set's own statistics stay in ``config["dataset_stats"]`` so that
+    applying another choice later still finds them.
+
+    Normalising the [0, 1] output of the augmentation with these statistics is what the official
+    models do as their first layer: every augmentation here acts before it, on [0, 1] images.
+    """
+    mean, std = input_stats(input_norm, data)
+    own = data.config.get("dataset_stats") or [list(data.mean), list(data.std)]
+    return dataclasses.replace(data, mean=tuple(mean), std=tuple(std),
+                               config=dict(data.config, dataset_stats=own))
 
 
 def _check_stats(mean, std, in_channels):
@@ -50,11 +95,19 @@ def pad_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator 
     return xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+class _Clamp01(nn.Module):
+    """Bicubic interpolation overshoots; the official crop works on PIL images, which saturate."""
+
+    def forward(self, x):
+        return x.clamp(0.0, 1.0)
+
+
 class TwoViewAugment(nn.Module):
     """SDCLR / SimCLR two-view augmentation of a uint8 batch, all on the batch's device.
 
     Per view and image, independently: random resized crop to ``image_size`` (area scale
-    ``scale``, aspect 3/4-4/3), horizontal flip (p 0.5), colour jitter (brightness, contrast,
+    ``scale``, aspect 3/4-4/3, bicubic like torchvision's in the official code, clamped to
+    [0, 1] as a PIL image would be), horizontal flip (p 0.5), colour jitter (brightness, contrast,
     saturation, hue) = ``jitter`` applied with probability ``jitter_p``, grayscale with
     probability ``grayscale_p``, then normalisation with ``mean`` / ``std``.
 
@@ -92,8 +145,8 @@ class TwoViewAugment(nn.Module):
             sat, hue, grayscale_p = 0.0, 0.0, 0.0
         # The settings in effect (after the 1-channel adjustment), for logs and checks.
         self.jitter, self.jitter_p, self.grayscale_p = (b, c, sat, hue), jitter_p, grayscale_p
-        ops = [K.RandomResizedCrop((self.image_size, self.image_size), scale=tuple(scale)),
-               K.RandomHorizontalFlip(p=flip_p)]
+        ops = [K.RandomResizedCrop((self.image_size, self.image_size), scale=tuple(scale), resample="bicubic"),
+               _Clamp01(), K.RandomHorizontalFlip(p=flip_p)]
         if jitter_p > 0 and any((b, c, sat, hue)):
             ops.append(K.ColorJitter(b, c, sat, hue, p=jitter_p))
         if grayscale_p > 0:

@@ -11,6 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from ..data.augment import INPUT_NORMS
 from ..data.base import PRETRAIN_SETS
 from ..nn import METHODS
 from .models import EMBEDDINGS
@@ -73,6 +74,7 @@ class PretrainConfig:
     blur_prob: float = 0.0               # Gaussian blur probability (SDCLR's ImageNet recipe: 0.5)
     permute_classes: bool = True         # each split gives the head/tail ranks to a seeded class permutation
     pretrain_set: str = "long_tail"      # "long_tail" (D_i) or "balanced" (D_b of the same size: the baseline)
+    input_norm: str = "imagenet"         # input normalisation: ImageNet mean/std (official) or "dataset" statistics
     official_split: str | None = None    # CIFAR: the official SDCLR split/ folder (D_i, D_b, S_b .npy), --split 1-5
     data_options: dict = field(default_factory=dict)  # more options of build_dataset (webdataset: train_list,
                                                       # num_workers, shuffle_buffer)
@@ -154,6 +156,8 @@ class PretrainConfig:
         if (not isinstance(cs, tuple) or len(cs) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real)
                                                             for v in cs) or not 0 < cs[0] <= cs[1] <= 1):
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {cs!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if self.pretrain_set not in PRETRAIN_SETS:
             raise ValueError(f"pretrain_set must be one of {PRETRAIN_SETS}, got {self.pretrain_set!r}")
         if self.official_split is not None and not isinstance(self.official_split, str):
@@ -186,7 +190,8 @@ class PretrainConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config fields {unknown}")
-        return cls(**d)
+        # Configs written before input_norm existed normalised with the data set's statistics.
+        return cls(**{"input_norm": "dataset", **d})
 
     def replace(self, **changes) -> "PretrainConfig":
         return dataclasses.replace(self, **changes)
@@ -209,6 +214,21 @@ RECIPES = {
                            crop_scale=(0.08, 1.0), blur_prob=0.5, batch_size=256, epochs=500, lr=0.5,
                            sparsity=0.3, temperature=0.2),
 }
+# Per-method exceptions of a recipe: the official ImageNet-100-LT SDCLR runs use tau 0.3 (its README
+# and camera_ready.sh), its SimCLR runs 0.2.
+RECIPE_METHOD_FIELDS = {"imagenet100-lt": {"sdclr": dict(temperature=0.3)}}
+
+
+def recipe_fields(name: str, method: str) -> dict:
+    """The fields recipe ``name`` sets for ``method`` (a copy): ``RECIPES[name]`` with the method's
+    exceptions from ``RECIPE_METHOD_FIELDS``. Raises ValueError for an unknown recipe.
+
+    >>> recipe_fields("imagenet100-lt", "sdclr")["temperature"], recipe_fields("imagenet100-lt", "simclr")["temperature"]
+    (0.3, 0.2)
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return {**RECIPES[name], **RECIPE_METHOD_FIELDS.get(name, {}).get(method, {})}
 
 
 def _diff(a: dict, b: dict, ignore=frozenset()) -> dict:

@@ -43,11 +43,14 @@ def data_for_run(checkpoint_state: dict, run_dir: Path):
     if config.dataset == "webdataset":
         if config.eval_dataset is None:
             raise ValueError(f"{str(run_dir)!r} was trained on a stream (--dataset webdataset), which has no probe "
-                             f"or test sets; pretrain it with --eval-dataset / --eval-data-root, or pass data= to "
-                             f"evaluate_checkpoint")
+                             f"or test sets; evaluate it on a labelled data set (--eval-dataset and "
+                             f"--eval-data-root)")
         from ..data import build_dataset
 
-        return build_dataset(config.eval_dataset, config.eval_data_root, seed=config.seed, split=config.split)
+        from ..data.augment import with_input_norm
+
+        return with_input_norm(build_dataset(config.eval_dataset, config.eval_data_root, seed=config.seed,
+                                             split=config.split), config.input_norm)
     return run_data(config, run_dir)
 
 
@@ -62,9 +65,12 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     from ..eval import evaluate_backbone
 
     ckpt = resolve_checkpoint(path)
-    state = load_checkpoint(ckpt)
-    if data is None:
-        data = data_for_run(state, ckpt.parent)
+    state, note = load_newest_checkpoint(ckpt)
+    if note:
+        print(note, flush=True)
+    # The checkpoint's own input statistics, also for a data set given by the caller.
+    data = data_for_run(state, ckpt.parent) if data is None else run_data(
+        PretrainConfig.from_dict(state["config"]), ckpt.parent, data)
     device = resolve_device(device)
     model = load_weights(build_model_from_args(state["model_args"]), state).to(device).eval()
     amp = torch.bfloat16 if device.type == "cuda" else None

@@ -212,9 +212,12 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- data and run files
 def run_data(config, run_dir, data=None):
     """The run's data set: ``data`` when given, else built from the config, with the exact split
-    of ``run_dir/split.json`` when the run directory holds one."""
+    of ``run_dir/split.json`` when the run directory holds one; its ``mean`` / ``std`` are the
+    config's ``input_norm`` statistics (``data.augment.with_input_norm``)."""
+    from ..data.augment import with_input_norm
+
     if data is not None:
-        return data
+        return with_input_norm(data, config.input_norm)
     from ..data import build_dataset
 
     run_dir = Path(run_dir)
@@ -222,9 +225,10 @@ def run_data(config, run_dir, data=None):
     options = dict(config.data_options)
     if config.official_split is not None:
         options["official_split"] = config.official_split
-    return build_dataset(config.dataset, config.data_root, ratio=config.ratio, seed=config.seed,
+    data = build_dataset(config.dataset, config.data_root, ratio=config.ratio, seed=config.seed,
                          split=config.split, image_size=config.image_size, split_file=split_file,
                          permute_classes=config.permute_classes, pretrain_set=config.pretrain_set, **options)
+    return with_input_norm(data, config.input_norm)
 
 
 def two_view_augment(config, data, device):
