@@ -43,8 +43,8 @@ def data_for_run(checkpoint_state: dict, run_dir: Path):
     if config.dataset == "webdataset":
         if config.eval_dataset is None:
             raise ValueError(f"{str(run_dir)!r} was trained on a stream (--dataset webdataset), which has no probe "
-                             f"or test sets; evaluate it on a labelled data set (--eval-dataset and "
-                             f"--eval-data-root)")
+                             f"or test sets; pretrain it with --eval-dataset / --eval-data-root, or pass data= to "
+                             f"evaluate_checkpoint")
         from ..data import build_dataset
 
         from ..data.augment import with_input_norm
@@ -65,9 +65,7 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     from ..eval import evaluate_backbone
 
     ckpt = resolve_checkpoint(path)
-    state, note = load_newest_checkpoint(ckpt)
-    if note:
-        print(note, flush=True)
+    state = load_checkpoint(ckpt)
     # The checkpoint's own input statistics, also for a data set given by the caller.
     data = data_for_run(state, ckpt.parent) if data is None else run_data(
         PretrainConfig.from_dict(state["config"]), ckpt.parent, data)
