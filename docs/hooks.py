@@ -27,3 +27,9 @@ def on_page_markdown(markdown, page, **kwargs):
     if MARKER in markdown:
         markdown = markdown.replace(MARKER, export_table())
     return markdown
+
+
+def on_config(config, **kwargs):
+    # The footer names the version the pages describe (sdclr_fast.__version__).
+    config["copyright"] = f"sdclr-fast {importlib.import_module('sdclr_fast').__version__}"
+    return config
