@@ -213,13 +213,14 @@ def cmd_pretrain(args) -> int:
     if args.method == "dnc":
         run_dnc(args)
         return 0
-    from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .train.checkpoint import CHECKPOINT_NAME, load_newest_checkpoint
     from .train.pretrain import pretrain
 
     run_dir = Path(args.run_dir)
     ckpt = run_dir / CHECKPOINT_NAME
     if args.resume and ckpt.exists():
-        stored = PretrainConfig.from_dict(load_checkpoint(ckpt)["config"])
+        # the previous checkpoint stands in for an unreadable newest one; the run says which it used
+        stored = PretrainConfig.from_dict(load_newest_checkpoint(ckpt)[0]["config"])
         given = _explicit(args)
         if given.get("method") not in (None, stored.method):
             raise SystemExit(f"--resume: {ckpt} is a {stored.method} run, not {given['method']}")

@@ -2,6 +2,7 @@
 read-only folder), SIGTERM / SIGUSR1 with a mid-epoch checkpoint, periodic mid-epoch
 checkpoints, and the previous checkpoint kept beside the newest."""
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -284,3 +285,90 @@ def test_sigterm_to_the_command_line_exits_75_and_resumes(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert_same_state(load_checkpoint(run)["model"], load_checkpoint(full)["model"], "model")
+
+
+# ---------------------------------------------------------------- a damaged newest checkpoint, through the CLI
+def _tiny_cli(data_root, run, *extra, method="sdclr"):
+    return ["pretrain", "--method", method, "--dataset", "imagefolder", "--data-root", str(data_root),
+            "--image-size", "8", "--width", "4", "--epochs", "3", "--batch-size", "8", "--lr", "0.1",
+            "--warmup-epochs", "1", "--device", "cpu", "--no-progress", "--no-tensorboard", "--seed", "1",
+            "--run-dir", str(run), *extra]
+
+
+_DAMAGE = {"truncated": lambda b: b[:len(b) // 2], "empty": lambda b: b"",
+           "random": lambda b: bytes(torch.randint(0, 256, (len(b),), generator=torch.Generator().manual_seed(0),
+                                                   dtype=torch.uint8).tolist())}
+
+
+@pytest.fixture(scope="module")
+def stopped_cli_run(tmp_path_factory, one_thread):
+    """A CLI run stopped after 2 of 3 epochs, and the same run uninterrupted."""
+    from test_cli import _image_folder
+
+    root = tmp_path_factory.mktemp("damaged")
+    _image_folder(root / "images")
+    assert main(_tiny_cli(root / "images", root / "stopped", "--stop-at-epoch", "2")) == 0
+    assert main(_tiny_cli(root / "images", root / "full")) == 0
+    return root
+
+
+def _damaged_copy(stopped_cli_run, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_cli_run / "stopped", run)
+    newest = run / "checkpoint.pt"
+    newest.write_bytes(_DAMAGE[damage](newest.read_bytes()))
+    return run
+
+
+@pytest.mark.parametrize("damage", sorted(_DAMAGE))
+def test_damaged_newest_checkpoint_resumes_from_the_previous_through_the_cli(stopped_cli_run, tmp_path, capsys,
+                                                                              damage):
+    run = _damaged_copy(stopped_cli_run, tmp_path, damage)
+    capsys.readouterr()
+    assert main(["pretrain", "--run-dir", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    said = [ln for ln in out.splitlines() if "checkpoint.prev.pt" in ln]
+    assert len(said) == 1 and str(run / "checkpoint.pt") in said[0], out  # one line, both files named
+    final = load_checkpoint(run)
+    assert final["finished"] and final["epoch"] == 3
+    assert_same_state(final["model"], load_checkpoint(stopped_cli_run / "full")["model"], "model")
+    assert not list(run.glob(".*.tmp"))  # no temporary copy of the previous checkpoint is left
+
+
+def test_eval_of_a_damaged_run_uses_the_previous_and_marks_it_unfinished(stopped_cli_run, tmp_path, capsys):
+    run = _damaged_copy(stopped_cli_run, tmp_path, "truncated")
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--probe", "knn", "--knn-k", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert len([ln for ln in out.splitlines() if "checkpoint.prev.pt" in ln]) == 1, out
+    table = [ln for ln in out.splitlines() if "knn" in ln and "|" in ln]
+    assert len(table) == 1 and "unfinished: 1/3 epochs" in table[0], out  # the previous holds epoch 1
+    assert "unfinished: 1/3 epochs" in (run / "report.md").read_text()
+
+
+def test_eval_of_a_finished_run_has_no_mark(stopped_cli_run, tmp_path, capsys):
+    assert main(["eval", "--run-dir", str(stopped_cli_run / "full"), "--probe", "knn", "--knn-k", "5",
+                 "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "unfinished" not in capsys.readouterr().out + (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("stage", ["base", "expert_1", "student"])
+def test_damaged_checkpoint_of_a_finished_dnc_stage_is_redone_from_the_previous(tmp_path, capsys, stage):
+    import test_dnc as T
+    from sdclr_fast.train.dnc import dnc
+
+    student = dnc(T.tiny_config(), T.tiny_options(), run_dir=tmp_path, data=T.DATA)
+    # the run's final checkpoint.pt is a hard link to the student's; damage a copy of the stage's file
+    damaged = tmp_path / stage / "checkpoint.pt"
+    good = damaged.read_bytes()
+    damaged.unlink()
+    damaged.write_bytes(good[:len(good) // 3])
+    capsys.readouterr()
+    assert dnc(T.tiny_config(), T.tiny_options(), run_dir=tmp_path, data=T.DATA, resume=True) == student
+    out = capsys.readouterr().out
+    said = [ln for ln in out.splitlines() if "checkpoint.prev.pt" in ln]
+    assert len(said) == 1 and str(damaged) in said[0], out
+    assert load_checkpoint(damaged)["finished"]
+    assert_same_state(load_checkpoint(damaged)["model"], torch.load(io.BytesIO(good))["model"], stage)

@@ -41,9 +41,15 @@ def save_checkpoint(state: dict, path, *, keep_previous: bool = True) -> Path:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
     if keep_previous and path.exists():
-        link_or_copy(path, path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME
-                     else path.with_suffix(".prev" + path.suffix), what="the previous checkpoint")
+        link_or_copy(path, previous_path(path), what="the previous checkpoint")
     return atomic_write(path, buffer.getbuffer(), what="the checkpoint")
+
+
+def previous_path(path) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint before ``path``: ``checkpoint.prev.pt``
+    beside ``checkpoint.pt``, ``<name>.prev.pt`` beside any other ``<name>.pt``."""
+    path = Path(path)
+    return path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME else path.with_suffix(".prev" + path.suffix)
 
 
 def load_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> dict:
@@ -76,14 +82,49 @@ def load_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> 
     for key in ("config", "model", "epoch"):
         if key not in state:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks the entry {key!r}")
-    if expect:
-        cfg = state["config"]
-        for key, want in expect.items():
-            if cfg.get(key) != want:
-                raise CheckpointError(f"checkpoint {str(path)!r} was written for {key}={cfg.get(key)!r}, "
-                                      f"expected {key}={want!r}")
     state["path"] = str(path)
+    _check_expected(state, expect)
     return state
+
+
+def _check_expected(state: dict, expect: dict | None) -> None:
+    cfg = state["config"]
+    for key, want in (expect or {}).items():
+        if cfg.get(key) != want:
+            raise CheckpointError(f"checkpoint {state['path']!r} was written for {key}={cfg.get(key)!r}, "
+                                  f"expected {key}={want!r}")
+
+
+def load_newest_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> tuple:
+    """:func:`load_checkpoint` of ``path``, or of the previous checkpoint kept beside it
+    (:func:`previous_path`) when ``path`` itself is missing, truncated or corrupt (a kill or a
+    full disk during a copy, a damaged file system).
+
+    Returns ``(state, note)``: ``note`` is None when ``path`` was read, else one line naming
+    the file used and why, for the caller to print. A readable checkpoint written for another
+    run (``expect``) is never passed over. Raises :class:`CheckpointError` (about ``path``)
+    when neither file is readable.
+
+    >>> state, note = load_newest_checkpoint("runs/a")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    try:
+        state = load_checkpoint(path, map_location=map_location)
+        note = None
+    except CheckpointError as exc:
+        previous = previous_path(path)
+        if not previous.exists():
+            raise
+        try:
+            state = load_checkpoint(previous, map_location=map_location)
+        except CheckpointError as prev_exc:
+            raise CheckpointError(f"{exc}; the previous checkpoint is unusable too: {prev_exc}") from None
+        where = f"epoch {state['epoch']}" + (f", step {state['step']}" if "step" in state else "")
+        note = (f"warning: {exc}; using the previous checkpoint {str(previous)!r} ({where}) instead")
+    _check_expected(state, expect)
+    return state, note
 
 
 # ---------------------------------------------------------------- RNG states

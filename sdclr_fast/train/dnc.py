@@ -80,7 +80,7 @@ from pathlib import Path
 
 from ..files import link_or_copy, write_json, write_text
 from . import pretrain as _pretrain_module
-from .checkpoint import CHECKPOINT_NAME
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from .clustering import CLUSTERS_NAME, cluster_stage, cluster_summary, clusters_markdown, read_clusters
 from .config import DnCConfig, PretrainConfig
 from .distill import distill_student
@@ -188,6 +188,17 @@ def dnc(config: PretrainConfig, options: DnCConfig | None = None, *, run_dir, re
         shutdown(dist_info)
 
 
+def _readable(ckpt) -> bool:
+    """Whether a finished stage's checkpoint can be read. An unreadable one (a damaged file) sends
+    the stage back through its resume, which continues from the previous checkpoint kept beside it
+    and says so in one line."""
+    try:
+        load_checkpoint(ckpt)
+        return True
+    except CheckpointError:
+        return False
+
+
 def _say(dist_info):
     return print if dist_info.is_main else (lambda *a, **k: None)
 
@@ -234,7 +245,7 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint, dist_info):
     # ---- round 1, stage 1: the base model
     stages = state["stages"]
     base_dir = run_dir / "base"
-    if stages.get("base", {}).get("done"):
+    if stages.get("base", {}).get("done") and _readable(run_dir / stages["base"]["checkpoint"]):
         base_ckpt = run_dir / stages["base"]["checkpoint"]
         say(f"DnC base: done ({base_ckpt})")
     else:
@@ -300,7 +311,8 @@ def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex
     todo = []
     for k in range(options.k):
         key = str(k)
-        if experts.get(key, {}).get("done"):
+        if experts.get(key, {}).get("done") and (not experts[key].get("trained", True)
+                                                 or _readable(run_dir / experts[key]["checkpoint"])):
             say(f"{name} expert {k}: done ({run_dir / experts[key]['checkpoint']})")
             continue
         members = (assignments == k).nonzero().flatten()
@@ -338,7 +350,7 @@ def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex
     # ---- stage 3: the student
     student_dir = rdir / "student"
     final = run_dir / CHECKPOINT_NAME
-    if marks.get("student", {}).get("done"):
+    if marks.get("student", {}).get("done") and _readable(run_dir / marks["student"]["checkpoint"]):
         student_ckpt = run_dir / marks["student"]["checkpoint"]
         say(f"{name} student: done ({student_ckpt})")
     else:

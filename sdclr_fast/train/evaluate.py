@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, load_newest_checkpoint
 from .config import PretrainConfig
 from .models import DenseEncoder, build_model_from_args, load_weights
 from .run import resolve_device, run_data
@@ -30,10 +30,22 @@ def resolve_checkpoint(path) -> Path:
 
 
 def run_label(checkpoint_state: dict, path: Path) -> str:
+    """The run's name in tables and reports, marked when its training did not finish."""
     cfg = checkpoint_state["config"]
     name = {"simclr": "SimCLR", "sdclr": "SDCLR", "moclr": "MoCLR"}.get(cfg.get("method"), str(cfg.get("method")))
     stage = cfg.get("extra", {}).get("label")
-    return stage or f"{name} ({path.parent.name})"
+    label = stage or f"{name} ({path.parent.name})"
+    progress = unfinished(checkpoint_state)
+    return label if progress is None else f"{label} [unfinished: {progress}]"
+
+
+def unfinished(checkpoint_state: dict) -> str | None:
+    """None for a checkpoint of a finished run, else how far it got ("1/3 epochs + 41 steps")."""
+    if checkpoint_state.get("finished", True):
+        return None
+    epochs = checkpoint_state["config"].get("epochs")
+    position = int(checkpoint_state.get("position", 0))
+    return f"{checkpoint_state['epoch']}/{epochs} epochs" + (f" + {position} steps" if position else "")
 
 
 def data_for_run(checkpoint_state: dict, run_dir: Path):
@@ -43,8 +55,8 @@ def data_for_run(checkpoint_state: dict, run_dir: Path):
     if config.dataset == "webdataset":
         if config.eval_dataset is None:
             raise ValueError(f"{str(run_dir)!r} was trained on a stream (--dataset webdataset), which has no probe "
-                             f"or test sets; pretrain it with --eval-dataset / --eval-data-root, or pass data= to "
-                             f"evaluate_checkpoint")
+                             f"or test sets; evaluate it on a labelled data set (--eval-dataset and "
+                             f"--eval-data-root)")
         from ..data import build_dataset
 
         from ..data.augment import with_input_norm
@@ -65,7 +77,9 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     from ..eval import evaluate_backbone
 
     ckpt = resolve_checkpoint(path)
-    state = load_checkpoint(ckpt)
+    state, note = load_newest_checkpoint(ckpt)
+    if note:
+        print(note, flush=True)
     # The checkpoint's own input statistics, also for a data set given by the caller.
     data = data_for_run(state, ckpt.parent) if data is None else run_data(
         PretrainConfig.from_dict(state["config"]), ckpt.parent, data)

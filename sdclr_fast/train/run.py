@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from ..files import WriteError, lock_directory, write_json
-from .checkpoint import (CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, capture_rng, load_checkpoint, restore_rng,
-                         save_checkpoint)
+from .checkpoint import CHECKPOINT_NAME, capture_rng, load_newest_checkpoint, restore_rng, save_checkpoint
 from .distributed import DistInfo, all_gather_object, barrier
 
 METRICS_NAME = "metrics.jsonl"
@@ -274,16 +273,9 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
     if not resume:
         raise ValueError(f"run_dir {str(ckpt_path.parent)!r} already holds {CHECKPOINT_NAME}; pass "
                          f"resume=True (--resume) to continue it, or choose another run directory")
-    try:
-        state = load_checkpoint(ckpt_path, expect=expect)
-    except CheckpointError as exc:
-        previous = ckpt_path.with_name(PREVIOUS_NAME)
-        if not previous.exists():
-            raise
-        state = load_checkpoint(previous, expect=expect)
-        if warn:
-            print(f"warning: {exc}; resuming from the previous checkpoint {str(previous)!r} instead (epoch "
-                  f"{state['epoch']}, step {state['step']}); the work after it is repeated")
+    state, note = load_newest_checkpoint(ckpt_path, expect=expect)
+    if note and warn:
+        print(f"{note}; the work after it is repeated", flush=True)
     diff = PretrainConfig.from_dict(state["config"]).differences(config)
     if diff:
         raise config_differences_error(diff, repr(str(ckpt_path)))
