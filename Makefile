@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CUDA_ARCHS := 80 90
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo demo-dnc bench cuda-check data clean docs docs-serve docs-check
+.PHONY: setup test test-all demo demo-dnc bench cuda-check data clean kernel-report docs docs-serve docs-check
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ demo-dnc: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m sdclr_fast bench
+
+# Static sm_90 / sm_80 report of every Triton kernel variant beside the tutorial anchors (no GPU):
+# bench/results/kernel_report.{json,md}
+kernel-report: $(STAMP)
+	$(BIN)/python bench/kernel_report.py
 
 # The documentation site (mkdocs.yml): strict, so a broken link or a missing API entry fails.
 export NO_MKDOCS_2_WARNING := 1
