@@ -42,6 +42,8 @@ import time
 import types
 from unittest import mock
 
+import torch  # the package's kernels are imported later, in the child, under TRITON_INTERPRET=0
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 for _p in (_HERE, _ROOT):  # the source checkout first, then bench/ (bench_* helpers)
@@ -477,10 +479,8 @@ def markdown(rows, meta):
 
 # ------------------------------------------------------------------ command line
 def _child(args):
-    os.environ["TRITON_INTERPRET"] = "0"
-    global torch
-    import torch  # noqa: F811
-
+    if os.environ.get("TRITON_INTERPRET") != "0":
+        raise SystemExit("the report's child needs TRITON_INTERPRET=0 before Triton kernels load")
     torch.manual_seed(0)
     names = set(args.workload_ids.split(",")) if args.workload_ids else None
     wls = [w for i, w in enumerate(_workloads()) if names is None or str(i) in names]
@@ -507,8 +507,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         return _child(args)
-    global torch
-    import torch  # noqa: F811
     import triton
 
     ids = select(_workloads(), args.quick, args.only)
