@@ -7,10 +7,19 @@ own. A `DualBatchNorm*d` holds two ordinary `nn.BatchNorm*d` children, ``dense``
 modules at once by `SelfCompetitor`). Keeping real `_BatchNorm` children, rather than
 reimplementing the normalisation, lets `nn.SyncBatchNorm.convert_sync_batchnorm` reach and
 convert both of them for DDP.
+
+`DualLayerNorm` is the transformer analogue (one LayerNorm affine pair per branch). It is not
+in the SDCLR paper, which has ResNets only: it carries the dual-BN idea over to models whose
+normalisation is LayerNorm, so that `self_competitor` can turn a ViT into a self-competitor.
+`dual_norm(norm)` turns an existing normalisation layer of any class into its dual form with
+both branches starting as copies of it.
 """
+import copy
+
 from torch import nn
 
-__all__ = ["BRANCHES", "DualBatchNorm1d", "DualBatchNorm2d", "check_branch"]
+__all__ = ["BRANCHES", "DualBatchNorm1d", "DualBatchNorm2d", "DualLayerNorm", "DualNorm",
+           "check_branch", "dual_norm"]
 
 BRANCHES = ("dense", "pruned")
 
@@ -21,18 +30,30 @@ def check_branch(branch):
     return branch
 
 
-class _DualBatchNorm(nn.Module):
-    _bn = None  # the nn.BatchNorm class of each branch
+class DualNorm(nn.Module):
+    """Two normalisation layers, ``dense`` and ``pruned``, behind one module; the forward runs
+    the one named by `branch`. The base of every dual layer here; on its own it wraps layers
+    of any class (`dual_norm` uses it for e.g. timm's BatchNormAct2d, whose activation must be
+    kept)."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
+    def __init__(self, dense, pruned):
         super().__init__()
-        kw = dict(eps=eps, momentum=momentum, affine=affine,
-                  track_running_stats=track_running_stats, device=device, dtype=dtype)
-        self.dense = self._bn(num_features, **kw)
-        self.pruned = self._bn(num_features, **kw)
-        self.num_features = num_features
+        if not isinstance(dense, nn.Module) or not isinstance(pruned, nn.Module):
+            raise ValueError(f"dense and pruned must be nn.Modules, got {type(dense).__name__} "
+                             f"and {type(pruned).__name__}")
+        self.dense = dense
+        self.pruned = pruned
         self._branch = "dense"
+
+    @classmethod
+    def from_norm(cls, norm):
+        """The dual layer whose branches both start as copies of `norm` (parameters, running
+        statistics, train / eval mode)."""
+        out = cls.__new__(cls)
+        DualNorm.__init__(out, copy.deepcopy(norm), copy.deepcopy(norm))
+        if hasattr(norm, "num_features"):
+            out.num_features = norm.num_features
+        return out
 
     @property
     def branch(self):
@@ -45,6 +66,20 @@ class _DualBatchNorm(nn.Module):
 
     def forward(self, x):
         return (self.pruned if self._branch == "pruned" else self.dense)(x)
+
+    def extra_repr(self):
+        return f"branch={self._branch}"
+
+
+class _DualBatchNorm(DualNorm):
+    _bn = None  # the nn.BatchNorm class of each branch
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        kw = dict(eps=eps, momentum=momentum, affine=affine,
+                  track_running_stats=track_running_stats, device=device, dtype=dtype)
+        super().__init__(self._bn(num_features, **kw), self._bn(num_features, **kw))
+        self.num_features = num_features
 
     def extra_repr(self):
         return f"{self.num_features}, branch={self._branch}"
@@ -61,3 +96,37 @@ class DualBatchNorm1d(_DualBatchNorm):
     the projection heads."""
 
     _bn = nn.BatchNorm1d
+
+
+class DualLayerNorm(DualNorm):
+    """Two `nn.LayerNorm` (``dense``, ``pruned``) behind one module; same arguments. The
+    transformer analogue of dual BN (not from the SDCLR paper): the pruned branch keeps its own
+    affine pair, since pruning shifts what each feature's scale and shift should be."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 device=None, dtype=None):
+        kw = dict(eps=eps, elementwise_affine=elementwise_affine, bias=bias, device=device,
+                  dtype=dtype)
+        super().__init__(nn.LayerNorm(normalized_shape, **kw), nn.LayerNorm(normalized_shape, **kw))
+
+    @property
+    def normalized_shape(self):
+        return self.dense.normalized_shape
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, branch={self._branch}"
+
+
+_EXACT = {nn.BatchNorm1d: DualBatchNorm1d, nn.BatchNorm2d: DualBatchNorm2d,
+          nn.LayerNorm: DualLayerNorm}
+
+
+def dual_norm(norm):
+    """`norm` as a dual layer whose two branches start as copies of it: `DualBatchNorm1d`,
+    `DualBatchNorm2d` or `DualLayerNorm` for those exact classes, a `DualNorm` of two copies
+    for subclasses (which may change the forward, e.g. fuse an activation).
+
+    Raises ValueError unless `norm` is a BatchNorm or LayerNorm (or a subclass)."""
+    if not isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+        raise ValueError(f"norm must be a BatchNorm or LayerNorm module, got {type(norm).__name__}")
+    return _EXACT.get(type(norm), DualNorm).from_norm(norm)

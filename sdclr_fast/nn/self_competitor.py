@@ -7,23 +7,28 @@ backward of a joint loss such as NT-Xent(z_dense(v1), z_pruned(v2)) gives the of
 gradient (it needs three forwards and two backwards); pruned weights get gradient only through
 the dense branch (d(w * m)/dw = m).
 
-The branch is a flag set on every `MaskedConv2d` of the backbone and every dual BN of the model
-for the duration of a call (`forward(x, branch=...)`, `features(x, branch=...)`) or of a
+The branch is a flag set on every `MaskedConv2d` / `MaskedLinear` of the backbone and every
+dual norm of the model for the duration of a call (`forward(x, branch=...)`, `features(x, branch=...)`) or of a
 ``with model.branch("pruned"):`` block. Outside those the model is in the dense branch.
 """
 import contextlib
+import fnmatch
 import math
 
 import torch
 from torch import nn
 
 from ..ops.prune import magnitude_masks
-from .dual_bn import _DualBatchNorm, check_branch
+from .dual_bn import DualNorm, check_branch, dual_norm
 from .heads import moclr_predictor, sdclr_head, simclr_head
 from .masked_conv import MaskedConv2d
+from .masked_linear import MaskedLinear
 from .resnet import resnet18, resnet34, resnet50
 
-__all__ = ["SelfCompetitor", "build_model", "to_masked_convs", "ARCHS", "METHODS"]
+__all__ = ["SelfCompetitor", "build_model", "self_competitor", "to_masked_convs", "ARCHS",
+           "METHODS", "DEFAULT_EXCLUDE", "PRUNABLE"]
+
+_MASKED = (MaskedConv2d, MaskedLinear)
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 # The model each method trains: "moclr" is SimCLR's model (plain BN, SimCLR head) plus a
@@ -44,34 +49,143 @@ def to_masked_convs(module):
     return module
 
 
+PRUNABLE = ("conv", "linear")
+# Never pruned by default (module names in the backbone, fnmatch patterns; a match excludes the
+# module and everything inside it): a ViT's patch embedding and any classifier / head. The
+# position embedding is a parameter, not a layer, and is never pruned.
+DEFAULT_EXCLUDE = ("patch_embed*", "head*", "fc", "classifier*")
+
+
+def self_competitor(model, head=None, *, prune=PRUNABLE, exclude=DEFAULT_EXCLUDE, dual_norms=True,
+                    proj_dim=128, predictor=None):
+    """Turn any image model into SDCLR's dense network + pruned self-competitor, in place.
+
+    Converts, inside `model`: every `nn.Conv2d` into a `MaskedConv2d` ("conv" in `prune`),
+    every `nn.Linear` into a `MaskedLinear` ("linear" in `prune`), unless the layer or a module
+    around it matches a pattern of `exclude`; with `dual_norms`, every BatchNorm / LayerNorm
+    (excluded parts included) into a dual layer whose two branches start as copies of it
+    (`dual_norm`: statistics and affine parameters carried into both). Weights stay shared.
+
+    Defaults: a CNN gets every conv pruned (stem and shortcuts included, as the official
+    SDCLR code does) and its classifier (``fc``, ``classifier``, ``head``) left alone; a ViT
+    gets its attention (qkv, proj) and MLP Linear weights pruned, not the patch embedding, the
+    position embedding or the head. Subclasses of nn.Conv2d / nn.Linear (which may compute
+    something else, e.g. weight standardisation, or whose weight is read by their parent, as
+    nn.MultiheadAttention's out_proj) stay dense, as do excluded layers: `.excluded` on the
+    result lists them all.
+
+    Args:
+        model: nn.Module mapping images to (B, D) features (e.g. a timm model built with
+            ``num_classes=0``).
+        head: projection head on the features; None builds SDCLR's 3-layer head with dual BN
+            (SimCLR's 2-layer one with plain BN when dual_norms is False) from
+            ``model.num_features`` or ``model.feature_dim``.
+        prune: which kinds of layer to prune, a subset of ("conv", "linear").
+        exclude: fnmatch patterns of module names in `model` never pruned.
+        dual_norms: convert norms to dual ones (SDCLR); False keeps them shared (SimCLR).
+        proj_dim: output size of the default head.
+        predictor: optional module on the projection (MoCLR's).
+
+    Returns:
+        `SelfCompetitor` with `model` as its backbone (`.masked_layers()` is the pruning set).
+
+    Raises:
+        ValueError: for an unknown kind in `prune`, a non-string pattern, a model without any
+            layer to prune, or head=None on a model that does not tell its feature size.
+
+    Example::
+
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.num_features = 8
+        model = self_competitor(net)
+        model.update_masks(0.9)
+        z_dense, z_pruned = model(x, branch="dense"), model(x, branch="pruned")
+    """
+    if not isinstance(model, nn.Module) or isinstance(model, SelfCompetitor):
+        raise ValueError(f"model must be an nn.Module that is not yet a SelfCompetitor, got "
+                         f"{type(model).__name__}")
+    prune = (prune,) if isinstance(prune, str) else tuple(prune)
+    if not set(prune) <= set(PRUNABLE):
+        raise ValueError(f"prune must name kinds of {PRUNABLE}, got {prune!r}")
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    if not all(isinstance(p, str) for p in exclude):
+        raise ValueError(f"exclude must be fnmatch patterns (str), got {exclude!r}")
+    if head is None:
+        dim = getattr(model, "num_features", None) or getattr(model, "feature_dim", None)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError("head: the model has no int num_features or feature_dim; pass a head "
+                             "(an nn.Module from the features to the projection)")
+        head = (sdclr_head if dual_norms else simclr_head)(dim, proj_dim)
+    dense_only = []
+
+    def convert(module, prefix, excluded):
+        for name, child in list(module.named_children()):
+            full = f"{prefix}.{name}" if prefix else name
+            out = any(fnmatch.fnmatchcase(full, p) for p in exclude) or excluded
+            new = child
+            if isinstance(child, (nn.Conv2d, nn.Linear)) and not isinstance(child, _MASKED):
+                conv = isinstance(child, nn.Conv2d)
+                if (out or type(child) not in (nn.Conv2d, nn.Linear)
+                        or ("conv" if conv else "linear") not in prune
+                        or (conv and child.padding_mode != "zeros")):
+                    dense_only.append(full)
+                elif conv:
+                    new = MaskedConv2d.from_conv(child)
+                    new.train(child.training)
+                else:
+                    new = MaskedLinear.from_linear(child)
+            elif dual_norms and isinstance(child, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)):
+                new = dual_norm(child)
+            else:
+                convert(child, full, out)
+            if new is not child:
+                setattr(module, name, new)
+
+    convert(model, "", False)
+    if dual_norms:  # heads are never pruned; their norms become dual
+        for parent in list(head.modules()):
+            for name, child in list(parent.named_children()):
+                if (isinstance(child, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
+                        and not isinstance(parent, DualNorm)):
+                    setattr(parent, name, dual_norm(child))
+    return SelfCompetitor(model, head, predictor, dense_only=dense_only)
+
+
 class SelfCompetitor(nn.Module):
     """Dense network + pruned self-competitor (SDCLR) around `backbone` and `head`.
 
     backbone: module mapping images to (B, D) features whose convolutions are all
-    `MaskedConv2d` (see `to_masked_convs`); they are the pruning set (first conv and 1x1
-    shortcuts included). head: module mapping (B, D) to the projection z; never pruned.
-    BN layers of either that are `DualBatchNorm*d` follow the branch; plain BN is shared by both
-    branches (SimCLR models, which only use the dense branch). predictor: optional module on
-    the projection (MoCLR's), called by the training step as ``model.predictor(model(x))``.
+    `MaskedConv2d` (see `to_masked_convs`, or `self_competitor` for any model); they and its
+    `MaskedLinear` layers are the pruning set (first conv and 1x1 shortcuts included).
+    head: module mapping (B, D) to the projection z; never pruned. Norm layers of either
+    that are dual (`DualBatchNorm*d`, `DualLayerNorm`, `DualNorm`) follow the branch; plain
+    ones are shared by both branches (SimCLR models, which only use the dense branch).
+    predictor: optional module on the projection (MoCLR's), called by the training step as
+    ``model.predictor(model(x))``. dense_only: names (in the backbone) of plain convs that
+    are deliberately not pruned (e.g. a ViT's patch embedding); listed in `excluded`.
     """
 
-    def __init__(self, backbone, head, predictor=None):
+    def __init__(self, backbone, head, predictor=None, *, dense_only=()):
         super().__init__()
         if not isinstance(backbone, nn.Module) or not isinstance(head, nn.Module):
             raise ValueError(f"backbone and head must be nn.Modules, got {type(backbone).__name__} "
                              f"and {type(head).__name__}")
-        plain = [n for n, m in backbone.named_modules()
-                 if isinstance(m, nn.Conv2d) and not isinstance(m, MaskedConv2d)]
+        dense_only = tuple(dense_only)
+        plain = [n for n, m in backbone.named_modules() if isinstance(m, nn.Conv2d)
+                 and not isinstance(m, MaskedConv2d) and n not in dense_only]
         if plain:
             raise ValueError(f"backbone: every conv must be a MaskedConv2d (convert with "
-                             f"sdclr_fast.nn.to_masked_convs); plain nn.Conv2d at {plain[:3]}")
-        if not any(isinstance(m, MaskedConv2d) for m in backbone.modules()):
-            raise ValueError("backbone: has no MaskedConv2d to prune")
+                             f"sdclr_fast.nn.to_masked_convs or self_competitor) or be named "
+                             f"in dense_only; plain nn.Conv2d at {plain[:3]}")
+        if not any(isinstance(m, _MASKED) for m in backbone.modules()):
+            raise ValueError("backbone: has no MaskedConv2d or MaskedLinear to prune")
         if predictor is not None and not isinstance(predictor, nn.Module):
             raise ValueError(f"predictor must be an nn.Module or None, got {type(predictor).__name__}")
         self.backbone = backbone
         self.head = head
         self.predictor = predictor
+        self.excluded = dense_only
         self._set_branch("dense")
 
     # ------------------------------------------------------------------ branches
@@ -90,12 +204,12 @@ class SelfCompetitor(nn.Module):
         # pruned view through the dense BN (`name` is validated by every caller).
         pruned = name == "pruned"
         for m in self.backbone.modules():
-            if isinstance(m, MaskedConv2d):
+            if isinstance(m, _MASKED):
                 m.mask_enabled = pruned
-            elif isinstance(m, _DualBatchNorm):
+            elif isinstance(m, DualNorm):
                 m._branch = name
         for m in self.head.modules():
-            if isinstance(m, _DualBatchNorm):
+            if isinstance(m, DualNorm):
                 m._branch = name
         self._branch = name
 
@@ -128,36 +242,43 @@ class SelfCompetitor(nn.Module):
         return self._run(self.backbone, x, branch)
 
     # ------------------------------------------------------------------ masks
-    def masked_convs(self):
-        """{weight name in this model: MaskedConv2d} of the backbone, in module order."""
+    def masked_layers(self):
+        """{weight name in this model: MaskedConv2d or MaskedLinear} of the backbone, in module
+        order: the pruning set."""
         return {f"backbone.{n}.weight" if n else "backbone.weight": m
-                for n, m in self.backbone.named_modules() if isinstance(m, MaskedConv2d)}
+                for n, m in self.backbone.named_modules() if isinstance(m, _MASKED)}
+
+    def masked_convs(self):
+        """{weight name in this model: MaskedConv2d} of the backbone, in module order (the
+        pruning set of a CNN; `masked_layers` adds the MaskedLinear layers)."""
+        return {n: m for n, m in self.masked_layers().items() if isinstance(m, MaskedConv2d)}
 
     def masks(self):
-        """{weight name (as in `named_parameters`): bool mask buffer} of the backbone convs.
-        The buffers themselves (also in the state dict), not copies."""
-        return {n: m.mask for n, m in self.masked_convs().items()}
+        """{weight name (as in `named_parameters`): bool mask buffer} of the pruning set
+        (`masked_layers`). The buffers themselves (also in the state dict), not copies."""
+        return {n: m.mask for n, m in self.masked_layers().items()}
 
     @torch.no_grad()
     def set_masks(self, masks):
         """Copy masks (e.g. from `prune_model(model.backbone, ...)`, keys with or without the
-        "backbone." prefix) into the conv mask buffers; every backbone conv must get one."""
+        "backbone." prefix) into the mask buffers; every layer of `masked_layers` must get one."""
         if not isinstance(masks, dict):
             raise ValueError(f"masks must be a dict {{weight name: mask}}, got {type(masks).__name__}")
-        convs = self.masked_convs()
+        convs = self.masked_layers()
         given = {k if k.startswith("backbone.") else f"backbone.{k}": v for k, v in masks.items()}
         missing, unknown = sorted(set(convs) - set(given)), sorted(set(given) - set(convs))
         if missing or unknown:
-            raise ValueError(f"masks: keys must be the backbone conv weights; missing {missing[:3]}, "
+            raise ValueError(f"masks: keys must be the backbone's masked weights; missing {missing[:3]}, "
                              f"unknown {unknown[:3]}")
         for name, conv in convs.items():
             conv.set_mask(given[name])
 
     @torch.no_grad()
     def update_masks(self, sparsity=0.9, scope="global", block=None, random_fraction=0.0, generator=None):
-        """Recompute every backbone conv mask from the current dense weights with
+        """Recompute every mask of `masked_layers` from the current dense weights with
         `magnitude_masks` (SDCLR: one global threshold at index ceil(sparsity * n) of the sorted
-        |w|, ties kept). scope: 'global' or 'layer'; block: None or (out, in) channel blocks.
+        |w|, ties kept). scope: 'global' or 'layer'; block: None or (out, in) channel blocks
+        (a linear weight (out, in) is blocked like a 1x1 conv).
 
         random_fraction: the official ``random_prune_percent``: that part of ``sparsity`` is
         pruned at random instead of by magnitude. The magnitude rule runs at sparsity -
@@ -167,9 +288,12 @@ class SelfCompetitor(nn.Module):
         Returns the fraction of conv weights kept (a float)."""
         if not (0 <= random_fraction <= sparsity):
             raise ValueError(f"random_fraction must lie in [0, sparsity={sparsity}], got {random_fraction!r}")
-        convs = list(self.masked_convs().values())
+        convs = list(self.masked_layers().values())
         magnitude = sparsity - random_fraction
-        new = magnitude_masks([c.weight for c in convs], magnitude, scope=scope, block=block)
+        # linear weights as (out, in, 1, 1): one weight layout for the block rule
+        new = magnitude_masks([c.weight if c.weight.dim() == 4 else c.weight[:, :, None, None]
+                               for c in convs], magnitude, scope=scope, block=block)
+        new = [m.reshape(c.weight.shape) for m, c in zip(new, convs)]
         total = sum(c.mask.numel() for c in convs)
         if random_fraction > 0:
             n_magnitude = math.ceil(magnitude * total)
@@ -183,8 +307,8 @@ class SelfCompetitor(nn.Module):
         return float(kept) / total
 
     def density(self):
-        """Fraction of backbone conv weights the current masks keep."""
-        convs = list(self.masked_convs().values())
+        """Fraction of the pruning set's weights the current masks keep."""
+        convs = list(self.masked_layers().values())
         return float(sum(c.mask.sum() for c in convs)) / sum(c.mask.numel() for c in convs)
 
     def extra_repr(self):

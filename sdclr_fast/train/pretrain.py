@@ -162,7 +162,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
 
     # ---- model (same initial weights on every rank), then per-rank augmentation randomness
     seed_everything(config.seed)
-    margs = model_args(config, data.in_channels)
+    margs = model_args(config, data.in_channels, config.image_size or data.image_size)
     model = build_model_from_args(margs)
     if init_checkpoint is not None and resumed is None:
         load_weights(model, load_checkpoint(init_checkpoint, expect={"arch": config.arch}))
