@@ -18,6 +18,9 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(BIN)/pip install --quiet torch==2.13.0 'triton==3.7.*' numpy tqdm matplotlib kornia webdataset \
 		pytest pytest-xdist hypothesis mkdocs-material 'mkdocstrings[python]'
 	-$(BIN)/pip install --quiet faiss-cpu
+	# timm for --arch timm:<name>; torchvision pinned to torch 2.13's release (an unpinned one
+	# pulls another torch). Its C++ ops may not load beside the CPU torch: import_timm copes.
+	$(BIN)/pip install --quiet timm 'torchvision==0.28.0'
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
