@@ -581,13 +581,27 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Expected failures are one line on stderr and a documented status; --debug shows the traceback.
-    failures = ((run.Preempted, run.EXIT_PREEMPTED, "stopped"), (DirectoryLockedError, run.EXIT_LOCKED, "error"),
-                (WriteError, run.EXIT_WRITE_FAILED, "error"),
-                ((ValueError, FloatingPointError), run.EXIT_BAD_INPUT, "error"))
+    failures = ((DirectoryLockedError, run.EXIT_LOCKED), (WriteError, run.EXIT_WRITE_FAILED),
+                ((ValueError, FloatingPointError, OSError), run.EXIT_BAD_INPUT))
     try:
         return args.func(args)
+    except run.Preempted as exc:  # "stopped by SIGTERM ...; resumable checkpoint ..."
+        if args.debug:
+            raise
+        parser.exit(run.EXIT_INTERRUPTED if exc.signal == "SIGINT" else run.EXIT_PREEMPTED,
+                    f"sdclr-fast {args.command}: {exc}\n")
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (data loading, evaluation)
+        if args.debug:
+            raise
+        parser.exit(run.EXIT_INTERRUPTED, f"sdclr-fast {args.command}: interrupted (SIGINT); nothing was saved\n")
     except Exception as exc:
-        for kinds, status, word in failures:
+        for kinds, status in failures:
             if isinstance(exc, kinds) and not args.debug:
-                parser.exit(status, f"sdclr-fast {args.command}: {word}: {exc}\n")
+                parser.exit(status, f"sdclr-fast {args.command}: error: {_one_line(exc)}\n")
         raise
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # e.g. a missing data file
+        return f"{str(exc.filename)!r}: {exc.strerror.lower()}"
+    return " ".join(str(exc).split("\n"))

@@ -19,7 +19,8 @@ from sdclr_fast.files import DirectoryLockedError, WriteError, atomic_write, loc
 from sdclr_fast.train import load_checkpoint
 from sdclr_fast.train.checkpoint import save_checkpoint
 from sdclr_fast.train.pretrain import pretrain
-from sdclr_fast.train.run import EXIT_LOCKED, EXIT_PREEMPTED, EXIT_WRITE_FAILED, Preempted, read_metrics
+from sdclr_fast.train.run import (EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_PREEMPTED, EXIT_WRITE_FAILED, Preempted,
+                                  read_metrics)
 from test_train import DATA, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,3 +373,73 @@ def test_damaged_checkpoint_of_a_finished_dnc_stage_is_redone_from_the_previous(
     assert len(said) == 1 and str(damaged) in said[0], out
     assert load_checkpoint(damaged)["finished"]
     assert_same_state(load_checkpoint(damaged)["model"], torch.load(io.BytesIO(good))["model"], stage)
+
+
+# ---------------------------------------------------------------- signals to the whole job, with DataLoader workers
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    from test_cli import _image_folder
+
+    root = tmp_path_factory.mktemp("tiny_shards")
+    _image_folder(root / "images")
+    assert main(["shards", "--dataset", "imagefolder", "--data-root", str(root / "images"), "--out",
+                 str(root / "shards"), "--shard-size", "10"]) == 0
+    return root / "shards"
+
+
+def _stream_cli(shards, run, epochs=40):
+    return [sys.executable, "-m", "sdclr_fast", "pretrain", "--method", "sdclr", "--dataset", "webdataset",
+            "--data-root", str(shards), "--data-workers", "2", "--shuffle-buffer", "8", "--image-size", "8",
+            "--width", "4", "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.1", "--warmup-epochs", "1",
+            "--device", "cpu", "--no-progress", "--no-tensorboard", "--threads", "1", "--log-every", "1",
+            "--run-dir", str(run)]
+
+
+def _start_job(argv, run, min_steps=2):
+    """The command in a process group of its own (a scheduler's job), once it has logged steps."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    metrics = run / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= min_steps:
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the job did not start training: {proc.communicate()}")
+
+
+def _workers_of(proc):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals, status", [
+    ((signal.SIGTERM,), EXIT_PREEMPTED),
+    ((signal.SIGTERM, signal.SIGTERM), EXIT_PREEMPTED),     # a scheduler's second SIGTERM changes nothing
+    ((signal.SIGUSR1, signal.SIGTERM), EXIT_PREEMPTED),
+    ((signal.SIGINT,), EXIT_INTERRUPTED),                   # Ctrl-C reaches the whole foreground group
+])
+def test_signals_to_the_whole_process_group_stop_cleanly(tiny_shards, tmp_path, signals, status):
+    run = tmp_path / "run"
+    proc = _start_job(_stream_cli(tiny_shards, run), run)
+    assert _workers_of(proc), "the run has no DataLoader workers to signal"
+    pgid = os.getpgid(proc.pid)
+    for i, signum in enumerate(signals):
+        if i:
+            time.sleep(0.05 + 0.1 * i)
+        os.killpg(pgid, signum)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"stopped by {signal.Signals(signals[0]).name}" in lines[0], err
+    assert "--resume" in lines[0] and str(run / "checkpoint.pt") in lines[0]
+    st = load_checkpoint(run)
+    assert not st["finished"] and st["step"] >= 2
+    r = subprocess.run(_stream_cli(tiny_shards, run, epochs=40)[:-2] + ["--run-dir", str(run), "--resume",
+                                                                       "--stop-at-epoch", str(st["epoch"] + 1)],
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(run)["epoch"] == st["epoch"] + 1

@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import numbers
+import signal
 from typing import NamedTuple
 
 import torch
 
 from .base import ImageSet
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader the package starts: the worker ignores SIGTERM,
+    SIGUSR1 and SIGINT. Schedulers signal every process of a job (and Ctrl-C the whole
+    foreground group); a worker that died of it would end the run with a traceback and no
+    checkpoint, while the main process, which got the same signal, stops cleanly after its step
+    and then ends its workers itself."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class Batch(NamedTuple):

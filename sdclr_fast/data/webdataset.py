@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..files import write_json
-from .loader import Batch
+from .loader import Batch, ignore_stop_signals
 
 MANIFEST = "shards.json"
 MANIFEST_FORMAT = 1
@@ -179,7 +179,8 @@ class StreamSet:
         keep = {self.keys[int(p)]: i for i, p in enumerate(self.kept.tolist())}
         samples = _OrderedSamples(self.urls[rank::world], keep, self.reader["image_size"], self.reader["channels"])
         workers = min(self.reader.get("num_workers", 0), len(self.urls[rank::world]))
-        yield from torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers)
+        yield from torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers,
+                                               worker_init_fn=ignore_stop_signals)
 
 
 # ---------------------------------------------------------------- reading
@@ -297,7 +298,7 @@ class ShardStream:
         loader = torch.utils.data.DataLoader(samples, batch_size=per_rank, num_workers=self.num_workers,
                                              generator=torch.Generator().manual_seed(seed),
                                              pin_memory=self.device.type == "cuda",
-                                             persistent_workers=False)
+                                             persistent_workers=False, worker_init_fn=ignore_stop_signals)
         it = iter(loader)
         try:
             for b in range(len(self)):

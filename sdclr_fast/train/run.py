@@ -30,6 +30,7 @@ EXIT_BAD_INPUT = 2      # bad flags or data, a mismatched or unreadable checkpoi
 EXIT_WRITE_FAILED = 3   # a file could not be written (disk full, read-only, permissions)
 EXIT_LOCKED = 4         # another process holds the run directory
 EXIT_PREEMPTED = 75     # stopped by SIGTERM / SIGUSR1 with a resumable checkpoint (EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C): with a resumable checkpoint in training (128 + SIGINT)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,6 +43,7 @@ class Preempted(Exception):
     def __init__(self, message: str, checkpoint=None):
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.signal = stop_requested()  # e.g. "SIGTERM"; the command line's exit status depends on it
 
 
 def run_lock(run_dir, dist_info: DistInfo | None = None):
@@ -50,24 +52,33 @@ def run_lock(run_dir, dist_info: DistInfo | None = None):
 
 
 # ---------------------------------------------------------------- stop signals
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _stop = {"signal": None, "depth": 0, "previous": {}}
 
 
 def _on_stop_signal(signum, frame):
-    # Only a flag: the loop finishes its step and saves; a second signal while saving changes nothing.
-    _stop["signal"] = signal.Signals(signum).name
+    # Only a flag: the loop finishes its step and saves; a second signal changes nothing (the
+    # first one's name is kept, so the exit status follows the first).
+    if _stop["signal"] is None:
+        _stop["signal"] = signal.Signals(signum).name
 
 
 @contextlib.contextmanager
 def stop_signals():
-    """While active, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) set a
-    flag that the training loops poll after each step instead of ending the process. Nested
-    uses share one handler; outside the main thread it does nothing."""
+    """While active, SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before a kill) and
+    SIGINT (Ctrl-C) set a flag that the training loops poll after each step instead of ending
+    the process. Nested uses share one handler; outside the main thread it does nothing.
+
+    When a stop was requested, the flag handler stays installed on leaving: the process is on
+    its way out with a saved checkpoint, and a second signal (schedulers often send several)
+    must not turn that clean stop into a kill."""
     install = threading.current_thread() is threading.main_thread() and _stop["depth"] == 0
     if install:
         _stop["signal"] = None
-        _stop["previous"] = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            previous = signal.signal(s, _on_stop_signal)
+            if previous is not _on_stop_signal:  # not the handler a stopped run left in place
+                _stop["previous"][s] = previous
     if threading.current_thread() is threading.main_thread():
         _stop["depth"] += 1
     try:
@@ -76,9 +87,10 @@ def stop_signals():
         if threading.current_thread() is threading.main_thread():
             _stop["depth"] -= 1
             if _stop["depth"] == 0:
-                for s, h in _stop["previous"].items():
-                    signal.signal(s, h)
-                _stop["previous"] = {}
+                if _stop["signal"] is None:
+                    for s, h in _stop["previous"].items():
+                        signal.signal(s, h)
+                    _stop["previous"] = {}
 
 
 def stop_requested() -> str | None:
