@@ -53,6 +53,7 @@ class DualNorm(nn.Module):
         DualNorm.__init__(out, copy.deepcopy(norm), copy.deepcopy(norm))
         if hasattr(norm, "num_features"):
             out.num_features = norm.num_features
+        out.train(norm.training)
         return out
 
     @property

@@ -87,7 +87,8 @@ def self_competitor(model, head=None, *, prune=PRUNABLE, exclude=DEFAULT_EXCLUDE
         predictor: optional module on the projection (MoCLR's).
 
     Returns:
-        `SelfCompetitor` with `model` as its backbone (`.masked_layers()` is the pruning set).
+        `SelfCompetitor` with `model` as its backbone (`.masked_layers()` is the pruning set),
+        in `model`'s train / eval mode.
 
     Raises:
         ValueError: for an unknown kind in `prune`, a non-string pattern, a model without any
@@ -149,7 +150,7 @@ def self_competitor(model, head=None, *, prune=PRUNABLE, exclude=DEFAULT_EXCLUDE
                 if (isinstance(child, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm))
                         and not isinstance(parent, DualNorm)):
                     setattr(parent, name, dual_norm(child))
-    return SelfCompetitor(model, head, predictor, dense_only=dense_only)
+    return SelfCompetitor(model, head, predictor, dense_only=dense_only).train(model.training)
 
 
 class SelfCompetitor(nn.Module):
