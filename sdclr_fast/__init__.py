@@ -5,7 +5,7 @@ The public ops and modules are imported on first use, so `import sdclr_fast` sta
 """
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"  # the only place it is written (pyproject.toml reads it); see CHANGELOG.md
 
 _EXPORTS = {
     "nt_xent": "sdclr_fast.ops.nt_xent",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import __version__
 from .nn import METHODS
 from .train.config import (KMEANS_BACKENDS, KMEANS_METRICS, RECIPES, STUDENT_INITS, DnCConfig, PretrainConfig,
                            parse_prune_block, recipe_fields)
@@ -523,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdclr-fast",
         description="Contrastive pretraining on long-tailed data (SimCLR, SDCLR, DnC) with fused kernels, "
                     "evaluation and benchmarks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
