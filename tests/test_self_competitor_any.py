@@ -473,6 +473,7 @@ def test_timm_vit_sdclr_fashion_mnist_lt_resume_and_eval(tmp_path, capsys):
             assert torch.equal(flat_a[k], flat_b[k]), (key, k)
     capsys.readouterr()
     out = tmp_path / "report"
-    assert main(["eval", "--run-dir", str(run), "--probe", "linear", "--probe-epochs", "2",
-                 "--device", "cpu", "--out", str(out)]) == 0
-    assert "linear" in capsys.readouterr().out and (out / "report.json").exists()
+    assert main(["eval", "--run-dir", str(run), "--probe", "all", "--shots", "2", "--probe-epochs", "2",
+                 "--knn-k", "3", "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "linear" in text and "knn" in text and (out / "report.json").exists()
