@@ -383,6 +383,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- analyze-pruning
+def add_analyze_pruning_arguments(p: argparse.ArgumentParser) -> None:
+    from .train.analyze import BN_CHOICES, MODES, SPARSITIES
+
+    p.add_argument("--run-dir", action="append", required=True, dest="run_dirs",
+                   help="a run directory (or checkpoint file); repeat for several runs: runs of one method (e.g. "
+                        "splits or class permutations) are reported as mean +- std")
+    p.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES),
+                   help=f"fractions of the backbone conv weights pruned (default {' '.join(map(str, SPARSITIES))})")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="magnitude (SDCLR's global rule) and / or random pruning (default both)")
+    p.add_argument("--bn", choices=BN_CHOICES, default="recalibrate",
+                   help="re-estimate the BatchNorm statistics of each pruned network on the long-tailed training "
+                        "split (default) or keep the stored ones")
+    p.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default 30)")
+    p.add_argument("--probe-per-class", type=int, default=None,
+                   help="train the probe and kNN on this many images per class of the probe pool (default all)")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
+    p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks, probes and views (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=None,
+                   help="folder for pruning_damage.md / .json / .png (default: <first --run-dir>/pruning)")
+
+
+def cmd_analyze_pruning(args) -> int:
+    from .train.analyze import analyze_checkpoint, format_summary, write_analysis
+    from .train.evaluate import resolve_checkpoint
+
+    analyses = {}
+    for rd in args.run_dirs:
+        label, res = analyze_checkpoint(rd, sparsities=args.sparsities, modes=args.modes, bn=args.bn,
+                                        probe_epochs=args.probe_epochs, probe_per_class=args.probe_per_class,
+                                        knn_k=args.knn_k, batch_size=args.batch_size, seed=args.seed,
+                                        device=args.device, progress=lambda m, rd=rd: print(f"{rd}: {m}", flush=True))
+        analyses.setdefault(label.split(" (")[0], []).append(res)  # "SDCLR (split_1)" -> "SDCLR"
+    out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent / "pruning"
+    print(format_summary(analyses))
+    paths = write_analysis(analyses, out, notes=f"Runs: {', '.join(map(str, args.run_dirs))}; BN: {args.bn}.")
+    print(f"report: {paths['report']}")
+    return 0
+
+
 # ---------------------------------------------------------------- study
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("study grid")
@@ -549,6 +592,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_arguments(p)
     add_study_arguments(p)
     p.set_defaults(func=cmd_study)
+    p = sub.add_parser("analyze-pruning", help="per-class damage of pruning a pretrained backbone (SDCLR's premise)",
+                       description="Prune the backbone of each checkpoint at several sparsities (magnitude and "
+                                   "random), re-estimate its BatchNorm statistics, and report the change in kNN and "
+                                   "linear-probe accuracy and in the per-sample contrastive loss per class and per "
+                                   "major / moderate / minor group: a table and a plot.")
+    add_analyze_pruning_arguments(p)
+    p.set_defaults(func=cmd_analyze_pruning)
     p = sub.add_parser("bench", help="run the benchmark scripts in bench/",
                        description="Run bench/bench_*.py (all, or the named ones) and print their tables.")
     add_bench_arguments(p)
