@@ -4,11 +4,12 @@
 # extension for this GPU only, run the tests marked cuda (compiled Triton kernels,
 # TRITON_INTERPRET=0; the CUDA no-sync tests, the pruning ops' CUDA error path), then every
 # benchmark: bench_nt_xent (eager + CUDA-graph replay), bench_info_nce, bench_step (official /
-# SimCLR / SDCLR, eager / compiled / compiled + CUDA graphs), bench_masked_conv, bench_prune.
+# SimCLR / SDCLR, eager / compiled / compiled + CUDA graphs), bench_masked_conv,
+# bench_masked_linear (ViT-S/B projections, 32x32-block and unstructured masks), bench_prune.
 # Logs, each bench's JSON and one summary (summary.json + summary.md) go to OUTDIR.
 #
 #   bench/run_gpu.sh [--dry-run] [OUTDIR]     OUTDIR default: $OUT if set, else bench/results/gpu
-#   env: PYTHON=python3 TESTS=1 BENCH=1 TOTAL_S=450 BENCHES="nt_xent info_nce step masked_conv prune"
+#   env: PYTHON=python3 TESTS=1 BENCH=1 TOTAL_S=450 BENCHES="nt_xent info_nce step masked_conv masked_linear prune"
 #   TUNE=1: also the masked-conv tuning sweep and its rows (see the TUNE block)
 #
 # --dry-run: the same steps on this machine's CPU with tiny sizes (no build, no nvidia-smi; the
@@ -91,7 +92,7 @@ if [ "${TUNE:-0}" = 1 ]; then
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then
-  for b in ${BENCHES:-nt_xent info_nce step masked_conv prune}; do
+  for b in ${BENCHES:-nt_xent info_nce step masked_conv masked_linear prune}; do
     args="--device $DEV --quick --out $OUTDIR/$b.json"
     # caps (s) sized for an H100/H200: step compiles five steps with Inductor (~30 s each)
     case $b in
@@ -100,6 +101,10 @@ if [ "${BENCH:-1}" = 1 ]; then
       step) cap=200; args="$args --compile"
             [ $DRY = 1 ] && args="$args --batch 2 --width 8 --reps 2 --threads 2" ;;
       masked_conv) cap=50; [ $DRY = 1 ] && args="$args --batch 2 --no-memory --layers layer2.0.conv1 --threads 2" ;;
+      # the speed goals' shapes (256 x 197 rows) and masks; every layer shape autotunes once
+      masked_linear) cap=90; args="$args --images 256 --layers vit_b.fc1 vit_b.fc2 vit_s.qkv vit_s.fc1 \
+                       --cases unstructured0 unstructured0.9 block0.5 block0.9"
+            [ $DRY = 1 ] && args="$args --images 1 --layers vit_s.proj --cases block0.9 --threads 2" ;;
       prune) cap=40; [ $DRY = 1 ] && args="$args --no-memory --models resnet18 --threads 2" ;;
       *) cap=100 ;;
     esac
