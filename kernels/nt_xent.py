@@ -4,10 +4,12 @@ Notation (see sdclr_fast/ops/nt_xent.py for the op around them): u is the (M, D)
 rows, r_i = 1 / max(|u_i|, eps) their inverse norms (all ones without normalisation),
 zhat_i = r_i u_i, S_ij = zhat_i . zhat_j / tau. The first R rows are the "query" rows whose
 losses are wanted (R = M on one process; under a distributed gather the local rows are moved
-to the front). key_i is an integer per row (int32 or int64): row j is a positive of row i iff key_j == key_i and
-j != i (the two-view case uses the pair index i mod N as key, so each row has one positive).
+to the front). key_i is an integer per row (int32 or int64): row j is a positive of row i iff
+key_j == key_i and j != i (the two-view case uses the pair index i mod N as key, so each row
+has one positive).
 
-forward, one program per BLOCK_M query rows, online log-sum-exp over BLOCK_N column tiles:
+forward, one program per BLOCK_M query rows and column chunk (see _common: column splits),
+online log-sum-exp over BLOCK_N column tiles:
     lse_i  = log sum_{j != i} exp(S_ij)
     loss_i = lse_i - mean_{p in pos(i)} S_ip       ("out", SupCon L_out; the two-view loss)
     loss_i = lse_i - lsep_i,  lsep_i = log sum_{p in pos(i)} exp(S_ip)     ("in", POS_LSE)
@@ -15,9 +17,9 @@ and loss_i = 0 where row i has no positive. The loss is formed as (m_i - pos_i) 
 (m_i the running max, l_i = sum exp(S - m_i)), so a row whose only column is its positive
 gives exactly 0. Scores are kept in base-2 units (S * log2 e) so the exponentials are exp2.
 
-backward, one program per BLOCK_M output rows k (all M rows) and per D chunk: with g_i the
-upstream gradient of loss_i (0 for rows that are not queries or have no positive) and
-gy_i = g_i / |pos(i)|, S symmetric gives
+backward, one program per BLOCK_M output rows k (all M rows), column chunk and D chunk: with
+g_i the upstream gradient of loss_i (0 for rows that are not queries or have no positive)
+and gy_i = g_i / |pos(i)|, S symmetric gives
     dL/dzhat_k = (1/tau) sum_j A_kj zhat_j,
     A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j),   P_ij = exp(S_ij - lse_i),
 and with POS_LSE the positive term is [j in pos(k)] (g_k Q_kj + g_j Q_jk), Q_ij =
@@ -26,64 +28,70 @@ so each program owns its output rows and no atomics are needed. Rows beyond R on
 query columns (j < R); their lse is +inf, which makes their P terms exactly 0. The chain rule
 through the L2 normalisation runs in PyTorch on the (M, D) result.
 
+Two views on one process (PAIRED: keys i mod N, R = M, N a multiple of BLOCK_M) know where
+the masks fall: a row block's diagonal and its positives (rows i +- N) each fill one aligned
+BLOCK_M-wide window of columns, so only those tiles pay for the masks and the positive sum;
+every other tile is all valid. Their backward also needs one exponential per score instead
+of two: with L = min lse and w_i = g_i exp2(L - lse_i), A_kj = exp2(S_kj - L) (w_k + w_j)
+off the masks, used while max lse - L < FAST_SPREAD keeps both factors in fp32's range (for
+normalised rows that holds from tau ~ 0.05 up; smaller tau takes the two-exponential form).
+
 Inputs stay in their dtype for tl.dot (fp32 accumulation): fp16/bf16 use the tensor cores,
-fp32 uses IEEE products unless torch.backends.cuda.matmul.allow_tf32 is set (as torch.matmul
-does). The interpreter's 16-bit arithmetic is unreliable, so tiles are upcast there.
-D up to MAX_BLOCK_D is held in one register tile; larger D is processed in chunks (forward:
-the dot is accumulated over chunks; backward: one program per output chunk, each recomputing
-the scores).
+fp32 follows torch.matmul (TF32 where torch would use it, else IEEE products). The
+interpreter's 16-bit arithmetic is unreliable, so tiles are upcast there. D up to
+MAX_BLOCK_D is held in one register tile; larger D is processed in chunks (forward: the dot
+is accumulated over chunks; backward: one program per output chunk, each recomputing the
+scores).
 """
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulate, cdiv, config, load_tile, online_lse, row_scale, scores, store_rows
+from ._common import (NSTAT, accumulate, accumulate_scaled, cdiv, column_splits, config, dots,
+                      load_tile, merge_partials, online_lse, online_lse_full, row_scale, scores,
+                      sm_count, store_partial, store_rows)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
+FAST_SPREAD = tl.constexpr(64.0)
 
 
 @triton.jit
-def _nt_xent_fwd_kernel(
-    u_ptr, r_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr,
-    R, M, D, s_um, s_ud,
-    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < R
-    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if D_CHUNKS == 1:
-        q = load_tile(u_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_um, s_ud, UPCAST)
-    # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
-    rows_f = row_scale(r_ptr, offs_m, row_ok, tl.load(scale_ptr) * LOG2E, BLOCK_M, NORMALIZE)
-    key_i = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
+def _windows(pid, c0, c1, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """PAIRED: the row block's diagonal window r0 and the window p0 of its positives (rows
+    i +- H), which of them lie in the chunk [c0, c1), and how many plain tiles are left."""
+    r0 = pid * BLOCK_M
+    p0 = tl.where(r0 < H, r0 + H, r0 - H)
+    w_lo = tl.minimum(r0, p0)
+    w_hi = tl.maximum(r0, p0)
+    in_lo = (w_lo >= c0) & (w_lo < c1)
+    in_hi = (w_hi >= c0) & (w_hi < c1)
+    n_plain = (c1 - c0 - BLOCK_M * (in_lo.to(tl.int32) + in_hi.to(tl.int32))) // BLOCK_N
+    return r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    mp_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # POS_LSE: over positives
-    lp_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < M
-        s, _, _ = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud, s_um,
-                         s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                         UPCAST, PRECISION)
-        valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
-        m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
-        key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
-        same = valid & (key_j[None, :] == key_i[:, None])
-        cnt += tl.sum(same.to(tl.int32), 1)
-        if POS_LSE:
-            mp_i, lp_i = online_lse(mp_i, lp_i, tl.where(same, s, float("-inf")))
-        else:
-            pos += tl.sum(tl.where(same, s, 0.0), 1)
 
+@triton.jit
+def _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First column of the t-th plain tile of the chunk: tiles in order, stepping over the
+    windows that fall in it (w_lo < w_hi, both aligned to BLOCK_M)."""
+    start = c0 + t * BLOCK_N
+    start += tl.where(in_lo & (start >= w_lo), BLOCK_M, 0)
+    start += tl.where(in_hi & (start >= w_hi), BLOCK_M, 0)
+    return start
+
+
+@triton.jit
+def _window_start(t, r0, p0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """First column of the t-th tile of the two windows (diagonal first)."""
+    per = BLOCK_M // BLOCK_N
+    return tl.where(t < per, r0 + t * BLOCK_N, p0 + (t - per) * BLOCK_N)
+
+
+@triton.jit
+def _finish(m_i, l_i, pos, cnt, mp_i, lp_i, offs_m, row_ok, loss_ptr, lse2_ptr, lsep2_ptr,
+            cnt_ptr, POS_LSE: tl.constexpr):
+    """Store the losses, base-2 log-sum-exps and positive counts of the rows."""
     has_pos = cnt > 0
     # (max - positive term) + log(sum): exactly 0 for a row whose only column is its positive
     if POS_LSE:
@@ -100,15 +108,164 @@ def _nt_xent_fwd_kernel(
 
 
 @triton.jit
-def _nt_xent_bwd_kernel(
-    u_ptr, r_ptr, key_ptr, scale_ptr, lse2_ptr, lsep2_ptr, g_ptr, gy_ptr, dz_ptr,
-    R, M, D, s_um, s_ud, s_dm, s_dd,
-    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _nt_xent_fwd_kernel(
+    u_ptr, r_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr, part_ptr,
+    R, M, H, CHUNK, D, s_um, s_ud,
+    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, PAIRED: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    chunk = tl.program_id(1)
+    split = tl.program_id(1)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < R
+    q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if D_CHUNKS == 1:
+        q = load_tile(u_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_um, s_ud, UPCAST)
+    # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
+    rows_f = row_scale(r_ptr, offs_m, row_ok, tl.load(scale_ptr) * LOG2E, BLOCK_M, NORMALIZE)
+    c0 = split * CHUNK
+    c1 = tl.minimum(c0 + CHUNK, M)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    mp_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # POS_LSE: over positives
+    lp_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if PAIRED:
+        r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, BLOCK_M, BLOCK_N)
+        for t in range(0, n_plain):
+            offs_n = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N) + \
+                tl.arange(0, BLOCK_N)
+            s, _, _ = dots(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, offs_n < M, D, s_um, s_ud,
+                           s_um, s_ud, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                           UPCAST, PRECISION)
+            m_i, l_i = online_lse_full(m_i, l_i, s, rows_f)
+        partner = tl.where(offs_m < H, offs_m + H, offs_m - H)
+        for t in range(0, 2 * (BLOCK_M // BLOCK_N)):
+            start = _window_start(t, r0, p0, BLOCK_M, BLOCK_N)
+            if (start >= c0) & (start < c1):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                s, _, _ = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, offs_n < M, D, s_um,
+                                 s_ud, s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+                s = tl.where(offs_n[None, :] != offs_m[:, None], s, float("-inf"))
+                m_i, l_i = online_lse(m_i, l_i, s)
+                pos += tl.sum(tl.where(offs_n[None, :] == partner[:, None], s, 0.0), 1)
+        cnt += ((p0 >= c0) & (p0 < c1)).to(tl.int32)  # the one positive, in one chunk
+    else:
+        key_i = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
+        for start_n in range(c0, c1, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < c1
+            s, _, _ = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
+                             s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                             D_CHUNKS, UPCAST, PRECISION)
+            valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+            m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
+            key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
+            same = valid & (key_j[None, :] == key_i[:, None])
+            cnt += tl.sum(same.to(tl.int32), 1)
+            if POS_LSE:
+                mp_i, lp_i = online_lse(mp_i, lp_i, tl.where(same, s, float("-inf")))
+            else:
+                pos += tl.sum(tl.where(same, s, 0.0), 1)
+    if SPLIT:
+        store_partial(part_ptr, split, R, offs_m, row_ok, m_i, l_i, pos, cnt, mp_i, lp_i)
+    else:
+        _finish(m_i, l_i, pos, cnt, mp_i, lp_i, offs_m, row_ok, loss_ptr, lse2_ptr, lsep2_ptr,
+                cnt_ptr, POS_LSE)
+
+
+@triton.jit
+def _nt_xent_merge_kernel(part_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr, R, splits,
+                          POS_LSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < R
+    m_i, l_i, pos, cnt, mp_i, lp_i = merge_partials(part_ptr, splits, R, offs_m, row_ok, BLOCK_M)
+    _finish(m_i, l_i, pos, cnt, mp_i, lp_i, offs_m, row_ok, loss_ptr, lse2_ptr, lsep2_ptr,
+            cnt_ptr, POS_LSE)
+
+
+@triton.jit
+def _pair_tile(acc, q, offs_m, offs_n, partner, f_k, lse2_k, g_k, w_k, low,
+               u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
+               NORMALIZE: tl.constexpr, FAST: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A[:, tile] @ zhat[tile] (times r_j, before 1/tau) for a PAIRED column tile;
+    WINDOW: the tile may hold the diagonal or positives (masked), else every column is a
+    plain negative of every row."""
+    col_ok = offs_n < M
+    t, r_j, k = dots(u_ptr, u_ptr, q, offs_m, offs_n, offs_m < M, col_ok, D, s_um, s_ud, s_um,
+                     s_ud, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                     PRECISION)
+    if WINDOW:
+        # S_ii is left out of lse: exp2(S_ii - lse_i) may overflow, so mask before the exponent
+        t = tl.where(offs_n[None, :] != offs_m[:, None], t, float("-inf"))
+    if FAST:
+        # A_kj r_j = exp2(S_kj - L) (w_k r_j + w_j r_j)
+        w_j = tl.load(w_ptr + offs_n, mask=col_ok, other=0.0)
+        e = tl.exp2(t * f_k[:, None] - low)
+        if NORMALIZE:
+            a = e * (w_k[:, None] * r_j[None, :] + (w_j * r_j)[None, :])
+        else:
+            a = e * (w_k[:, None] + w_j[None, :])
+    else:
+        s = t * f_k[:, None]
+        lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
+        g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
+        a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
+             + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
+        if NORMALIZE:
+            a = a * r_j[None, :]
+    if WINDOW:
+        g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
+        y = g_k[:, None] + g_j[None, :]
+        if NORMALIZE:
+            y = y * r_j[None, :]
+        a -= tl.where(offs_n[None, :] == partner[:, None], y, 0.0)
+    return accumulate_scaled(acc, a, k, u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud, D_CHUNKS,
+                             UPCAST, PRECISION)
+
+
+@triton.jit
+def _pair_rows(acc, q, pid, c0, c1, H, offs_m, f_k, lse2_k, g_k, w_k, low,
+               u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
+               NORMALIZE: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The PAIRED backward over the chunk [c0, c1): plain tiles, then the two windows."""
+    r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, BLOCK_M, BLOCK_N)
+    partner = tl.where(offs_m < H, offs_m + H, offs_m - H)
+    for t in range(0, n_plain):
+        offs_n = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N) + \
+            tl.arange(0, BLOCK_N)
+        acc = _pair_tile(acc, q, offs_m, offs_n, partner, f_k, lse2_k, g_k, w_k, low, u_ptr,
+                         r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out, NORMALIZE, FAST,
+                         False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+    for t in range(0, 2 * (BLOCK_M // BLOCK_N)):
+        start = _window_start(t, r0, p0, BLOCK_M, BLOCK_N)
+        if (start >= c0) & (start < c1):
+            acc = _pair_tile(acc, q, offs_m, start + tl.arange(0, BLOCK_N), partner, f_k,
+                             lse2_k, g_k, w_k, low, u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D,
+                             s_um, s_ud, d_out, NORMALIZE, FAST, True, BLOCK_M, BLOCK_N,
+                             BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
+def _nt_xent_bwd_kernel(
+    u_ptr, r_ptr, key_ptr, scale_ptr, lse2_ptr, lsep2_ptr, g_ptr, gy_ptr, w_ptr, low_ptr,
+    dz_ptr, R, M, H, CHUNK, D, s_um, s_ud, s_ds, s_dm, s_dd,
+    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, PAIRED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    chunk = tl.program_id(2)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
     offs_d = tl.arange(0, BLOCK_D)
@@ -117,47 +274,62 @@ def _nt_xent_bwd_kernel(
         q = load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
     inv_tau = tl.load(scale_ptr)
     rows_f = row_scale(r_ptr, offs_m, row_ok, inv_tau * LOG2E, BLOCK_M, NORMALIZE)
-    key_k = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
     lse2_k = tl.load(lse2_ptr + offs_m, mask=row_ok, other=float("inf"))
     g_k = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
-    gy_k = tl.load(gy_ptr + offs_m, mask=row_ok, other=0.0)
-    lsep2_k = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
-    if POS_LSE:
-        lsep2_k = tl.load(lsep2_ptr + offs_m, mask=row_ok, other=float("inf"))
     d_out = chunk * BLOCK_D + offs_d
-
-    # Rows that are not queries only pair with query columns (the g_j P_jk term).
-    n_end = tl.where(pid * BLOCK_M < R, M, R)
+    c0 = split * CHUNK
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, n_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < M
-        s, r_j, k = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
-                           s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
-                           D_CHUNKS, UPCAST, PRECISION)
-        lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
-        g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
-        gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
-        key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
-        # padding rows (past M) too: their zero scores minus a real column's lse would overflow
-        valid = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
-        # The diagonal S_ii is left out of lse, so at small tau exp2(S_ii - lse_i) overflows:
-        # mask before the exponent instead of discarding an inf afterwards.
-        s = tl.where(valid, s, float("-inf"))
-        a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
-             + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
-        same = valid & (key_j[None, :] == key_k[:, None])
-        if POS_LSE:
-            lsep2_j = tl.load(lsep2_ptr + offs_n, mask=col_ok, other=float("inf"))
-            qp = (g_k[:, None] * tl.exp2(s - lsep2_k[:, None])
-                  + g_j[None, :] * tl.exp2(s - lsep2_j[None, :]))
-            a = a - tl.where(same, qp, 0.0)
+    if PAIRED:
+        c1 = tl.minimum(c0 + CHUNK, M)
+        low = tl.load(low_ptr)
+        w_k = tl.load(w_ptr + offs_m, mask=row_ok, other=0.0)
+        if tl.load(low_ptr + 1) - low < FAST_SPREAD:
+            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, rows_f, lse2_k, g_k, w_k, low,
+                             u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
+                             NORMALIZE, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                             PRECISION)
         else:
-            a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
-        a = tl.where(valid, a, 0.0)
-        acc = accumulate(acc, a, r_j, k, u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud, NORMALIZE,
-                         D_CHUNKS, UPCAST, PRECISION)
-    store_rows(dz_ptr, acc * inv_tau, offs_m, row_ok, d_out, D, s_dm, s_dd)
+            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, rows_f, lse2_k, g_k, w_k, low,
+                             u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
+                             NORMALIZE, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                             PRECISION)
+    else:
+        key_k = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
+        gy_k = tl.load(gy_ptr + offs_m, mask=row_ok, other=0.0)
+        lsep2_k = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
+        if POS_LSE:
+            lsep2_k = tl.load(lsep2_ptr + offs_m, mask=row_ok, other=float("inf"))
+        # Rows that are not queries only pair with query columns (the g_j P_jk term).
+        c1 = tl.minimum(c0 + CHUNK, tl.where(pid * BLOCK_M < R, M, R))
+        for start_n in range(c0, c1, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < c1
+            s, r_j, k = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
+                               s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                               D_CHUNKS, UPCAST, PRECISION)
+            lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
+            g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
+            gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
+            key_j = tl.load(key_ptr + offs_n, mask=col_ok, other=-1)
+            # padding rows (past M) too: their zero scores minus a real column's lse overflow
+            valid = row_ok[:, None] & col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
+            # The diagonal S_ii is left out of lse, so at small tau exp2(S_ii - lse_i)
+            # overflows: mask before the exponent instead of discarding an inf afterwards.
+            s = tl.where(valid, s, float("-inf"))
+            a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
+                 + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
+            same = valid & (key_j[None, :] == key_k[:, None])
+            if POS_LSE:
+                lsep2_j = tl.load(lsep2_ptr + offs_n, mask=col_ok, other=float("inf"))
+                qp = (g_k[:, None] * tl.exp2(s - lsep2_k[:, None])
+                      + g_j[None, :] * tl.exp2(s - lsep2_j[None, :]))
+                a = a - tl.where(same, qp, 0.0)
+            else:
+                a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
+            a = tl.where(valid, a, 0.0)
+            acc = accumulate(acc, a, r_j, k, u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud,
+                             NORMALIZE, D_CHUNKS, UPCAST, PRECISION)
+    store_rows(dz_ptr + split * s_ds, acc * inv_tau, offs_m, row_ok, d_out, D, s_dm, s_dd)
 
 
 # ------------------------------------------------------------------ launch helpers
@@ -165,44 +337,82 @@ def _config(dtype, D, block_d=None):
     return config(dtype, D, block_d, interp_block=32)
 
 
-def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False):
+def paired_ok(M, R, meta):
+    """Whether the PAIRED kernels apply to two views of M = 2N rows: one process (R = M) and
+    N a multiple of the row tile (the windows are then aligned)."""
+    return R == M and M % 2 == 0 and (M // 2) % meta["BLOCK_M"] == 0
+
+
+def plan(M, R, D, dtype, sms, paired=False, block_d=None, splits=None):
+    """Launch plan of the forward and backward for M rows (R queries) of width D: (meta,
+    launch options, PAIRED, forward grid, backward grid, column chunk). `sms`: the SM count
+    the column splits fill; `splits` overrides their number. Device-free, so that a static
+    report can compile exactly what a launch would run."""
+    meta, launch = _config(dtype, D, block_d)
+    paired = paired and paired_ok(M, R, meta)
+    bm = meta["BLOCK_M"]
+    # chunks of whole row tiles: the PAIRED windows never straddle two chunks
+    nf, chunk_f = column_splits(cdiv(R, bm), M, bm, sms, splits)
+    nb, chunk_b = column_splits(cdiv(M, bm) * meta["D_CHUNKS"], M, bm, sms, splits)
+    return (meta, launch, paired, (cdiv(R, bm), nf), (cdiv(M, bm), nb, meta["D_CHUNKS"]),
+            chunk_f, chunk_b)
+
+
+def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False, paired=False,
+            splits=None):
     """Per-row losses (R,) fp32, base-2 log-sum-exp (M,) fp32 (+inf beyond R), positive
     counts (R,) int32 for the first R rows of u (M, D) against all M rows, and with pos_lse
     ("in" form) the base-2 log-sum-exp over each row's positives (M,) (+inf where none and
     beyond R; None without pos_lse).
 
-    r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32 or int64; inv_tau: (1,)
-    fp32 tensor on u's device."""
+    r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32 or int64; inv_tau:
+    (1,) fp32 tensor on u's device; paired: two views on one process (keys = i mod M/2), which
+    takes the PAIRED kernels where the shape allows; splits: the column split count (None:
+    fill the device)."""
     M, D = u.shape
-    meta, launch = _config(u.dtype, D, block_d)
-    loss = torch.empty(R, device=u.device, dtype=torch.float32)
+    meta, launch, paired, grid, _, chunk, _ = plan(M, R, D, u.dtype, sm_count(u.device),
+                                                   paired and not pos_lse, block_d, splits)
+    dev = u.device
+    loss = torch.empty(R, device=dev, dtype=torch.float32)
     # rows past R (other ranks' rows) are never queries: +inf there; the kernel writes the rest
-    lse2 = (torch.empty(M, device=u.device, dtype=torch.float32) if M == R else
-            torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
+    lse2 = (torch.empty(M, device=dev, dtype=torch.float32) if M == R else
+            torch.full((M,), float("inf"), device=dev, dtype=torch.float32))
     lsep2 = None
     if pos_lse:
-        lsep2 = (torch.empty(M, device=u.device, dtype=torch.float32) if M == R else
-                 torch.full((M,), float("inf"), device=u.device, dtype=torch.float32))
-    cnt = torch.empty(R, device=u.device, dtype=torch.int32)
-    grid = (cdiv(R, meta["BLOCK_M"]),)
+        lsep2 = (torch.empty(M, device=dev, dtype=torch.float32) if M == R else
+                 torch.full((M,), float("inf"), device=dev, dtype=torch.float32))
+    cnt = torch.empty(R, device=dev, dtype=torch.int32)
+    split = grid[1] > 1
+    part = torch.empty((grid[1], NSTAT, R) if split else (1,), device=dev, dtype=torch.float32)
+    outs = (loss, lse2, lse2 if lsep2 is None else lsep2, cnt)
     wrap_triton(_nt_xent_fwd_kernel)[grid](
-        u, r, keys, inv_tau, loss, lse2, lse2 if lsep2 is None else lsep2, cnt, R, M, D,
-        u.stride(0), u.stride(1), NORMALIZE=normalize, POS_LSE=pos_lse, **meta, **launch)
+        u, r, keys, inv_tau, *outs, part, R, M, M // 2, chunk, D, u.stride(0), u.stride(1),
+        NORMALIZE=normalize, POS_LSE=pos_lse, PAIRED=paired, SPLIT=split, **meta, **launch)
+    if split:
+        wrap_triton(_nt_xent_merge_kernel)[(cdiv(R, 128),)](
+            part, *outs, R, grid[1], POS_LSE=pos_lse, BLOCK_M=128)
     return loss, lse2, cnt, lsep2
 
 
-def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None, lsep2=None):
+def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None, lsep2=None,
+             paired=False, splits=None):
     """dL/dzhat (M, D) fp32, where zhat is the normalised u (u itself without normalize).
 
     g, gy: (M,) fp32 upstream gradient of each row's loss and the same divided by the row's
     positive count (0 beyond R and for rows without positives). lsep2: the forward's
-    log-sum-exp over positives for the "in" form (gy is then unused), None otherwise."""
+    log-sum-exp over positives for the "in" form (gy is then unused), None otherwise.
+    paired / splits as in forward."""
     M, D = u.shape
-    meta, launch = _config(u.dtype, D, block_d)
-    dz = torch.empty((M, D), device=u.device, dtype=torch.float32)
-    grid = (cdiv(M, meta["BLOCK_M"]), meta["D_CHUNKS"])
+    meta, launch, paired, _, grid, _, chunk = plan(M, R, D, u.dtype, sm_count(u.device),
+                                                   paired and lsep2 is None, block_d, splits)
+    dz = torch.empty((grid[1], M, D), device=u.device, dtype=torch.float32)
+    w = low = lse2  # placeholders, not read
+    if paired:
+        # L = min lse and w = g exp2(L - lse): the one-exponential form (FAST_SPREAD)
+        low = torch.stack(torch.aminmax(lse2))
+        w = g * torch.exp2(low[0] - lse2)
     wrap_triton(_nt_xent_bwd_kernel)[grid](
-        u, r, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, dz, R, M, D,
-        u.stride(0), u.stride(1), dz.stride(0), dz.stride(1), NORMALIZE=normalize,
-        POS_LSE=lsep2 is not None, **meta, **launch)
-    return dz
+        u, r, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, w, low, dz, R, M,
+        M // 2, chunk, D, u.stride(0), u.stride(1), dz.stride(0), dz.stride(1), dz.stride(2),
+        NORMALIZE=normalize, POS_LSE=lsep2 is not None, PAIRED=paired, **meta, **launch)
+    return dz[0] if grid[1] == 1 else dz.sum(0)

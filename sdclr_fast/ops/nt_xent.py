@@ -367,7 +367,7 @@ def _fwd_triton(u: torch.Tensor, tau: torch.Tensor | None, inv_tau: torch.Tensor
     u = u.contiguous()
     r, through = _inv_norms(u, torch.float32)
     loss, lse, cnt, lsep = _kernels().forward(u, r, keys, inv_tau, R, normalize, block_d,
-                                              pos_lse)
+                                              pos_lse, paired=one_positive)
     return loss, lse, cnt, lse.new_empty(0) if lsep is None else lsep, r, through
 
 
@@ -427,7 +427,7 @@ def _bwd_triton(grad_loss: torch.Tensor, u: torch.Tensor, tau: torch.Tensor | No
     u = u.contiguous()
     g, gy = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
     dzh = _kernels().backward(u, r, keys, inv_tau, lse, g, gy, R, normalize, block_d,
-                              lsep if pos_lse else None)
+                              lsep if pos_lse else None, paired=one_positive)
     zh = u.float() * r[:, None] if normalize else u.float()
     return _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau)
 
@@ -694,26 +694,6 @@ class NTXentLoss(nn.Module):
         self.bank = bank.to(self.bank.device if device is None else device)
         self.bank_ptr = torch.zeros(1, dtype=torch.long, device=self.bank.device)
 
-    @torch.no_grad()
-    def _enqueue(self, batch):
-        """lightly's _dequeue_and_enqueue."""
-        world = _dist_world(self.gather_distributed)
-        if world is not None:
-            import torch.distributed as dist
-
-            parts = [torch.empty_like(batch) for _ in range(world[1])]
-            dist.all_gather(parts, batch.contiguous())
-            batch = torch.cat(parts)
-        size = self.memory_bank_size
-        ptr = int(self.bank_ptr)
-        b = batch.shape[0]
-        if ptr + b >= size:
-            self.bank[ptr:] = batch[:size - ptr].to(self.bank)
-            self.bank_ptr[0] = 0
-        else:
-            self.bank[ptr:ptr + b] = batch.to(self.bank)
-            self.bank_ptr[0] = ptr + b
-
     def forward(self, z1, z2=None, weights=None, labels=None):
         if not self.memory_bank_size:
             return nt_xent(z1, z2, self.temperature, normalize=self.normalize,
@@ -732,15 +712,17 @@ class NTXentLoss(nn.Module):
         if z1.shape[1] != self.bank.shape[1]:
             raise ValueError(f"z1 has {z1.shape[1]} columns but the memory bank holds rows of "
                              f"{self.bank.shape[1]} (memory_bank_size)")
-        from .info_nce import info_nce
+        from .info_nce import enqueue_, info_nce
 
+        # named as the caller passed them (info_nce below would say "query" / "key")
+        check_values((("z1", z1), ("z2", z2)), self.temperature, None)
         q = F.normalize(z1, dim=1) if self.normalize else z1
         k = F.normalize(z2, dim=1) if self.normalize else z2
         negatives = self.bank.detach().clone().to(device=q.device, dtype=q.dtype)
         loss = info_nce(q, k, self.temperature, negatives=negatives, normalize=False,
                         reduction=self.reduction, weights=weights, in_batch_negatives=False)
         if q.requires_grad:  # lightly's test, on the normalised z1: False under no_grad
-            self._enqueue(k.detach())
+            enqueue_(self.bank, self.bank_ptr, k, self.gather_distributed)
         return loss
 
     def extra_repr(self):
