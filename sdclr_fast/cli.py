@@ -181,7 +181,7 @@ def _prune_block(text):
     try:
         return parse_prune_block(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--prune-block: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("prune_block ")) from None  # argparse names the flag
 
 
 def _explicit(args) -> dict:

@@ -254,14 +254,24 @@ def test_block_masks_match_reference(ws, sparsity, block, scope):
         scores.append(got)
     if scope == "global" and all(w.numel() == 0 for w in ws):
         with pytest.raises(ValueError, match="no elements"):
-            P.magnitude_masks(ws, sparsity, scope=scope, block=block)
+            P.magnitude_masks(ws, sparsity, scope=scope, block=block, clip_block=True)
         return
-    masks = P.magnitude_masks(ws, sparsity, scope=scope, block=block)
+    if any(w.numel() and block[0] > w.shape[0] and block[1] > w.shape[1] for w in ws):
+        with pytest.raises(ValueError, match=r"block .* is larger than tensors\[\d\].*clip_block=True"):
+            P.magnitude_masks(ws, sparsity, scope=scope, block=block)
+    masks = P.magnitude_masks(ws, sparsity, scope=scope, block=block, clip_block=True)
     _same(masks, R.magnitude_block_masks_reference(ws, sparsity, block, scope=scope,
                                                    scores=scores))
     for w, m in zip(ws, masks):  # whole blocks, all taps: constant over (kh, kw) and each block
         if m.numel():
             assert torch.equal(m, m[:, :, :1, :1].expand_as(m))
+    # sparsity counts weights: at most ceil(sparsity * n) of them are pruned (per tensor for "layer")
+    groups = [ws] if scope == "global" else [[w] for w in ws]
+    mgroups = [masks] if scope == "global" else [[m] for m in masks]
+    for g, mg in zip(groups, mgroups):
+        n = sum(w.numel() for w in g)
+        if n:
+            assert sum(int((~m).sum()) for m in mg) <= P.kth_index(sparsity, n)
 
 
 def test_block_masks_by_hand():
@@ -274,11 +284,43 @@ def test_block_masks_by_hand():
     expected[:2, 2:] = True
     expected[2:, 2:] = True
     _same([m], [expected])
-    # a 1x1 edge block with a large mean competes fairly with the full blocks
+    # an edge block competes by its mean and counts its own weights: 4 weights of mean 1, 2 of
+    # mean 4. At 0.5, weight ceil(3) of the ranking lies in the weak block, which is kept (pruning
+    # it would prune 4 > 3 weights); at 0.7 (ceil(4.2) = 5) it lies in the strong one.
     w = torch.ones(3, 2, 1, 1)
     w[2, :] = 4.0
     (m,) = P.magnitude_masks([w], 0.5, block=(2, 2))
+    assert m.all()
+    (m,) = P.magnitude_masks([w], 0.7, block=(2, 2))
     assert m[2].all() and not m[:2].any()
+
+
+@pytest.mark.parametrize("block", [(32, 32), (16, 16)])
+def test_block_sparsity_counts_weights_on_the_cifar_resnet18(block):
+    """The CIFAR ResNet-18 (width 64, 11.2M conv weights): block masks keep 1 - sparsity of the
+    weights, as unstructured ones do. Ranking blocks by count instead kept 1.25 % at 0.9 (the
+    small early layers have the largest mean |w| and win most blocks)."""
+    from sdclr_fast.nn.resnet import resnet18
+
+    torch.manual_seed(0)
+    weights = list(P.conv_weights(resnet18(width=64)).values())
+    n = sum(w.numel() for w in weights)
+    for sparsity in (0.5, 0.9, 0.99):
+        masks = P.magnitude_masks(weights, sparsity, block=block)
+        kept = sum(int(m.sum()) for m in masks) / n
+        assert 1 - sparsity <= kept < 1 - sparsity + 0.005, (sparsity, kept)
+
+
+def test_a_block_larger_than_a_layer_is_refused_unless_clipped_on_purpose():
+    from sdclr_fast.nn.resnet import resnet18
+
+    weights = list(P.conv_weights(resnet18(width=4)).values())  # 4 to 32 channels
+    with pytest.raises(ValueError, match=r"block 33x32 is larger than tensors\[0\] \(4 out x 3 in channels\)"):
+        P.magnitude_masks(weights, 0.9, block=(33, 32))
+    masks = P.magnitude_masks(weights, 0.9, block=(33, 32), clip_block=True)
+    kept = sum(int(m.sum()) for m in masks) / sum(w.numel() for w in weights)
+    assert 0.1 <= kept < 0.2  # whole layers are the blocks now, and still about 1 - sparsity is kept
+    P.magnitude_masks(weights, 0.9, block=(4, 4))  # conv1 (4 x 3) is smaller in one dimension only
 
 
 # ---------------------------------------------------------------- errors

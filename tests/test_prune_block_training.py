@@ -46,7 +46,7 @@ def test_flag_reaches_the_config(command, capsys):
     assert config_from_args(parser.parse_args([command, "--run-dir", "x"])).prune_block is None
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--run-dir", "x", "--prune-block", "32by32"])
-    assert "--prune-block: prune_block must look like OUTxIN" in capsys.readouterr().err
+    assert "argument --prune-block: must look like OUTxIN, e.g. 32x32, got '32by32'" in capsys.readouterr().err
 
 
 def _assert_block_masks(model_state, block):
@@ -98,3 +98,21 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrup
     for key in ("model", "optimizer", "scheduler"):
         assert_same_state(final[key], uninterrupted_block[key], key)
     assert tuple(final["config"]["prune_block"]) == BLOCK
+
+
+def test_kept_fraction_in_the_metrics_counts_weights(uninterrupted_block):
+    """--sparsity counts weights with --prune-block too: each epoch's kept_fraction (metrics.jsonl)
+    is the masks' share of kept weights, at least 1 - sparsity and above it by less than a block."""
+    from pathlib import Path
+
+    from sdclr_fast.train.run import read_metrics
+
+    masks = {k: v for k, v in uninterrupted_block["model"].items() if k.endswith(".mask")}
+    n = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values()) / n
+    largest_block = max(BLOCK[0] * BLOCK[1] * m.shape[2] * m.shape[3] for m in masks.values() if m.dim() == 4)
+    sparsity = uninterrupted_block["config"]["sparsity"]
+    rows = [r for r in read_metrics(Path(uninterrupted_block["path"]).parent) if r["kind"] == "epoch"]
+    assert len(rows) == 3 and rows[-1]["kept_fraction"] == pytest.approx(kept, abs=1e-12)
+    for r in rows:
+        assert 1 - sparsity <= r["kept_fraction"] < 1 - sparsity + largest_block / n, r

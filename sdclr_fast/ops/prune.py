@@ -242,21 +242,33 @@ def _expand_blocks(keep, shape, block):
     return full[:, :, None, None].expand(o, i, kh, kw).contiguous()
 
 
-def magnitude_masks(tensors, sparsity, scope="global", block=None):
+def magnitude_masks(tensors, sparsity, scope="global", block=None, clip_block=False):
     """Bool masks ``|w| >= threshold``, one per tensor (shape of the tensor, contiguous).
 
     scope: ``"global"`` pools all tensors under one threshold (SDCLR); ``"layer"`` gives each
     tensor its own. block: None (unstructured, as SDCLR) or ``(bo, bi)`` for conv weights
     (O, I, kh, kw): whole groups of bo out-channels x bi in-channels x all taps are kept or
-    pruned together, ranked by :func:`block_scores` with the same ceil rule over blocks, so
-    that a mask-aware conv can skip pruned blocks.
+    pruned together, so that a mask-aware conv can skip pruned blocks. Blocks are ranked by
+    :func:`block_scores` (mean |w|) and ``sparsity`` still counts weights: each block counts
+    with its number of weights (edge blocks are smaller), and the cut falls at the block that
+    holds weight number ceil(sparsity * n) of that ranking, so at most that many weights are
+    pruned and the kept fraction exceeds 1 - sparsity by less than one block.
+    clip_block: a block larger than a tensor in both channel dimensions would make the whole
+    layer one block; that is refused (ValueError) unless ``clip_block=True`` says it is meant.
+
+    Raises ValueError for a sparsity outside [0, 1), an unknown scope, a malformed block, no
+    elements, NaN or inf.
+
+    >>> masks = magnitude_masks([torch.randn(64, 64, 3, 3)], 0.9, block=(16, 16))
+    >>> masks[0].float().mean().item()  # 16 blocks of 2304 weights: 2 kept, 14 <= ceil(0.9 * 16) pruned
+    0.125
     """
     s = _check_sparsity(sparsity)
     _check_scope(scope)
     block = _check_block(block)
     tensors = _check_tensors(tensors)
     if block is not None:
-        return _block_masks(tensors, s, scope, block)
+        return _block_masks(tensors, s, scope, block, clip_block)
     if scope == "global":
         n = sum(t.numel() for t in tensors)
         if n == 0:
@@ -268,23 +280,59 @@ def magnitude_masks(tensors, sparsity, scope="global", block=None):
     return list(masks)
 
 
-def _block_masks(tensors, s, scope, block):
+def _block_sizes(shape, block):
+    """Weights in each block of a conv weight of ``shape`` (edge blocks are smaller), float64."""
+    o, i, kh, kw = shape
+    sizes = []
+    for n, b in ((o, block[0]), (i, block[1])):
+        full = torch.full((-(-n // b),), float(b), dtype=torch.float64)
+        if full.numel():
+            full[-1] = n - (full.numel() - 1) * b
+        sizes.append(full)
+    return sizes[0][:, None] * sizes[1][None, :] * (kh * kw)
+
+
+def _weighted_threshold(scores, sizes, s):
+    """The score of the block that holds weight number ceil(s * n) (0-based) when the blocks are
+    sorted by ascending score and each spans its number of weights: SDCLR's rule, counted in
+    weights. Blocks below it hold at most that many weights."""
+    scores, sizes = torch.cat([x.reshape(-1) for x in scores]), torch.cat([x.reshape(-1) for x in sizes])
+    ranked, order = torch.sort(scores, stable=True)
+    ends = torch.cumsum(sizes.to(scores.device)[order], 0)  # weights up to and including each block
+    k = kth_index(s, int(round(float(ends[-1]))))
+    return ranked[torch.searchsorted(ends, torch.tensor([float(k)], dtype=ends.dtype, device=ends.device),
+                                     right=True)].reshape(())
+
+
+def _block_masks(tensors, s, scope, block, clip_block):
     for i, t in enumerate(tensors):
         if t.dim() != 4:
             raise ValueError(f"block masks need 4-d conv weights (O, I, kh, kw); tensors[{i}] has "
                              f"shape {tuple(t.shape)}")
+        o, c = t.shape[:2]
+        if not clip_block and t.numel() and block[0] > o and block[1] > c:
+            raise ValueError(f"block {block[0]}x{block[1]} is larger than tensors[{i}] ({o} out x {c} in "
+                             f"channels): the whole layer would be one block; choose a smaller block, or pass "
+                             f"clip_block=True if that is meant")
     scores = [block_scores(t, block) for t in tensors]
+    sizes = [_block_sizes(t.shape, block).to(sc.device) for t, sc in zip(tensors, scores)]
     if scope == "global":
-        n = sum(sc.numel() for sc in scores)
-        if n == 0:
+        if sum(sc.numel() for sc in scores) == 0:
             raise ValueError("tensors: the tensors hold no elements")
-        threshold = _ops.kth_abs_value(scores, kth_index(s, n)).reshape(1)
-        thresholds = [threshold] * len(scores)
+        _check_finite_scores(scores)
+        thresholds = [_weighted_threshold(scores, sizes, s)] * len(scores)
     else:
-        ks = [kth_index(s, sc.numel()) if sc.numel() else 0 for sc in scores]
-        thresholds = _ops.kth_abs_value_per_tensor(scores, ks).unbind(0)
-    return [_expand_blocks(sc >= th, t.shape, block)
+        _check_finite_scores(scores)
+        thresholds = [_weighted_threshold([sc], [sz], s) if sc.numel() else None for sc, sz in zip(scores, sizes)]
+    return [_expand_blocks(sc >= th if th is not None else torch.zeros_like(sc, dtype=torch.bool), t.shape, block)
             for sc, th, t in zip(scores, thresholds, tensors)]
+
+
+def _check_finite_scores(scores):
+    # NaN / inf weights give NaN / inf block means; the C++ ops check this for the unstructured rule
+    for i, sc in enumerate(scores):
+        if sc.numel() and not bool(torch.isfinite(sc).all()):
+            raise ValueError(f"tensors[{i}] contains NaN or inf; magnitude pruning needs finite values")
 
 
 # ---------------------------------------------------------------- models
@@ -330,14 +378,15 @@ def conv_weights(model, include=None, exclude=None):
     return out
 
 
-def prune_model(model, sparsity, scope="global", include=None, exclude=None, block=None):
+def prune_model(model, sparsity, scope="global", include=None, exclude=None, block=None, clip_block=False):
     """Masks for the conv weights of ``model`` (see :func:`conv_weights` for the set and the
     include / exclude glob patterns): ``{parameter name: bool mask}``. With the defaults this is
-    SDCLR's self-competitor mask: one global threshold over all conv weights."""
+    SDCLR's self-competitor mask: one global threshold over all conv weights. ``block`` and
+    ``clip_block`` as in :func:`magnitude_masks`."""
     weights = conv_weights(model, include, exclude)
     if not weights:
         raise ValueError("model: no nn.Conv2d weights to prune (after include/exclude)")
-    masks = magnitude_masks(list(weights.values()), sparsity, scope=scope, block=block)
+    masks = magnitude_masks(list(weights.values()), sparsity, scope=scope, block=block, clip_block=clip_block)
     return dict(zip(weights.keys(), masks))
 
 

@@ -110,20 +110,31 @@ def block_scores_reference(weight, block):
     return scores
 
 
+def _per_weight_scores(w, sc, block):
+    """Every weight of ``w`` carrying the score of its block (float64, the shape of ``w``)."""
+    out = torch.zeros(w.shape, dtype=torch.float64)
+    for r in range(sc.shape[0]):
+        for c in range(sc.shape[1]):
+            out[r * block[0]:(r + 1) * block[0], c * block[1]:(c + 1) * block[1]] = sc[r, c]
+    return out
+
+
 def magnitude_block_masks_reference(tensors, sparsity, block, scope="global", scores=None):
-    """Block masks: blocks ranked by block_scores_reference with the sort rule of
-    magnitude_threshold_reference (pooled or per tensor), kept blocks expanded to the weight.
+    """Block masks that count weights: every weight carries its block's block_scores_reference
+    score, the threshold is the sort rule of magnitude_threshold_reference over those per-weight
+    scores (pooled or per tensor), kept blocks expanded to the weight.
     `scores` (one per tensor) ranks given scores instead: block means computed in another
     order can differ in the last bit, which flips near-ties; passing the op's own scores
     checks the selection exactly."""
     if scores is None:
         scores = [block_scores_reference(w, block) for w in tensors]
     scores = [sc.detach().cpu() for sc in scores]
+    spread = [_per_weight_scores(w, sc, block) for w, sc in zip(tensors, scores)]
     if scope == "global":
-        thresholds = [magnitude_threshold_reference(scores, sparsity)] * len(scores)
+        thresholds = [magnitude_threshold_reference(spread, sparsity)] * len(scores)
     else:
-        thresholds = [magnitude_threshold_reference([sc], sparsity) if sc.numel() else 0.0
-                      for sc in scores]
+        thresholds = [magnitude_threshold_reference([sp], sparsity) if sp.numel() else 0.0
+                      for sp in spread]
     masks = []
     for w, sc, t in zip(tensors, scores, thresholds):
         m = torch.zeros(w.shape, dtype=torch.bool)
