@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel ninja
 	$(BIN)/pip install --quiet torch==2.13.0 'triton==3.7.*' numpy tqdm matplotlib kornia webdataset \
-		pytest pytest-xdist hypothesis mkdocs-material 'mkdocstrings[python]'
+		pytest pytest-xdist hypothesis mkdocs-material 'mkdocstrings[python]' selenium
 	-$(BIN)/pip install --quiet faiss-cpu
 	# timm for --arch timm:<name>; torchvision pinned to torch 2.13's release (an unpinned one
 	# pulls another torch). Its C++ ops may not load beside the CPU torch: import_timm copes.
@@ -69,6 +69,16 @@ docs: $(STAMP)
 
 docs-serve: $(STAMP)
 	$(BIN)/mkdocs serve
+
+# Every built page in headless Chromium (Debian's chromium + chromium-driver, installed where
+# missing): console errors, images that did not load and dead internal links fail; screenshots
+# of the home page and an API page go to site-check/.
+docs-check: docs
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+		$$SUDO apt-get install -y -q chromium chromium-driver || \
+		{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }; fi
+	$(BIN)/python docs/check_site.py site --screenshots site-check
 
 clean:
 	rm -rf build *.egg-info sdclr_fast/_C*.so
