@@ -5,6 +5,7 @@ rewritten from their definitions; MemoryBank; torch.func; gather_distributed on 
 The Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, set before
 Triton is imported), so shapes on that path stay small.
 """
+import copy
 import math
 import os
 
@@ -492,29 +493,32 @@ def test_triton_temperature_schedule():
 
 
 # ------------------------------------------------------------------ MemoryBank
-def test_memory_bank_fifo():
-    mb = MemoryBank(10, 3, generator=torch.Generator().manual_seed(0))
-    assert mb.bank.shape == (10, 3) and torch.allclose(mb.bank.norm(dim=1), torch.ones(10))
-    init = mb.bank.clone()
-    seen = []
-    for step in range(7):  # batches of 4 over a bank of 10: wraps inside a batch
-        keys = torch.full((4, 3), float(step)) + torch.arange(4.0)[:, None] / 10
-        seen.extend(keys)
+def test_memory_bank_follows_lightly_rule():
+    """lightly's MemoryBankModule rule, as NTXentLoss(memory_bank_size=...) follows it: a batch
+    that reaches the end fills the bank to the end, drops the rest and sets the pointer to 0."""
+    mb = MemoryBank(5, 2, generator=torch.Generator().manual_seed(0))
+    assert mb.bank.shape == (5, 2) and torch.allclose(mb.bank.norm(dim=1), torch.ones(5))
+    batches = [torch.full((3, 2), float(i + 1)) for i in range(3)]
+    for keys in batches:
         mb.enqueue(keys.requires_grad_(True))
-        written = len(seen)
-        expect = init.clone()
-        for i, k in enumerate(seen):
-            expect[i % 10] = k
-        torch.testing.assert_close(mb.bank, expect)
-        assert int(mb.ptr) == written % 10
+    torch.testing.assert_close(mb.bank[:3], batches[2])  # the last batch
+    torch.testing.assert_close(mb.bank[3:], batches[1][:2])  # batch 2 filled to the end, its 3rd row dropped
+    assert int(mb.ptr) == 3
     assert not mb.bank.requires_grad and not mb.negatives().requires_grad
-    # a batch larger than the bank keeps its last `size` rows, in order from the pointer
-    big = torch.arange(36.0).reshape(12, 3)
-    p = int(mb.ptr)
-    mb.enqueue(big)
-    assert int(mb.ptr) == (p + 12) % 10
-    order = [(p + 2 + i) % 10 for i in range(10)]
-    torch.testing.assert_close(mb.bank[order], big[2:])
+    # over many batches: the rule, simulated one batch at a time
+    mb = MemoryBank(10, 3, generator=torch.Generator().manual_seed(1))
+    expect, ptr = mb.bank.clone(), 0
+    for step, b in enumerate([4, 4, 2, 7, 12, 1, 9]):  # ends exactly at the end, and a batch > size
+        keys = torch.full((b, 3), float(step)) + torch.arange(float(b))[:, None] / 100
+        mb.enqueue(keys)
+        if ptr + b >= 10:
+            expect[ptr:] = keys[:10 - ptr]
+            ptr = 0
+        else:
+            expect[ptr:ptr + b] = keys
+            ptr += b
+        torch.testing.assert_close(mb.bank, expect)
+        assert int(mb.ptr) == ptr
 
 
 def test_memory_bank_negatives_is_a_copy_and_state_dict():
@@ -574,6 +578,33 @@ def test_moco_step():
     assert int(bank.ptr) == 16
     torch.testing.assert_close(bank.bank[16:], keys[1])
     torch.testing.assert_close(bank.bank[:16], keys[2])
+
+
+def test_momentum_update_refuses_mismatched_models():
+    """zip() used to pair the parameters and silently skip the extras of the larger model."""
+    online = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    target = copy.deepcopy(online)
+    before = [p.clone() for p in target.parameters()]
+    cases = [
+        (torch.nn.Sequential(torch.nn.Linear(4, 3)), "target has 2, online has 4"),  # fewer parameters
+        (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 5)), r"shape of parameter '1.weight'"),
+        (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 2)),
+         "differ at parameter 3"),
+    ]
+    for other, match in cases:
+        with pytest.raises(ValueError, match=match):
+            momentum_update_(other, online, 0.5)
+    named = torch.nn.Module()
+    named.a, named.b = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"target has 'a.weight', online has '0.weight'"):
+        momentum_update_(named, online, 0.5)
+    for b, p in zip(before, target.parameters()):
+        assert torch.equal(b, p)  # nothing was updated by a refused call
+    # a DDP / torch.compile wrapper's prefix is not a mismatch
+    wrapped = torch.nn.Module()
+    wrapped.module = copy.deepcopy(online)
+    momentum_update_(target, wrapped, 0.5)
+    momentum_update_(target, online, 0.5)
 
 
 # ------------------------------------------------------------------ bad input

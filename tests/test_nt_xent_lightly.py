@@ -192,3 +192,18 @@ def test_bank_errors():
 def test_bank_size_zero_pair_is_plain_nt_xent():
     z1, z2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     torch.testing.assert_close(NTXentLoss(0.5, (0, 3))(z1, z2), nt_xent(z1, z2, 0.5))
+
+
+@pytest.mark.parametrize("bank", [0, 8])
+def test_non_finite_input_is_named_as_passed(bank):
+    """With a memory bank the loss runs through info_nce, whose arguments are query / key; the
+    error must still name the argument the user passed."""
+    z = torch.randn(4, 3)
+    bad = z.clone()
+    bad[1, 2] = float("nan")
+    loss_fn = NTXentLoss(0.2, bank)
+    with pytest.raises(ValueError, match="^z1 holds NaN"):
+        loss_fn(bad, z)
+    with pytest.raises(ValueError, match="^z2 holds NaN"):
+        loss_fn(z, bad.requires_grad_(True))
+

@@ -68,6 +68,7 @@ Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="trit
 tensors through the Triton kernels; set TRITON_INTERPRET=1 before Triton is imported.
 """
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -679,9 +680,13 @@ class MemoryBank(nn.Module):
 
     Starts as `size` random L2-normalised rows of `dim` (as lightly initialises its bank);
     `negatives()` returns the bank detached, for `info_nce(..., negatives=bank.negatives())`;
-    `enqueue(keys)` then overwrites the oldest rows with the (detached) new keys, wrapping
-    around the end (a batch larger than the bank keeps its last `size` rows). The rows and
-    the write pointer are buffers, so the bank is saved in state_dict and moves with .to().
+    `enqueue(keys)` then writes the (detached) new keys at the pointer with lightly's rule: a
+    batch that reaches the end of the bank fills it up to the end, the rest of that batch is
+    dropped and the pointer goes back to 0 (so after three batches of 3 keys into a bank of 5,
+    `bank[:3]` holds the last batch and the pointer is 3). `NTXentLoss(memory_bank_size=...)`
+    uses the same rule. Unlike lightly's module, the rows and the write pointer are persistent
+    buffers, so the bank is saved in state_dict (a resumed MoCo run keeps its queue) and moves
+    with .to().
     `gather_distributed=True` enqueues the keys of all ranks (MoCo's concat_all_gather), so
     every rank keeps the same bank.
 
@@ -721,38 +726,75 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, keys):
-        """Write keys (B, dim) over the oldest rows (FIFO, wrapping around)."""
+        """Write keys (B, dim) at the pointer (lightly's rule, see the class docstring)."""
         if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != self.bank.shape[1]:
             raise ValueError(f"keys must be a (B, {self.bank.shape[1]}) tensor, got "
                              f"{getattr(keys, 'shape', type(keys).__name__)}")
-        keys = keys.detach()
-        world = _dist_world(self.gather_distributed)
-        if world is not None:
-            import torch.distributed as dist
-
-            parts = [torch.empty_like(keys) for _ in range(world[1])]
-            dist.all_gather(parts, keys.contiguous())
-            keys = torch.cat(parts)  # rank order: the same bank on every rank
-        total = keys.shape[0]
-        end = (int(self.ptr) + total) % self.size
-        # as if written one by one: only the last `size` keys survive, ending at `end`
-        keys = keys[-self.size:].to(self.bank.dtype)
-        b = keys.shape[0]
-        p = (end - b) % self.size
-        first = min(b, self.size - p)
-        self.bank[p:p + first] = keys[:first]
-        if b > first:
-            self.bank[: b - first] = keys[first:]
-        self.ptr.fill_(end)
+        enqueue_(self.bank, self.ptr, keys, self.gather_distributed)
 
     def extra_repr(self):
         return f"size={self.size}, dim={self.bank.shape[1]}, dtype={self.bank.dtype}"
 
 
 @torch.no_grad()
+def enqueue_(bank, ptr, keys, gather_distributed=False):
+    """lightly's memory-bank update, in place: write the detached ``keys`` (B, D) into ``bank``
+    (size, D) at ``ptr`` (an int64 tensor of one element); a batch that reaches the end fills the
+    bank up to the end, drops its remaining rows and sets the pointer back to 0. With
+    ``gather_distributed`` (under an initialised process group) the keys of all ranks are written,
+    in rank order, so every rank keeps the same bank."""
+    keys = keys.detach()
+    world = _dist_world(gather_distributed)
+    if world is not None:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(keys) for _ in range(world[1])]
+        dist.all_gather(parts, keys.contiguous())
+        keys = torch.cat(parts)
+    size, p, b = bank.shape[0], int(ptr), keys.shape[0]
+    if p + b >= size:
+        bank[p:] = keys[:size - p].to(bank)
+        ptr.fill_(0)
+    else:
+        bank[p:p + b] = keys.to(bank)
+        ptr.fill_(p + b)
+
+
+def _unwrapped_name(name):
+    # DDP ("module.") and torch.compile ("_orig_mod.") wrappers prefix every parameter name
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+@torch.no_grad()
 def momentum_update_(target, online, momentum=0.999):
     """EMA of the online parameters into the target network, in place (MoCo / BYOL / MoCLR):
     p_t <- momentum p_t + (1 - momentum) p_o. Buffers (BN running statistics) are left to
-    the target's own forwards, as in MoCo."""
-    for pt, po in zip(target.parameters(), online.parameters()):
+    the target's own forwards, as in MoCo.
+
+    The two models must have the same parameters: the same count, names (a DDP or
+    torch.compile wrapper's prefix aside) and shapes, in the same order; otherwise a ValueError
+    names the first mismatch and nothing is updated.
+
+    Example::
+
+        target = copy.deepcopy(online).requires_grad_(False)
+        momentum_update_(target, online, 0.99)
+    """
+    pairs = list(itertools.zip_longest(target.named_parameters(), online.named_parameters()))
+    for i, (t, o) in enumerate(pairs):
+        if t is None or o is None:
+            n_t, n_o = sum(x is not None for x, _ in pairs), sum(y is not None for _, y in pairs)
+            extra = (o or t)[0]
+            raise ValueError(f"target and online have different parameters: target has {n_t}, online has {n_o} "
+                             f"(first unmatched: {'online' if t is None else 'target'} parameter {extra!r})")
+        (nt, pt), (no, po) = t, o
+        if _unwrapped_name(nt) != _unwrapped_name(no):
+            raise ValueError(f"target and online differ at parameter {i}: target has {nt!r}, online has {no!r}")
+        if pt.shape != po.shape:
+            raise ValueError(f"target and online differ in the shape of parameter {nt!r}: target "
+                             f"{tuple(pt.shape)}, online {tuple(po.shape)}")
+    for (_, pt), (_, po) in pairs:
         pt.lerp_(po.to(pt.dtype), 1.0 - momentum)
