@@ -374,6 +374,23 @@ def _masked_conv(name, batch=256, block=(32, 32)):
     torch.autograd.grad(y, (x, w), s["gy"])
 
 
+@functools.lru_cache(maxsize=None)
+def _linear_case(name, images, kind, sparsity):
+    import bench_masked_linear as bml
+
+    spec = next(s for s in bml.LAYERS if s[0] == name)
+    return bml.setup_case(spec, kind, sparsity, images * bml.TOKENS, torch.bfloat16, "cpu")
+
+
+def _masked_linear(name, images=256, kind="block", sparsity=0.9):
+    from sdclr_fast.ops.masked_linear import masked_linear
+
+    s = _linear_case(name, images, kind, sparsity)
+    x, w = s["x"].detach().requires_grad_(), s["w"].detach().requires_grad_()
+    y = masked_linear(x, w, s["mask"], _backend="triton")
+    torch.autograd.grad(y, (x, w), s["gy"])
+
+
 def _anchor(which):
     import kernel_anchors as ka
 
@@ -419,6 +436,10 @@ def _workloads():
         w.append(Workload("masked_conv", f"{spec[0]} b256 bf16 CL 32x32 90%",
                           functools.partial(_masked_conv, spec[0]),
                           quick=spec[0] == "layer2.conv"))
+    # ViT projections at 256 images x 197 tokens (bench_masked_linear's goal shapes)
+    for name in ("vit_b.fc1", "vit_b.fc2", "vit_s.qkv", "vit_s.proj"):
+        w.append(Workload("masked_linear", f"{name} 256x197 bf16 32x32 90%",
+                          functools.partial(_masked_linear, name)))
     return w
 
 
