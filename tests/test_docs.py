@@ -7,6 +7,7 @@ marker line that says why, and is reported as skipped with that reason::
     <!-- docs-test: skip: needs a CUDA GPU -->
     ```python
 """
+import doctest
 import html.parser
 import importlib
 import inspect
@@ -16,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -54,10 +56,10 @@ PYTHON_BLOCKS = [pytest.param(code, reason, id=f"{path.relative_to(ROOT)}:{line}
                  if lang in ("python", "py")]
 
 
-def run_block(code):
+def run_block(code, namespace=None):
     """Run one block in a fresh namespace, as a reader pasting it into a new interpreter would."""
     torch.manual_seed(0)
-    exec(compile(code, "<docs block>", "exec"), {"__name__": "__docs__"})
+    exec(compile(code, "<docs block>", "exec"), dict(namespace or {}, __name__="__docs__"))
 
 
 @pytest.mark.parametrize("code, skip_reason", PYTHON_BLOCKS)
@@ -156,11 +158,50 @@ def test_relative_links_point_to_files():
                 assert (path.parent / target).exists(), f"{path.relative_to(ROOT)}: dead link {target}"
 
 
+def docstring_example(doc):
+    """The code of the ``Example:`` (or ``Examples:``, ``Example::``) section of a docstring, or None."""
+    m = re.search(r"^Examples?::?[ \t]*$", doc, re.M)
+    if m is None:
+        return None
+    block = []
+    for line in doc[m.end():].split("\n")[1:]:
+        if line.strip() and not line.startswith((" ", "\t")):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block)).strip() or None
+
+
+def run_example(code, name, namespace=None):
+    """A doctest (``>>>`` prompts, outputs compared) or a plain block (run), in a copy of
+    ``namespace`` (the defining module's globals, as doctest gives them)."""
+    if ">>>" not in code:
+        return run_block(code, namespace)
+    torch.manual_seed(0)
+    test = doctest.DocTestParser().get_doctest(code, dict(namespace or {}, __name__="__docs__"), name, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out = []
+    result = runner.run(test, out=out.append)
+    assert result.failed == 0, "".join(out)
+
+
 @pytest.mark.parametrize("name", sdclr_fast.__all__)
-def test_export_has_a_docstring_with_an_example(name):
-    doc = inspect.getdoc(getattr(sdclr_fast, name))
+def test_export_has_a_docstring_whose_example_runs(name, one_thread):
+    obj = getattr(sdclr_fast, name)
+    doc = inspect.getdoc(obj)
     assert doc and len(doc) > 80, f"sdclr_fast.{name} has no docstring (or a one-liner)"
-    assert "Example" in doc, f"sdclr_fast.{name}'s docstring has no example"
+    params = [p for p in inspect.signature(obj).parameters if not p.startswith("_")]
+    if params and not inspect.isclass(obj) or (inspect.isclass(obj) and "Args:" in doc):
+        assert "Args:" in doc, f"sdclr_fast.{name}'s docstring has no Args: section"
+    code = docstring_example(doc)
+    assert code, f"sdclr_fast.{name}'s docstring has no Example: section"
+    run_example(code, f"sdclr_fast.{name}", vars(sys.modules[obj.__module__]))
+
+
+def test_a_docstring_example_with_a_wrong_output_fails():
+    code = docstring_example("Summary.\n\nExample:\n    >>> 1 + 1\n    3\n\nMore text.")
+    assert code == ">>> 1 + 1\n3"
+    with pytest.raises(AssertionError, match="Expected"):
+        run_example(code, "wrong")
 
 
 @pytest.fixture(scope="module")

@@ -548,19 +548,58 @@ def _gather_rows(local, labels, two_view, rank, world, group=None):
 def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", weights=None,
             labels=None, multi_positive="out", gather_distributed=False, check_finite=None,
             _backend="auto", _block_d=None):
-    """NT-Xent loss without the M x M similarity matrix.
+    """NT-Xent loss (SimCLR / SDCLR) without the M x M similarity matrix.
 
-    Two views: z1, z2 (N, D), M = 2N rows [z1; z2], row i's positive is its other view.
-    One matrix: z1 (M, D) of any number of views with z2=None and `labels` (M,) (solo-learn's
-    `indexes`): rows with equal labels are positives of each other, every other row a negative.
-    multi_positive="out" averages the positives' log-probabilities (SupCon L_out, the default),
-    "in" puts the sum of their probabilities inside the log (solo-learn); a row without a
-    positive gives 0 (and counts in the mean).
+    Two views: ``z1``, ``z2`` (N, D) give M = 2N rows [z1; z2], and row i's positive is its
+    other view. One matrix: ``z1`` (M, D) holds any number of views, ``z2=None``, and
+    ``labels`` (M,) (solo-learn's ``indexes``) say which rows are positives of each other; every
+    other row is a negative. ``multi_positive="out"`` averages the positives' log-probabilities
+    (SupCon's L_out, the default), ``"in"`` puts the sum of their probabilities inside the log
+    (solo-learn); a row without a positive gives 0 and counts in the mean. The value and
+    gradients equal `sdclr_fast.ops.reference.nt_xent_reference`. The module docstring
+    (`sdclr_fast.ops.nt_xent`) covers weights, temperature tensors, higher derivatives,
+    torch.func and the distributed convention.
 
-    Returns a scalar ("mean" over the M rows, or "sum") or the M per-row losses ("none", rows
-    of z1 first), in the dtype of z1. See the module docstring for weights, temperature
-    tensors, higher derivatives, torch.func and the distributed convention. The value and
-    gradients equal `sdclr_fast.ops.reference.nt_xent_reference`."""
+    Args:
+        z1: (N, D) embeddings of the first view, or (M, D) rows of all views when ``z2`` is
+            None. float16, bfloat16, float32 or float64, on the CPU or a CUDA device.
+        z2: (N, D) embeddings of the second view (same dtype and device as ``z1``), or None.
+        temperature: tau > 0, a Python number or a one-element tensor. A tensor changes value
+            without a recompile under torch.compile; one that requires grad is learnt.
+        normalize: L2-normalise the rows first, so the scores are cosine similarities / tau.
+        reduction: ``"mean"`` over the M rows, ``"sum"``, or ``"none"`` for the M per-row
+            losses (rows of ``z1`` first).
+        weights: optional (M,) per-row weights (differentiable), applied before the reduction.
+        labels: optional integer labels: (N,) (both views) or (2N,) with two views, (M,) with
+            one matrix. Rows with equal labels are extra positives of each other.
+        multi_positive: ``"out"`` or ``"in"``, how several positives combine (see above).
+        gather_distributed: under an initialised torch.distributed (world size > 1), take the
+            negatives from every rank's rows (True) or from the ranks of a given ProcessGroup;
+            the gathered rows' gradients go back to their owners.
+        check_finite: look for NaN / inf in the embeddings: None checks where it costs no
+            device sync (CPU tensors outside torch.compile), True always, False never.
+
+    Returns:
+        A 0-d tensor (``"mean"``, ``"sum"``) or the (M,) per-row losses (``"none"``), in the
+        dtype of ``z1``.
+
+    Raises:
+        ValueError: naming the argument: mismatched shapes, dtypes or devices, a temperature
+            that is not > 0 and finite, labels or weights of the wrong length, an unknown
+            ``reduction`` or ``multi_positive``, NaN / inf in the embeddings (when checked).
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> z1, z2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+        >>> loss = sdclr_fast.nt_xent(z1, z2, temperature=0.2)
+        >>> loss.backward()
+        >>> sdclr_fast.nt_xent(z1, z2, 0.2, reduction="none").shape
+        torch.Size([16])
+        >>> z = torch.randn(12, 16)                      # three views of four images
+        >>> idx = torch.arange(4).repeat(3)
+        >>> sdclr_fast.nt_xent(z, labels=idx, multi_positive="in").dim()
+        0
+    """
     R = _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_positive)
     check_flag("check_finite", check_finite)
     single = z2 is None
@@ -631,32 +670,54 @@ def _bank_shape(memory_bank_size):
 
 
 class NTXentLoss(nn.Module):
-    """Module form of `nt_xent`, a drop-in for lightly's `NTXentLoss(temperature,
-    memory_bank_size, gather_distributed)` (same positional order):
+    """Module form of `nt_xent`, a drop-in for lightly's ``NTXentLoss``.
 
-        NTXentLoss(temperature=0.2, memory_bank_size=0, gather_distributed=False, *,
-                   normalize=True, reduction="mean", multi_positive="out")
-        loss = loss_fn(z1, z2)                     # two views
-        loss = loss_fn(z, labels=idx)              # one matrix, solo-learn style
-        loss = loss_fn(z1, z2, weights=w, labels=y)
+    Takes lightly's arguments in lightly's positional order (temperature, memory_bank_size,
+    gather_distributed) and checks every argument here, in the constructor. A tensor
+    temperature is kept as a buffer (an nn.Parameter as a learnable parameter). The default
+    temperature is the SDCLR paper's 0.2 (lightly's default is 0.5). ``forward(z1, z2=None,
+    weights=None, labels=None)`` takes what `nt_xent` takes: two views, or one matrix with
+    labels (solo-learn style).
 
-    Every argument is checked here, in the constructor. A tensor temperature is kept as a
-    buffer (an nn.Parameter as a learnable parameter). The default temperature is the SDCLR
-    paper's 0.2 (lightly's default is 0.5).
-
-    memory_bank_size > 0 (an int, or a (size, dim) pair) is lightly's memory-bank (MoCo-style)
+    With a memory bank (``memory_bank_size`` > 0) it is lightly's memory-bank (MoCo-style)
     loss: row i of z1 against [its positive z2_i; the bank], loss_i = -log softmax at the
     positive, mean over the N rows of z1; the bank alone gives the negatives (no in-batch
     ones). The bank starts as random unit rows (torch.randn from the global generator, then
     L2-normalised; with an int size at the first forward, with the dimension of z1), float32,
     and is read (a detached copy) before it is updated. After the loss, if the normalised z1
     requires grad (a training step; not under no_grad, not for evaluation), the normalised z2
-    (detached; of all ranks, rank order, with gather_distributed under an initialised process
-    group) are
-    written at the pointer; a batch that reaches the end fills the bank up to the end, drops
-    its remaining rows and sets the pointer back to 0 (lightly's rule). As in lightly, the
-    bank and its pointer are non-persistent buffers (not in state_dict). The loss itself is
-    `info_nce(..., negatives=bank, in_batch_negatives=False)`."""
+    (detached; of all ranks, in rank order, with gather_distributed under an initialised process
+    group) are written at the pointer; a batch that reaches the end fills the bank up to the
+    end, drops its remaining rows and sets the pointer back to 0 (lightly's rule). As in lightly,
+    the bank and its pointer are non-persistent buffers (not in state_dict). The loss itself is
+    ``info_nce(..., negatives=bank, in_batch_negatives=False)``.
+
+    Args:
+        temperature: tau > 0: a Python number, a one-element tensor, or an nn.Parameter.
+        memory_bank_size: 0 (in-batch negatives), an int > 0 (bank rows; the dimension is
+            taken from the first batch) or a ``(size, dim)`` pair.
+        gather_distributed: a bool; True takes negatives from all ranks (and enqueues all
+            ranks' keys) and needs ``torch.distributed.is_available()``.
+        normalize: L2-normalise the rows first.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        multi_positive: ``"out"`` or ``"in"`` (see `nt_xent`).
+
+    Raises:
+        ValueError: naming the argument: a temperature that is not a finite number > 0 (or a
+            tensor of more than one element), a malformed ``memory_bank_size``, a
+            ``gather_distributed`` that is not a bool or that this torch cannot serve, an unknown
+            ``reduction`` or ``multi_positive``.
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import NTXentLoss         # instead of: from lightly.loss import NTXentLoss
+        >>> loss_fn = NTXentLoss(0.5)
+        >>> loss = loss_fn(torch.randn(8, 16), torch.randn(8, 16))
+        >>> moco = NTXentLoss(0.1, (64, 16))            # a bank of 64 rows of 16
+        >>> loss = moco(torch.randn(8, 16, requires_grad=True), torch.randn(8, 16))
+        >>> int(moco.bank_ptr)                           # the 8 keys were enqueued
+        8
+    """
 
     def __init__(self, temperature=0.2, memory_bank_size=0, gather_distributed=False, *,
                  normalize=True, reduction="mean", multi_positive="out"):
