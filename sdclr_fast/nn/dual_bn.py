@@ -102,7 +102,15 @@ class DualBatchNorm1d(_DualBatchNorm):
 class DualLayerNorm(DualNorm):
     """Two `nn.LayerNorm` (``dense``, ``pruned``) behind one module; same arguments. The
     transformer analogue of dual BN (not from the SDCLR paper): the pruned branch keeps its own
-    affine pair, since pruning shifts what each feature's scale and shift should be."""
+    affine pair, since pruning shifts what each feature's scale and shift should be.
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import DualLayerNorm
+        >>> norm = DualLayerNorm(16)
+        >>> norm.branch = "pruned"          # SelfCompetitor sets this on every dual layer
+        >>> y = norm(torch.randn(2, 5, 16))  # the pruned branch's LayerNorm
+    """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
                  device=None, dtype=None):

@@ -22,11 +22,12 @@ class MaskedLinear(nn.Linear):
     Same constructor as `nn.Linear`. The mask starts all True and `mask_enabled` True;
     `SelfCompetitor` turns masks off for the dense branch and on for the pruned one.
 
-    Example::
-
-        lin = MaskedLinear(8, 4)
-        lin.set_mask(torch.rand(4, 8) > 0.5)
-        y = lin(torch.randn(2, 8))     # F.linear(x, weight * mask, bias)
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import MaskedLinear
+        >>> lin = MaskedLinear(8, 4)
+        >>> lin.set_mask(torch.rand(4, 8) > 0.5)
+        >>> y = lin(torch.randn(2, 8))     # F.linear(x, weight * mask, bias)
     """
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):

@@ -94,14 +94,16 @@ def self_competitor(model, head=None, *, prune=PRUNABLE, exclude=DEFAULT_EXCLUDE
         ValueError: for an unknown kind in `prune`, a non-string pattern, a model without any
             layer to prune, or head=None on a model that does not tell its feature size.
 
-    Example::
-
-        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        net.num_features = 8
-        model = self_competitor(net)
-        model.update_masks(0.9)
-        z_dense, z_pruned = model(x, branch="dense"), model(x, branch="pruned")
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from sdclr_fast.nn import sdclr_head, self_competitor
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        >>> model = self_competitor(net, sdclr_head(8, 16))   # Conv2d -> MaskedConv2d, BN -> dual
+        >>> kept = model.update_masks(0.9)                     # once per epoch
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> z_dense, z_pruned = model(x, branch="dense"), model(x, branch="pruned")
     """
     if not isinstance(model, nn.Module) or isinstance(model, SelfCompetitor):
         raise ValueError(f"model must be an nn.Module that is not yet a SelfCompetitor, got "

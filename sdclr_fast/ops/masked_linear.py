@@ -263,9 +263,13 @@ def masked_linear(x, weight, mask, bias=None, *, block=None, _backend="auto"):
     Raises:
         ValueError: naming the argument whose shape, dtype or device does not fit.
 
-    Example::
-
-        y = masked_linear(torch.randn(4, 8), torch.randn(3, 8), torch.rand(3, 8) > 0.5)
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import masked_linear
+        >>> w = torch.randn(3, 8, requires_grad=True)
+        >>> mask = torch.rand(3, 8) > 0.5
+        >>> y = masked_linear(torch.randn(2, 4, 8), w, mask)   # (2, 4, 3)
+        >>> y.sum().backward()                                  # w.grad is 0 where mask is False
     """
     x, bias, wdt = _autocast(x, weight, bias)
     _check(x, weight, mask, bias, wdt)
