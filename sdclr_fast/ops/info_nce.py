@@ -587,13 +587,52 @@ def _gather_plain(t, rank, world, group=None):
 def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, normalize=True,
              reduction="mean", weights=None, labels=None, gather_distributed=False,
              in_batch_negatives=True, check_finite=None, _backend="auto", _block_d=None):
-    """InfoNCE of query (M, D) against key (M, D) (row i's positive is k_i) and the optional
-    negatives (Q, D), without the (M, M + Q) logit matrix.
+    """InfoNCE of queries against keys and an optional negatives bank, without the logit matrix.
 
-    Returns a scalar ("mean" over the M rows, 2M when symmetric; or "sum") or the per-row
-    losses ("none": the M query rows, then the M key rows when symmetric), in the dtype of
-    query. See the module docstring for the options. Values and gradients equal
-    `sdclr_fast.ops.reference.info_nce_reference`."""
+    Row i of ``query`` (M, D) is positive with row i of ``key`` (M, D); the other keys
+    (``in_batch_negatives=True``) and the rows of ``negatives`` (Q, D) are its negatives. Neither
+    path stores the (M, M + Q) logits. The module docstring (`sdclr_fast.ops.info_nce`) details
+    the options, the distributed convention and the autograd paths. Values and gradients equal
+    `sdclr_fast.ops.reference.info_nce_reference`.
+
+    Args:
+        query: (M, D) float16, bfloat16, float32 or float64, on the CPU or a CUDA device.
+        key: (M, D), same dtype and device as ``query``.
+        temperature: tau > 0, a Python number or a one-element tensor (learnt when it
+            requires grad, as CLIP's).
+        negatives: optional (Q, D) bank of extra negatives (e.g. `MemoryBank.negatives()`),
+            used by the query -> key direction only.
+        symmetric: add the key -> query direction (CLIP); ``"mean"`` then averages the 2M rows.
+        normalize: L2-normalise the rows first (cosine similarities).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-row losses).
+        weights: optional (M,) per-row weights, applied to both directions when symmetric.
+        labels: optional (M,) integer labels: keys with query i's label are extra positives
+            (SupCon-style mean); needs ``in_batch_negatives=True``.
+        gather_distributed: under torch.distributed, the keys (and queries when symmetric) of
+            all ranks, or of a given ProcessGroup's ranks, are in-batch negatives.
+        in_batch_negatives: False scores each query against its own key and the bank only
+            (MoCo's queue, lightly's memory-bank loss).
+        check_finite: look for NaN / inf: None where it costs no device sync, True always,
+            False never.
+
+    Returns:
+        A 0-d tensor (``"mean"``, ``"sum"``) or the per-row losses (``"none"``: the M query
+        rows, then the M key rows when symmetric), in the dtype of ``query``.
+
+    Raises:
+        ValueError: naming the argument: mismatched shapes, dtypes or devices, a temperature
+            that is not > 0 and finite, weights or labels of the wrong length, labels without
+            in-batch negatives, an unknown ``reduction``, NaN / inf in the inputs (when checked).
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> q, k = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+        >>> bank = sdclr_fast.MemoryBank(32, 16)
+        >>> loss = sdclr_fast.info_nce(q, k, 0.2, negatives=bank.negatives(), in_batch_negatives=False)
+        >>> loss.backward()
+        >>> sdclr_fast.info_nce(q, k, symmetric=True, reduction="none").shape   # CLIP: both directions
+        torch.Size([16])
+    """
     _check(query, key, temperature, negatives, symmetric, normalize, reduction, weights, labels,
            in_batch_negatives)
     check_flag("check_finite", check_finite)
@@ -678,29 +717,49 @@ class InfoNCELoss(nn.Module):
 class MemoryBank(nn.Module):
     """A FIFO queue of past key embeddings (MoCo's queue, lightly's MemoryBankModule).
 
-    Starts as `size` random L2-normalised rows of `dim` (as lightly initialises its bank);
-    `negatives()` returns the bank detached, for `info_nce(..., negatives=bank.negatives())`;
+    Starts as ``size`` random L2-normalised rows of ``dim`` (as lightly initialises its bank).
+    `negatives()` returns the bank detached, for ``info_nce(..., negatives=bank.negatives())``;
     `enqueue(keys)` then writes the (detached) new keys at the pointer with lightly's rule: a
     batch that reaches the end of the bank fills it up to the end, the rest of that batch is
     dropped and the pointer goes back to 0 (so after three batches of 3 keys into a bank of 5,
-    `bank[:3]` holds the last batch and the pointer is 3). `NTXentLoss(memory_bank_size=...)`
+    ``bank[:3]`` holds the last batch and the pointer is 3). ``NTXentLoss(memory_bank_size=...)``
     uses the same rule. Unlike lightly's module, the rows and the write pointer are persistent
     buffers, so the bank is saved in state_dict (a resumed MoCo run keeps its queue) and moves
-    with .to().
-    `gather_distributed=True` enqueues the keys of all ranks (MoCo's concat_all_gather), so
-    every rank keeps the same bank.
+    with ``.to()``.
 
-    MoCo step (momentum encoder f_k, queue of 65,536 keys, tau = 0.2):
+    Args:
+        size: number of rows, an int >= 1.
+        dim: embedding dimension, an int >= 1.
+        dtype: dtype of the stored rows (float32 by default, as lightly's).
+        device: where the bank lives.
+        gather_distributed: `enqueue` adds the keys of all ranks (MoCo's concat_all_gather), so
+            every rank keeps the same bank.
+        generator: optional torch.Generator for the initial rows.
 
-        bank = MemoryBank(65536, 128).to(device)
-        q = f_q(x1)
-        with torch.no_grad():
-            momentum_update_(f_k, f_q, 0.999)
-            k = f_k(x2)
-        loss = info_nce(q, k, 0.2, negatives=bank.negatives(), in_batch_negatives=False)
-        loss.backward()
-        bank.enqueue(k)                       # this step's keys are negatives from the next
-                                              # step on
+    Raises:
+        ValueError: for a size or dim that is not a positive int; `enqueue` for keys that are
+            not (B, dim).
+
+    Example:
+        A MoCo step (momentum encoder ``f_k``, queue of 65,536 keys, tau = 0.2)::
+
+            bank = MemoryBank(65536, 128).to(device)
+            q = f_q(x1)
+            with torch.no_grad():
+                momentum_update_(f_k, f_q, 0.999)
+                k = f_k(x2)
+            loss = info_nce(q, k, 0.2, negatives=bank.negatives(), in_batch_negatives=False)
+            loss.backward()
+            bank.enqueue(k)       # this step's keys are negatives from the next step on
+
+        The queue rule on a small bank:
+
+        >>> import torch
+        >>> bank = MemoryBank(5, 4)
+        >>> for _ in range(3):
+        ...     bank.enqueue(torch.randn(3, 4))
+        >>> int(bank.ptr)
+        3
     """
 
     def __init__(self, size, dim, *, dtype=torch.float32, device=None, gather_distributed=False,
