@@ -205,9 +205,30 @@ def kth_index(sparsity, n):
 
 
 def magnitude_threshold(tensors, sparsity):
-    """The SDCLR threshold: the value at index ``ceil(sparsity * n)`` (kept < n) of the
-    ascending sorted |w| pooled over all ``tensors``. Returns a 0-d tensor on their device
-    (float32; float64 if any tensor is float64)."""
+    """The SDCLR pruning threshold of ``tensors``, without a sort.
+
+    The value at index ``ceil(sparsity * n)`` (kept below n) of the ascending sorted |w| pooled
+    over all ``tensors`` (n elements in all), found by the C++ / CUDA selection op
+    ``torch.ops.sdclr_fast.kth_abs_value``.
+
+    Args:
+        tensors: a tensor or a list of tensors (float16, bfloat16, float32 or float64, any
+            shapes) on one device.
+        sparsity: the fraction to prune, a number in [0, 1).
+
+    Returns:
+        A 0-d tensor on the tensors' device: float32, or float64 if any tensor is float64.
+
+    Raises:
+        ValueError: for a sparsity outside [0, 1), an empty list, non-tensors, tensors on
+            several devices, tensors without elements, NaN or inf.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> w = torch.arange(10.0) - 4.5           # |w| = 0.5, 0.5, 1.5, 1.5, ..., 4.5, 4.5
+        >>> sdclr_fast.magnitude_threshold([w], 0.3)   # sorted |w| at index ceil(0.3 * 10) = 3
+        tensor(1.5000)
+    """
     s = _check_sparsity(sparsity)
     tensors = _check_tensors(tensors)
     n = sum(t.numel() for t in tensors)
@@ -243,25 +264,42 @@ def _expand_blocks(keep, shape, block):
 
 
 def magnitude_masks(tensors, sparsity, scope="global", block=None, clip_block=False):
-    """Bool masks ``|w| >= threshold``, one per tensor (shape of the tensor, contiguous).
+    """Bool masks ``|w| >= threshold``, one per tensor: SDCLR's magnitude pruning.
 
-    scope: ``"global"`` pools all tensors under one threshold (SDCLR); ``"layer"`` gives each
-    tensor its own. block: None (unstructured, as SDCLR) or ``(bo, bi)`` for conv weights
-    (O, I, kh, kw): whole groups of bo out-channels x bi in-channels x all taps are kept or
-    pruned together, so that a mask-aware conv can skip pruned blocks. Blocks are ranked by
-    :func:`block_scores` (mean |w|) and ``sparsity`` still counts weights: each block counts
-    with its number of weights (edge blocks are smaller), and the cut falls at the block that
-    holds weight number ceil(sparsity * n) of that ranking, so at most that many weights are
-    pruned and the kept fraction exceeds 1 - sparsity by less than one block.
-    clip_block: a block larger than a tensor in both channel dimensions would make the whole
-    layer one block; that is refused (ValueError) unless ``clip_block=True`` says it is meant.
+    ``scope="global"`` pools all tensors under one threshold (SDCLR's rule, see
+    `magnitude_threshold`: ties at the threshold are kept, so at least one weight survives);
+    ``"layer"`` gives each tensor its own. ``block=(bo, bi)`` prunes conv weights (O, I, kh, kw)
+    in whole groups of bo out-channels x bi in-channels x all taps, so that a mask-aware conv
+    (`masked_conv2d`) can skip them. Blocks are ranked by `block_scores` (mean |w|) and
+    ``sparsity`` still counts weights: each block counts with its number of weights (edge blocks
+    are smaller), and the cut falls at the block that holds weight number ceil(sparsity * n) of
+    that ranking, so at most that many weights are pruned and the kept fraction exceeds
+    1 - sparsity by less than one block.
 
-    Raises ValueError for a sparsity outside [0, 1), an unknown scope, a malformed block, no
-    elements, NaN or inf.
+    Args:
+        tensors: a tensor or a list of tensors on one device (conv weights with ``block``).
+        sparsity: the fraction to prune, a number in [0, 1).
+        scope: ``"global"`` (one threshold) or ``"layer"`` (one per tensor).
+        block: None (unstructured, as SDCLR) or ``(bo, bi)``, positive ints.
+        clip_block: allow a block larger than a tensor in both channel dimensions (the whole
+            layer would be one block; refused unless True).
 
-    >>> masks = magnitude_masks([torch.randn(64, 64, 3, 3)], 0.9, block=(16, 16))
-    >>> masks[0].float().mean().item()  # 16 blocks of 2304 weights: 2 kept, 14 <= ceil(0.9 * 16) pruned
-    0.125
+    Returns:
+        A list of bool tensors, each of its tensor's shape (contiguous), on the same device.
+
+    Raises:
+        ValueError: for a sparsity outside [0, 1), an unknown scope, a malformed block (or one
+            that covers a whole layer without ``clip_block``), no elements, NaN or inf.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> ws = [torch.randn(64, 64, 3, 3), torch.randn(128, 64, 3, 3)]
+        >>> masks = sdclr_fast.magnitude_masks(ws, 0.9)                     # one global threshold
+        >>> round(sum(m.sum().item() for m in masks) / sum(w.numel() for w in ws), 2)
+        0.1
+        >>> m = sdclr_fast.magnitude_masks([torch.randn(64, 64, 3, 3)], 0.9, block=(16, 16))[0]
+        >>> m.float().mean().item()       # 16 blocks of 2304 weights: 2 kept, 14 <= ceil(0.9 * 16) pruned
+        0.125
     """
     s = _check_sparsity(sparsity)
     _check_scope(scope)
@@ -379,10 +417,37 @@ def conv_weights(model, include=None, exclude=None):
 
 
 def prune_model(model, sparsity, scope="global", include=None, exclude=None, block=None, clip_block=False):
-    """Masks for the conv weights of ``model`` (see :func:`conv_weights` for the set and the
-    include / exclude glob patterns): ``{parameter name: bool mask}``. With the defaults this is
-    SDCLR's self-competitor mask: one global threshold over all conv weights. ``block`` and
-    ``clip_block`` as in :func:`magnitude_masks`."""
+    """SDCLR's self-competitor masks for the conv weights of ``model``.
+
+    The pruning set is `conv_weights` (every nn.Conv2d, first conv and 1x1 shortcuts
+    included; Linear heads and BatchNorm excluded), filtered by the ``include`` / ``exclude``
+    glob patterns. With the defaults this is the official rule: one global threshold over all
+    conv weights.
+
+    Args:
+        model: an nn.Module.
+        sparsity: the fraction to prune, a number in [0, 1).
+        scope: ``"global"`` or ``"layer"``, as in `magnitude_masks`.
+        include: glob pattern(s) (``fnmatch``, e.g. ``"layer4.*"``) a parameter name must match;
+            None takes all.
+        exclude: glob pattern(s) of parameter names left out.
+        block: None or ``(bo, bi)`` channel blocks, as in `magnitude_masks`.
+        clip_block: as in `magnitude_masks`.
+
+    Returns:
+        ``{parameter name: bool mask}`` in module order.
+
+    Raises:
+        ValueError: for a model that is not an nn.Module, no conv weights left after include /
+            exclude, and what `magnitude_masks` refuses.
+
+    Example:
+        >>> import sdclr_fast
+        >>> model = sdclr_fast.resnet18(in_channels=3, width=8)
+        >>> masks = sdclr_fast.prune_model(model, sparsity=0.9)
+        >>> next(iter(masks))                      # the first conv is pruned too, as in SDCLR
+        'conv1.weight'
+    """
     weights = conv_weights(model, include, exclude)
     if not weights:
         raise ValueError("model: no nn.Conv2d weights to prune (after include/exclude)")
@@ -417,17 +482,32 @@ def _smallest_abs(t, count):
 
 
 class MagnitudePruning(torch_prune.BasePruningMethod):
-    """``torch.nn.utils.prune`` method with the semantics of ``prune.L1Unstructured``, computed
-    with the C++ selection op instead of a ``torch.topk``: ``amount`` is an int (a count) or a
-    float in [0, 1] (a fraction, round(amount * n) entries, torch's rounding), validated by
-    torch's own helpers; exactly that many entries with the smallest |w| are pruned (zeros
-    included). Iterative pruning and ``prune.remove`` go through torch's machinery, as for
-    L1Unstructured. Where the cut falls inside a run of equal magnitudes, the first entries of
-    the run in index order are pruned. SDCLR's own rule (ceil, ties kept) is
-    :func:`magnitude_masks`.
+    """A ``torch.nn.utils.prune`` method: ``prune.L1Unstructured`` computed with the C++ selection op.
 
-    >>> MagnitudePruning.apply(conv, "weight", amount=0.9)
-    >>> global_magnitude_unstructured([(conv1, "weight"), (conv2, "weight")], amount=0.9)
+    Exactly round(amount * n) entries (or ``amount`` entries for an int) with the smallest |w|
+    are pruned, zeros included, with torch's own validation and rounding; where the cut falls
+    inside a run of equal magnitudes, the first entries of the run in index order go. Iterative
+    pruning (``PruningContainer``), ``importance_scores``, ``prune.remove`` and the
+    ``weight_orig`` / ``weight_mask`` reparametrisation are torch's; only the selection runs in
+    C++ instead of ``torch.topk``. SDCLR's own rule (ceil, ties kept) is `magnitude_masks`.
+
+    Args:
+        amount: an int >= 0 (a count) or a float in [0, 1] (a fraction).
+
+    Raises:
+        TypeError: from torch's validation, for an amount that is neither an int nor a float.
+        ValueError: from torch's validation, for a negative amount, a fraction above 1 or a
+            count above the number of entries; naming the tensor to prune when it holds NaN or
+            inf.
+
+    Example:
+        >>> import torch
+        >>> from torch.nn.utils import prune
+        >>> conv = torch.nn.Conv2d(4, 8, 3)
+        >>> _ = MagnitudePruning.apply(conv, "weight", amount=0.5)
+        >>> int(conv.weight_mask.sum())           # 288 weights, 144 kept
+        144
+        >>> _ = prune.remove(conv, "weight")      # torch's machinery from here on
     """
 
     PRUNING_TYPE = "unstructured"
@@ -451,9 +531,31 @@ class MagnitudePruning(torch_prune.BasePruningMethod):
 
 
 def global_magnitude_unstructured(parameters, amount, importance_scores=None):
-    """``prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=...,
-    importance_scores=...)`` with :class:`MagnitudePruning`: one selection pooled over all
-    ``(module, name)`` pairs (over the entries not pruned yet), the masks applied with each
-    module's reparametrisation (``weight_orig`` and ``weight_mask``)."""
+    """``prune.global_unstructured(..., pruning_method=prune.L1Unstructured)`` on the C++ selection op.
+
+    One selection pooled over all ``(module, name)`` pairs (over the entries not pruned yet),
+    the masks applied with each module's reparametrisation (``weight_orig`` and
+    ``weight_mask``), through torch's ``prune.global_unstructured`` with `MagnitudePruning`.
+
+    Args:
+        parameters: an iterable of ``(module, parameter name)`` pairs.
+        amount: an int (a count) or a float in [0, 1] (a fraction of all their entries).
+        importance_scores: optional ``{(module, name): tensor}`` of scores to rank by instead of
+            the parameters themselves (torch's argument).
+
+    Raises:
+        TypeError: from torch's validation, for parameters that are not an iterable of pairs.
+        ValueError: as `MagnitudePruning`.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> model = sdclr_fast.resnet18(in_channels=3, width=8)
+        >>> convs = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        >>> sdclr_fast.global_magnitude_unstructured(convs, amount=0.9)
+        >>> kept = sum(int(m.weight_mask.sum()) for m, _ in convs)
+        >>> total = sum(m.weight_mask.numel() for m, _ in convs)
+        >>> round(kept / total, 3)
+        0.1
+    """
     torch_prune.global_unstructured(parameters, pruning_method=MagnitudePruning,
                                     importance_scores=importance_scores, amount=amount)
