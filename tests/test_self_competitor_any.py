@@ -477,3 +477,19 @@ def test_timm_vit_sdclr_fashion_mnist_lt_resume_and_eval(tmp_path, capsys):
                  "--knn-k", "3", "--device", "cpu", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "linear" in text and "knn" in text and (out / "report.json").exists()
+
+
+def test_timm_vit_dnc_base_experts_and_student(tmp_path):
+    """DnC on a timm ViT: MoCLR base, experts and the distilled student all rebuild the model
+    from the checkpoint's arch string and image size."""
+    from sdclr_fast.train import load_checkpoint, load_model
+    from sdclr_fast.train.dnc import dnc
+    from test_dnc import DATA, tiny_config, tiny_options
+
+    _timm()
+    arch = "timm:vit_tiny_patch16_224:patch_size=4,depth=1"
+    student = dnc(tiny_config(method="moclr", arch=arch), tiny_options(), run_dir=tmp_path, data=DATA)
+    state = load_checkpoint(student)
+    assert state["model_args"]["arch"] == arch and state["model_args"]["image_size"] == 8
+    model = load_model(student)
+    assert model.features(DATA.test.images[:3].float() / 255, branch="dense").shape == (3, 192)

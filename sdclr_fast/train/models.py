@@ -131,7 +131,7 @@ def build_timm_model(arch, method="sdclr", in_channels=3, image_size=32, proj_di
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     backbone = timm_backbone(arch, in_channels, image_size)
-    dim = backbone.num_features
+    dim = backbone.feature_dim = int(backbone.num_features)  # the name the package's backbones use
     head = (sdclr_head if method == "sdclr" else simclr_head)(dim, proj_dim, hidden_dim)
     predictor = moclr_predictor(proj_dim, dim if hidden_dim is None else hidden_dim) \
         if method == "moclr" else None
