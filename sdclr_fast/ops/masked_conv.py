@@ -312,9 +312,32 @@ def _check_block(block):
 
 
 def prepare_mask(mask, groups=1, block=None):
-    """The `MaskTiles` of a (O, C/groups, KH, KW) mask, computed once per mask change and cached
-    on the mask (`masked_conv2d` calls this itself). block: (block_o, block_c) powers of two
-    >= 16, default `default_block(O // groups, C/groups)`."""
+    """The `MaskTiles` of a conv mask: which weight tiles the Triton kernels compute.
+
+    Computed once per mask change and cached on the mask (keyed on its version counter, so an
+    in-place update such as ``mask.copy_(new)`` is seen); `masked_conv2d` calls it itself, so
+    call it only to inspect a mask's tiles or to build them ahead of the first step.
+
+    Args:
+        mask: (O, C / groups, KH, KW) bool (or 0/1) tensor.
+        groups: the convolution's groups, a positive int dividing O.
+        block: (block_o, block_c) powers of two >= 16; default
+            ``default_block(O // groups, C / groups)``.
+
+    Returns:
+        A `MaskTiles` (immutable; ``tile_density`` is the fraction of tiles computed).
+
+    Raises:
+        ValueError: for a mask that is not 4-d, a bad ``groups`` or ``block``.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> w = torch.randn(64, 64, 3, 3)
+        >>> mask = sdclr_fast.magnitude_masks([w], 0.75, block=(32, 32))[0]
+        >>> tiles = sdclr_fast.prepare_mask(mask)
+        >>> tiles.tile_density                   # one of the four 32x32 tiles kept
+        0.25
+    """
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise ValueError(f"mask must be a 4-d tensor of the weight's shape, got "
                          f"{getattr(mask, 'shape', type(mask).__name__)}")
@@ -532,17 +555,48 @@ def _autocast(x, weight, bias):
 
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                   block=None, _backend="auto"):
-    """`F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)` without the masked
-    weight copy; grad_weight is mask * dW (pruned weights get no gradient from this op).
+    """``F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)`` without the masked weight copy.
 
-    x: (N, C, H, W), NCHW or channels-last, or unbatched (C, H, W); weight: (O, C/groups, KH, KW); mask: bool (or 0/1)
-    tensor of the weight's shape; bias: (O,) or None; stride, dilation: int or pair (>= 1);
-    padding: int, pair, "same" or "valid". CUDA fp32/fp16/bf16 runs the Triton kernels (fp32
-    uses TF32 when torch.backends.cudnn.allow_tf32 is set, as F.conv2d does) unless the mask
-    leaves too few weight tiles empty to pay off (see SDCLR_FAST_MASKED_CONV_DENSE); everything
-    else runs the PyTorch path. block: the kernels' (block_o, block_c) weight tile (powers of
-    two >= 16; default `default_block`), e.g. to match coarser pruning blocks. `_backend`
-    ("auto", "triton", "torch") is for tests and benches."""
+    grad_weight is mask * dW: pruned weights get no gradient from this op. On CUDA
+    (float32 / float16 / bfloat16) it runs the Triton implicit-GEMM kernels on the non-empty
+    weight tiles where the tuned table (``kernels/masked_conv_tuned.json``) measured them faster
+    than cuDNN for this GPU, shape and tile density, and cuDNN on ``weight * mask`` elsewhere
+    (no entry, a mask that fills more than 5/8 of the tiles, or Triton lost the sweep); fp32
+    uses TF32 when ``torch.backends.cudnn.allow_tf32`` is set, as F.conv2d does. Everything
+    else (CPU, float64) runs ``F.conv2d`` on the weight times a cached 0/1 mask. Under
+    torch.compile the call is traced (see the torch.compile page of the docs).
+
+    Args:
+        x: (N, C, H, W) input, NCHW or channels-last, or unbatched (C, H, W); floating point.
+        weight: (O, C / groups, KH, KW), x's dtype (or float32 under autocast).
+        mask: bool (or 0/1) tensor of the weight's shape, on x's device.
+        bias: (O,) or None.
+        stride: int or pair, >= 1.
+        padding: int, pair, ``"same"`` or ``"valid"``.
+        dilation: int or pair, >= 1.
+        groups: a positive int dividing C and O.
+        block: the Triton kernels' (block_o, block_c) weight tile, powers of two >= 16 (default
+            `default_block`), e.g. to match coarser pruning blocks.
+        _backend: ``"auto"``, ``"triton"`` or ``"torch"``, for tests and benches.
+
+    Returns:
+        (N, O, H', W') (or (O, H', W') for an unbatched input) in x's dtype, as F.conv2d.
+
+    Raises:
+        ValueError: naming the argument whose shape, dtype or device does not fit, a mask that
+            does not match its weight, a bad stride, padding, dilation, groups or block.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> x, w = torch.randn(2, 8, 6, 6), torch.randn(16, 8, 3, 3, requires_grad=True)
+        >>> mask = sdclr_fast.magnitude_masks([w], 0.5)[0]
+        >>> y = sdclr_fast.masked_conv2d(x, w, mask, padding=1)
+        >>> torch.allclose(y, torch.nn.functional.conv2d(x, w * mask, padding=1), atol=1e-5)
+        True
+        >>> y.sum().backward()
+        >>> bool((w.grad[~mask] == 0).all())     # pruned weights get no gradient
+        True
+    """
     x, bias, wdt = _autocast(x, weight, bias)
     if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes
         return masked_conv2d(x.unsqueeze(0), weight, mask, bias, stride, padding, dilation,
