@@ -87,14 +87,62 @@ class _DualBatchNorm(DualNorm):
 
 
 class DualBatchNorm2d(_DualBatchNorm):
-    """Two `nn.BatchNorm2d` (``dense``, ``pruned``) behind one module; same arguments."""
+    """Two `nn.BatchNorm2d` (``dense``, ``pruned``) behind one module: SDCLR's dual BN.
+
+    The forward normalises (N, C, H, W) with the branch named by `branch` (``"dense"`` or
+    ``"pruned"``; `SelfCompetitor` sets it on every dual layer at once). Each branch has its own
+    affine parameters and running statistics; both are real BatchNorm children, so
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts them.
+
+    Args:
+        num_features: channels C of the input.
+        eps: as nn.BatchNorm2d.
+        momentum: as nn.BatchNorm2d.
+        affine: as nn.BatchNorm2d.
+        track_running_stats: as nn.BatchNorm2d.
+        device: as nn.BatchNorm2d.
+        dtype: as nn.BatchNorm2d.
+
+    Raises:
+        ValueError: when `branch` is set to anything but ``"dense"`` or ``"pruned"``.
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import DualBatchNorm2d
+        >>> bn = DualBatchNorm2d(8)
+        >>> bn.branch = "pruned"
+        >>> y = bn(torch.randn(4, 8, 5, 5))           # the pruned branch's statistics move
+        >>> bool(bn.pruned.num_batches_tracked == 1), bool(bn.dense.num_batches_tracked == 0)
+        (True, True)
+    """
 
     _bn = nn.BatchNorm2d
 
 
 class DualBatchNorm1d(_DualBatchNorm):
-    """Two `nn.BatchNorm1d` (``dense``, ``pruned``) behind one module; same arguments. Used in
-    the projection heads."""
+    """Two `nn.BatchNorm1d` (``dense``, ``pruned``) behind one module: dual BN in the projection heads.
+
+    As `DualBatchNorm2d`, for (N, C) or (N, C, L) inputs.
+
+    Args:
+        num_features: channels C of the input.
+        eps: as nn.BatchNorm1d.
+        momentum: as nn.BatchNorm1d.
+        affine: as nn.BatchNorm1d.
+        track_running_stats: as nn.BatchNorm1d.
+        device: as nn.BatchNorm1d.
+        dtype: as nn.BatchNorm1d.
+
+    Raises:
+        ValueError: when `branch` is set to anything but ``"dense"`` or ``"pruned"``.
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import DualBatchNorm1d
+        >>> bn = DualBatchNorm1d(16)
+        >>> bn(torch.randn(4, 16)).shape                 # the dense branch by default
+        torch.Size([4, 16])
+    """
 
     _bn = nn.BatchNorm1d
 

@@ -17,11 +17,32 @@ __all__ = ["ProjectionHead", "simclr_head", "sdclr_head", "moclr_predictor"]
 
 
 class ProjectionHead(nn.Module):
-    """MLP with `num_layers` Linear layers: (num_layers - 1) x [Linear, BN, ReLU], then Linear
-    and, with `last_bn` (the default, as SDCLR), a final BN.
+    """The MLP between backbone features and the contrastive loss (SimCLR / SDCLR heads).
 
-    in_dim -> hidden_dim -> ... -> hidden_dim -> out_dim; BN is `DualBatchNorm1d` when
-    `dual_bn` else `nn.BatchNorm1d`."""
+    ``num_layers`` Linear layers: (num_layers - 1) x [Linear, BN, ReLU], then a Linear and, with
+    ``last_bn`` (the default, as in the official SDCLR code), a final BN; in_dim -> hidden_dim ->
+    ... -> hidden_dim -> out_dim. Linear layers followed by BN have no bias. `simclr_head` and
+    `sdclr_head` build SDCLR's two heads.
+
+    Args:
+        in_dim: feature size of the backbone, a positive int.
+        hidden_dim: width of the hidden layers, a positive int.
+        out_dim: projection size, a positive int.
+        num_layers: number of Linear layers, >= 1.
+        dual_bn: BN layers are `DualBatchNorm1d` (SDCLR) instead of `nn.BatchNorm1d`.
+        last_bn: end in BN (the official code) rather than in a Linear with a bias.
+
+    Raises:
+        ValueError: for sizes that are not positive ints, flags that are not bools, and (in the
+            forward) an input that is not (B, in_dim).
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import ProjectionHead
+        >>> head = ProjectionHead(512, 512, 128, num_layers=3, dual_bn=True)   # SDCLR's head
+        >>> head(torch.randn(4, 512)).shape
+        torch.Size([4, 128])
+    """
 
     def __init__(self, in_dim, hidden_dim, out_dim, num_layers=2, dual_bn=False, last_bn=True):
         super().__init__()

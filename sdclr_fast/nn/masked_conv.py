@@ -15,12 +15,40 @@ __all__ = ["MaskedConv2d"]
 
 
 class MaskedConv2d(nn.Conv2d):
-    """`nn.Conv2d` whose forward applies `self.mask` while `self.mask_enabled` is True.
+    """`nn.Conv2d` whose forward applies ``self.mask`` while ``self.mask_enabled`` is True.
 
-    Same constructor as `nn.Conv2d` (only ``padding_mode="zeros"``). The mask starts all True
-    and the module starts with `mask_enabled=True`, so on its own it behaves like a conv with
-    a (trivial) pruning mask; `SelfCompetitor` turns masks off for the dense branch and on for
-    the pruned one.
+    Same constructor as `nn.Conv2d` (only ``padding_mode="zeros"``). The mask is a persistent
+    bool buffer of the weight's shape (saved in the state dict); it starts all True and
+    ``mask_enabled`` starts True, so on its own the module is a conv with a trivial pruning
+    mask. While enabled the forward is `masked_conv2d` (pruned weights get no gradient from
+    it); `SelfCompetitor` turns masks off for the dense branch and on for the pruned one.
+    ``set_mask`` updates the mask in place, ``from_conv`` converts an existing conv.
+
+    Args:
+        in_channels: as nn.Conv2d.
+        out_channels: as nn.Conv2d.
+        kernel_size: as nn.Conv2d.
+        stride: as nn.Conv2d.
+        padding: as nn.Conv2d.
+        dilation: as nn.Conv2d.
+        groups: as nn.Conv2d.
+        bias: as nn.Conv2d.
+        padding_mode: only ``"zeros"``.
+        device: as nn.Conv2d.
+        dtype: as nn.Conv2d.
+
+    Raises:
+        ValueError: for another ``padding_mode``; ``set_mask`` for a mask of another shape or
+            device, or with values other than 0 and 1.
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import MaskedConv2d, magnitude_masks
+        >>> conv = MaskedConv2d(8, 16, 3, padding=1)
+        >>> conv.set_mask(magnitude_masks([conv.weight], 0.9)[0])
+        >>> conv(torch.randn(2, 8, 6, 6)).shape
+        torch.Size([2, 16, 6, 6])
+        >>> conv.mask_enabled = False              # the dense branch: the plain convolution
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,

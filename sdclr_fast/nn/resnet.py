@@ -137,7 +137,31 @@ class ResNet(nn.Module):
 
 
 def resnet18(*, in_channels=3, width=64, cifar_stem=True, dual_bn=True):
-    """ResNet-18 (BasicBlock, [2, 2, 2, 2]); feature_dim = 8 * width (512 at width 64)."""
+    """ResNet-18 feature extractor (BasicBlock, [2, 2, 2, 2]): SDCLR's backbone.
+
+    Stem, four stages of widths width x (1, 2, 4, 8), global average pooling; ``feature_dim``
+    = 8 * width (512 at width 64). Its convolutions are plain nn.Conv2d; `build_model` /
+    `self_competitor` turn them into `MaskedConv2d` for SDCLR.
+
+    Args:
+        in_channels: image channels (3 for RGB, 1 for Fashion-MNIST).
+        width: channels of the first stage (64 is the standard ResNet-18).
+        cifar_stem: a 3x3 stride-1 first conv without max-pool (small images, SDCLR's CIFAR
+            network); False gives the ImageNet stem (7x7 stride 2 and a max-pool).
+        dual_bn: `DualBatchNorm2d` everywhere (SDCLR) instead of `nn.BatchNorm2d`.
+
+    Returns:
+        A `ResNet` mapping (B, in_channels, H, W) images to (B, feature_dim) features.
+
+    Raises:
+        ValueError: for a non-positive in_channels or width, or flags that are not bools.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> net = sdclr_fast.resnet18(in_channels=1, width=8)
+        >>> net(torch.randn(2, 1, 16, 16)).shape
+        torch.Size([2, 64])
+    """
     return ResNet(BasicBlock, [2, 2, 2, 2], in_channels=in_channels, width=width,
                   cifar_stem=cifar_stem, dual_bn=dual_bn)
 
@@ -149,6 +173,28 @@ def resnet34(*, in_channels=3, width=64, cifar_stem=True, dual_bn=True):
 
 
 def resnet50(*, in_channels=3, width=64, cifar_stem=True, dual_bn=True):
-    """ResNet-50 (Bottleneck, [3, 4, 6, 3]); feature_dim = 32 * width (2048 at width 64)."""
+    """ResNet-50 feature extractor (Bottleneck, [3, 4, 6, 3]): SDCLR's ImageNet-100-LT backbone.
+
+    ``feature_dim`` = 32 * width (2048 at width 64). Arguments as `resnet18`; the ImageNet recipe
+    uses ``cifar_stem=False``.
+
+    Args:
+        in_channels: image channels.
+        width: channels of the first stage (64 is the standard ResNet-50).
+        cifar_stem: a 3x3 stride-1 first conv without max-pool; False gives the ImageNet stem.
+        dual_bn: `DualBatchNorm2d` everywhere (SDCLR) instead of `nn.BatchNorm2d`.
+
+    Returns:
+        A `ResNet` mapping (B, in_channels, H, W) images to (B, feature_dim) features.
+
+    Raises:
+        ValueError: for a non-positive in_channels or width, or flags that are not bools.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> net = sdclr_fast.resnet50(width=8, cifar_stem=False)
+        >>> net.feature_dim
+        256
+    """
     return ResNet(Bottleneck, [3, 4, 6, 3], in_channels=in_channels, width=width,
                   cifar_stem=cifar_stem, dual_bn=dual_bn)
