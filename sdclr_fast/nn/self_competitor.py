@@ -156,17 +156,45 @@ def self_competitor(model, head=None, *, prune=PRUNABLE, exclude=DEFAULT_EXCLUDE
 
 
 class SelfCompetitor(nn.Module):
-    """Dense network + pruned self-competitor (SDCLR) around `backbone` and `head`.
+    """SDCLR's dense network and its pruned self-competitor around one ``backbone`` and ``head``.
 
-    backbone: module mapping images to (B, D) features whose convolutions are all
-    `MaskedConv2d` (see `to_masked_convs`, or `self_competitor` for any model); they and its
-    `MaskedLinear` layers are the pruning set (first conv and 1x1 shortcuts included).
-    head: module mapping (B, D) to the projection z; never pruned. Norm layers of either
-    that are dual (`DualBatchNorm*d`, `DualLayerNorm`, `DualNorm`) follow the branch; plain
-    ones are shared by both branches (SimCLR models, which only use the dense branch).
-    predictor: optional module on the projection (MoCLR's), called by the training step as
-    ``model.predictor(model(x))``. dense_only: names (in the backbone) of plain convs that
-    are deliberately not pruned (e.g. a ViT's patch embedding); listed in `excluded`.
+    Weights are shared; the branch decides whether the masks apply and which half of every dual
+    norm layer runs. ``model(x, branch="dense")`` / ``branch="pruned"`` (or
+    ``with model.branch("pruned"):``) return the projection z = head(backbone(x)),
+    ``model.features(x, branch=...)`` the backbone features. ``update_masks(sparsity, scope,
+    block, random_fraction)`` recomputes every mask from the dense weights (SDCLR does this at
+    the start of every epoch) and returns the fraction kept; ``masked_layers()``, ``masks()``,
+    ``set_masks()`` and ``density()`` inspect and set them. `build_model` and `self_competitor`
+    build one.
+
+    Args:
+        backbone: module mapping images to (B, D) features whose convolutions are all
+            `MaskedConv2d` (see `to_masked_convs`, or `self_competitor` for any model); they and
+            its `MaskedLinear` layers are the pruning set (first conv and 1x1 shortcuts
+            included). Dual norm layers (`DualBatchNorm2d`, `DualLayerNorm`, ...) follow the
+            branch; plain ones are shared by both branches (SimCLR models use the dense one only).
+        head: module mapping (B, D) to the projection z; never pruned.
+        predictor: optional module on the projection (MoCLR's), called by the training step as
+            ``model.predictor(model(x))``.
+        dense_only: names (in the backbone) of plain convs deliberately left unpruned (e.g. a
+            ViT's patch embedding); listed in ``excluded``.
+
+    Raises:
+        ValueError: for a backbone or head that is not an nn.Module, a plain nn.Conv2d in the
+            backbone not named in ``dense_only``, a backbone with nothing to prune, a predictor
+            that is not a module; a branch other than ``"dense"`` / ``"pruned"``; masks whose
+            keys are not the pruning set.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> model = sdclr_fast.build_model("resnet18", method="sdclr", in_channels=1, width=8)
+        >>> kept = model.update_masks(sparsity=0.9)          # from the current dense weights
+        >>> round(kept, 2)
+        0.1
+        >>> v1, v2 = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)
+        >>> z_dense = model(v1, branch="dense")               # masks off, dense BN
+        >>> z_pruned = model(v2, branch="pruned")             # masks on, pruned BN
+        >>> sdclr_fast.nt_xent(z_dense, z_pruned).backward()  # one backward for both branches
     """
 
     def __init__(self, backbone, head, predictor=None, *, dense_only=()):
@@ -320,13 +348,38 @@ class SelfCompetitor(nn.Module):
 
 def build_model(arch="resnet18", method="sdclr", in_channels=3, width=64, cifar_stem=True,
                 proj_dim=128, hidden_dim=None):
-    """The model of a SimCLR, SDCLR or MoCLR run, always a `SelfCompetitor`.
+    """The model of a SimCLR, SDCLR or MoCLR run: always a `SelfCompetitor` around a ResNet.
 
-    method 'sdclr': dual BN in backbone and head, 3-layer head feature_dim -> hidden -> hidden ->
-    proj_dim; 'simclr': plain BN, 2-layer head feature_dim -> hidden -> proj_dim (only the dense
-    branch is meant to be used); 'moclr': the 'simclr' model plus `predictor`, proj_dim -> hidden
-    -> proj_dim (BYOL's predictor shape). arch: 'resnet18' (SDCLR's), 'resnet34' or 'resnet50';
-    hidden_dim defaults to the backbone's feature_dim (512 for ResNet-18 at width 64)."""
+    ``"sdclr"``: dual BN in backbone and head, 3-layer head feature_dim -> hidden -> hidden ->
+    proj_dim. ``"simclr"``: plain BN, 2-layer head feature_dim -> hidden -> proj_dim (only the
+    dense branch is meant to be used). ``"moclr"``: the SimCLR model plus a ``predictor``,
+    proj_dim -> hidden -> proj_dim (BYOL's predictor shape). Both heads end in BN, as in the
+    official SDCLR code.
+
+    Args:
+        arch: ``"resnet18"`` (SDCLR's), ``"resnet34"`` or ``"resnet50"``.
+        method: ``"simclr"``, ``"sdclr"`` or ``"moclr"``.
+        in_channels: image channels.
+        width: channels of the backbone's first stage (64: the standard network).
+        cifar_stem: the 3x3 stride-1 stem without max-pool (small images).
+        proj_dim: projection size.
+        hidden_dim: width of the head's hidden layers; default the backbone's feature_dim
+            (512 for ResNet-18 at width 64).
+
+    Returns:
+        A `SelfCompetitor` with ``.method`` and ``.arch`` set.
+
+    Raises:
+        ValueError: for an unknown arch or method, and what the ResNet and head refuse.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> model = sdclr_fast.build_model("resnet18", method="simclr", in_channels=3, width=8)
+        >>> model(torch.randn(2, 3, 16, 16)).shape
+        torch.Size([2, 128])
+        >>> model.features(torch.randn(2, 3, 16, 16)).shape      # what the linear probe sees
+        torch.Size([2, 64])
+    """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     if method not in METHODS:
