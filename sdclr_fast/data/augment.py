@@ -103,20 +103,49 @@ class _Clamp01(nn.Module):
 
 
 class TwoViewAugment(nn.Module):
-    """SDCLR / SimCLR two-view augmentation of a uint8 batch, all on the batch's device.
+    """SDCLR / SimCLR two-view augmentation of a uint8 batch, all on the batch's device (kornia).
 
     Per view and image, independently: random resized crop to ``image_size`` (area scale
     ``scale``, aspect 3/4-4/3, bicubic like torchvision's in the official code, clamped to
-    [0, 1] as a PIL image would be), horizontal flip (p 0.5), colour jitter (brightness, contrast,
+    [0, 1] as a PIL image would be), horizontal flip, colour jitter (brightness, contrast,
     saturation, hue) = ``jitter`` applied with probability ``jitter_p``, grayscale with
-    probability ``grayscale_p``, then normalisation with ``mean`` / ``std``.
+    probability ``grayscale_p``, optional Gaussian blur, then normalisation with ``mean`` /
+    ``std``. For 1-channel images saturation, hue and grayscale are meaningless (a grey image has
+    no colour), so only brightness and contrast jitter are applied. Both views come from one pass
+    over a 2B batch. Randomness comes from torch's RNG: ``torch.manual_seed(s)`` before a call
+    makes it repeatable.
 
-    For 1-channel images saturation, hue and grayscale are meaningless (a grey image has no
-    colour), so only brightness and contrast jitter are applied.
+    Args:
+        image_size: side of the square output views, a positive int.
+        in_channels: 1 or 3.
+        mean: per-channel mean (``in_channels`` numbers) of the [0, 1] images.
+        std: per-channel std (positive).
+        scale: the crop's area range (lo, hi), 0 < lo <= hi <= 1; SDCLR's CIFAR recipe
+            (0.1, 1), ImageNet (0.08, 1).
+        jitter: colour-jitter strengths (brightness, contrast, saturation, hue), >= 0.
+        jitter_p: probability of the colour jitter.
+        grayscale_p: probability of grayscale.
+        flip_p: probability of the horizontal flip.
+        blur_p: probability of a Gaussian blur (sigma in [0.1, 2], kernel a tenth of the image;
+            SDCLR's ImageNet recipe uses 0.5).
 
-    Randomness comes from torch's RNG: ``torch.manual_seed(s)`` before a call makes it
-    repeatable. ``forward(x)`` takes uint8 (B, C, H, W) and returns (view1, view2), float32
-    (B, C, image_size, image_size). Both views are produced by one pass over a 2B batch.
+    Returns:
+        Called on uint8 (B, C, H, W) images: (view1, view2), each float32
+        (B, C, image_size, image_size).
+
+    Raises:
+        ValueError: naming the argument: a bad image_size, in_channels, scale, jitter or
+            probability, mean / std of the wrong length or a non-positive std; in the forward, a
+            batch that is not uint8 (B, in_channels, H, W).
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import TwoViewAugment
+        >>> aug = TwoViewAugment(16, 3, mean=[0.5] * 3, std=[0.25] * 3)
+        >>> images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        >>> v1, v2 = aug(images)
+        >>> v1.shape, v1.dtype
+        (torch.Size([4, 3, 16, 16]), torch.float32)
     """
 
     def __init__(self, image_size: int, in_channels: int, mean, std, *, scale=(0.1, 1.0),
