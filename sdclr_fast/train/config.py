@@ -40,13 +40,40 @@ RUNTIME_FIELDS = frozenset({"device", "compile", "log_every", "tensorboard", "pr
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines a SimCLR / SDCLR pretraining run.
+    """Everything that defines a SimCLR / SDCLR / MoCLR pretraining run (a dataclass).
 
     Defaults follow SDCLR (Jiang et al., ICML 2021) on CIFAR: ResNet-18 with the CIFAR stem,
     SGD lr 0.5 / momentum 0.9 / weight decay 1e-4 at batch 512, cosine schedule per step with 10
     warm-up epochs, temperature 0.2, global magnitude pruning at 0.9 recomputed every epoch.
     ``lr`` is used as given: it is not rescaled with the batch size (SDCLR's 0.5 is the value
-    for batch 512; scale it yourself, e.g. linearly, when you change the batch).
+    for batch 512; scale it yourself, e.g. linearly, when you change the batch). Each field is
+    commented in the source and is a flag of ``sdclr-fast pretrain`` (``--help`` explains
+    them): the method (``method``), the data (``dataset``, ``data_root``, ``ratio``, ``split``,
+    ``image_size``, ...), the model (``arch``, ``width``, ``proj_dim``, ``cifar_stem``), the
+    optimisation (``epochs``, ``batch_size``, ``lr``, ...), SDCLR's pruning (``sparsity``,
+    ``prune_scope``, ``random_prune``, ``prune_block``), the augmentation and how the run
+    executes (``device``, ``amp``, ``channels_last``, ``compile``, ...). A run writes it to
+    ``config.json``; ``to_dict`` / ``from_dict`` round-trip it, ``replace(**changes)`` returns
+    a validated copy and ``differences(other)`` lists what a resume may not change.
+
+    Raises:
+        ValueError: at construction (and in ``replace`` / ``from_dict``), naming the field: an
+            unknown method, scope, input normalisation, pretrain set or compile mode, a
+            non-positive size, a sparsity outside [0, 1), a malformed ``prune_block`` or
+            ``crop_scale``, unknown fields in ``from_dict``.
+
+    Example:
+        >>> from sdclr_fast import PretrainConfig
+        >>> config = PretrainConfig(method="sdclr", dataset="fashion-mnist-lt", epochs=8, batch_size=128)
+        >>> config.lr, config.sparsity, config.temperature
+        (0.5, 0.9, 0.2)
+        >>> config.replace(prune_block="32x32").prune_block
+        (32, 32)
+        >>> PretrainConfig.from_dict(config.to_dict()) == config
+        True
+
+        A run: ``sdclr_fast.train.pretrain.pretrain(config, run_dir="runs/a")`` returns the
+        final checkpoint's path (see the Pretraining page of the docs).
     """
 
     method: str = "sdclr"

@@ -243,7 +243,10 @@ def _faiss_lloyd(x, init, iters, metric, seed):
 
 
 def kmeans(x, k, *, iters=50, seed=0, metric="cosine", backend="auto"):
-    """Cluster the rows of ``x`` (n, d) into ``k`` groups.
+    """Cluster the rows of ``x`` (n, d) into ``k`` groups: DnC's divide step.
+
+    k-means++ seeding, then Lloyd iterations, with faiss where it is installed (GPU faiss on a
+    GPU) or a seeded torch implementation on x's device; empty clusters are reseeded.
 
     Args:
         x: (n, d) floating tensor on any device; it is not modified. For ``metric="cosine"``
@@ -254,11 +257,24 @@ def kmeans(x, k, *, iters=50, seed=0, metric="cosine", backend="auto"):
         seed: seeds the k-means++ draws (and faiss' own generator); same seed, same result.
         metric: ``"cosine"`` (spherical k-means) or ``"euclidean"``.
         backend: ``"faiss"`` (faiss-gpu where installed with a GPU, else CPU faiss; numpy round
-            trip), ``"torch"`` (on x's device) or
-            ``"auto"``: faiss where it is installed, torch otherwise.
+            trip), ``"torch"`` (on x's device) or ``"auto"``: faiss where it is installed,
+            torch otherwise.
 
     Returns:
-        :class:`KMeansResult` on x's device.
+        A `KMeansResult` on x's device: ``assignments`` (n,) int64, ``centroids`` (k, d)
+        float32, ``inertia``, ``iterations``, ``backend``, ``metric``.
+
+    Raises:
+        ValueError: for x that is not a 2-d floating tensor with at least k rows and one
+            column, NaN or inf in x, a bad k, iters, metric or backend, ``backend="faiss"``
+            without faiss.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> x = torch.cat([torch.randn(20, 4) + 10, torch.randn(20, 4) - 10])   # two blobs
+        >>> result = sdclr_fast.kmeans(x, 2, metric="euclidean", backend="torch")
+        >>> result.assignments[:20].unique().numel(), result.assignments[20:].unique().numel()
+        (1, 1)
     """
     _check(x, k, metric)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
