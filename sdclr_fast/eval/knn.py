@@ -12,13 +12,36 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_
                 chunk: int = 1024) -> torch.Tensor:
     """Predict the class of each query row from its ``k`` most cosine-similar training rows.
 
-    weighting "exp": each neighbour votes exp(sim / temperature) for its class (Wu et al. 2018,
-    InstDisc, k = 200, temperature 0.1); "majority": one vote each. The class with the largest
-    total wins; ties go to the lower class index. ``k`` larger than the training set uses all of
-    it (which of several exactly tied neighbours at the k-th place counts is up to torch.topk).
-    Rows are L2-normalised here, so raw features are fine. Queries are processed ``chunk``
-    rows at a time to bound the (chunk, N) similarity block. Returns int64 (M,) on the queries'
-    device.
+    ``weighting="exp"``: each neighbour votes exp(sim / temperature) for its class (Wu et al.
+    2018, InstDisc: k = 200, temperature 0.1); ``"majority"``: one vote each. The class with the
+    largest total wins; ties go to the lower class index. ``k`` larger than the training set
+    uses all of it (which of several exactly tied neighbours at the k-th place counts is up to
+    torch.topk). Rows are L2-normalised here, so raw features are fine.
+
+    Args:
+        train_features: (N, D) float features of the labelled bank.
+        train_labels: (N,) int labels in [0, num_classes).
+        query_features: (M, D) float features to classify.
+        num_classes: number of classes, a positive int.
+        k: number of neighbours, a positive int.
+        temperature: > 0, the vote's temperature for ``"exp"``.
+        weighting: ``"exp"`` or ``"majority"``.
+        chunk: queries processed at a time, bounding the (chunk, N) similarity block.
+
+    Returns:
+        (M,) int64 predicted classes on the queries' device.
+
+    Raises:
+        ValueError: naming the argument: features that are not (N, D) float tensors or differ
+            in D, an empty bank, labels of the wrong shape or outside [0, num_classes), a bad
+            k, weighting or temperature.
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> sdclr_fast.knn_predict(bank, labels, torch.tensor([[1.0, 0.2], [0.2, 1.0]]), 2, k=2)
+        tensor([0, 1])
     """
     for name, f in (("train_features", train_features), ("query_features", query_features)):
         if not isinstance(f, torch.Tensor) or f.dim() != 2 or not f.is_floating_point():
