@@ -355,6 +355,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for report.md, report.json and the per-class plots (default: the first "
                         "--run-dir, or the folder of the checkpoint file)")
     p.add_argument("--title", default="Linear evaluation", help="report title")
+    p.add_argument("--all-threads", action="store_true",
+                   help="evaluate with torch's CPU thread count instead of one thread (faster on many cores, but "
+                        "the numbers of one checkpoint then depend on the thread count; default: one thread, "
+                        "identical tables under any OMP_NUM_THREADS)")
     from .data import DATASETS
 
     p.add_argument("--eval-dataset", choices=[d for d in DATASETS if d != "webdataset"], default=None,
@@ -376,7 +380,7 @@ def cmd_eval(args) -> int:
             data = build_dataset(args.eval_dataset, args.eval_data_root)
         results = evaluate_runs(args.run_dirs, probe=args.probe, shots=args.shots, probe_epochs=args.probe_epochs,
                                 knn_k=args.knn_k, batch_size=args.batch_size, device=args.device,
-                                probe_per_class=args.probe_per_class, data=data)
+                                probe_per_class=args.probe_per_class, data=data, deterministic=not args.all_threads)
         print(format_table(results))
         paths = write_outputs(results, out, title=args.title)
     print(f"report: {paths['report']}")

@@ -84,3 +84,105 @@ def test_crop_is_bicubic_and_saturates_like_a_pil_image():
     torch.manual_seed(0)
     v1, _ = aug(x)
     assert float(v1.min()) >= 0.0 and float(v1.max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- one number per checkpoint
+
+def _image_folder(root, counts=(40, 20, 10, 6), size=12):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per in (("train", counts), ("test", (8,) * len(counts))):
+        for c, n in enumerate(per):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+                r, q = divmod(c, 2)
+                h = size // 2
+                img[r * h:(r + 1) * h, q * h:(q + 1) * h] += rng.integers(60, 160, dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from sdclr_fast.cli import main
+
+    root = tmp_path_factory.mktemp("fidelity")
+    _image_folder(root / "images")
+    run = root / "run"
+    assert main(["pretrain", "--method", "sdclr", "--dataset", "imagefolder", "--data-root", str(root / "images"),
+                 "--image-size", "12", "--arch", "resnet50", "--width", "32", "--epochs", "1", "--batch-size", "16",
+                 "--lr", "0.1",
+                 "--device", "cpu", "--no-progress", "--no-tensorboard", "--run-dir", str(run)]) == 0
+    return run
+
+
+def _eval_in_child(run, out, threads, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", "sdclr_fast", "eval", "--run-dir", str(run), "--probe", "all",
+                           "--shots", "3", "--probe-epochs", "4", "--knn-k", "5", "--device", "cpu", "--out", str(out),
+                           *extra], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.replace(str(out), "OUT"), (out / "report.json").read_text()
+
+
+@pytest.mark.slow
+def test_eval_prints_identical_tables_under_one_and_two_threads(tiny_run, tmp_path):
+    """`sdclr-fast eval` of one checkpoint, in child processes with OMP_NUM_THREADS 1 and 2: the
+    same table and the same per-class numbers, bit for bit (the evaluation runs on one thread).
+
+    The run is a ResNet-50 (1024 features at width 32): on this project's machine its evaluation
+    with ``--all-threads`` (the old behaviour) gave kNN 53.12 % under one thread and 65.62 % under
+    two, from the same checkpoint (MKL splits the reduction of K >= 1024 GEMMs by thread)."""
+    one = _eval_in_child(tiny_run, tmp_path / "t1", 1)
+    two = _eval_in_child(tiny_run, tmp_path / "t2", 2)
+    assert one[0] == two[0]
+    assert one[1] == two[1]
+    assert "knn" in one[0] and "fewshot-3" in one[0]
+
+
+def test_fixed_threads_restores_the_thread_count():
+    from sdclr_fast.eval import fixed_threads
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with fixed_threads("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with fixed_threads("cpu", enabled=False):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), fixed_threads(None):
+            raise RuntimeError("restored on the way out")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- few-shot probe val period
+
+def test_fewshot_probe_checks_val_every_fifth_epoch_like_test_freq_5():
+    from sdclr_fast.eval import PRESETS, linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 6, generator=g)
+    y = torch.arange(30) % 3
+    xv, yv = torch.randn(9, 6, generator=g), torch.arange(9) % 3
+    assert PRESETS["fewshot"]["val_every"] == 5 and PRESETS["full"]["val_every"] == 1
+    r = linear_probe(x, y, x, 3, preset="fewshot", epochs=12, val_features=xv, val_labels=yv)
+    assert r.val_epochs == [4, 9] and len(r.val_accuracies) == 2  # after 1-based epochs 5 and 10
+    assert r.best_epoch in (4, 9) and r.val_accuracies[r.val_epochs.index(r.best_epoch)] == max(r.val_accuracies)
+    full = linear_probe(x, y, x, 3, preset="full", epochs=3, val_features=xv, val_labels=yv)
+    assert full.val_epochs == [0, 1, 2]
+    # the best measured epoch's classifier made the predictions: rerunning that many epochs gives it
+    again = linear_probe(x, y, x, 3, preset="fewshot", epochs=r.best_epoch + 1, milestones=(5, 7))  # 40, 60 of 100
+    assert torch.equal(again.predictions, r.predictions)
+    short = linear_probe(x, y, x, 3, preset="fewshot", epochs=3, val_features=xv, val_labels=yv)
+    assert short.val_epochs == [] and short.best_epoch == 2  # nothing measured: the last epoch
+    with pytest.raises(ValueError, match="val_every"):
+        linear_probe(x, y, x, 3, val_every=0)

@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from .features import Features, extract_features, frozen
+from .features import Features, extract_features, fixed_threads, frozen
 from .knn import knn_predict
 from .linear import PRESETS, ProbeResult, linear_probe
 from .metrics import (GROUPS, METRICS, EvalResult, balancedness, evaluate_predictions, group_classes, mean_std,
@@ -42,7 +42,7 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
                       on: str = "test", probe_options: dict | None = None, knn_k: int = 200,
                       knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None,
                       select_on_val: bool | None = None, augment: bool = True,
-                      probe_per_class: int | None = None) -> dict:
+                      probe_per_class: int | None = None, deterministic: bool = True) -> dict:
     """Evaluate ``encoder`` on a :class:`~sdclr_fast.data.ContrastiveData`; returns {probe: EvalResult}.
 
     probes: any of "linear" (full-shot probe on ``data.probe_train``, 30 epochs), "fewshot-<k>"
@@ -60,12 +60,14 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
             protocol); None = whenever the data set has a val split and ``on="test"``.
     module: the nn.Module to freeze when ``encoder`` is a lambda (see ``extract_features``);
             ``functools.partial(model.features, branch="dense")`` is recognised on its own.
+    deterministic: on the CPU, compute features, probes and kNN with one thread
+            (:func:`fixed_threads`), so that a checkpoint gets identical numbers under any thread
+            count on one machine; False uses torch's thread count (faster on many cores, but the
+            probe's numbers then move with it).
 
     The encoder is frozen in eval mode; the group metrics use ``data.class_counts`` (the
     long-tailed training split).
     """
-    from ..data.augment import pad_crop_flip
-
     parsed = [(p, *parse_probe(p)) for p in probes]
     if on not in ("test", "val"):
         raise ValueError(f"on must be 'test' or 'val', got {on!r}")
@@ -84,6 +86,22 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     full = data.probe_train if probe_per_class is None else data.fewshot(probe_per_class, pool="probe")
     probe_sets = {name: full if kind != "fewshot" else data.fewshot(shots) for name, kind, shots in parsed}
     common = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, module=module)
+    run_on = device if device is not None else _run_device(encoder, module)
+    with fixed_threads(run_on, enabled=deterministic):
+        return _evaluate(encoder, data, parsed, target, opts, probe_sets, common, flip, augment, select_on_val,
+                         knn_k, knn_temperature, seed)
+
+
+def _run_device(encoder, module):
+    """Where ``extract_features`` runs ``encoder`` by default (its module's parameters)."""
+    from .features import _device_of, owning_module
+
+    return _device_of(module if module is not None else owning_module(encoder))
+
+
+def _evaluate(encoder, data, parsed, target, opts, probe_sets, common, flip, augment, select_on_val, knn_k,
+              knn_temperature, seed):
+    from ..data.augment import pad_crop_flip
 
     def features(images, **kw):
         return extract_features(encoder, images, data.mean, data.std, **common, **kw)
@@ -123,6 +141,6 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
 
 __all__ = [
     "GROUPS", "METRICS", "PRESETS", "EvalResult", "Features", "ProbeResult", "balancedness", "evaluate_backbone",
-    "evaluate_predictions", "extract_features", "frozen", "group_classes", "knn_predict", "linear_probe",
-    "mean_std", "parse_probe", "per_class_accuracy", "plot_per_class_accuracy", "write_report",
+    "evaluate_predictions", "extract_features", "fixed_threads", "frozen", "group_classes", "knn_predict",
+    "linear_probe", "mean_std", "parse_probe", "per_class_accuracy", "plot_per_class_accuracy", "write_report",
 ]

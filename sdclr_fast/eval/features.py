@@ -12,6 +12,29 @@ from ..data.augment import eval_transform
 from ..data.base import ImageSet
 
 
+@contextlib.contextmanager
+def fixed_threads(device=None, enabled: bool = True):
+    """Run the block with one intra-op thread when it computes on the CPU, restoring torch's
+    thread count afterwards.
+
+    Why: CPU kernels (MKL / oneDNN GEMMs, parallel reductions) may split a sum differently for
+    another thread count, and the linear probe's SGD at lr 30 amplifies a last-bit difference
+    into points of accuracy; one thread fixes the order of every sum, so one checkpoint gets the
+    same numbers whatever OMP_NUM_THREADS or ``torch.set_num_threads`` says. Another CPU (ISA,
+    MKL / oneDNN kernels) or torch build may still round differently. ``enabled=False`` or a
+    CUDA ``device`` leaves the thread count alone.
+    """
+    cpu = device is None or torch.device(device).type == "cpu"
+    n = torch.get_num_threads()
+    if enabled and cpu and n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 class Features(NamedTuple):
     features: torch.Tensor  # float32 (N, D), or (V, N, D) with V views (flip=True: identity, h-flip)
     labels: torch.Tensor    # int64 (N,)

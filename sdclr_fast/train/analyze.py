@@ -90,40 +90,71 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, mean, std, *, batch_s
     return model
 
 
-@torch.no_grad()
+class LossPairs:
+    """SDCLR's per-sample loss on fixed views, for one dense network and any pruned copy of it.
+
+    Every image of ``data.long_tail`` gets two views from SDCLR's augmentation, drawn per batch
+    from ``seed`` (batches of ``batch_size`` in one seeded permutation, so every pair sees the
+    same views and negatives). The dense projections z_dense(v1) and the dense pair's losses
+    are computed once; :meth:`pruned` then costs one forward of view 2 per image. Losses are
+    NT-Xent rows (``temperature``), the mean of an image's two rows, float64 (N,).
+    """
+
+    @torch.no_grad()
+    def __init__(self, dense, data, *, temperature: float, batch_size: int = 512, seed: int = 0,
+                 crop_scale=(0.1, 1.0), image_size=None, device=None):
+        from ..data.augment import TwoViewAugment
+
+        images = data.long_tail.images
+        self.images, self.n, self.device, self.temperature = images, images.shape[0], device, float(temperature)
+        self.seed = int(seed)
+        self.aug = TwoViewAugment(image_size or images.shape[-1], images.shape[1], data.mean, data.std,
+                                  scale=tuple(crop_scale)).to(device)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+        self.batches = [order[i:i + batch_size] for i in range(0, self.n, batch_size)]
+        dense.eval()
+        self.z1, dense_losses = [], []
+        for b, idx in enumerate(self.batches):
+            v1, v2 = self._views(b, idx)
+            self.z1.append(dense(v1, branch="dense").float())
+            dense_losses.append(self._rows(self.z1[-1], dense(v2, branch="dense").float()))
+        self.dense = self._scatter(dense_losses)
+
+    def _views(self, b, idx):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + b)
+            return self.aug(self.images.index_select(0, idx).to(self.device))
+
+    def _rows(self, z1, z2):
+        from ..ops.nt_xent import nt_xent
+
+        if z1.shape[0] < 2:  # a lone image has no negative
+            return torch.full((z1.shape[0],), float("nan"), dtype=torch.float64)
+        rows = nt_xent(z1, z2, self.temperature, reduction="none").double().cpu()
+        return 0.5 * (rows[:z1.shape[0]] + rows[z1.shape[0]:])
+
+    def _scatter(self, per_batch):
+        out = torch.empty(self.n, dtype=torch.float64)
+        for idx, vals in zip(self.batches, per_batch):
+            out[idx] = vals
+        return out
+
+    @torch.no_grad()
+    def pruned(self, net) -> torch.Tensor:
+        """Per-image loss of the pair z_dense(v1), z_net(v2) (``net``'s dense branch)."""
+        net.eval()
+        return self._scatter([self._rows(z1, net(self._views(b, idx)[1], branch="dense").float())
+                              for b, (idx, z1) in enumerate(zip(self.batches, self.z1))])
+
+
 def per_sample_losses(dense, pruned, data, *, temperature: float, batch_size: int = 512, seed: int = 0,
                       crop_scale=(0.1, 1.0), image_size=None, device=None):
     """(dense-pair, SDCLR-pair) NT-Xent loss of every image of ``data.long_tail`` (float64 (N,)
-    each, the mean of the image's two rows): views from SDCLR's augmentation drawn once per batch
-    from ``seed``, batches of ``batch_size`` in one seeded permutation, so both pairs see the same
-    views and negatives. Dense pair: z_dense(v1), z_dense(v2); SDCLR pair: z_dense(v1),
-    z_pruned(v2) with the projection head of ``pruned`` (its dense branch)."""
-    from ..data.augment import TwoViewAugment
-    from ..ops.nt_xent import nt_xent
-
-    images = data.long_tail.images
-    n = images.shape[0]
-    aug = TwoViewAugment(image_size or images.shape[-1], images.shape[1], data.mean, data.std,
-                         scale=tuple(crop_scale)).to(device)
-    gen = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(n, generator=gen)
-    out_dense = torch.empty(n, dtype=torch.float64)
-    out_pruned = torch.empty(n, dtype=torch.float64)
-    dense.eval()
-    pruned.eval()
-    for b, start in enumerate(range(0, n, batch_size)):
-        idx = order[start:start + batch_size]
-        if idx.numel() < 2:  # a lone image has no negative
-            out_dense[idx] = out_pruned[idx] = float("nan")
-            continue
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed) * 1_000_003 + b)
-            v1, v2 = aug(images.index_select(0, idx).to(device))
-        z1 = dense(v1, branch="dense").float()
-        for model, out in ((dense, out_dense), (pruned, out_pruned)):
-            rows = nt_xent(z1, model(v2, branch="dense").float(), temperature, reduction="none").double().cpu()
-            out[idx] = 0.5 * (rows[:idx.numel()] + rows[idx.numel():])
-    return out_dense, out_pruned
+    each): dense pair z_dense(v1), z_dense(v2); SDCLR pair z_dense(v1), z_pruned(v2) with the
+    projection head of ``pruned`` (its dense branch); views and batches as :class:`LossPairs`."""
+    pairs = LossPairs(dense, data, temperature=temperature, batch_size=batch_size, seed=seed, crop_scale=crop_scale,
+                      image_size=image_size, device=device)
+    return pairs.dense, pairs.pruned(pruned)
 
 
 def _class_means(values: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -189,20 +220,18 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
     labels = data.long_tail.labels.numpy()
     opts = {"epochs": probe_epochs} if probe_epochs is not None else None
 
-    def measure(net, dense_net):
+    def accuracies(net):
         res = evaluate_backbone(DenseEncoder(net), data, probes=("linear", "knn"), device=device, flip=True,
                                 augment=False, probe_options=opts, knn_k=knn_k, seed=seed,
                                 probe_per_class=probe_per_class, batch_size=batch_size, module=net)
-        loss_dense, loss_pruned = per_sample_losses(dense_net, net, data, temperature=temperature,
-                                                    batch_size=loss_bs, seed=seed, crop_scale=crop_scale,
-                                                    image_size=image_size, device=device)
-        return ({"knn": res["knn"].per_class, "linear": res["linear"].per_class},
-                _class_means(loss_dense.numpy(), labels, data.num_classes),
-                _class_means(loss_pruned.numpy(), labels, data.num_classes))
+        return {"knn": res["knn"].per_class, "linear": res["linear"].per_class}
 
     model.eval()
     progress("dense network")
-    acc, loss_dense, _ = measure(model, model)
+    acc = accuracies(model)
+    pairs = LossPairs(model, data, temperature=temperature, batch_size=loss_bs, seed=seed, crop_scale=crop_scale,
+                      image_size=image_size, device=device)
+    loss_dense = _class_means(pairs.dense.numpy(), labels, data.num_classes)
     dense = {"knn": _entry(acc["knn"], counts_np), "linear": _entry(acc["linear"], counts_np),
              "loss": _entry(loss_dense, counts_np)}
     rows = []
@@ -214,7 +243,8 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
             if bn == "recalibrate":
                 recalibrate_bn(net, data.long_tail.images, data.mean, data.std, batch_size=batch_size, device=device)
             progress(f"{mode} pruning at {s:g} (density {density:.3f})")
-            acc_p, _, loss_p = measure(net, model)
+            acc_p = accuracies(net)
+            loss_p = _class_means(pairs.pruned(net).numpy(), labels, data.num_classes)
             per = {"knn": acc_p["knn"], "linear": acc_p["linear"], "loss": loss_p}
             base = {"knn": acc["knn"], "linear": acc["linear"], "loss": loss_dense}
             rows.append({"mode": mode, "sparsity": s, "density": density,
@@ -339,5 +369,5 @@ def write_analysis(analyses: dict, out_dir, *, notes: str | None = None) -> dict
     return {"report": report, "json": data, "plot": plot}
 
 
-__all__ = ["BN_CHOICES", "MEASURES", "MODES", "SPARSITIES", "analyze_checkpoint", "analyze_model", "format_summary",
+__all__ = ["BN_CHOICES", "MEASURES", "MODES", "SPARSITIES", "LossPairs", "analyze_checkpoint", "analyze_model", "format_summary",
            "per_sample_losses", "plot_damage", "pruned_copy", "recalibrate_bn", "summary_rows", "write_analysis"]

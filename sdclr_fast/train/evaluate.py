@@ -68,11 +68,12 @@ def data_for_run(checkpoint_state: dict, run_dir: Path):
 
 def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=None, batch_size: int = 512,
                         probe_options: dict | None = None, knn_k: int = 200, seed: int = 0,
-                        probe_per_class: int | None = None):
+                        probe_per_class: int | None = None, deterministic: bool = True):
     """(label, {probe: EvalResult}) for the checkpoint at ``path`` (file or run directory).
 
     data: the ``ContrastiveData`` to evaluate on (default: rebuilt from the run's config and
-    split.json). Probes as in ``sdclr_fast.eval.evaluate_backbone``.
+    split.json). Probes and ``deterministic`` (one CPU thread: the same numbers under any thread
+    count) as in ``sdclr_fast.eval.evaluate_backbone``.
     """
     from ..eval import evaluate_backbone
 
@@ -88,7 +89,7 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     amp = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate_backbone(DenseEncoder(model), data, probes=tuple(probes), device=device,
                                 batch_size=batch_size, probe_options=probe_options, knn_k=knn_k, seed=seed,
-                                autocast_dtype=amp, probe_per_class=probe_per_class)
+                                autocast_dtype=amp, probe_per_class=probe_per_class, deterministic=deterministic)
     return run_label(state, ckpt), results
 
 
@@ -98,14 +99,15 @@ def parse_shots(value: float):
 
 
 def evaluate_runs(run_dirs, *, probe="all", shots=0.01, probe_epochs=None, knn_k=200, batch_size=512,
-                  device=None, data=None, probe_per_class=None) -> dict:
+                  device=None, data=None, probe_per_class=None, deterministic=True) -> dict:
     """{label: {probe: EvalResult}} for each run (labels made unique)."""
     probes = probe_names(probe, parse_shots(shots))
     opts = {"epochs": probe_epochs} if probe_epochs is not None else None
     results = {}
     for rd in run_dirs:
         label, res = evaluate_checkpoint(rd, probes=probes, data=data, device=device, batch_size=batch_size,
-                                         probe_options=opts, knn_k=knn_k, probe_per_class=probe_per_class)
+                                         probe_options=opts, knn_k=knn_k, probe_per_class=probe_per_class,
+                                         deterministic=deterministic)
         base, i = label, 2
         while label in results:
             label, i = f"{base} #{i}", i + 1
