@@ -241,3 +241,42 @@ def test_site_builds_strictly_and_the_api_reference_covers_every_export(site):
     for module in ("sdclr_fast.ops", "sdclr_fast.nn", "sdclr_fast.data", "sdclr_fast.eval", "sdclr_fast.train"):
         assert module in ids
     assert importlib.import_module("sdclr_fast").__version__ in (site / "index.html").read_text(encoding="utf-8")
+
+
+def _browser_missing():
+    import shutil
+
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (make setup installs it)"
+    missing = [b for b in ("chromium", "chromedriver") if shutil.which(b) is None]
+    return f"{' and '.join(missing)} not found (make docs-check installs Debian's chromium, chromium-driver)" \
+        if missing else None
+
+
+@pytest.mark.slow
+def test_docs_check_finds_what_a_reader_would_see(tmp_path):
+    """``make docs-check`` on a tiny site: a clean page passes; a missing image, a dead link, a
+    missing anchor and a console error are each reported."""
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import check_site
+    finally:
+        sys.path.pop(0)
+    site = tmp_path / "site"
+    (site / "api" / "ops").mkdir(parents=True)
+    icon = '<link rel="icon" href="data:,">'  # no favicon request (a built site has its own)
+    (site / "index.html").write_text(icon + '<h1 id="top">home</h1><a href="api/ops/#ok">ops</a>')
+    (site / "api" / "ops" / "index.html").write_text(icon + '<h2 id="ok">ops</h2><a href="../../#top">home</a>')
+    assert check_site.check(site, tmp_path / "shots") == []
+    assert (tmp_path / "shots" / "home.png").stat().st_size > 0
+    (site / "index.html").write_text(icon + '<img src="nope.png"><a href="gone/">x</a><a href="api/ops/#missing">y</a>'
+                                     '<script>console.error("boom")</script>')
+    problems = "\n".join(check_site.check(site, None))
+    for expected in ("image did not load: nope.png", "dead link gone/", "missing anchor api/ops/#missing",
+                     "console error"):
+        assert expected in problems
