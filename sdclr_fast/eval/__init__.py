@@ -43,30 +43,61 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
                       knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None,
                       select_on_val: bool | None = None, augment: bool = True,
                       probe_per_class: int | None = None, deterministic: bool = True) -> dict:
-    """Evaluate ``encoder`` on a :class:`~sdclr_fast.data.ContrastiveData`; returns {probe: EvalResult}.
+    """Evaluate a frozen ``encoder`` on a data set with SDCLR's probes.
 
-    probes: any of "linear" (full-shot probe on ``data.probe_train``, 30 epochs), "fewshot-<k>"
-            (probe on ``data.fewshot(k)``, 100 epochs; k an int per class or a fraction) and
-            "knn" (k-NN with ``knn_k`` / ``knn_temperature`` on ``data.probe_train`` features).
-    on:     "test" or "val" (CIFAR's held-out 5k) - which images are classified.
-    augment: train the linear probes on images augmented afresh every epoch with SDCLR's
-            RandomCrop(padding 4) + horizontal flip (the protocol; one feature pass over the probe
-            set per epoch). False trains on features computed once (faster), with ``flip`` adding
-            the flipped view.
-    probe_options: extra keyword arguments for ``linear_probe`` (lr, schedule, normalize, ...).
-    probe_per_class: train the full-shot probe and kNN on a balanced subset of that many images
-            per class of ``data.probe_train`` (cheaper); None: all of it (the protocol).
-    select_on_val: report the probe epoch with the best accuracy on ``data.val`` (SDCLR's
+    Accuracy overall, per class and per group (major / moderate / minor thirds of the classes by
+    their count in the long-tailed training split, ``data.class_counts``) and the balancedness
+    std of the three group accuracies. The encoder is frozen in eval mode.
+
+    Args:
+        encoder: maps normalised images (B, C, H, W) to (B, D) features, e.g. ``model.backbone``
+            or ``functools.partial(model.features, branch="dense")``.
+        data: a `sdclr_fast.data.ContrastiveData` (from `build_dataset`).
+        probes: any of ``"linear"`` (full-shot probe on ``data.probe_train``, 30 epochs),
+            ``"fewshot-<k>"`` (probe on ``data.fewshot(k)``, 100 epochs; k an int per class or a
+            fraction) and ``"knn"`` (k-NN with ``knn_k`` / ``knn_temperature`` on
+            ``data.probe_train`` features).
+        device: where features and probes are computed (default: the encoder's).
+        batch_size: images per feature-extraction batch.
+        flip: with ``augment=False``, add the flipped view of every probe image.
+        on: ``"test"`` or ``"val"`` (CIFAR's held-out 5k): which images are classified.
+        probe_options: extra keyword arguments for `linear_probe` (lr, schedule, normalize, ...).
+        knn_k: neighbours of the kNN probe.
+        knn_temperature: temperature of the kNN vote.
+        seed: seeds the probes and their augmentation.
+        autocast_dtype: optional autocast dtype for the feature passes.
+        module: the nn.Module to freeze when ``encoder`` is a lambda (see
+            ``extract_features``); ``functools.partial(model.features, branch="dense")`` is
+            recognised on its own.
+        select_on_val: report the probe epoch with the best accuracy on ``data.val`` (SDCLR's
             protocol); None = whenever the data set has a val split and ``on="test"``.
-    module: the nn.Module to freeze when ``encoder`` is a lambda (see ``extract_features``);
-            ``functools.partial(model.features, branch="dense")`` is recognised on its own.
-    deterministic: on the CPU, compute features, probes and kNN with one thread
-            (:func:`fixed_threads`), so that a checkpoint gets identical numbers under any thread
+        augment: train the linear probes on images augmented afresh every epoch with SDCLR's
+            RandomCrop(padding 4) + horizontal flip (the protocol; one feature pass over the
+            probe set per epoch). False trains on features computed once (faster).
+        probe_per_class: train the full-shot probe and kNN on a balanced subset of that many
+            images per class of ``data.probe_train`` (cheaper); None: all of it (the protocol).
+        deterministic: on the CPU, compute features, probes and kNN with one thread
+            (`fixed_threads`), so that a checkpoint gets identical numbers under any thread
             count on one machine; False uses torch's thread count (faster on many cores, but the
             probe's numbers then move with it).
 
-    The encoder is frozen in eval mode; the group metrics use ``data.class_counts`` (the
-    long-tailed training split).
+    Returns:
+        ``{probe name: EvalResult}`` with ``overall``, ``mean_class``, ``major``, ``moderate``,
+        ``minor``, ``std`` (percent) and ``per_class``.
+
+    Raises:
+        ValueError: for an unknown probe, ``on`` or few-shot size, a data set without the split
+            asked for, ``probe_options`` that set what this function sets, ``select_on_val``
+            without a val split.
+
+    Example:
+        >>> import torch
+        >>> from sdclr_fast import build_dataset, evaluate_backbone
+        >>> data = build_dataset("fashion-mnist-lt")             # Debian's dataset-fashion-mnist
+        >>> encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 32))
+        >>> results = evaluate_backbone(encoder, data, probes=("knn",), probe_per_class=50)
+        >>> sorted(results), 0 <= results["knn"].overall <= 100
+        (['knn'], True)
     """
     parsed = [(p, *parse_probe(p)) for p in probes]
     if on not in ("test", "val"):

@@ -83,27 +83,62 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  schedule: str = "step", milestones=None, gamma: float = 0.1, normalize: str | None = None,
                  val_features: torch.Tensor | None = None, val_labels: torch.Tensor | None = None,
                  init_std: float = 0.01, seed: int = 0, device=None, val_every: int | None = None) -> ProbeResult:
-    """Train a fresh linear classifier on ``train_features`` and predict ``test_features``.
+    """Train a fresh linear classifier on ``train_features`` and predict ``test_features`` (SDCLR's probe).
 
-    train_features: float (N, D), or (V, N, D) views of which one is drawn per image and step
-                    (flip augmentation, see the module docstring), or a function ``epoch ->
-                    (N, D)`` giving each epoch's features of augmented images (rows in the order
-                    of ``train_labels``).
-    preset:         "full" (30 epochs, step at 10, 20) or "fewshot" (100 epochs, step at 40, 60);
-                    ``epochs`` / ``milestones`` override it. A custom ``epochs`` without
-                    milestones scales the preset's milestones (same fractions of the run).
-    schedule:       "step" (x ``gamma`` from each milestone epoch on, as SDCLR) or "cosine" (per
-                    step, from lr to 0).
-    normalize:      None (raw features, SDCLR), "l2" (unit-norm rows) or "standardize" (per
-                    dimension, with the training features' mean and std).
-    val_features, val_labels: pick the epoch with the best validation accuracy (SDCLR) instead
-                    of the last one.
-    val_every:      measure val after every ``val_every``-th epoch only (1-based epochs 5, 10, ...
-                    for 5); None: the preset's (1 full shot, 5 few shot: the official
-                    ``--test_freq 5`` of the few-shot runs).
-    init_std:       fc weight ~ N(0, init_std^2), bias 0 (SDCLR's re-initialisation).
-    seed:           the fc initialisation, batch order and view draws.
-    device:         where to train (default: the features' device).
+    SGD with momentum on a re-initialised fc layer, SDCLR's schedule (``preset="full"``: 30
+    epochs, steps at 10 and 20; ``"fewshot"``: 100 epochs, steps at 40 and 60); with validation
+    features, the epoch with the best validation accuracy makes the predictions.
+
+    Args:
+        train_features: float (N, D), or (V, N, D) views of which one is drawn per image and
+            step (flip augmentation, see the module docstring), or a function ``epoch -> (N, D)``
+            giving each epoch's features of augmented images (rows in the order of
+            ``train_labels``).
+        train_labels: (N,) int labels in [0, num_classes).
+        test_features: (M, D) float features to predict.
+        num_classes: an int >= 2.
+        preset: ``"full"`` or ``"fewshot"``; ``epochs`` / ``milestones`` override it. A custom
+            ``epochs`` without milestones scales the preset's milestones (same fractions of the
+            run).
+        epochs: number of epochs (default: the preset's).
+        lr: learning rate (SDCLR's 30, for raw features).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        batch_size: training batch size.
+        schedule: ``"step"`` (x ``gamma`` from each milestone epoch on, as SDCLR) or
+            ``"cosine"`` (per step, from lr to 0).
+        milestones: epochs of the step decays (default: the preset's).
+        gamma: the step decay's factor.
+        normalize: None (raw features, SDCLR), ``"l2"`` (unit-norm rows) or ``"standardize"``
+            (per dimension, with the training features' mean and std).
+        val_features: (V, D) features for picking the best epoch (SDCLR) instead of the last.
+        val_labels: (V,) labels of ``val_features``; given together with them.
+        init_std: fc weight ~ N(0, init_std^2), bias 0 (SDCLR's re-initialisation).
+        seed: the fc initialisation, batch order and view draws.
+        device: where to train (default: the features' device).
+        val_every: measure val after every ``val_every``-th epoch only (1-based epochs 5, 10, ...
+            for 5); None: the preset's (1 full shot, 5 few shot: the official ``--test_freq 5``
+            of the few-shot runs).
+
+    Returns:
+        A `ProbeResult`: ``predictions`` (M,) int64, the ``fc`` layer that made them, the
+        per-epoch ``losses``, ``val_accuracies`` / ``val_epochs`` and ``best_epoch``.
+
+    Raises:
+        ValueError: naming the argument: features or labels of the wrong shape or dimension,
+            labels outside [0, num_classes), val features without labels, an unknown preset,
+            schedule or normalize, a non-positive lr, batch size, epochs or val_every.
+        FloatingPointError: when the training loss diverges (the message suggests
+            ``normalize`` or a lower lr).
+
+    Example:
+        >>> import torch, sdclr_fast
+        >>> centres = torch.randn(3, 8) * 4
+        >>> labels = torch.arange(3).repeat(20)
+        >>> feats = centres[labels] + torch.randn(60, 8)
+        >>> result = sdclr_fast.linear_probe(feats, labels, centres, 3, epochs=10, lr=0.1)
+        >>> result.predictions
+        tensor([0, 1, 2])
     """
     epoch_features = train_features if callable(train_features) else None
     if epoch_features is not None:
@@ -217,5 +252,6 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                 best_state = {k: v.clone() for k, v in fc.state_dict().items()}
     if best_state is not None:
         fc.load_state_dict(best_state)
-    return ProbeResult(fc=fc, predictions=_predict(fc, xt), losses=losses, val_accuracies=val_acc, val_epochs=val_epochs,
+    return ProbeResult(fc=fc, predictions=_predict(fc, xt), losses=losses, val_accuracies=val_acc,
+                       val_epochs=val_epochs,
                        best_epoch=best_epoch, feature_mean=mean, feature_std=std)
