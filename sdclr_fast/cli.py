@@ -138,6 +138,10 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help=f"area range of the random resized crop (default {d.crop_scale[0]:g} {d.crop_scale[1]:g}, "
                         f"SDCLR on CIFAR; its ImageNet recipe uses 0.08 1)")
+    g.add_argument("--eval-groups", choices=("thirds", "imagenet-lt"), default=None,
+                   help="major / moderate / minor classes of the evaluation: thirds of the classes ranked by count "
+                        "(the official CIFAR rule; default) or > 100 / 20-100 / < 20 training images (the official "
+                        "ImageNet-100-LT rule, set by --recipe imagenet100-lt)")
     g.add_argument("--input-norm", choices=("imagenet", "dataset"), default=None,
                    help="statistics the [0, 1] inputs are normalised with: imagenet (ImageNet mean/std, what the "
                         "official models apply inside the network; default) or dataset (the training split's)")
@@ -404,6 +408,8 @@ def add_analyze_pruning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default 30)")
     p.add_argument("--probe-per-class", type=int, default=None,
                    help="train the probe and kNN on this many images per class of the probe pool (default all)")
+    p.add_argument("--test-per-class", type=int, default=None,
+                   help="classify this many test images per class (a seeded draw; default the whole test set)")
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
     p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks, probes and views (default 0)")
@@ -420,7 +426,7 @@ def cmd_analyze_pruning(args) -> int:
     for rd in args.run_dirs:
         label, res = analyze_checkpoint(rd, sparsities=args.sparsities, modes=args.modes, bn=args.bn,
                                         probe_epochs=args.probe_epochs, probe_per_class=args.probe_per_class,
-                                        knn_k=args.knn_k, batch_size=args.batch_size, seed=args.seed,
+                                        test_per_class=args.test_per_class, knn_k=args.knn_k, batch_size=args.batch_size, seed=args.seed,
                                         device=args.device, progress=lambda m, rd=rd: print(f"{rd}: {m}", flush=True))
         analyses.setdefault(label.split(" (")[0], []).append(res)  # "SDCLR (split_1)" -> "SDCLR"
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent / "pruning"

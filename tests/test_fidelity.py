@@ -186,3 +186,51 @@ def test_fewshot_probe_checks_val_every_fifth_epoch_like_test_freq_5():
     assert short.val_epochs == [] and short.best_epoch == 2  # nothing measured: the last epoch
     with pytest.raises(ValueError, match="val_every"):
         linear_probe(x, y, x, 3, val_every=0)
+
+
+# ----------------------------------------------------------------------------- ImageNet-100-LT groups
+
+def test_imagenet_lt_groups_follow_the_official_thresholds():
+    from sdclr_fast.eval import evaluate_predictions, group_classes
+
+    # exp_analyse.py: many-shot > 100 training images, medium 20-100, few-shot < 20.
+    counts = np.array([1280, 101, 100, 57, 20, 19, 5, 300])
+    g = group_classes(counts, "imagenet-lt")
+    assert g["major"].tolist() == [0, 1, 7] and g["moderate"].tolist() == [2, 3, 4] and g["minor"].tolist() == [5, 6]
+    assert {k: v.tolist() for k, v in group_classes(counts).items()} == {  # thirds: 2 / 2 / 4 by rank
+        "minor": [5, 6], "moderate": [3, 4], "major": [0, 1, 2, 7]}
+    # The official ImageNet-100-LT list has 39 / 48 / 13 classes in the three groups: a profile with those counts.
+    lt = np.array([400] * 39 + [60] * 48 + [10] * 13)
+    assert [len(v) for v in group_classes(lt, "imagenet-lt").values()] == [39, 48, 13]
+    labels = np.repeat(np.arange(8), 2)
+    preds = labels.copy()
+    preds[10:] = 0  # classes 5, 6, 7 wrong
+    r = evaluate_predictions(preds, labels, counts, "imagenet-lt")
+    assert (r.major, r.moderate, r.minor) == (pytest.approx(200 / 3), 100.0, 0.0) and r.groups == "imagenet-lt"
+    assert type(r).from_dict(r.to_dict()).groups == "imagenet-lt"
+    empty = evaluate_predictions(labels, labels, np.full(8, 500), "imagenet-lt")  # no class below 100
+    assert np.isnan(empty.minor) and empty.major == 100.0
+    with pytest.raises(ValueError, match="rule"):
+        group_classes(counts, "quartiles")
+
+
+def test_the_imagenet100_recipe_evaluates_with_the_official_groups(tmp_path):
+    from sdclr_fast.cli import build_parser, config_from_args
+    from sdclr_fast.eval import evaluate_backbone, write_report
+    from sdclr_fast.train.config import PretrainConfig
+
+    cfg = config_from_args(build_parser().parse_args(["pretrain", "--run-dir", "x", "--recipe", "imagenet100-lt"]))
+    assert cfg.eval_groups == "imagenet-lt"
+    assert PretrainConfig().eval_groups == "thirds"
+    assert config_from_args(build_parser().parse_args(["pretrain", "--run-dir", "x", "--eval-groups",
+                                                       "imagenet-lt"])).eval_groups == "imagenet-lt"
+    with pytest.raises(ValueError, match="eval_groups"):
+        PretrainConfig(eval_groups="quartiles")
+    data = tiny_data(n=12, classes=3)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 4))
+    res = evaluate_backbone(enc, data, probes=("knn",), knn_k=3, groups="imagenet-lt")
+    assert res["knn"].groups == "imagenet-lt"
+    text = write_report(tmp_path / "r.md", {"m": res}).read_text()
+    assert "> 100 / 20-100 / < 20" in text
+    with pytest.raises(ValueError, match="groups"):
+        evaluate_backbone(enc, data, probes=("knn",), groups="quartiles")

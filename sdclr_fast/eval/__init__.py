@@ -16,8 +16,8 @@ import torch
 from .features import Features, extract_features, fixed_threads, frozen
 from .knn import knn_predict
 from .linear import PRESETS, ProbeResult, linear_probe
-from .metrics import (GROUPS, METRICS, EvalResult, balancedness, evaluate_predictions, group_classes, mean_std,
-                      per_class_accuracy)
+from .metrics import (GROUP_RULES, GROUPS, METRICS, EvalResult, balancedness, evaluate_predictions, group_classes,
+                      mean_std, per_class_accuracy)
 from .report import plot_per_class_accuracy, write_report
 
 
@@ -42,7 +42,8 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
                       on: str = "test", probe_options: dict | None = None, knn_k: int = 200,
                       knn_temperature: float = 0.1, seed: int = 0, autocast_dtype=None, module=None,
                       select_on_val: bool | None = None, augment: bool = True,
-                      probe_per_class: int | None = None, deterministic: bool = True) -> dict:
+                      probe_per_class: int | None = None, deterministic: bool = True,
+                      groups: str = "thirds") -> dict:
     """Evaluate a frozen ``encoder`` on a data set with SDCLR's probes.
 
     Accuracy overall, per class and per group (major / moderate / minor thirds of the classes by
@@ -80,6 +81,8 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
             (`fixed_threads`), so that a checkpoint gets identical numbers under any thread
             count on one machine; False uses torch's thread count (faster on many cores, but the
             probe's numbers then move with it).
+    groups: the major / moderate / minor rule: "thirds" (the official CIFAR analysis) or
+            "imagenet-lt" (> 100 / 20-100 / < 20 training images, the official ImageNet-100-LT one).
 
     Returns:
         ``{probe name: EvalResult}`` with ``overall``, ``mean_class``, ``major``, ``moderate``,
@@ -106,6 +109,10 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     if target is None:
         raise ValueError(f"data set {data.name!r} has no {on} split")
     opts = dict(probe_options or {})
+    from .metrics import GROUP_RULES
+
+    if groups not in GROUP_RULES:
+        raise ValueError(f"groups must be one of {GROUP_RULES}, got {groups!r}")
     bad = {"preset", "num_classes", "seed", "device", "val_features", "val_labels"} & set(opts)
     if bad:
         raise ValueError(f"probe_options may not set {sorted(bad)} (evaluate_backbone sets them)")
@@ -120,7 +127,7 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
     run_on = device if device is not None else _run_device(encoder, module)
     with fixed_threads(run_on, enabled=deterministic):
         return _evaluate(encoder, data, parsed, target, opts, probe_sets, common, flip, augment, select_on_val,
-                         knn_k, knn_temperature, seed)
+                         knn_k, knn_temperature, seed, groups)
 
 
 def _run_device(encoder, module):
@@ -131,7 +138,7 @@ def _run_device(encoder, module):
 
 
 def _evaluate(encoder, data, parsed, target, opts, probe_sets, common, flip, augment, select_on_val, knn_k,
-              knn_temperature, seed):
+              knn_temperature, seed, groups):
     from ..data.augment import pad_crop_flip
 
     def features(images, **kw):
@@ -166,12 +173,12 @@ def _evaluate(encoder, data, parsed, target, opts, probe_sets, common, flip, aug
             feats = augmented(images, name) if augment else train.features
             preds = linear_probe(feats, images.labels.to(test.labels.device), test.features, data.num_classes,
                                  preset="full" if kind == "linear" else "fewshot", seed=seed, **opts).predictions
-        out[name] = evaluate_predictions(preds, test.labels, counts)
+        out[name] = evaluate_predictions(preds, test.labels, counts, groups)
     return out
 
 
 __all__ = [
-    "GROUPS", "METRICS", "PRESETS", "EvalResult", "Features", "ProbeResult", "balancedness", "evaluate_backbone",
-    "evaluate_predictions", "extract_features", "fixed_threads", "frozen", "group_classes", "knn_predict",
+    "GROUP_RULES", "GROUPS", "METRICS", "PRESETS", "EvalResult", "Features", "ProbeResult", "balancedness",
+    "evaluate_backbone", "evaluate_predictions", "extract_features", "fixed_threads", "frozen", "group_classes", "knn_predict",
     "linear_probe", "mean_std", "parse_probe", "per_class_accuracy", "plot_per_class_accuracy", "write_report",
 ]

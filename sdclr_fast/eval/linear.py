@@ -6,18 +6,19 @@ SGD lr 30, momentum 0.9, weight decay 0, batch 128 and step decay x0.1: 30 epoch
 milestones 10, 20 (full shot, the balanced train set) or 100 epochs with milestones 40, 60 (few
 shot). Its scheduler is stepped at the start of every epoch, so the decay takes effect from the
 milestone-th epoch (1-based): for the full-shot run 9 epochs at lr 30, 10 at 3 and 11 at 0.3;
-this module does the same. After every epoch SDCLR measures the validation accuracy and reports
-the test accuracy of the epoch with the best one (the first, on ties); pass ``val_features`` /
-``val_labels`` to do that, otherwise the last epoch is used.
+this module does the same. SDCLR measures the validation accuracy after every epoch (every fifth
+for the few-shot probe, its ``--test_freq 5``) and reports the test accuracy of the epoch with the
+best one (the first, on ties); pass ``val_features`` / ``val_labels`` to do that, otherwise the
+last epoch is used.
 
 Because the backbone is frozen and in eval mode, its output for a given input image never
 changes, so only the classifier is trained. SDCLR's probe trains on augmented images (RandomCrop
 with padding 4, horizontal flip): ``train_features`` may be a function ``epoch -> (N, D)`` that
 returns that epoch's features of freshly augmented images (``evaluate_backbone`` does this by
 default), or fixed features computed once (faster; ``extract_features(..., flip=True)``, shape
-(2, N, D), then samples the flip per image and step). SDCLR also feeds un-normalised [0, 1]
-images; here the eval transform normalises with the data's mean/std, which is what a backbone
-pretrained with this package's augmentation (also normalised) expects.
+(2, N, D), then samples the flip per image and step). The official models normalise their [0, 1]
+input inside the network with ImageNet's mean / std; here the eval transform does the same with
+the run's input statistics (``input_norm``: ImageNet's by default), before the backbone.
 """
 from __future__ import annotations
 
@@ -253,5 +254,4 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     if best_state is not None:
         fc.load_state_dict(best_state)
     return ProbeResult(fc=fc, predictions=_predict(fc, xt), losses=losses, val_accuracies=val_acc,
-                       val_epochs=val_epochs,
-                       best_epoch=best_epoch, feature_mean=mean, feature_std=std)
+                       val_epochs=val_epochs, best_epoch=best_epoch, feature_mean=mean, feature_std=std)

@@ -4,7 +4,10 @@ All accuracies are in percent. Groups follow SDCLR's exp_analyse.py: classes are
 number of images in the long-tailed *training* split; the C // 3 classes with the fewest images
 are "minor", the next C // 3 "moderate" and the rest (C - 2 * (C // 3)) "major", so for C not
 divisible by 3 the extra classes go to the major group (C = 10: 4 / 3 / 3; C = 100: 34 / 33 / 33).
-Ties in count are ranked by class index, the lower index counting as more frequent. A group's
+Ties in count are ranked by class index, the lower index counting as more frequent. That is the
+"thirds" rule, the official one for CIFAR; the official ImageNet-100-LT analysis instead cuts by
+fixed counts ("imagenet-lt": > 100 training images major, 20-100 moderate, < 20 minor; 39 / 48 / 13
+classes on its list), so a group may be empty there (its accuracy is then NaN). A group's
 accuracy is the mean of its classes' accuracies, and "std" is the population standard deviation
 of the three group accuracies (SDCLR's "balancedness"; lower is more balanced).
 """
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 GROUPS = ("major", "moderate", "minor")
+GROUP_RULES = ("thirds", "imagenet-lt")
 METRICS = ("overall", "mean_class", "major", "moderate", "minor", "std")
 
 
@@ -43,9 +47,20 @@ def per_class_accuracy(predictions, labels, num_classes: int) -> np.ndarray:
         return np.where(total > 0, 100.0 * right / total, np.nan)
 
 
-def group_classes(class_counts) -> dict:
-    """{"major", "moderate", "minor"} -> int64 arrays of class indices (see module docstring)."""
+def group_classes(class_counts, rule: str = "thirds") -> dict:
+    """{"major", "moderate", "minor"} -> int64 arrays of class indices, by ``rule`` "thirds" or
+    "imagenet-lt" (see the module docstring).
+
+    >>> {g: v.tolist() for g, v in group_classes([150, 101, 100, 20, 19, 3], "imagenet-lt").items()}
+    {'major': [0, 1], 'moderate': [2, 3], 'minor': [4, 5]}
+    """
     counts = _np(class_counts, "class_counts")
+    if rule not in GROUP_RULES:
+        raise ValueError(f"rule must be one of {GROUP_RULES}, got {rule!r}")
+    if rule == "imagenet-lt":
+        every = np.arange(counts.size)
+        return {"major": every[counts > 100], "moderate": every[(counts >= 20) & (counts <= 100)],
+                "minor": every[counts < 20]}
     c = counts.size
     if c < 3:
         raise ValueError(f"group metrics need at least 3 classes, got {c}")
@@ -73,36 +88,39 @@ class EvalResult:
     std: float              # balancedness: population std of (major, moderate, minor)
     per_class: np.ndarray   # (C,) accuracy per class, NaN for classes absent from the test set
     class_counts: np.ndarray  # (C,) training-split images per class that define the groups
+    groups: str = "thirds"    # the group rule (GROUP_RULES)
 
     def to_dict(self) -> dict:
         out = {m: float(getattr(self, m)) for m in METRICS}
         out["per_class"] = [None if np.isnan(v) else float(v) for v in self.per_class]
         out["class_counts"] = [int(v) for v in self.class_counts]
+        out["groups"] = self.groups
         return out
 
     @staticmethod
     def from_dict(d: dict) -> "EvalResult":
         return EvalResult(**{m: float(d[m]) for m in METRICS},
                           per_class=np.array([np.nan if v is None else v for v in d["per_class"]], dtype=np.float64),
-                          class_counts=np.asarray(d["class_counts"], dtype=np.int64))
+                          class_counts=np.asarray(d["class_counts"], dtype=np.int64), groups=d.get("groups", "thirds"))
 
 
-def evaluate_predictions(predictions, labels, class_counts) -> EvalResult:
-    """All metrics from test predictions and the long-tailed training split's class counts."""
+def evaluate_predictions(predictions, labels, class_counts, groups: str = "thirds") -> EvalResult:
+    """All metrics from test predictions and the long-tailed training split's class counts;
+    ``groups`` is the group rule ("thirds" or "imagenet-lt", see :func:`group_classes`)."""
     counts = _np(class_counts, "class_counts")
     num_classes = counts.size
     per_class = per_class_accuracy(predictions, labels, num_classes)
     p, y = _np(predictions, "predictions"), _np(labels, "labels")
     if y.size == 0:
         raise ValueError("labels is empty")
-    groups = group_classes(counts)
+    rule = groups
     with np.errstate(invalid="ignore"):
         acc = {g: float(np.nanmean(per_class[idx])) if np.isfinite(per_class[idx]).any() else float("nan")
-               for g, idx in groups.items()}
+               for g, idx in group_classes(counts, rule).items()}
     return EvalResult(overall=float(100.0 * (p == y).mean()), mean_class=float(np.nanmean(per_class)),
                       major=acc["major"], moderate=acc["moderate"], minor=acc["minor"],
                       std=balancedness(acc[g] for g in GROUPS), per_class=per_class,
-                      class_counts=counts.astype(np.int64))
+                      class_counts=counts.astype(np.int64), groups=rule)
 
 
 def mean_std(results) -> dict:

@@ -46,7 +46,7 @@ def plot_per_class_accuracy(results: dict, path, *, title: str | None = None) ->
         for g in GROUPS:
             xs, ys = [], []
             for r in runs:
-                idx = group_classes(r.class_counts)[g]
+                idx = group_classes(r.class_counts, r.groups)[g]
                 xs.append(np.maximum(r.class_counts[idx], 1))
                 ys.append(r.per_class[idx])
             ax.scatter(np.concatenate(xs), np.concatenate(ys), s=14, alpha=0.75, color=_GROUP_COLOURS[g],
@@ -89,8 +89,11 @@ def write_report(path, results: dict, *, title: str = "Linear evaluation", plots
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes.strip(), ""]
+    rules = {r.groups for probes in results.values() for res in probes.values() for r in _as_list(res)}
+    cut = ("cut into thirds" if rules == {"thirds"} else "cut at > 100 / 20-100 / < 20 images (the official "
+           "ImageNet-100-LT rule)" if rules == {"imagenet-lt"} else "cut by each run's rule")
     lines += ["Accuracies in % on the test set. Groups: classes ranked by their count in the long-tailed "
-              "training split, cut into thirds (major / moderate / minor); std = population std of the three "
+              f"training split, {cut} (major / moderate / minor); std = population std of the three "
               "group accuracies (lower = more balanced).", "",
               "| method | probe | splits | overall | major | moderate | minor | std |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -21,6 +21,7 @@ accuracy changes in points (negative = damage), loss changes in nats (positive =
 from __future__ import annotations
 
 import copy
+import dataclasses
 import numbers
 from pathlib import Path
 
@@ -157,6 +158,19 @@ def per_sample_losses(dense, pruned, data, *, temperature: float, batch_size: in
     return pairs.dense, pairs.pruned(pruned)
 
 
+def balanced_draw(images, num_classes: int, per_class: int, seed: int = 0):
+    """An ImageSet of at most ``per_class`` images of every class of ``images`` (a seeded draw,
+    kept in the original order)."""
+    from ..data.base import ImageSet
+
+    if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 1:
+        raise ValueError(f"test_per_class must be a positive int, got {per_class!r}")
+    perm = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(int(seed)))
+    keep = torch.cat([perm[images.labels[perm] == c][:per_class] for c in range(num_classes)]).sort().values
+    return ImageSet(images.images.index_select(0, keep), images.labels.index_select(0, keep),
+                    images.indices.index_select(0, keep))
+
+
 def _class_means(values: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     ok = np.isfinite(values)
     total = np.bincount(labels[ok], weights=values[ok], minlength=num_classes)
@@ -165,10 +179,10 @@ def _class_means(values: np.ndarray, labels: np.ndarray, num_classes: int) -> np
         return np.where(count > 0, total / count, np.nan)
 
 
-def _groups(per_class: np.ndarray, class_counts) -> dict:
+def _groups(per_class: np.ndarray, class_counts, rule: str = "thirds") -> dict:
     from ..eval import GROUPS, group_classes
 
-    idx = group_classes(class_counts)
+    idx = group_classes(class_counts, rule)
     with np.errstate(invalid="ignore"):
         out = {g: float(np.nanmean(per_class[idx[g]])) if np.isfinite(per_class[idx[g]]).any() else float("nan")
                for g in GROUPS}
@@ -176,12 +190,14 @@ def _groups(per_class: np.ndarray, class_counts) -> dict:
     return out
 
 
-def _entry(per_class: np.ndarray, class_counts) -> dict:
-    return {**_groups(per_class, class_counts), "per_class": [None if np.isnan(v) else float(v) for v in per_class]}
+def _entry(per_class: np.ndarray, class_counts, rule: str = "thirds") -> dict:
+    return {**_groups(per_class, class_counts, rule),
+            "per_class": [None if np.isnan(v) else float(v) for v in per_class]}
 
 
 def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODES, bn: str = "recalibrate",
-                  probe_epochs: int | None = None, probe_per_class: int | None = None, knn_k: int = 200,
+                  probe_epochs: int | None = None, probe_per_class: int | None = None,
+                  test_per_class: int | None = None, knn_k: int = 200,
                   temperature: float | None = None, loss_batch_size: int | None = None, batch_size: int = 512,
                   seed: int = 0, device=None, progress=print) -> dict:
     """The pruning-damage analysis of one model (see the module docstring).
@@ -193,13 +209,15 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
     sparsities, modes: the pruned networks ("magnitude" and / or "random").
     bn:      "recalibrate" (default) or "keep" (the stored running statistics).
     probe_epochs, probe_per_class, knn_k: the probes (see ``sdclr_fast.eval.evaluate_backbone``).
+    test_per_class: classify only this many test images per class (a seeded draw; cheaper); None:
+             the whole test set.
 
     Returns {"dense": {measure: entry}, "pruned": [{"mode", "sparsity", "density", measure: entry,
     "delta": {measure: entry}}, ...], "class_counts": [...]} where an entry is {"overall",
     "major", "moderate", "minor", "per_class"}: accuracies in %, losses in nats, "delta" the
     pruned minus the dense value (class by class, then averaged like the values).
     """
-    from ..eval import evaluate_backbone
+    from ..eval import evaluate_backbone, fixed_threads
     from .models import DenseEncoder
 
     sparsities = check_sparsities(sparsities)
@@ -215,42 +233,48 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
     loss_bs = loss_batch_size or (config.batch_size if config is not None else 512)
     crop_scale = config.crop_scale if config is not None else (0.1, 1.0)
     image_size = config.image_size if config is not None else None
+    rule = config.eval_groups if config is not None else "thirds"
     counts = data.class_counts
     counts_np = np.asarray(counts.tolist() if isinstance(counts, torch.Tensor) else counts, dtype=np.int64)
     labels = data.long_tail.labels.numpy()
     opts = {"epochs": probe_epochs} if probe_epochs is not None else None
+    if test_per_class is not None:
+        data = dataclasses.replace(data, test=balanced_draw(data.test, data.num_classes, test_per_class, seed))
 
     def accuracies(net):
         res = evaluate_backbone(DenseEncoder(net), data, probes=("linear", "knn"), device=device, flip=True,
                                 augment=False, probe_options=opts, knn_k=knn_k, seed=seed,
-                                probe_per_class=probe_per_class, batch_size=batch_size, module=net)
+                                probe_per_class=probe_per_class, batch_size=batch_size, module=net, groups=rule)
         return {"knn": res["knn"].per_class, "linear": res["linear"].per_class}
 
-    model.eval()
-    progress("dense network")
-    acc = accuracies(model)
-    pairs = LossPairs(model, data, temperature=temperature, batch_size=loss_bs, seed=seed, crop_scale=crop_scale,
-                      image_size=image_size, device=device)
-    loss_dense = _class_means(pairs.dense.numpy(), labels, data.num_classes)
-    dense = {"knn": _entry(acc["knn"], counts_np), "linear": _entry(acc["linear"], counts_np),
-             "loss": _entry(loss_dense, counts_np)}
-    rows = []
-    for mode in modes:
-        for s in sparsities:
-            net = pruned_copy(model, s, mode, seed=seed)
-            density = float(sum(int((c.weight != 0).sum()) for c in net.masked_convs().values())) / sum(
-                c.weight.numel() for c in net.masked_convs().values())
-            if bn == "recalibrate":
-                recalibrate_bn(net, data.long_tail.images, data.mean, data.std, batch_size=batch_size, device=device)
-            progress(f"{mode} pruning at {s:g} (density {density:.3f})")
-            acc_p = accuracies(net)
-            loss_p = _class_means(pairs.pruned(net).numpy(), labels, data.num_classes)
-            per = {"knn": acc_p["knn"], "linear": acc_p["linear"], "loss": loss_p}
-            base = {"knn": acc["knn"], "linear": acc["linear"], "loss": loss_dense}
-            rows.append({"mode": mode, "sparsity": s, "density": density,
-                         **{m: _entry(per[m], counts_np) for m in MEASURES},
-                         "delta": {m: _entry(per[m] - base[m], counts_np) for m in MEASURES}})
-    return {"dense": dense, "pruned": rows, "class_counts": counts_np.tolist(), "bn": bn,
+    # One thread on the CPU: the same numbers under any thread count (see eval.fixed_threads).
+    with fixed_threads(device):
+        model.eval()
+        progress("dense network")
+        acc = accuracies(model)
+        pairs = LossPairs(model, data, temperature=temperature, batch_size=loss_bs, seed=seed,
+                          crop_scale=crop_scale, image_size=image_size, device=device)
+        loss_dense = _class_means(pairs.dense.numpy(), labels, data.num_classes)
+        dense = {"knn": _entry(acc["knn"], counts_np, rule), "linear": _entry(acc["linear"], counts_np, rule),
+                 "loss": _entry(loss_dense, counts_np, rule)}
+        rows = []
+        for mode in modes:
+            for s in sparsities:
+                net = pruned_copy(model, s, mode, seed=seed)
+                density = float(sum(int((c.weight != 0).sum()) for c in net.masked_convs().values())) / sum(
+                    c.weight.numel() for c in net.masked_convs().values())
+                if bn == "recalibrate":
+                    recalibrate_bn(net, data.long_tail.images, data.mean, data.std, batch_size=batch_size,
+                                   device=device)
+                progress(f"{mode} pruning at {s:g} (density {density:.3f})")
+                acc_p = accuracies(net)
+                loss_p = _class_means(pairs.pruned(net).numpy(), labels, data.num_classes)
+                per = {"knn": acc_p["knn"], "linear": acc_p["linear"], "loss": loss_p}
+                base = {"knn": acc["knn"], "linear": acc["linear"], "loss": loss_dense}
+                rows.append({"mode": mode, "sparsity": s, "density": density,
+                             **{m: _entry(per[m], counts_np, rule) for m in MEASURES},
+                             "delta": {m: _entry(per[m] - base[m], counts_np, rule) for m in MEASURES}})
+    return {"dense": dense, "pruned": rows, "class_counts": counts_np.tolist(), "groups": rule, "bn": bn,
             "temperature": float(temperature), "loss_batch_size": int(loss_bs)}
 
 
@@ -369,5 +393,6 @@ def write_analysis(analyses: dict, out_dir, *, notes: str | None = None) -> dict
     return {"report": report, "json": data, "plot": plot}
 
 
-__all__ = ["BN_CHOICES", "MEASURES", "MODES", "SPARSITIES", "LossPairs", "analyze_checkpoint", "analyze_model", "format_summary",
-           "per_sample_losses", "plot_damage", "pruned_copy", "recalibrate_bn", "summary_rows", "write_analysis"]
+__all__ = ["BN_CHOICES", "MEASURES", "MODES", "SPARSITIES", "LossPairs", "analyze_checkpoint", "analyze_model",
+           "balanced_draw", "format_summary", "per_sample_losses", "plot_damage", "pruned_copy", "recalibrate_bn",
+           "summary_rows", "write_analysis"]

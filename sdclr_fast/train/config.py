@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..data.augment import INPUT_NORMS
 from ..data.base import PRETRAIN_SETS
+from ..eval.metrics import GROUP_RULES
 from ..nn import METHODS
 from .models import EMBEDDINGS
 PRUNE_SCOPES = ("global", "layer")
@@ -102,6 +103,7 @@ class PretrainConfig:
     permute_classes: bool = True         # each split gives the head/tail ranks to a seeded class permutation
     pretrain_set: str = "long_tail"      # "long_tail" (D_i) or "balanced" (D_b of the same size: the baseline)
     input_norm: str = "imagenet"         # input normalisation: ImageNet mean/std (official) or "dataset" statistics
+    eval_groups: str = "thirds"          # groups: "thirds" (official CIFAR) or "imagenet-lt" (> 100 / 20-100 / < 20)
     official_split: str | None = None    # CIFAR: the official SDCLR split/ folder (D_i, D_b, S_b .npy), --split 1-5
     data_options: dict = field(default_factory=dict)  # more options of build_dataset (webdataset: train_list,
                                                       # num_workers, shuffle_buffer)
@@ -183,6 +185,8 @@ class PretrainConfig:
         if (not isinstance(cs, tuple) or len(cs) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Real)
                                                             for v in cs) or not 0 < cs[0] <= cs[1] <= 1):
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {cs!r}")
+        if self.eval_groups not in GROUP_RULES:
+            raise ValueError(f"eval_groups must be one of {GROUP_RULES}, got {self.eval_groups!r}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if self.pretrain_set not in PRETRAIN_SETS:
@@ -239,7 +243,7 @@ RECIPES = {
     # cmds/shell_scrips/imagenet-100-res50-LT.sh of the official code (split imageNet_100_LT_train)
     "imagenet100-lt": dict(dataset="imagefolder", ratio=None, arch="resnet50", cifar_stem=False, image_size=224,
                            crop_scale=(0.08, 1.0), blur_prob=0.5, batch_size=256, epochs=500, lr=0.5,
-                           sparsity=0.3, temperature=0.2),
+                           sparsity=0.3, temperature=0.2, eval_groups="imagenet-lt"),
 }
 # Per-method exceptions of a recipe: the official ImageNet-100-LT SDCLR runs use tau 0.3 (its README
 # and camera_ready.sh), its SimCLR runs 0.2.
@@ -250,8 +254,8 @@ def recipe_fields(name: str, method: str) -> dict:
     """The fields recipe ``name`` sets for ``method`` (a copy): ``RECIPES[name]`` with the method's
     exceptions from ``RECIPE_METHOD_FIELDS``. Raises ValueError for an unknown recipe.
 
-    >>> recipe_fields("imagenet100-lt", "sdclr")["temperature"], recipe_fields("imagenet100-lt", "simclr")["temperature"]
-    (0.3, 0.2)
+    >>> [recipe_fields("imagenet100-lt", m)["temperature"] for m in ("sdclr", "simclr")]
+    [0.3, 0.2]
     """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")

@@ -89,7 +89,8 @@ def evaluate_checkpoint(path, *, probes=("linear", "knn"), data=None, device=Non
     amp = torch.bfloat16 if device.type == "cuda" else None
     results = evaluate_backbone(DenseEncoder(model), data, probes=tuple(probes), device=device,
                                 batch_size=batch_size, probe_options=probe_options, knn_k=knn_k, seed=seed,
-                                autocast_dtype=amp, probe_per_class=probe_per_class, deterministic=deterministic)
+                                autocast_dtype=amp, probe_per_class=probe_per_class, deterministic=deterministic,
+                                groups=PretrainConfig.from_dict(state["config"]).eval_groups)
     return run_label(state, ckpt), results
 
 
