@@ -254,8 +254,9 @@ def recipe_fields(name: str, method: str) -> dict:
     """The fields recipe ``name`` sets for ``method`` (a copy): ``RECIPES[name]`` with the method's
     exceptions from ``RECIPE_METHOD_FIELDS``. Raises ValueError for an unknown recipe.
 
-    >>> [recipe_fields("imagenet100-lt", m)["temperature"] for m in ("sdclr", "simclr")]
-    [0.3, 0.2]
+    Example:
+        >>> [recipe_fields("imagenet100-lt", m)["temperature"] for m in ("sdclr", "simclr")]
+        [0.3, 0.2]
     """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; expected one of {sorted(RECIPES)}")
