@@ -234,3 +234,35 @@ def test_the_imagenet100_recipe_evaluates_with_the_official_groups(tmp_path):
     assert "> 100 / 20-100 / < 20" in text
     with pytest.raises(ValueError, match="groups"):
         evaluate_backbone(enc, data, probes=("knn",), groups="quartiles")
+
+
+# ----------------------------------------------------------------------------- official CIFAR-100 S_b
+
+def test_official_sb_outside_the_probe_list_is_the_fewshot_probe_set(tmp_path):
+    """The official CIFAR-100 S_b files hold 31-56 images outside the 40k probe list; the official
+    code trains the few-shot probe on S_b directly, so must we (it used to stop with "S_b holds
+    ... outside probe_train")."""
+    from test_official_splits import _official_layout, _write_cifar
+
+    from sdclr_fast.data import build_dataset
+    from sdclr_fast.eval import evaluate_backbone
+
+    y = _write_cifar(tmp_path / "c", 100, 12)
+    off = _official_layout(tmp_path / "split", y, 100, splits=(1,))
+    sb = off[1]["S_b"]
+    train_list = off["files"]["train"]
+    kept = np.setdiff1d(np.load(train_list), sb[::3])  # a third of S_b leaves the probe list
+    np.save(train_list, kept)
+    data = build_dataset("cifar100-lt", tmp_path / "c", official_split=tmp_path / "split", split=1)
+    outside = np.setdiff1d(sb, data.probe_train.indices.numpy())
+    assert outside.size == len(sb[::3])
+    k = int(np.bincount(y[sb], minlength=100).max())
+    few = data.fewshot(k)
+    np.testing.assert_array_equal(few.indices.numpy(), data.fewshot_train.indices.numpy())
+    assert torch.equal(few.labels, torch.as_tensor(y[few.indices.numpy()]))
+    with pytest.raises(ValueError, match="outside probe_train"):
+        data.fewshot_positions(k)  # positions into probe_train cannot name them
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 8))
+    res = evaluate_backbone(enc, data, probes=(f"fewshot-{k}",), probe_options={"epochs": 1}, batch_size=256,
+                            select_on_val=False)
+    assert 0 <= res[f"fewshot-{k}"].overall <= 100

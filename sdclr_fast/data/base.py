@@ -204,16 +204,13 @@ class ContrastiveData:
                                          self.config.get("split", 0), what="probe_train")
             return torch.from_numpy(pos)
         where = {int(v): i for i, v in enumerate(probe_idx.tolist())}
-        if self.fewshot_train is not None:
-            k = _splits.shots_per_class(shots, self.probe_train.class_counts(self.num_classes).tolist())
-            sb_counts = self.fewshot_train.class_counts(self.num_classes)
-            if int(sb_counts.min()) == int(sb_counts.max()) == k:
-                missing = [v for v in self.fewshot_train.indices.tolist() if v not in where]
-                if missing:
-                    raise ValueError(f"the few-shot set S_b holds {len(missing)} images outside probe_train "
-                                     f"(e.g. source index {missing[0]}); it cannot be given as probe positions")
-                return torch.tensor(sorted(where[v] for v in self.fewshot_train.indices.tolist()),
-                                    dtype=torch.int64)
+        if self._is_explicit_fewshot(shots):
+            missing = [v for v in self.fewshot_train.indices.tolist() if v not in where]
+            if missing:
+                raise ValueError(f"the few-shot set S_b holds {len(missing)} images outside probe_train "
+                                 f"(e.g. source index {missing[0]}); it cannot be given as probe positions "
+                                 f"(fewshot() returns its images)")
+            return torch.tensor(sorted(where[v] for v in self.fewshot_train.indices.tolist()), dtype=torch.int64)
         pool = self.fewshot_pool().numpy()
         labels = np.full(int(probe_idx.max()) + 1 if len(probe_idx) else 0, -1, dtype=np.int64)
         labels[probe_idx] = self.probe_train.labels.numpy()
@@ -222,16 +219,28 @@ class ContrastiveData:
                                         what="the pretraining images D_i & D_b")
         return torch.tensor(sorted(where[v] for v in chosen.tolist()), dtype=torch.int64)
 
+    def _is_explicit_fewshot(self, shots) -> bool:
+        """Whether ``shots`` asks for the explicit few-shot set (an official S_b) by its size."""
+        if self.fewshot_train is None:
+            return False
+        k = _splits.shots_per_class(shots, self.probe_train.class_counts(self.num_classes).tolist())
+        sb_counts = self.fewshot_train.class_counts(self.num_classes)
+        return int(sb_counts.min()) == int(sb_counts.max()) == k
+
     def fewshot(self, shots, pool: str = "pretrain") -> ImageSet:
         """A balanced few-shot set inside the pretraining images (SDCLR's S_b): ``shots`` images
         per class (int), or a fraction in (0, 1] of the smallest class of ``probe_train`` (floored,
         at least 1: 1% gives 45 on CIFAR-10, 4 on CIFAR-100, 60 on Fashion-MNIST), drawn from
         D_i & D_b (:meth:`fewshot_pool`). Deterministic in (seed, split, k); a k larger than some
         class of D_i & D_b holds raises ValueError naming ``shots``. With an official split loaded,
-        the k of its S_b returns S_b itself. The result is a subset of ``probe_train``.
+        the k of its S_b returns S_b itself, as the official code trains the few-shot probe on it,
+        also where S_b holds images outside ``probe_train`` (31-56 of each official CIFAR-100 S_b
+        lie outside its 40k probe list); any other result is a subset of ``probe_train``.
 
         ``pool="probe"`` draws from all of ``probe_train`` instead (the pre-protocol behaviour,
         e.g. a small balanced probe set for a quick demo)."""
+        if pool == "pretrain" and self._is_explicit_fewshot(shots):
+            return self.fewshot_train
         return self.probe_train.subset(self.fewshot_positions(shots, pool))
 
     def subset(self, positions) -> ImageSet:
