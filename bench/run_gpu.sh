@@ -9,8 +9,11 @@
 # Logs, each bench's JSON and one summary (summary.json + summary.md) go to OUTDIR.
 #
 #   bench/run_gpu.sh [--dry-run] [OUTDIR]     OUTDIR default: $OUT if set, else bench/results/gpu
-#   env: PYTHON=python3 TESTS=1 BENCH=1 TOTAL_S=450 BENCHES="nt_xent info_nce step masked_conv masked_linear prune"
-#   TUNE=1: also the masked-conv tuning sweep and its rows (see the TUNE block)
+#   env: PYTHON=python3 TESTS=1 TUNE=1 KTIME=1 BENCH=1 TOTAL_S=450
+#        BENCHES="nt_xent info_nce step masked_conv masked_linear prune"
+#   TUNE=1 (default): the masked-conv tuning sweep (TUNE_BUDGET s, default 90) and its rows
+#   KTIME=1 (default): bench/kernel_report.py's workloads as timed rows (kernel_workloads_timed.md:
+#   measured ms and TFLOP/s beside the static report's modelled figures; KTIME_ONLY picks them)
 #
 # --dry-run: the same steps on this machine's CPU with tiny sizes (no build, no nvidia-smi; the
 # cuda-marked tests report as skipped), so that the script is known to run before a GPU call.
@@ -72,16 +75,18 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 
 # ---- TUNE=1: the masked-conv tuning sweep, then its benchmark rows (block-sparse SDCLR).
-# Alone in one call: TUNE=1 TESTS=0 BENCH=0 bench/run_gpu.sh OUTDIR (about 7 minutes). The sweep
-# updates kernels/masked_conv_tuned.json (copied to OUTDIR: commit it) and starts no new shape
-# after TUNE_BUDGET seconds (default 200); untuned shapes stay on cuDNN.
-if [ "${TUNE:-0}" = 1 ]; then
+# Alone in one call: TUNE_BUDGET=200 TESTS=0 KTIME=0 BENCH=0 bench/run_gpu.sh OUTDIR (about 7
+# minutes). The sweep updates kernels/masked_conv_tuned.json (copied to OUTDIR: commit it) and
+# starts no new shape after TUNE_BUDGET seconds (default 90 in the full run); untuned shapes
+# stay on cuDNN.
+if [ "${TUNE:-1}" = 1 ]; then
   if [ $DRY = 1 ]; then
     run tune_masked_conv 300 $PY bench/tune_masked_conv.py --dry-run --layers layer2.0.conv1 \
       --out "$OUTDIR/masked_conv_tuned.json"
     extra="--batch 2 --quick --layers layer2.0.conv1 --threads 2"
   else
-    run tune_masked_conv 330 $PY bench/tune_masked_conv.py --budget-s "${TUNE_BUDGET:-200}"
+    tb=${TUNE_BUDGET:-90}
+    run tune_masked_conv $(( tb + 40 )) $PY bench/tune_masked_conv.py --budget-s "$tb"
     cp kernels/masked_conv_tuned.json "$OUTDIR/masked_conv_tuned.json"
     extra=
   fi
@@ -89,6 +94,20 @@ if [ "${TUNE:-0}" = 1 ]; then
     --out "$OUTDIR/masked_conv_block.json"
   extra=; [ $DRY = 1 ] && extra="--batch 2 --width 8 --reps 2 --threads 2"
   run bench_step_block 100 $PY bench/bench_step.py --device $DEV --quick $extra --out "$OUTDIR/step_block.json"
+fi
+
+# ---- KTIME=1: the static kernel report's workloads (bench/kernel_report.py), timed: anchors,
+# nt_xent, info_nce, masked conv at 32x32 and coarser blocks (tuned configs where the sweep
+# wrote them); no new workload after KTIME_BUDGET seconds (default 70)
+if [ "${KTIME:-1}" = 1 ]; then
+  if [ $DRY = 1 ]; then
+    run kernel_workloads 200 $PY bench/kernel_report.py --time --device cpu --small \
+      --only "${KTIME_ONLY:-anchor.*pointers|nt_xent.*4096.*bf16}" --out "$OUTDIR"
+  else
+    kb=${KTIME_BUDGET:-70}
+    run kernel_workloads $(( kb + 40 )) $PY bench/kernel_report.py --time --device cuda --budget-s "$kb" \
+      --only "${KTIME_ONLY:-anchor|nt_xent.*bf16|info_nce|masked_conv.*(layer2|layer3).conv}" --out "$OUTDIR"
+  fi
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then
@@ -138,6 +157,9 @@ for name in benches:
     if os.path.exists(log):  # the bench's printed table, as it printed it
         table = [l for l in open(log).read().splitlines() if "|" in l or l.startswith(("nt_xent", "SDCLR", "batch", "CUDA"))]
         md += ["", f"## {name}", "", "```", *table, "```"]
+timed = os.path.join(out, "kernel_workloads_timed.md")
+if os.path.exists(timed):  # the kernel report's workloads, measured
+    md += ["", "## kernel report workloads (measured)", "", open(timed).read()]
 with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(md) + "\n")
 print(f"wrote {out}/summary.json and {out}/summary.md")

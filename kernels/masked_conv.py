@@ -22,8 +22,9 @@ M) with fp32 partials per slice (split-K, deterministic, no atomics).
 
 Everything accumulates in fp32. Offsets that involve the batch index are int64.
 Meta-parameters: BLOCK_M / num_warps / num_stages per kernel from the tuned table
-(sdclr_fast.ops.masked_conv) when the host passes a config, else triton.autotune keyed on the
-shape on a GPU and one fixed config in the interpreter.
+(sdclr_fast.ops.masked_conv) when the host passes a config, else `default_config` on a GPU
+(deterministic, so bench/kernel_report.py compiles exactly what runs) and one fixed config in
+the interpreter.
 """
 import functools
 import os
@@ -77,11 +78,12 @@ def _pack_kernel(w_ptr, m_ptr, p_ptr, tiles_ptr, Og, Cg,
 @triton.jit
 def _conv_gemm_kernel(
     a_ptr, p_ptr, p_desc, out_ptr, b_ptr, idx_ptr, pk_ptr, cnt_ptr,
-    N, AH, AW, OH, OW, KA, NO, K_T, N_T, IDX_W,
+    N, AH, AW, OH, OW, KA, NO, N_T, IDX_W,
     s_an, s_ac, s_ah, s_aw,
     s_on, s_oc, s_oh, s_ow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KW: tl.constexpr, TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr,
+    K_T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr, LINEAR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, K_EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -90,6 +92,11 @@ def _conv_gemm_kernel(
     # Forward: A = x, out = y, P[j] is (BLOCK_N = out, BLOCK_K = in) and is read transposed.
     # TRANSPOSED (grad_input): A = dy, out = dx, P[j] is (BLOCK_K = out, BLOCK_N = in); output
     # pixel (h, w) receives dy[(h + pad - kh * dil) / stride] where that divides exactly.
+    # LINEAR (forward, and grad_input at unit stride): A's pixel of (row, tap) is
+    # (r_h + kh * step_h, r_w + kw * step_w), so each row's base address and its in-bounds
+    # taps (one bit per tap) are computed once, and a K step adds one scalar offset: the loop
+    # holds little besides the loads and the MMA. K_T (k-tiles per tap) is a constexpr so that
+    # decoding a step is a multiply by a constant, not an integer division.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     g = tl.program_id(2)
@@ -107,6 +114,27 @@ def _conv_gemm_kernel(
         p_off = ar_k[:, None] * BLOCK_N + ar_n[None, :]
     else:
         p_off = ar_n[None, :] * BLOCK_K + ar_k[:, None]
+    if LINEAR:
+        if TRANSPOSED:
+            r_h = oh + pad_h
+            r_w = ow + pad_w
+            step_h = -dil_h
+            step_w = -dil_w
+        else:
+            r_h = oh * stride_h - pad_h
+            r_w = ow * stride_w - pad_w
+            step_h = dil_h
+            step_w = dil_w
+        a_base = a_rows + (r_h * s_ah + r_w * s_aw)
+        if KH * KW <= 32:
+            tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            for th_ in tl.static_range(KH):
+                hh = r_h + th_ * step_h
+                ok_h = m_ok & (hh >= 0) & (hh < AH)
+                for tw_ in tl.static_range(KW):
+                    ww = r_w + tw_ * step_w
+                    ok = ok_h & (ww >= 0) & (ww < AW)
+                    tap_ok = tap_ok | (ok.to(tl.int32) << (th_ * KW + tw_))
 
     row = g * N_T + pid_n
     count = tl.load(cnt_ptr + row)
@@ -115,24 +143,31 @@ def _conv_gemm_kernel(
         k = tl.load(idx_ptr + row * IDX_W + i)
         j = tl.load(pk_ptr + row * IDX_W + i)
         tap = k // K_T
-        kt = k % K_T
+        kt = k - tap * K_T
         kh = tap // KW
-        kw = tap % KW
-        if TRANSPOSED:
+        kw = tap - kh * KW
+        c0 = g * KA + kt * BLOCK_K
+        if LINEAR:
+            if KH * KW <= 32:
+                sp_ok = ((tap_ok >> tap) & 1) != 0
+            else:
+                hh = r_h + kh * step_h
+                ww = r_w + kw * step_w
+                sp_ok = m_ok & (hh >= 0) & (hh < AH) & (ww >= 0) & (ww < AW)
+            a_ptrs = (a_base + ((kh * step_h) * s_ah + (kw * step_w) * s_aw + c0 * s_ac))[:, None] \
+                + (ar_k * s_ac)[None, :]
+        else:
             th = oh + pad_h - kh * dil_h
             tw = ow + pad_w - kw * dil_w
             ah = th // stride_h
             aw = tw // stride_w
             sp_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
                      & (ah < AH) & (aw < AW))
+            a_ptrs = a_rows[:, None] + ((c0 + ar_k) * s_ac)[None, :] + (ah * s_ah + aw * s_aw)[:, None]
+        if K_EVEN:
+            at = tl.load(a_ptrs, mask=sp_ok[:, None], other=0.0)
         else:
-            ah = oh * stride_h - pad_h + kh * dil_h
-            aw = ow * stride_w - pad_w + kw * dil_w
-            sp_ok = m_ok & (ah >= 0) & (ah < AH) & (aw >= 0) & (aw < AW)
-        offs_k = kt * BLOCK_K + ar_k
-        at = tl.load(a_rows[:, None] + ((g * KA + offs_k) * s_ac)[None, :]
-                     + (ah * s_ah + aw * s_aw)[:, None],
-                     mask=sp_ok[:, None] & (offs_k < KA)[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=sp_ok[:, None] & (kt * BLOCK_K + ar_k < KA)[None, :], other=0.0)
         if USE_TMA:
             if TRANSPOSED:
                 wt = p_desc.load([j * BLOCK_K, 0])
@@ -158,18 +193,20 @@ def _conv_gemm_kernel(
 @triton.jit
 def _bwd_weight_kernel(
     x_ptr, dy_ptr, m_ptr, dw_ptr, tiles_ptr,
-    N, H, W, OH, OW, Cg, Og, M_PER_SPLIT,
+    N, H, W, Cg, Og, M_PER_SPLIT,
     s_xn, s_xc, s_xh, s_xw,
     s_dn, s_dc, s_dh, s_dw,
     s_mo, s_mc, s_mh, s_mw,
     s_gs, s_go, s_gc, s_gh, s_gw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KW: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, KW: tl.constexpr, DY_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per (non-empty weight tile, slice of the M reduction); each slice writes its
-    # own fp32 partial so the sum over slices is deterministic (no atomics).
+    # own fp32 partial so the sum over slices is deterministic (no atomics). OH, OW are
+    # constexprs: the loop splits every pixel index into (n, oh, ow), and division by a
+    # constant is a multiply. DY_FLAT: dy is dense channels-last, pixel m sits at m * s_dw.
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     g = tl.load(tiles_ptr + pid_t * 4 + 0)
@@ -200,8 +237,11 @@ def _bwd_weight_kernel(
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         sp_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dyt = tl.load(dy_ptr + (o_glob * s_dc)[:, None]
-                      + (n * s_dn + oh * s_dh + ow * s_dw)[None, :],
+        if DY_FLAT:
+            dy_m = offs_m.to(tl.int64) * s_dw
+        else:
+            dy_m = n * s_dn + oh * s_dh + ow * s_dw
+        dyt = tl.load(dy_ptr + (o_glob * s_dc)[:, None] + dy_m[None, :],
                       mask=o_ok[:, None] & m_ok[None, :], other=0.0)
         xt = tl.load(x_ptr + (n * s_xn + ih * s_xh + iw * s_xw)[:, None] + (c_glob * s_xc)[None, :],
                      mask=sp_ok[:, None] & c_ok[None, :], other=0.0)
@@ -226,14 +266,39 @@ def _bwd_weight_kernel(
 # (bench/tune_masked_conv.py), which also times these candidates.
 # (the sweep's list: every one compiles per shape specialisation, and it must finish in minutes)
 CANDIDATES = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns) for bm, nw, ns in (
-    (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3), (256, 8, 5))]
-WGT_CANDIDATES = CANDIDATES[:4]  # grad_weight: BLOCK_M is its reduction chunk
-# the subset triton.autotune tries where no tuned entry exists (first call of a shape only)
-AUTOTUNE = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)
-            for bm, nw, ns in ((64, 4, 3), (128, 4, 4), (128, 8, 3), (256, 8, 4))]
+    (64, 4, 5), (128, 4, 4), (128, 4, 5), (128, 8, 5), (256, 8, 4), (256, 8, 5))]
+WGT_CANDIDATES = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns) for bm, nw, ns in (
+    (64, 4, 3), (128, 4, 3), (128, 4, 4), (256, 8, 3))]  # grad_weight: BLOCK_M is its reduction chunk
 _INTERP = dict(BLOCK_M=32)  # the one interpreter config (several fail there)
-_GEMM_KEY = ["N", "AH", "AW", "OH", "OW", "KA", "NO", "BLOCK_N", "BLOCK_K", "TRANSPOSED"]
-_WGT_KEY = ["N", "H", "W", "OH", "OW", "Cg", "Og", "M_PER_SPLIT", "BLOCK_O", "BLOCK_C"]
+# Without a tuned entry: the GEMM's K loop reads each step's indices from memory, which takes
+# one stage of Triton's pipeline, so 5 stages keep the operand tiles 2 steps ahead (3 buffers);
+# grad_weight's loop has no indirection (3 stages: 3 buffers, 2 tiles ahead).
+_GEMM_STAGES, _GEMM_BUFFERS = 5, 3
+_WGT_STAGES, _WGT_BUFFERS = 3, 3
+
+
+def default_config(which, block_a, block_b, elsize, device):
+    """BLOCK_M / num_warps / num_stages of `which` ("gemm": forward or grad_input with a
+    (BLOCK_K = block_a) x (BLOCK_N = block_b) weight tile; "wgt": grad_weight with a
+    block_a x block_b tile) where no tuned entry exists: the largest BLOCK_M whose pipeline
+    buffers fit the device's shared memory per block."""
+    budget = _smem_per_block(_device_index(device)) - 8192  # headroom for the epilogue
+    for bm, nw in ((256, 8), (128, 4), (64, 4)):
+        if which == "gemm":
+            need = _GEMM_BUFFERS * (bm * block_a + block_a * block_b) * elsize
+            cfg = dict(BLOCK_M=bm, num_warps=nw, num_stages=_GEMM_STAGES)
+        else:
+            need = _WGT_BUFFERS * bm * (block_a + block_b) * elsize
+            cfg = dict(BLOCK_M=min(bm, 128), num_warps=4, num_stages=_WGT_STAGES)
+        if need <= budget:
+            return cfg
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_block(index):
+    props = torch.cuda.get_device_properties(index)
+    return getattr(props, "shared_memory_per_block_optin", 101376)
 
 
 def _dot_precision(dtype):
@@ -259,24 +324,17 @@ def _config_cached(dtype, interp, tf32):
     return meta, (dict(_INTERP) if interp else None)
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned(which):
-    kernel, key = {"gemm": (_conv_gemm_kernel, _GEMM_KEY), "wgt": (_bwd_weight_kernel, _WGT_KEY)}[which]
-    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"]}, num_warps=c["num_warps"],
-                             num_stages=c["num_stages"]) for c in AUTOTUNE]
-    return triton.autotune(configs, key=key)(kernel)
-
-
-def _launch(which, grid, args, const, dtype, cfg):
+def _launch(which, grid, args, const, dtype, cfg, device, tile):
     """Launch `which` ("gemm" or "wgt") with cfg (BLOCK_M, num_warps, num_stages), or the
-    interpreter's config, or triton.autotune's choice."""
+    interpreter's config, or `default_config` for the weight tile `tile`."""
     meta, interp_cfg = _config(dtype)
-    cfg = interp_cfg or cfg
-    if cfg is None:
-        _autotuned(which)[grid](*args, **const, **meta)
-    else:
-        kernel = _conv_gemm_kernel if which == "gemm" else _bwd_weight_kernel
-        kernel[grid](*args, **const, **meta, **cfg)
+    cfg = interp_cfg or cfg or default_config(which, *tile, dtype.itemsize, device)
+    kernel = _conv_gemm_kernel if which == "gemm" else _bwd_weight_kernel
+    kernel[grid](*args, **const, **meta, **cfg)
+
+
+def _device_index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -288,10 +346,12 @@ def _tma_ok(device_index):
 
 def use_tma(device):
     """Whether the packed tiles go through TMA descriptors: a Hopper-or-newer GPU and a Triton
-    that has them (SDCLR_FAST_MASKED_CONV_TMA=0 turns them off)."""
-    if interpreting() or device.type != "cuda":
+    that has them (SDCLR_FAST_MASKED_CONV_TMA=0 turns them off). Outside the interpreter a
+    launch is a GPU launch, so torch.cuda answers for the device (bench/kernel_report.py
+    answers as the GPU it compiles for)."""
+    if interpreting():
         return False
-    return _tma_ok(device.index if device.index is not None else torch.cuda.current_device())
+    return _tma_ok(_device_index(device))
 
 
 # ------------------------------------------------------------------ launch helpers
@@ -324,14 +384,15 @@ def _gemm(a, packed, bias, out, tiles, geom, transposed, cfg):
             if tma else packed)
     bias_arg = bias.contiguous() if bias is not None else packed  # read at unit stride
     args = (a, packed, desc, out, bias_arg, idx, pk, cnt,
-            N, AH, AW, OH, OW, ka, no, k_t, n_t, idx.shape[1],
+            N, AH, AW, OH, OW, ka, no, n_t, idx.shape[1],
             *a.stride(), *out.stride(), sh, sw, ph, pw, dh, dw)
-    const = dict(KW=tiles.kw, TRANSPOSED=transposed, HAS_BIAS=bias is not None, USE_TMA=tma,
-                 BLOCK_N=bn, BLOCK_K=bk)
+    const = dict(K_T=k_t, KH=tiles.taps // tiles.kw, KW=tiles.kw, TRANSPOSED=transposed,
+                 LINEAR=not transposed or (sh == 1 and sw == 1), HAS_BIAS=bias is not None,
+                 USE_TMA=tma, K_EVEN=ka % bk == 0, BLOCK_N=bn, BLOCK_K=bk)
 
     def grid(meta):
         return (cdiv(N * OH * OW, meta["BLOCK_M"]), n_t, groups)
-    _launch("gemm", grid, args, const, a.dtype, cfg)
+    _launch("gemm", grid, args, const, a.dtype, cfg, a.device, (bk, bn))
     return out
 
 
@@ -353,9 +414,9 @@ def _sm_count(index):
 def _num_splits(n_tiles, m_total, block_m, device):
     """Slices of the M reduction per weight tile: enough programs to fill the GPU (layers with
     few weight tiles and a large batch, e.g. the stem), but at least 8 M-blocks per slice."""
-    if interpreting() or device.type != "cuda":
+    if interpreting():
         return 1 if m_total <= 4 * block_m else 2
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(_device_index(device))
     want = cdiv(4 * sms, max(n_tiles, 1))
     return max(1, min(want, m_total // (8 * block_m)))
 
@@ -373,7 +434,9 @@ def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None, cfg=No
     if cfg:
         cfg.pop("splits", None)
     interp_cfg = _config(x.dtype)[1]
-    block_m = (interp_cfg or cfg or {"BLOCK_M": 128})["BLOCK_M"]  # split granularity
+    cfg = cfg or (None if interp_cfg else default_config("wgt", tiles.block_o, tiles.block_c,
+                                                         x.dtype.itemsize, x.device))
+    block_m = (interp_cfg or cfg)["BLOCK_M"]  # split granularity
     m_total = N * OH * OW
     n_tiles = tiles.wgt_tiles.shape[0]
     if n_tiles == 0 or m_total == 0:
@@ -384,10 +447,13 @@ def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None, cfg=No
     splits = cdiv(m_total, m_per_split)
     # fp32 partials, one slab per slice; tiles that are never launched stay zero.
     buf = torch.zeros((splits, O, Cg, KH, KW), device=x.device, dtype=torch.float32)
-    args = (x, grad_y, mask, buf, tiles.wgt_tiles, N, H, W, OH, OW, Cg, tiles.og, m_per_split,
+    args = (x, grad_y, mask, buf, tiles.wgt_tiles, N, H, W, Cg, tiles.og, m_per_split,
             *x.stride(), *grad_y.stride(), *mask.stride(), *buf.stride(),
             sh, sw, ph, pw, dh, dw)
-    const = dict(KW=KW, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c)
-    _launch("wgt", (n_tiles, splits), args, const, x.dtype, cfg)
+    s_dn, _, s_dh, s_dw = grad_y.stride()
+    dy_flat = s_dh == OW * s_dw and (N == 1 or s_dn == OH * OW * s_dw)
+    const = dict(OH=OH, OW=OW, KW=KW, DY_FLAT=dy_flat, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c)
+    _launch("wgt", (n_tiles, splits), args, const, x.dtype, cfg, x.device,
+            (tiles.block_o, tiles.block_c))
     dw_ = buf[0] if splits == 1 else buf.sum(0)
     return dw_.to(out_dtype)
