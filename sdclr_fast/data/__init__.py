@@ -78,7 +78,7 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
             pretrain_set, a split file written for another data set, a ratio on a stream.
         FileNotFoundError: when the data files are not where ``root`` says.
 
-    Example:
+    Examples:
         >>> from sdclr_fast import build_dataset
         >>> data = build_dataset("fashion-mnist-lt", ratio=100, seed=0)   # Debian's dataset-fashion-mnist
         >>> len(data.train), data.num_classes, data.image_size

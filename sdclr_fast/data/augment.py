@@ -138,7 +138,7 @@ class TwoViewAugment(nn.Module):
             probability, mean / std of the wrong length or a non-positive std; in the forward, a
             batch that is not uint8 (B, in_channels, H, W).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import TwoViewAugment
         >>> aug = TwoViewAugment(16, 3, mean=[0.5] * 3, std=[0.25] * 3)

@@ -93,7 +93,7 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
             asked for, ``probe_options`` that set what this function sets, ``select_on_val``
             without a val split.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import build_dataset, evaluate_backbone
         >>> data = build_dataset("fashion-mnist-lt")             # Debian's dataset-fashion-mnist

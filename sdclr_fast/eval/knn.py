@@ -36,7 +36,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_
             in D, an empty bank, labels of the wrong shape or outside [0, num_classes), a bad
             k, weighting or temperature.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
         >>> labels = torch.tensor([0, 0, 1, 1])

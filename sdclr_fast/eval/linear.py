@@ -132,7 +132,7 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         FloatingPointError: when the training loss diverges (the message suggests
             ``normalize`` or a lower lr).
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> centres = torch.randn(3, 8) * 4
         >>> labels = torch.arange(3).repeat(20)

@@ -106,7 +106,7 @@ class DualBatchNorm2d(_DualBatchNorm):
     Raises:
         ValueError: when `branch` is set to anything but ``"dense"`` or ``"pruned"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import DualBatchNorm2d
         >>> bn = DualBatchNorm2d(8)
@@ -136,7 +136,7 @@ class DualBatchNorm1d(_DualBatchNorm):
     Raises:
         ValueError: when `branch` is set to anything but ``"dense"`` or ``"pruned"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import DualBatchNorm1d
         >>> bn = DualBatchNorm1d(16)
@@ -152,7 +152,7 @@ class DualLayerNorm(DualNorm):
     transformer analogue of dual BN (not from the SDCLR paper): the pruned branch keeps its own
     affine pair, since pruning shifts what each feature's scale and shift should be.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import DualLayerNorm
         >>> norm = DualLayerNorm(16)

@@ -36,7 +36,7 @@ class ProjectionHead(nn.Module):
         ValueError: for sizes that are not positive ints, flags that are not bools, and (in the
             forward) an input that is not (B, in_dim).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import ProjectionHead
         >>> head = ProjectionHead(512, 512, 128, num_layers=3, dual_bn=True)   # SDCLR's head

@@ -41,7 +41,7 @@ class MaskedConv2d(nn.Conv2d):
         ValueError: for another ``padding_mode``; ``set_mask`` for a mask of another shape or
             device, or with values other than 0 and 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import MaskedConv2d, magnitude_masks
         >>> conv = MaskedConv2d(8, 16, 3, padding=1)

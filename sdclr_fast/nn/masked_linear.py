@@ -22,7 +22,7 @@ class MaskedLinear(nn.Linear):
     Same constructor as `nn.Linear`. The mask starts all True and `mask_enabled` True;
     `SelfCompetitor` turns masks off for the dense branch and on for the pruned one.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import MaskedLinear
         >>> lin = MaskedLinear(8, 4)

@@ -156,7 +156,7 @@ def resnet18(*, in_channels=3, width=64, cifar_stem=True, dual_bn=True):
     Raises:
         ValueError: for a non-positive in_channels or width, or flags that are not bools.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> net = sdclr_fast.resnet18(in_channels=1, width=8)
         >>> net(torch.randn(2, 1, 16, 16)).shape
@@ -190,7 +190,7 @@ def resnet50(*, in_channels=3, width=64, cifar_stem=True, dual_bn=True):
     Raises:
         ValueError: for a non-positive in_channels or width, or flags that are not bools.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> net = sdclr_fast.resnet50(width=8, cifar_stem=False)
         >>> net.feature_dim

@@ -94,7 +94,7 @@ def self_competitor(model, head=None, *, prune=PRUNABLE, exclude=DEFAULT_EXCLUDE
         ValueError: for an unknown kind in `prune`, a non-string pattern, a model without any
             layer to prune, or head=None on a model that does not tell its feature size.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from sdclr_fast.nn import sdclr_head, self_competitor
@@ -185,7 +185,7 @@ class SelfCompetitor(nn.Module):
             that is not a module; a branch other than ``"dense"`` / ``"pruned"``; masks whose
             keys are not the pruning set.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> model = sdclr_fast.build_model("resnet18", method="sdclr", in_channels=1, width=8)
         >>> kept = model.update_masks(sparsity=0.9)          # from the current dense weights
@@ -372,7 +372,7 @@ def build_model(arch="resnet18", method="sdclr", in_channels=3, width=64, cifar_
     Raises:
         ValueError: for an unknown arch or method, and what the ResNet and head refuse.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> model = sdclr_fast.build_model("resnet18", method="simclr", in_channels=3, width=8)
         >>> model(torch.randn(2, 3, 16, 16)).shape

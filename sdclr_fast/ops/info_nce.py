@@ -624,7 +624,7 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
             that is not > 0 and finite, weights or labels of the wrong length, labels without
             in-batch negatives, an unknown ``reduction``, NaN / inf in the inputs (when checked).
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> q, k = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
         >>> bank = sdclr_fast.MemoryBank(32, 16)
@@ -740,7 +740,7 @@ class MemoryBank(nn.Module):
         ValueError: for a size or dim that is not a positive int; `enqueue` for keys that are
             not (B, dim).
 
-    Example:
+    Examples:
         A MoCo step (momentum encoder ``f_k``, queue of 65,536 keys, tau = 0.2)::
 
             bank = MemoryBank(65536, 128).to(device)

@@ -330,7 +330,7 @@ def prepare_mask(mask, groups=1, block=None):
     Raises:
         ValueError: for a mask that is not 4-d, a bad ``groups`` or ``block``.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> w = torch.randn(64, 64, 3, 3)
         >>> mask = sdclr_fast.magnitude_masks([w], 0.75, block=(32, 32))[0]
@@ -586,7 +586,7 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         ValueError: naming the argument whose shape, dtype or device does not fit, a mask that
             does not match its weight, a bad stride, padding, dilation, groups or block.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> x, w = torch.randn(2, 8, 6, 6), torch.randn(16, 8, 3, 3, requires_grad=True)
         >>> mask = sdclr_fast.magnitude_masks([w], 0.5)[0]

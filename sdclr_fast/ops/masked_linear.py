@@ -263,7 +263,7 @@ def masked_linear(x, weight, mask, bias=None, *, block=None, _backend="auto"):
     Raises:
         ValueError: naming the argument whose shape, dtype or device does not fit.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import masked_linear
         >>> w = torch.randn(3, 8, requires_grad=True)

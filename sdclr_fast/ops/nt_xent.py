@@ -588,7 +588,7 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
             that is not > 0 and finite, labels or weights of the wrong length, an unknown
             ``reduction`` or ``multi_positive``, NaN / inf in the embeddings (when checked).
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> z1, z2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
         >>> loss = sdclr_fast.nt_xent(z1, z2, temperature=0.2)
@@ -708,7 +708,7 @@ class NTXentLoss(nn.Module):
             ``gather_distributed`` that is not a bool or that this torch cannot serve, an unknown
             ``reduction`` or ``multi_positive``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from sdclr_fast import NTXentLoss         # instead of: from lightly.loss import NTXentLoss
         >>> loss_fn = NTXentLoss(0.5)

@@ -223,7 +223,7 @@ def magnitude_threshold(tensors, sparsity):
         ValueError: for a sparsity outside [0, 1), an empty list, non-tensors, tensors on
             several devices, tensors without elements, NaN or inf.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> w = torch.arange(10.0) - 4.5           # |w| = 0.5, 0.5, 1.5, 1.5, ..., 4.5, 4.5
         >>> sdclr_fast.magnitude_threshold([w], 0.3)   # sorted |w| at index ceil(0.3 * 10) = 3
@@ -291,7 +291,7 @@ def magnitude_masks(tensors, sparsity, scope="global", block=None, clip_block=Fa
         ValueError: for a sparsity outside [0, 1), an unknown scope, a malformed block (or one
             that covers a whole layer without ``clip_block``), no elements, NaN or inf.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> ws = [torch.randn(64, 64, 3, 3), torch.randn(128, 64, 3, 3)]
         >>> masks = sdclr_fast.magnitude_masks(ws, 0.9)                     # one global threshold
@@ -441,7 +441,7 @@ def prune_model(model, sparsity, scope="global", include=None, exclude=None, blo
         ValueError: for a model that is not an nn.Module, no conv weights left after include /
             exclude, and what `magnitude_masks` refuses.
 
-    Example:
+    Examples:
         >>> import sdclr_fast
         >>> model = sdclr_fast.resnet18(in_channels=3, width=8)
         >>> masks = sdclr_fast.prune_model(model, sparsity=0.9)
@@ -500,7 +500,7 @@ class MagnitudePruning(torch_prune.BasePruningMethod):
             count above the number of entries; naming the tensor to prune when it holds NaN or
             inf.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch.nn.utils import prune
         >>> conv = torch.nn.Conv2d(4, 8, 3)
@@ -547,7 +547,7 @@ def global_magnitude_unstructured(parameters, amount, importance_scores=None):
         TypeError: from torch's validation, for parameters that are not an iterable of pairs.
         ValueError: as `MagnitudePruning`.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> model = sdclr_fast.resnet18(in_channels=3, width=8)
         >>> convs = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

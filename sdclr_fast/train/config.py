@@ -63,7 +63,7 @@ class PretrainConfig:
             non-positive size, a sparsity outside [0, 1), a malformed ``prune_block`` or
             ``crop_scale``, unknown fields in ``from_dict``.
 
-    Example:
+    Examples:
         >>> from sdclr_fast import PretrainConfig
         >>> config = PretrainConfig(method="sdclr", dataset="fashion-mnist-lt", epochs=8, batch_size=128)
         >>> config.lr, config.sparsity, config.temperature
@@ -254,7 +254,7 @@ def recipe_fields(name: str, method: str) -> dict:
     """The fields recipe ``name`` sets for ``method`` (a copy): ``RECIPES[name]`` with the method's
     exceptions from ``RECIPE_METHOD_FIELDS``. Raises ValueError for an unknown recipe.
 
-    Example:
+    Examples:
         >>> [recipe_fields("imagenet100-lt", m)["temperature"] for m in ("sdclr", "simclr")]
         [0.3, 0.2]
     """

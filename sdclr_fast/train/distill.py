@@ -91,7 +91,7 @@ def dnc_distillation_loss(base_pred, base_target, expert_preds, expert_target, c
     Raises:
         ValueError: for clusters that are not an (N,) int tensor or lie outside [0, K).
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> n, k, d = 6, 3, 8
         >>> base = torch.randn(n, d)

@@ -269,7 +269,7 @@ def kmeans(x, k, *, iters=50, seed=0, metric="cosine", backend="auto"):
             column, NaN or inf in x, a bad k, iters, metric or backend, ``backend="faiss"``
             without faiss.
 
-    Example:
+    Examples:
         >>> import torch, sdclr_fast
         >>> x = torch.cat([torch.randn(20, 4) + 10, torch.randn(20, 4) - 10])   # two blobs
         >>> result = sdclr_fast.kmeans(x, 2, metric="euclidean", backend="torch")
