@@ -493,3 +493,31 @@ def test_timm_vit_dnc_base_experts_and_student(tmp_path):
     assert state["model_args"]["arch"] == arch and state["model_args"]["image_size"] == 8
     model = load_model(student)
     assert model.features(DATA.test.images[:3].float() / 255, branch="dense").shape == (3, 192)
+
+
+def test_timm_vit_sdclr_step_compiles_without_graph_breaks():
+    """Both branches of a converted timm ViT (MaskedLinear, dual LayerNorm) trace as one graph
+    (fullgraph=True raises on a break); loss and gradients match eager."""
+    import torch._dynamo.testing
+
+    net = _timm_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1)
+    model = self_competitor(net, proj_dim=8).train()
+    model.update_masks(0.9)
+    gen = torch.Generator().manual_seed(9)
+    v1, v2 = torch.randn(4, 3, 16, 16, generator=gen), torch.randn(4, 3, 16, 16, generator=gen)
+
+    def step(a, b):
+        return nt_xent_reference(model(a, branch="dense"), model(b, branch="pruned"), 0.2)
+
+    torch._dynamo.reset()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    loss = torch.compile(step, backend=cnt, fullgraph=True)(v1, v2)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    ref = step(v1, v2)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r)
