@@ -95,7 +95,9 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                    help="resize images to this square size (default: native, 32 for CIFAR, 28 for "
                         "Fashion-MNIST)")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default=None, help=f"backbone (default {d.arch}, as in SDCLR)")
+    g.add_argument("--arch", default=None,
+                   help=f"backbone: resnet18, resnet34, resnet50 or timm:<name>[:key=value,...], any timm "
+                        f"model made a self-competitor (default {d.arch}, as in SDCLR)")
     g.add_argument("--width", type=int, default=None,
                    help=f"channels of the first ResNet stage (default {d.width}, the standard ResNet-18)")
     g.add_argument("--proj-dim", type=int, default=None,
