@@ -280,3 +280,27 @@ def test_docs_check_finds_what_a_reader_would_see(tmp_path):
     for expected in ("image did not load: nope.png", "dead link gone/", "missing anchor api/ops/#missing",
                      "console error"):
         assert expected in problems
+
+
+def test_every_doctest_in_a_docstring_sits_under_examples():
+    """griffe renders ``>>>`` lines as code only inside an ``Examples:`` section; elsewhere (plain
+    text, or Google's ``Example:``, which it reads as an admonition) they become nested block
+    quotes, and an output such as ``[0.3, 0.2]`` a broken cross-reference."""
+    griffe = pytest.importorskip("griffe")
+    package = griffe.load("sdclr_fast", search_paths=[str(ROOT)], submodules=True)
+    stray = []
+
+    def walk(obj):
+        for member in obj.members.values():
+            if member.is_alias:
+                continue
+            if member.docstring:
+                for section in member.docstring.parse("google", warnings=False):
+                    text = getattr(section.value, "contents", section.value)
+                    if section.kind.value in ("text", "admonition") and ">>>" in str(text):
+                        stray.append(member.path)
+            if member.is_module or member.is_class:
+                walk(member)
+
+    walk(package)
+    assert not stray, f"doctests outside an 'Examples:' section: {stray}"

@@ -51,8 +51,9 @@ def group_classes(class_counts, rule: str = "thirds") -> dict:
     """{"major", "moderate", "minor"} -> int64 arrays of class indices, by ``rule`` "thirds" or
     "imagenet-lt" (see the module docstring).
 
-    >>> {g: v.tolist() for g, v in group_classes([150, 101, 100, 20, 19, 3], "imagenet-lt").items()}
-    {'major': [0, 1], 'moderate': [2, 3], 'minor': [4, 5]}
+    Examples:
+        >>> {g: v.tolist() for g, v in group_classes([150, 101, 100, 20, 19, 3], "imagenet-lt").items()}
+        {'major': [0, 1], 'moderate': [2, 3], 'minor': [4, 5]}
     """
     counts = _np(class_counts, "class_counts")
     if rule not in GROUP_RULES:

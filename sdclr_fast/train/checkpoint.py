@@ -105,7 +105,8 @@ def load_newest_checkpoint(path, *, map_location="cpu", expect: dict | None = No
     run (``expect``) is never passed over. Raises :class:`CheckpointError` (about ``path``)
     when neither file is readable.
 
-    >>> state, note = load_newest_checkpoint("runs/a")  # doctest: +SKIP
+    Examples:
+        >>> state, note = load_newest_checkpoint("runs/a")  # doctest: +SKIP
     """
     path = Path(path)
     if path.is_dir():
