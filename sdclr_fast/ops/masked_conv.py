@@ -504,7 +504,7 @@ def _is_channels_last(x):
 
 def _tuned_cfg(entry, tiles, which):
     """The tuned kernel config ("fwd", "bgi", "bgw") of `entry` when it was tuned for these
-    tiles' weight tile, else None (triton.autotune picks)."""
+    tiles' weight tile, else None (the kernels' default_config)."""
     if entry is None or tuple(entry["tile"]) != (tiles.block_o, tiles.block_c):
         return None
     return entry[which]
