@@ -76,6 +76,10 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-list", default=None,
                    help="webdataset: a file of the sample keys to train on, one per line (e.g. a long-tailed "
                         "subset; default: the whole stream)")
+    g.add_argument("--fewshot-list", default=None,
+                   help="imagefolder: a list file ('relative/path label' lines) of the few-shot probe set, e.g. the "
+                        "official ImageNet-100-LT 1%% list imageNet_100_sub_balance_train_0.01 (drawn from the full "
+                        "training set); eval --shots with its per-class size uses it")
     g.add_argument("--data-workers", type=int, default=None,
                    help="webdataset: DataLoader workers decoding each rank's shards (default 2; part of the "
                         "data order, keep it on --resume)")
@@ -209,7 +213,7 @@ def config_from_args(args, **overrides) -> PretrainConfig:
     if given.get("dataset") in ("imagefolder", "webdataset") and "ratio" not in given:
         given["ratio"] = None  # an image folder or a stream is taken as it is unless a ratio is asked for
     stream = {k: getattr(args, a) for k, a in (("train_list", "train_list"), ("num_workers", "data_workers"),
-                                               ("shuffle_buffer", "shuffle_buffer"))
+                                               ("shuffle_buffer", "shuffle_buffer"), ("fewshot_list", "fewshot_list"))
               if getattr(args, a, None) is not None}
     if stream:
         given["data_options"] = {**given.get("data_options", {}), **stream}

@@ -266,3 +266,39 @@ def test_official_sb_outside_the_probe_list_is_the_fewshot_probe_set(tmp_path):
     res = evaluate_backbone(enc, data, probes=(f"fewshot-{k}",), probe_options={"epochs": 1}, batch_size=256,
                             select_on_val=False)
     assert 0 <= res[f"fewshot-{k}"].overall <= 100
+
+
+# ----------------------------------------------------------------------------- ImageNet-100-LT few-shot list
+
+def test_official_imagenet_fewshot_list_is_accepted(tmp_path):
+    """The official ImageNet-100-LT 1 % list (12 per class) is drawn from the full training set,
+    not from D_i & D_b: a fake list in its format, partly outside the long-tailed train_list."""
+    from sdclr_fast.data import build_dataset
+
+    root = tmp_path / "imgs"
+    _image_folder(root, counts=(10, 8, 6, 5), size=8)
+    items = sorted((p.relative_to(root).as_posix(), int(p.parent.name[-1])) for p in (root / "train").rglob("*.png"))
+    by_class = {c: [p for p, y in items if y == c] for c in range(4)}
+    lt = [f"{p} {c}" for c in range(4) for p in by_class[c][:[8, 4, 2, 1][c]]]
+    few = [f"{p} {c}" for c in range(4) for p in by_class[c][-2:]]  # the last two: outside the LT list
+    (tmp_path / "lt.txt").write_text("\n".join(lt) + "\n")
+    (tmp_path / "few.txt").write_text("\n".join(few) + "\n")
+    data = build_dataset("imagefolder", root, image_size=8, train_list=tmp_path / "lt.txt",
+                         fewshot_list=tmp_path / "few.txt")
+    assert data.class_counts.tolist() == [8, 4, 2, 1]
+    got = data.fewshot(2)
+    assert sorted(got.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    names = [items[i][0] for i in got.indices.tolist()]
+    assert sorted(names) == sorted(line.rsplit(" ", 1)[0] for line in few)
+    assert not set(got.indices.tolist()) <= set(data.long_tail.indices.tolist())
+    # The run keeps it through split.json.
+    again = build_dataset("imagefolder", root, image_size=8, split_file=data.save_split(tmp_path / "run"))
+    assert torch.equal(again.fewshot(2).indices, got.indices)
+    (tmp_path / "bad.txt").write_text("\n".join(few[:-1]) + "\n")
+    with pytest.raises(ValueError, match="fewshot_list.*not class-balanced"):
+        build_dataset("imagefolder", root, image_size=8, fewshot_list=tmp_path / "bad.txt")
+    from sdclr_fast.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["pretrain", "--run-dir", "x", "--dataset", "imagefolder",
+                                                      "--fewshot-list", str(tmp_path / "few.txt")]))
+    assert cfg.data_options == {"fewshot_list": str(tmp_path / "few.txt")}

@@ -66,7 +66,8 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
             instead of drawing (see `sdclr_fast.data.cifar.build_cifar_lt`). With a
             ``split_file`` written from official files too, the split file wins (a resumed
             run); with one drawn otherwise, giving both is an error. imagefolder:
-            ``train_list``, ``test_list``, ``grayscale``, ``workers``. webdataset:
+            ``train_list``, ``test_list``, ``grayscale``, ``workers``, ``fewshot_list`` (an
+            explicit few-shot set, e.g. the official ImageNet-100-LT 1 % list). webdataset:
             ``train_list``, ``num_workers``, ``shuffle_buffer``.
 
     Returns:
@@ -111,7 +112,7 @@ def build_dataset(name: str, root=None, *, ratio=_DEFAULT_RATIO, seed: int = 0, 
                   split_file=split_file, pretrain_set=pretrain_set)
     cifar_opts = {"val_fraction", "probe_per_class", "official_split"}
     allowed = {"cifar10-lt": cifar_opts, "cifar100-lt": cifar_opts,
-               "imagefolder": {"train_list", "test_list", "grayscale", "workers"},
+               "imagefolder": {"train_list", "test_list", "grayscale", "workers", "fewshot_list"},
                "webdataset": {"train_list", "num_workers", "shuffle_buffer"}}.get(name, set())
     unknown = sorted(set(options) - allowed)
     if unknown:

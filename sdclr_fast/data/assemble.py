@@ -19,7 +19,7 @@ def assemble(name: str, *, num_classes: int, class_names, train_images: torch.Te
              test_images: torch.Tensor, test_labels: torch.Tensor, val_images=None, val_labels=None,
              val_per_class: int = 0, ratio=100.0, seed: int = 0, split: int = 0, permute_classes: bool = True,
              image_size=None, split_file=None, lt_positions=None, config=None, pretrain_set=None,
-             probe_per_class=None, official=None) -> ContrastiveData:
+             probe_per_class=None, official=None, fewshot_positions=None) -> ContrastiveData:
     """Draw (or reload) the splits and package them.
 
     val_per_class > 0 holds that many images per class of the train pool out as ``val`` (CIFAR's
@@ -29,6 +29,8 @@ def assemble(name: str, *, num_classes: int, class_names, train_images: torch.Te
     400 of the 450, the 40k pool), preferring the few-shot candidates D_i & D_b so that the
     few-shot set is a subset of it. ``official`` is a dict of position arrays "long_tail",
     "balanced" (or None), "fewshot" (or None), "probe", "val" (an official SDCLR split).
+    ``fewshot_positions`` (positions into the train pool) is an explicit few-shot set, e.g. an
+    official list drawn from the whole training set; a split file's saved one wins.
     ``pretrain_set`` ("long_tail" / "balanced") picks which set becomes ``train``.
     """
     config = dict(config or {})
@@ -102,6 +104,8 @@ def assemble(name: str, *, num_classes: int, class_names, train_images: torch.Te
         probe = S.balanced_subset(labels_np, keep, num_classes, seed, per_class=probe_per_class,
                                   prefer=prefer, split=split)
         test_pos = np.arange(test_images.shape[0], dtype=np.int64)
+        if fewshot_positions is not None:
+            few = np.sort(np.asarray(fewshot_positions, dtype=np.int64))
 
     pretrain_set = pretrain_set or "long_tail"
     if pretrain_set == "balanced" and bal is None:

@@ -105,7 +105,7 @@ def load_images(root: Path, rel_paths, size: int, grayscale: bool, workers=None)
 
 def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, permute_classes=True,
                       pretrain_set=None, split_file=None, train_list=None, test_list=None, grayscale=False,
-                      workers=None):
+                      workers=None, fewshot_list=None):
     """Long-tailed data from ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``val/``).
 
     The long-tailed training split is, in order of precedence: the images named in
@@ -117,7 +117,11 @@ def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, per
     than |D_i| / C images. With ``ratio`` the head / tail ranks go to a seeded permutation of the
     classes; a list file or ``ratio=None`` ranks them by their counts. With both ``val/`` and ``test/``
     present, ``val/`` becomes ``val``. Images are resized (shorter side, centre crop) to
-    ``image_size`` (default 64) and held as uint8 in memory.
+    ``image_size`` (default 64) and held as uint8 in memory. ``fewshot_list`` (same format) names
+    an explicit few-shot probe set, e.g. the official ImageNet-100-LT 1 % list
+    ``imageNet_100_sub_balance_train_0.01`` (12 images per class drawn from the full training
+    set): ``data.fewshot(k)`` with its k per class returns it, as the official few-shot probe
+    trains on it.
     """
     if root is None:
         raise FileNotFoundError("imagefolder needs root=: a folder holding train/<class>/ and test/<class>/ "
@@ -139,6 +143,12 @@ def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, per
         val_items, _ = scan_tree(root / "val", classes)
 
     lt_positions = read_list_file(train_list, root, train_items, "train_list") if train_list else None
+    few_positions = read_list_file(fewshot_list, root, train_items, "fewshot_list") if fewshot_list else None
+    if few_positions is not None:
+        per = np.bincount([train_items[i][1] for i in few_positions], minlength=len(classes))
+        if per.min() != per.max():
+            raise ValueError(f"fewshot_list {str(fewshot_list)!r} is not class-balanced: {per.min()} to {per.max()} "
+                             f"images per class")
     test_pos = read_list_file(test_list, root, test_items, "test_list") if test_list else np.arange(len(test_items))
     test_items = [test_items[i] for i in test_pos]
 
@@ -153,9 +163,10 @@ def build_imagefolder(root, *, ratio=None, seed=0, split=0, image_size=None, per
     config = dict(name="imagefolder", root=str(root), ratio=ratio, seed=seed, split=split,
                   permute_classes=permute_classes, image_size=size, grayscale=grayscale,
                   train_list=None if train_list is None else str(train_list),
-                  test_list=None if test_list is None else str(test_list))
+                  test_list=None if test_list is None else str(test_list),
+                  fewshot_list=None if fewshot_list is None else str(fewshot_list))
     return assemble("imagefolder", num_classes=len(classes), class_names=classes, train_images=tr_x,
                     train_labels=tr_y, test_images=te_x, test_labels=te_y, val_images=va_x, val_labels=va_y,
                     ratio=ratio, seed=seed, split=split, permute_classes=permute_classes, image_size=size,
                     split_file=split_file, lt_positions=lt_positions, config=config,
-                    pretrain_set=pretrain_set)
+                    pretrain_set=pretrain_set, fewshot_positions=few_positions)
