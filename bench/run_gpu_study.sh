@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's Fashion-MNIST-LT study (SimCLR vs SDCLR x 3 class permutations) at paper-like
+# The Fashion-MNIST-LT study of docs/study.md (SimCLR vs SDCLR x 3 class permutations) at paper-like
 # length on one CUDA GPU, in one call: the same command as on the CPU, with EPOCHS (default 200)
 # epochs per cell, batch 512 at the paper's lr 0.5, bf16 autocast, and beside it an fp32 control
 # (--no-amp --no-channels-last) of the same grid on FP32_SPLITS: bf16 is a deliberate difference
