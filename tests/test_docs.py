@@ -304,3 +304,8 @@ def test_every_doctest_in_a_docstring_sits_under_examples():
 
     walk(package)
     assert not stray, f"doctests outside an 'Examples:' section: {stray}"
+
+
+def test_readme_stays_short():
+    """The README is what a newcomer reads in five minutes; the rest belongs in docs/."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8")) <= 12_000
