@@ -416,6 +416,11 @@ def add_analyze_pruning_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the probe and kNN on this many images per class of the probe pool (default all)")
     p.add_argument("--test-per-class", type=int, default=None,
                    help="classify this many test images per class (a seeded draw; default the whole test set)")
+    p.add_argument("--loss-per-class", type=int, default=None,
+                   help="measure the per-sample loss on at most this many long-tailed training images per class "
+                        "(a seeded draw; default all)")
+    p.add_argument("--bn-images", type=int, default=None,
+                   help="re-estimate BatchNorm on this many long-tailed training images drawn at random (default all)")
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
     p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks, probes and views (default 0)")
@@ -432,12 +437,17 @@ def cmd_analyze_pruning(args) -> int:
     for rd in args.run_dirs:
         label, res = analyze_checkpoint(rd, sparsities=args.sparsities, modes=args.modes, bn=args.bn,
                                         probe_epochs=args.probe_epochs, probe_per_class=args.probe_per_class,
-                                        test_per_class=args.test_per_class, knn_k=args.knn_k, batch_size=args.batch_size, seed=args.seed,
-                                        device=args.device, progress=lambda m, rd=rd: print(f"{rd}: {m}", flush=True))
+                                        test_per_class=args.test_per_class, loss_per_class=args.loss_per_class,
+                                        bn_images=args.bn_images, knn_k=args.knn_k, batch_size=args.batch_size,
+                                        seed=args.seed, device=args.device,
+                                        progress=lambda m, rd=rd: print(f"{rd}: {m}", flush=True))
         analyses.setdefault(label.split(" (")[0], []).append(res)  # "SDCLR (split_1)" -> "SDCLR"
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_dirs[0]).parent / "pruning"
     print(format_summary(analyses))
-    paths = write_analysis(analyses, out, notes=f"Runs: {', '.join(map(str, args.run_dirs))}; BN: {args.bn}.")
+    settings = {k: getattr(args, k) for k in ("sparsities", "modes", "bn", "probe_epochs", "probe_per_class",
+                                              "test_per_class", "loss_per_class", "bn_images", "knn_k", "seed")}
+    paths = write_analysis(analyses, out, notes=f"Runs: {', '.join(map(str, args.run_dirs))}. Settings: "
+                                                + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".")
     print(f"report: {paths['report']}")
     return 0
 

@@ -129,3 +129,35 @@ def test_write_analysis_files(tmp_path):
     assert paths["plot"].stat().st_size > 1000
     assert "| SimCLR | magnitude | 0.9 | loss | 1 |" in paths["report"].read_text()
     assert json.loads(paths["json"].read_text())["SimCLR"]["bn"] == "keep"
+
+
+def test_analyze_pruning_command_on_a_run(tmp_path, capsys):
+    from PIL import Image
+
+    from sdclr_fast.cli import main
+
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", (16, 8, 6, 4)), ("test", (4, 4, 4, 4))):
+        for c, n in enumerate(counts):
+            d = tmp_path / "images" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+                img[(c // 2) * 4:(c // 2 + 1) * 4, (c % 2) * 4:(c % 2 + 1) * 4] += 150
+                Image.fromarray(img).save(d / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--method", "simclr", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"),
+                 "--image-size", "8", "--width", "4", "--epochs", "1", "--batch-size", "8", "--lr", "0.1",
+                 "--device", "cpu", "--no-progress", "--no-tensorboard", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["analyze-pruning", "--run-dir", str(run), "--sparsities", "0.5", "0.9", "--modes", "magnitude",
+                 "--probe-epochs", "2", "--knn-k", "3", "--test-per-class", "2", "--loss-per-class", "5",
+                 "--bn-images", "10", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| SimCLR | magnitude | 0.9 | linear | 1 |" in out and "minor − major" in out
+    saved = json.loads((run / "pruning" / "pruning_damage.json").read_text())["SimCLR"][0]
+    assert [r["sparsity"] for r in saved["pruned"]] == [0.5, 0.9]
+    assert (run / "pruning" / "pruning_damage.png").exists()
+    assert "loss_per_class=5" in (run / "pruning" / "pruning_damage.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["analyze-pruning", "--run-dir", str(run), "--sparsities", "1.5", "--device", "cpu"])

@@ -164,7 +164,7 @@ def balanced_draw(images, num_classes: int, per_class: int, seed: int = 0):
     from ..data.base import ImageSet
 
     if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 1:
-        raise ValueError(f"test_per_class must be a positive int, got {per_class!r}")
+        raise ValueError(f"per_class must be a positive int, got {per_class!r}")
     perm = torch.randperm(len(images.labels), generator=torch.Generator().manual_seed(int(seed)))
     keep = torch.cat([perm[images.labels[perm] == c][:per_class] for c in range(num_classes)]).sort().values
     return ImageSet(images.images.index_select(0, keep), images.labels.index_select(0, keep),
@@ -197,7 +197,8 @@ def _entry(per_class: np.ndarray, class_counts, rule: str = "thirds") -> dict:
 
 def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODES, bn: str = "recalibrate",
                   probe_epochs: int | None = None, probe_per_class: int | None = None,
-                  test_per_class: int | None = None, knn_k: int = 200,
+                  test_per_class: int | None = None, loss_per_class: int | None = None,
+                  bn_images: int | None = None, knn_k: int = 200,
                   temperature: float | None = None, loss_batch_size: int | None = None, batch_size: int = 512,
                   seed: int = 0, device=None, progress=print) -> dict:
     """The pruning-damage analysis of one model (see the module docstring).
@@ -211,6 +212,11 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
     probe_epochs, probe_per_class, knn_k: the probes (see ``sdclr_fast.eval.evaluate_backbone``).
     test_per_class: classify only this many test images per class (a seeded draw; cheaper); None:
              the whole test set.
+    loss_per_class: measure the loss on at most this many images of every class of D_i (a
+             seeded draw: the tail keeps all of its images, the batches are less head-heavy than
+             training's); None: all of D_i.
+    bn_images: re-estimate BN on this many images of D_i drawn at random (its class profile
+             kept on average); None: all of D_i.
 
     Returns {"dense": {measure: entry}, "pruned": [{"mode", "sparsity", "density", measure: entry,
     "delta": {measure: entry}}, ...], "class_counts": [...]} where an entry is {"overall",
@@ -236,7 +242,16 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
     rule = config.eval_groups if config is not None else "thirds"
     counts = data.class_counts
     counts_np = np.asarray(counts.tolist() if isinstance(counts, torch.Tensor) else counts, dtype=np.int64)
-    labels = data.long_tail.labels.numpy()
+    loss_set = data.long_tail if loss_per_class is None else balanced_draw(data.long_tail, data.num_classes,
+                                                                           loss_per_class, seed)
+    loss_data = dataclasses.replace(data, train=loss_set, long_tail_train=loss_set)
+    labels = loss_set.labels.numpy()
+    bn_set = data.long_tail.images
+    if bn_images is not None:
+        if isinstance(bn_images, bool) or not isinstance(bn_images, numbers.Integral) or bn_images < 2:
+            raise ValueError(f"bn_images must be an int >= 2, got {bn_images!r}")
+        pick = torch.randperm(bn_set.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:bn_images]
+        bn_set = bn_set.index_select(0, pick.sort().values)
     opts = {"epochs": probe_epochs} if probe_epochs is not None else None
     if test_per_class is not None:
         data = dataclasses.replace(data, test=balanced_draw(data.test, data.num_classes, test_per_class, seed))
@@ -252,7 +267,7 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
         model.eval()
         progress("dense network")
         acc = accuracies(model)
-        pairs = LossPairs(model, data, temperature=temperature, batch_size=loss_bs, seed=seed,
+        pairs = LossPairs(model, loss_data, temperature=temperature, batch_size=loss_bs, seed=seed,
                           crop_scale=crop_scale, image_size=image_size, device=device)
         loss_dense = _class_means(pairs.dense.numpy(), labels, data.num_classes)
         dense = {"knn": _entry(acc["knn"], counts_np, rule), "linear": _entry(acc["linear"], counts_np, rule),
@@ -264,7 +279,7 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
                 density = float(sum(int((c.weight != 0).sum()) for c in net.masked_convs().values())) / sum(
                     c.weight.numel() for c in net.masked_convs().values())
                 if bn == "recalibrate":
-                    recalibrate_bn(net, data.long_tail.images, data.mean, data.std, batch_size=batch_size,
+                    recalibrate_bn(net, bn_set, data.mean, data.std, batch_size=batch_size,
                                    device=device)
                 progress(f"{mode} pruning at {s:g} (density {density:.3f})")
                 acc_p = accuracies(net)
