@@ -182,3 +182,69 @@ def test_a_stream_run_is_evaluated_on_its_eval_dataset(tmp_path):
     args = build_parser().parse_args(["eval", "--run-dir", "r", "--eval-dataset", "cifar10-lt",
                                       "--eval-data-root", "/data/cifar"])
     assert (args.eval_dataset, args.eval_data_root) == ("cifar10-lt", "/data/cifar")
+
+
+# ---------------------------------------------------------------- damaged shards
+@pytest.fixture
+def small_shards(tmp_path):
+    from test_cli import _image_folder
+
+    _image_folder(tmp_path / "images")  # 30 training images
+    assert main(["shards", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "shards"), "--shard-size", "10"]) == 0
+    return tmp_path / "shards"
+
+
+def _sample_ends(shard):
+    """Byte offsets where each sample's last member ends (tar members are 512-byte aligned)."""
+    import tarfile
+
+    ends = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            ends[m.name.split(".")[0]] = m.offset_data + -(-m.size // 512) * 512
+    return sorted(ends.values())
+
+
+def _pretrain_on(shards, run, workers):
+    return ["pretrain", "--method", "simclr", "--dataset", "webdataset", "--data-root", str(shards),
+            "--data-workers", str(workers), "--shuffle-buffer", "4", "--image-size", "8", "--width", "4",
+            "--epochs", "2", "--batch-size", "6", "--device", "cpu", "--no-progress", "--no-tensorboard",
+            "--run-dir", str(run)]
+
+
+def test_manifest_carries_each_shards_count_and_checksum(small_shards):
+    import hashlib
+    import json
+
+    man = json.loads((small_shards / "shards.json").read_text())
+    assert [s["count"] for s in man["shards"]] == [10, 10, 10]
+    for s in man["shards"]:
+        assert s["sha256"] == hashlib.sha256((small_shards / s["url"]).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("member boundary", "holds 2 samples, the index says 10"),
+    ("mid-member", "is damaged or truncated"),  # found at start-up: the labels are read from every shard
+    ("same size, other bytes", "does not match its checksum"),
+])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_shard_stops_the_run_with_one_line_naming_it(small_shards, tmp_path, capsys, damage, says,
+                                                              workers):
+    shard = small_shards / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    cut = _sample_ends(shard)[1]  # after the second sample
+    if damage == "member boundary":
+        data = data[:cut]
+    elif damage == "mid-member":
+        data = data[:cut + 700]
+    else:
+        data[cut + 600] ^= 0xFF  # a byte of the third sample's image data
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(_pretrain_on(small_shards, tmp_path / "run", workers))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(shard) in err and says in err, err
+    assert "Traceback" not in err

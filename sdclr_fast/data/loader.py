@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import numbers
+import os
 import signal
+import threading
 from typing import NamedTuple
 
 import torch
@@ -11,13 +13,27 @@ from .base import ImageSet
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` of every DataLoader the package starts: the worker ignores SIGTERM,
-    SIGUSR1 and SIGINT. Schedulers signal every process of a job (and Ctrl-C the whole
-    foreground group); a worker that died of it would end the run with a traceback and no
+    """``worker_init_fn`` of every DataLoader the package starts: the worker survives the stop
+    signals that reach a whole job. Schedulers signal every process of a job (and Ctrl-C the
+    whole foreground group); a worker that died of it would end the run with a traceback and no
     checkpoint, while the main process, which got the same signal, stops cleanly after its step
-    and then ends its workers itself."""
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    and then ends its workers itself.
+
+    SIGINT and SIGUSR1 are ignored. SIGTERM is also how the main process (DataLoader shutdown,
+    multiprocessing at exit) ends a worker, so it is taken by a thread that reads the sender:
+    from the parent it ends the worker, from anyone else it is ignored."""
+    for s in (signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
+    parent = os.getppid()
+    # blocked here, before any other thread of the worker starts, so that only the waiter takes it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 class Batch(NamedTuple):

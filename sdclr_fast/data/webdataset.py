@@ -22,9 +22,12 @@ such as a long-tailed draw, and a DnC expert keeps the keys of its cluster.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import random
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,7 @@ import torch
 from ..files import write_json
 from .loader import Batch, ignore_stop_signals
 
-MANIFEST = "shards.json"
+MANIFEST = "shards.json"  # format 1; a shard entry may carry "sha256" (written since the shard checks)
 MANIFEST_FORMAT = 1
 STREAM_FILE = "stream.json"
 IMAGE_EXTS = ("png", "jpg", "jpeg")
@@ -84,7 +87,8 @@ def write_shards(images, out_dir, *, prefix: str = "train", shard_size: int = 10
     n = len(counts)
     manifest = {
         "format": MANIFEST_FORMAT, "pattern": f"{prefix}-{{000000..{n - 1:06d}}}.tar",
-        "shards": [{"url": f"{prefix}-{j:06d}.tar", "count": c} for j, c in enumerate(counts)],
+        "shards": [{"url": f"{prefix}-{j:06d}.tar", "count": c, "sha256": _sha256(out / f"{prefix}-{j:06d}.tar")}
+                   for j, c in enumerate(counts)],
         "count": len(keys), "keys": keys, "in_channels": int(images.images.shape[1]),
         "image_size": int(images.images.shape[-1]), "mean": list(mean), "std": list(std),
         "class_names": None if class_names is None else [str(c) for c in class_names],
@@ -119,18 +123,113 @@ def _read_manifest(path: Path) -> dict:
     return man
 
 
-def _scan(urls) -> list:
-    """Keys of the samples in ``urls`` from their tar headers (no image is decoded)."""
-    keys = []
-    for u in urls:
-        with tarfile.open(u) as tar:
-            seen = []
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardError(ValueError):
+    """A shard is unreadable, or holds other samples than the index (shards.json or the scan at
+    start-up) says: one line naming the shard."""
+
+
+def _members(url):
+    """(name, TarInfo, TarFile) of the files of a shard, as a random-access read; a damaged tar is a ShardError."""
+    try:
+        with tarfile.open(url) as tar:
             for m in tar.getmembers():
-                base, _, ext = m.name.partition(".")
-                if ext.lower() in IMAGE_EXTS and (not seen or seen[-1] != base):
-                    seen.append(base)
-            keys += seen
-    return keys
+                if m.isfile():
+                    yield m.name, m, tar
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"shard {str(url)!r} is damaged or truncated ({exc})") from None
+
+
+def _scan(urls) -> tuple:
+    """(keys of the samples in ``urls``, {url: number of samples}) from their tar headers (no
+    image is decoded)."""
+    keys, counts = [], {}
+    for u in urls:
+        seen = []
+        for name, _, _ in _members(u):
+            base, ext = _split_name(name)
+            if ext.lower() in IMAGE_EXTS and (not seen or seen[-1] != base):
+                seen.append(base)
+        keys += seen
+        counts[u] = len(seen)
+    return keys, counts
+
+
+_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = the path up to the first dot of the file name
+
+
+def _split_name(name: str) -> tuple:
+    m = _NAME.match(name)
+    return (m.group(1), m.group(2)) if m else (name, "")
+
+
+class _Hashing:
+    """A read-only file that hashes every byte read through it."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.digest.update(data)
+        return data
+
+    def finish(self) -> str:
+        for chunk in iter(lambda: self.read(1 << 20), b""):
+            pass
+        return self.digest.hexdigest()
+
+
+def _shard_samples(url, check: dict | None):
+    """The samples of one shard in file order (``{"__key__": key, ext: bytes}``, as webdataset
+    groups them), checked while they stream against ``check`` ({"count", "sha256"} from the
+    index): a cut or damaged tar, fewer or more samples, or other bytes stop with a
+    :class:`ShardError` naming the shard. The count is checked when the shard ends, so the
+    samples before the damage have been used."""
+    count, sample = 0, None
+    try:
+        with open(url, "rb") as raw:
+            f = _Hashing(raw, hashlib.sha256())
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for m in tar:
+                    if not m.isfile() or m.name.split("/")[-1].startswith("__"):
+                        continue
+                    key, ext = _split_name(m.name)
+                    data = tar.extractfile(m).read()
+                    if sample is not None and sample["__key__"] != key:
+                        count += 1
+                        yield sample
+                        sample = None
+                    if sample is None:
+                        sample = {"__key__": key, "__url__": str(url)}
+                    sample[ext.lower()] = data
+            if sample is not None:
+                count += 1
+                yield sample
+            digest = f.finish()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"shard {str(url)!r} is damaged or truncated after {count} sample(s) ({exc}); "
+                         f"write it again (sdclr-fast shards) or restore it") from None
+    if check is None:
+        return
+    if count != check["count"]:
+        raise ShardError(f"shard {str(url)!r} holds {count} samples, the index says {check['count']}: it was "
+                         f"truncated or replaced; write it again (sdclr-fast shards) or restore it")
+    if check.get("sha256") and digest != check["sha256"]:
+        raise ShardError(f"shard {str(url)!r} does not match its checksum in {MANIFEST} (sha256 {digest[:12]}..., "
+                         f"expected {check['sha256'][:12]}...): it was damaged or replaced")
+
+
+def _samples(urls, checks: dict):
+    for u in urls:
+        yield from _shard_samples(u, checks.get(u))
 
 
 @dataclass(eq=False)
@@ -177,10 +276,12 @@ class StreamSet:
         (uint8 images, int64 positions into the set) batches; the ranks together cover every
         kept sample once."""
         keep = {self.keys[int(p)]: i for i, p in enumerate(self.kept.tolist())}
-        samples = _OrderedSamples(self.urls[rank::world], keep, self.reader["image_size"], self.reader["channels"])
+        samples = _OrderedSamples(self.urls[rank::world], keep, self.reader["image_size"], self.reader["channels"],
+                                  self.reader.get("checks", {}))
         workers = min(self.reader.get("num_workers", 0), len(self.urls[rank::world]))
-        yield from torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers,
-                                               worker_init_fn=ignore_stop_signals)
+        with _shard_errors():
+            yield from torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers,
+                                                   worker_init_fn=ignore_stop_signals)
 
 
 # ---------------------------------------------------------------- reading
@@ -201,16 +302,14 @@ def _decode(sample, image_size: int, channels: int) -> torch.Tensor:
 class _OrderedSamples(torch.utils.data.IterableDataset):
     """The kept samples of ``urls`` once, in file order; DataLoader worker w reads urls w, w + n, ..."""
 
-    def __init__(self, urls, keep: dict, image_size: int, channels: int):
+    def __init__(self, urls, keep: dict, image_size: int, channels: int, checks: dict):
         super().__init__()
-        self.urls, self.keep, self.image_size, self.channels = urls, keep, image_size, channels
+        self.urls, self.keep, self.image_size, self.channels, self.checks = urls, keep, image_size, channels, checks
 
     def __iter__(self):
-        import webdataset as wds
-
         info = torch.utils.data.get_worker_info()
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for s in wds.DataPipeline(wds.SimpleShardList(list(self.urls[wid::workers])), wds.tarfile_to_samples()):
+        for s in _samples(self.urls[wid::workers], self.checks):
             if s["__key__"] in self.keep:
                 yield _decode(s, self.image_size, self.channels), self.keep[s["__key__"]]
 
@@ -220,10 +319,10 @@ class _EpochSamples(torch.utils.data.IterableDataset):
     each DataLoader worker reads its own share of the rank's shards."""
 
     def __init__(self, urls, keep: dict, seed: int, rank: int, world: int, buffer: int, image_size: int,
-                 channels: int):
+                 channels: int, checks: dict):
         super().__init__()
         self.urls, self.keep, self.seed, self.rank, self.world = urls, keep, seed, rank, world
-        self.buffer, self.image_size, self.channels = buffer, image_size, channels
+        self.buffer, self.image_size, self.channels, self.checks = buffer, image_size, channels, checks
 
     def __iter__(self):
         import webdataset as wds
@@ -240,7 +339,7 @@ class _EpochSamples(torch.utils.data.IterableDataset):
         keep = self.keep
         for _ in iter(int, 1):  # endless
             rng.shuffle(mine)
-            pipe = wds.DataPipeline(wds.SimpleShardList(list(mine)), wds.tarfile_to_samples(),
+            pipe = wds.DataPipeline(lambda: _samples(list(mine), self.checks),
                                     wds.select(lambda s: s["__key__"] in keep),
                                     wds.shuffle(self.buffer, initial=self.buffer, rng=rng))
             got = False
@@ -263,7 +362,8 @@ class ShardStream:
     local = True
 
     def __init__(self, data: StreamSet, batch_size: int, *, generator: torch.Generator, device=None,
-                 image_size: int, channels: int, num_workers: int = 2, shuffle_buffer: int = 1000):
+                 image_size: int, channels: int, num_workers: int = 2, shuffle_buffer: int = 1000,
+                 checks: dict | None = None):
         if len(data) < batch_size:
             raise ValueError(f"batch_size={batch_size} exceeds the {len(data)} samples of the stream; "
                              f"lower --batch-size")
@@ -271,6 +371,7 @@ class ShardStream:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.image_size, self.channels = int(image_size), int(channels)
         self.num_workers, self.shuffle_buffer = int(num_workers), int(shuffle_buffer)
+        self.checks = checks or {}  # url -> {"count", "sha256"}: what each shard must hold
         self.rank, self.world = 0, 1
         # key -> position in the set (what Batch.index reports)
         self._keep = {data.keys[int(p)]: i for i, p in enumerate(data.kept.tolist())}
@@ -293,7 +394,7 @@ class ShardStream:
         seed = int(torch.randint(2 ** 62, (1,), generator=self.generator))  # the epoch's draw
         per_rank = self.batch_size // self.world
         samples = _EpochSamples(self.data.urls, self._keep, seed, self.rank, self.world, self.shuffle_buffer,
-                                self.image_size, self.channels)
+                                self.image_size, self.channels, self.checks)
         # its own generator: creating the loader must not consume the global RNG (augmentation)
         loader = torch.utils.data.DataLoader(samples, batch_size=per_rank, num_workers=self.num_workers,
                                              generator=torch.Generator().manual_seed(seed),
@@ -303,7 +404,8 @@ class ShardStream:
         try:
             for b in range(len(self)):
                 try:
-                    x, idx = next(it)
+                    with _shard_errors():
+                        x, idx = next(it)
                 except StopIteration:
                     raise ValueError(f"the shards {self.data.urls[0]!r}... hold none of the {len(self.data)} "
                                      f"samples to train on") from None
@@ -315,6 +417,19 @@ class ShardStream:
                             idx.to(self.device))
         finally:
             del it
+
+
+@contextlib.contextmanager
+def _shard_errors():
+    """A ShardError raised in a DataLoader worker arrives wrapped in the worker's traceback;
+    re-raise it as its own one-line message."""
+    try:
+        yield
+    except ShardError as exc:
+        text = str(exc)
+        if "Traceback" not in text:
+            raise
+        raise ShardError(text.strip().splitlines()[-1].partition("ShardError: ")[2] or text) from None
 
 
 # ---------------------------------------------------------------- the data set
@@ -366,7 +481,14 @@ def build_webdataset(root, *, image_size=None, seed=0, train_list=None, num_work
     man = _read_manifest(man_path) if man_path.exists() else None
     if man is not None and sorted(Path(u).name for u in urls) != sorted(s["url"] for s in man["shards"]):
         man = None  # a manifest of other shards in the same folder: scan these ones
-    keys = man["keys"] if man is not None else _scan(urls)
+    if man is not None:
+        keys = man["keys"]
+        by_name = {s["url"]: s for s in man["shards"]}
+        checks = {u: {"count": int(by_name[Path(u).name]["count"]), "sha256": by_name[Path(u).name].get("sha256")}
+                  for u in urls}
+    else:
+        keys, counts = _scan(urls)
+        checks = {u: {"count": c, "sha256": None} for u, c in counts.items()}
     labels_by_key = {}
     if man is not None and man.get("class_names"):
         labels_by_key = _labels(urls)
@@ -390,7 +512,8 @@ def build_webdataset(root, *, image_size=None, seed=0, train_list=None, num_work
     config = {"name": "webdataset", "root": str(root), "train_list": None if train_list is None else str(train_list),
               "seed": seed, "image_size": size, "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
               "samples": len(kept)}
-    reader = {"image_size": size, "channels": channels, "num_workers": num_workers, "shuffle_buffer": shuffle_buffer}
+    reader = {"image_size": size, "channels": channels, "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
+              "checks": checks}
     return StreamData("webdataset", channels, size, mean, std, StreamSet(urls, keys, kept, labels_by_key, reader),
                       man.get("class_names") if man else None, config)
 
@@ -399,9 +522,8 @@ def _labels(urls) -> dict:
     """key -> label from the ``.cls`` members (small files; read once, for reports only)."""
     out = {}
     for u in urls:
-        with tarfile.open(u) as tar:
-            for m in tar.getmembers():
-                base, _, ext = m.name.partition(".")
-                if ext == "cls":
-                    out[base] = int(tar.extractfile(m).read().decode().strip())
+        for name, m, tar in _members(u):
+            base, ext = _split_name(name)
+            if ext == "cls":
+                out[base] = int(tar.extractfile(m).read().decode().strip())
     return out
