@@ -20,15 +20,20 @@ that consecutive programs share their activation rows in L2 (Triton's matmul tut
 M), each slice writing its own fp32 partial (deterministic, no atomics).
 
 Everything accumulates in fp32; row offsets are int64 (M = batch x tokens is large).
+Launch configs are the masked convolution's `default_config` for the same weight tile (the K
+loop of both GEMMs reads its indices from memory like the convolution's), one interpreter
+config under TRITON_INTERPRET=1.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting
-from .masked_conv import pack  # noqa: F401  (the shared tile packer, used by the op)
+# shared with the masked convolution: the tile packer (used by the op), the launch config
+# (largest row tile whose pipeline buffers fit the GPU's shared memory) and the split of the
+# grad_weight reduction
+from .masked_conv import _num_splits, default_config, pack  # noqa: F401
 
 
 @triton.jit
@@ -118,15 +123,7 @@ def _wgt_kernel(x_ptr, dy_ptr, m_ptr, dw_ptr, tiles_ptr, M, N, K, M_PER_SPLIT,
 
 
 # ------------------------------------------------------------------ configurations
-# The weight tile (BLOCK_N x BLOCK_K) is fixed by the tile map; the configs set the row tile and
-# the launch options. On a GPU triton.autotune picks among these per shape (first call only);
-# the interpreter takes one config (several fail there). The set follows the matmul tutorial's
-# Hopper configurations cut to the narrow (32-wide) weight tiles.
-AUTOTUNE = [dict(BLOCK_M=bm, num_warps=nw, num_stages=ns)
-            for bm, nw, ns in ((64, 4, 4), (128, 4, 4), (128, 8, 3), (256, 8, 3))]
-_INTERP = dict(BLOCK_M=32)
-_GEMM_KEY = ["M", "NO", "KA", "BLOCK_N", "BLOCK_K", "TRANSPOSED"]
-_WGT_KEY = ["M", "N", "K", "M_PER_SPLIT", "BLOCK_N", "BLOCK_K"]
+_INTERP = dict(BLOCK_M=32)  # the one interpreter config
 GROUP_M = 8
 
 
@@ -138,28 +135,20 @@ def _dot_precision(dtype):
     return "tf32"
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned(which):
-    kernel, key = {"gemm": (_gemm_kernel, _GEMM_KEY), "wgt": (_wgt_kernel, _WGT_KEY)}[which]
-    configs = [triton.Config({"BLOCK_M": c["BLOCK_M"]}, num_warps=c["num_warps"],
-                             num_stages=c["num_stages"]) for c in AUTOTUNE]
-    return triton.autotune(configs, key=key)(kernel)
+def _config(which, tile, dtype, device):
+    """BLOCK_M / num_warps / num_stages: the interpreter's, else `default_config` for the
+    weight tile (gemm: (BLOCK_K, BLOCK_N); wgt: (BLOCK_N, BLOCK_K))."""
+    if interpreting():
+        return dict(_INTERP)
+    return default_config(which, *tile, dtype.itemsize, device)
 
 
-def _launch(which, grid, args, const, dtype):
+def _launch(which, grid, args, const, dtype, cfg):
     # The interpreter's bf16/fp16 arithmetic is unreliable: tiles are upcast there. On a GPU the
     # 16-bit tiles go to the tensor cores as they are (fp32 accumulation either way).
-    interp = interpreting()
-    meta = dict(UPCAST=interp or dtype == torch.float32, PRECISION=_dot_precision(dtype))
-    if interp:
-        kernel = _gemm_kernel if which == "gemm" else _wgt_kernel
-        kernel[grid](*args, **const, **meta, **_INTERP)
-    else:
-        _autotuned(which)[grid](*args, **const, **meta)
-
-
-def _block_m_for_split():
-    return _INTERP["BLOCK_M"] if interpreting() else 128
+    meta = dict(UPCAST=interpreting() or dtype == torch.float32, PRECISION=_dot_precision(dtype))
+    kernel = _gemm_kernel if which == "gemm" else _wgt_kernel
+    kernel[grid](*args, **const, **meta, **cfg)
 
 
 # ------------------------------------------------------------------ launch helpers
@@ -176,10 +165,8 @@ def _gemm(a, packed, bias, out, tiles, transposed):
             *a.stride(), *out.stride())
     const = dict(TRANSPOSED=transposed, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
                  GROUP_M=GROUP_M)
-
-    def grid(meta):
-        return (cdiv(M, meta["BLOCK_M"]) * n_t,)
-    _launch("gemm", grid, args, const, a.dtype)
+    cfg = _config("gemm", (bk, bn), a.dtype, a.device)
+    _launch("gemm", (cdiv(M, cfg["BLOCK_M"]) * n_t,), args, const, a.dtype, cfg)
     return out
 
 
@@ -193,20 +180,6 @@ def backward_input(grad_y, packed, grad_x, tiles):
     return _gemm(grad_y, packed, None, grad_x, tiles, True)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_splits(n_tiles, m_total, block_m, device):
-    """Slices of the M reduction per weight tile: enough programs to fill the GPU when the mask
-    leaves few tiles, with at least 8 row blocks per slice."""
-    if interpreting() or device.type != "cuda":
-        return 1 if m_total <= 4 * block_m else 2
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(cdiv(4 * sms, max(n_tiles, 1)), m_total // (8 * block_m)))
-
-
 def backward_weight(x, grad_y, tiles, out_dtype):
     """mask * grad_y^T @ x, (N, K) in `out_dtype`; only non-empty tiles are computed."""
     M, K = x.shape
@@ -214,7 +187,8 @@ def backward_weight(x, grad_y, tiles, out_dtype):
     n_tiles = tiles.wgt_tiles.shape[0]
     if n_tiles == 0 or M == 0:
         return torch.zeros((N, K), device=x.device, dtype=out_dtype)
-    block_m = _block_m_for_split()
+    cfg = _config("wgt", (tiles.block_o, tiles.block_c), x.dtype, x.device)
+    block_m = cfg["BLOCK_M"]
     splits = _num_splits(n_tiles, M, block_m, x.device)
     m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     splits = cdiv(M, m_per_split)
@@ -223,5 +197,5 @@ def backward_weight(x, grad_y, tiles, out_dtype):
     args = (x, grad_y, mask, buf, tiles.wgt_tiles, M, N, K, m_per_split, *x.stride(),
             *grad_y.stride(), mask.stride(0), mask.stride(1), *buf.stride())
     _launch("wgt", (n_tiles, splits), args, dict(BLOCK_N=tiles.block_o, BLOCK_K=tiles.block_c),
-            x.dtype)
+            x.dtype, cfg)
     return (buf[0] if splits == 1 else buf.sum(0)).to(out_dtype)

@@ -500,10 +500,13 @@ ptr = {"a_ptr": "*D", "p_ptr": "*D", "out_ptr": "*D", "b_ptr": "*D", "x_ptr": "*
 # other strides and sizes divisible by 16
 ones = {"s_ak", "s_on", "s_xk", "s_dn", "s_mk", "s_gk"}
 div16 = {"NO", "KA", "N", "K", "M_PER_SPLIT", "s_am", "s_om", "s_xm", "s_dm", "s_mn", "s_gs", "s_gn"}
-for kern, transposed in ((K._gemm_kernel, False), (K._gemm_kernel, True), (K._wgt_kernel, None)):
+# launch configs as default_config picks them for 32x32 tiles on A100 / H100 shared memory
+for kern, transposed, (bm, nw, ns) in ((K._gemm_kernel, False, (256, 8, 5)),
+                                        (K._gemm_kernel, True, (256, 8, 5)),
+                                        (K._wgt_kernel, None, (128, 4, 3))):
     names = kern.arg_names
     for dt in ("fp32", "bf16"):
-        const = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, UPCAST=dt == "fp32",
+        const = dict(BLOCK_M=bm, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, UPCAST=dt == "fp32",
                      PRECISION="tf32", HAS_BIAS=True, TRANSPOSED=transposed)
         const.update({n: 1 for n in ones})
         const = {n: v for n, v in const.items() if n in names}
@@ -513,7 +516,7 @@ for kern, transposed in ((K._gemm_kernel, False), (K._gemm_kernel, True), (K._wg
         src = ASTSource(fn=kern, signature=sig, attrs=attrs,
                         constexprs={(names.index(n),): v for n, v in const.items()})
         ck = triton.compile(src, target=GPUTarget("cuda", int(arch), 32),
-                            options=dict(num_warps=4, num_stages=3))
+                            options=dict(num_warps=nw, num_stages=ns))
         ttgir = ck.asm["ttgir"]
         print(kern.fn.__name__ + ("_t" if transposed else ""), dt,
               ttgir.count("async_copy_global_to_local"), ttgir.count("warp_group_dot"),
