@@ -6,7 +6,8 @@ its frequent ones, which is why a pruned self-competitor highlights the tail. Th
 measures it on a checkpoint (SimCLR or SDCLR): the dense branch's backbone is pruned at each
 sparsity (global magnitude, as SDCLR's self-competitor, or uniformly at random), its BatchNorm
 running statistics are re-estimated on the long-tailed training split (a pruned network's
-activations no longer match the stored ones; ``bn="keep"`` skips that), and
+activations no longer match the stored ones; the unpruned reference gets the same re-estimation,
+so that the changes are those of pruning alone; ``bn="keep"`` skips both), and
 
 * the kNN and linear-probe accuracy of every class (the probes are trained afresh on the pruned
   features, on the fixed un-augmented features plus their mirror images, which is cheaper than
@@ -266,8 +267,12 @@ def analyze_model(model, data, *, config=None, sparsities=SPARSITIES, modes=MODE
     with fixed_threads(device):
         model.eval()
         progress("dense network")
-        acc = accuracies(model)
-        pairs = LossPairs(model, loss_data, temperature=temperature, batch_size=loss_bs, seed=seed,
+        reference = model
+        if bn == "recalibrate":
+            reference = recalibrate_bn(copy.deepcopy(model), bn_set, data.mean, data.std, batch_size=batch_size,
+                                       device=device)
+        acc = accuracies(reference)
+        pairs = LossPairs(reference, loss_data, temperature=temperature, batch_size=loss_bs, seed=seed,
                           crop_scale=crop_scale, image_size=image_size, device=device)
         loss_dense = _class_means(pairs.dense.numpy(), labels, data.num_classes)
         dense = {"knn": _entry(acc["knn"], counts_np, rule), "linear": _entry(acc["linear"], counts_np, rule),
