@@ -14,6 +14,12 @@ bench/results/masked_linear_<device>.json.
     .venv/bin/python bench/bench_masked_linear.py                 # 256 x 197 rows (CUDA), 2 x 197 (CPU)
     .venv/bin/python bench/bench_masked_linear.py --quick         # a short run
     .venv/bin/python bench/bench_masked_linear.py --device cuda --dtype bfloat16 --layers vit_b.fc1
+    .venv/bin/python bench/bench_masked_linear.py --step     # + a ViT-S SDCLR step, op vs masked copies
+
+--step also times one SDCLR step (dense view 1, pruned view 2, NT-Xent, one backward) of a
+ViT-S/16 (plain torch, 224 px, 197 tokens; made a self-competitor by `self_competitor`, its
+attention and MLP weights pruned to 90 % in 32x32 blocks) with masked_linear's dispatch
+against the same step with every pruned Linear on the masked copy (DENSE_TILE_FRACTION = -1).
 """
 import functools
 import os
@@ -25,10 +31,12 @@ sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from _common import (bench_parser, machine_info, parse_bench_args, print_table,  # noqa: E402
                      time_ms, write_json)
 from bench_masked_conv import graph_time_ms  # noqa: E402
+from sdclr_fast.ops import masked_linear as ml_ops  # noqa: E402
 from sdclr_fast.ops.masked_linear import masked_linear, prepare_linear_mask  # noqa: E402
 from sdclr_fast.ops.reference import masked_linear_reference  # noqa: E402
 
@@ -76,6 +84,84 @@ def run(impl, s, backward):
     return y
 
 
+# ------------------------------------------------------------------ the SDCLR step on a ViT-S
+class _Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A plain-torch ViT (pre-norm blocks, class token, learned position embedding) with the
+    timm ViT's shapes, so that the GPU machine needs no timm; features: the class token."""
+
+    def __init__(self, dim=384, depth=12, heads=6, img=224, patch=16, in_chans=3):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.num_features = dim
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.norm(self.blocks(x))[:, 0]
+
+
+def step_rows(images, device, reps, quick):
+    """ms per SDCLR step of a ViT-S with masked_linear's dispatch and with masked copies."""
+    from sdclr_fast import nt_xent
+    from sdclr_fast.nn import self_competitor
+
+    cuda = device.type == "cuda"
+    img, depth = (224, 12) if cuda and not quick else (224, 2) if cuda else (32, 2)
+    torch.manual_seed(0)
+    model = self_competitor(ViT(depth=depth, img=img)).to(device)
+    model.update_masks(0.9, block=BLOCK)
+    density = sum(prepare_linear_mask(m.mask, BLOCK).tile_density * m.mask.numel()
+                  for m in model.masked_layers().values()) / sum(
+        m.mask.numel() for m in model.masked_layers().values())
+    g = torch.Generator().manual_seed(1)
+    v1, v2 = (torch.randn(images, 3, img, img, generator=g).to(device) for _ in range(2))
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = nt_xent(model(v1, branch="dense"), model(v2, branch="pruned"), 0.2)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    old = ml_ops.DENSE_TILE_FRACTION
+    t = {}
+    try:
+        for _ in range(2):  # interleaved rounds, best of each
+            for name, frac in (("copies", -1.0), ("op", old)):
+                ml_ops.DENSE_TILE_FRACTION = frac
+                t[name] = min(t.get(name, float("inf")), time_ms(step, device, reps=reps))
+    finally:
+        ml_ops.DENSE_TILE_FRACTION = old
+    row = dict(model=f"ViT-S/16 depth {depth} {img}px", images=images, tiles=f"{density:.2f}",
+               copies_ms=f"{t['copies']:.2f}", op_ms=f"{t['op']:.2f}",
+               speedup=f"{t['copies'] / t['op']:.2f}x",
+               raw=dict(copies_ms=t["copies"], op_ms=t["op"], tile_density=density, depth=depth,
+                        img=img, images=images))
+    print(f"\nSDCLR step (bf16 autocast on CUDA), 90 % sparsity in 32x32 blocks; copies = every "
+          f"pruned Linear as F.linear(x, w * mask)")
+    print_table([row], [("model", "model"), ("images", "images"), ("tiles", "tiles"),
+                        ("copies_ms", "copies ms"), ("op_ms", "op ms"), ("speedup", "speedup")])
+    return row
+
+
 def main():
     ap = bench_parser(__doc__, "fewer repetitions, rows 32 x 197 on CUDA",
                       "bench/results/masked_linear_<device>.json")
@@ -85,6 +171,9 @@ def main():
                     help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--layers", nargs="*", help="only these layers, e.g. vit_b.fc1")
     ap.add_argument("--cases", nargs="*", help="only these masks, e.g. block0.9 unstructured0.5")
+    ap.add_argument("--step", action="store_true", help="also time a ViT-S SDCLR step (see above)")
+    ap.add_argument("--step-images", type=int, default=None,
+                    help="images per view in the step; default 128 on CUDA, 2 on CPU")
     args = parse_bench_args(ap)
 
     device = torch.device(args.device)
@@ -140,10 +229,13 @@ def main():
         cols += [("triton_fwd", "triton fwd"), ("triton_ms", "triton ms"),
                  ("triton_speedup", "triton speedup"), ("tile_eff", "tile eff")]
     print_table(rows, cols)
+    step = None
+    if args.step:
+        step = step_rows(args.step_images or (128 if cuda else 2), device, reps, args.quick)
     write_json(f"masked_linear_{device.type}", dict(
         op="masked_linear", rows_per_batch=rows_n, images=images, tokens=TOKENS, dtype=str(dtype),
-        cases=[list(c) for c in cases], block=BLOCK, machine=machine_info(device), rows=rows),
-        args.out)
+        cases=[list(c) for c in cases], block=BLOCK, machine=machine_info(device), rows=rows,
+        step=step), args.out)
 
 
 if __name__ == "__main__":
