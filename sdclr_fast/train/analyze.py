@@ -362,9 +362,9 @@ def plot_damage(analyses: dict, path) -> Path:
 
     colours = {"major": "tab:blue", "moderate": "tab:orange", "minor": "tab:red"}
     titles = {"knn": "kNN accuracy change (points)", "linear": "linear-probe accuracy change (points)",
-              "loss": "per-sample loss change (nats)"}
+              "loss": "per-sample NT-Xent loss change (nats)"}
     labels = list(analyses)
-    fig = Figure(figsize=(4.2 * len(labels), 3.3 * len(MEASURES)))
+    fig = Figure(figsize=(5.0 * len(labels), 3.4 * len(MEASURES)))
     axes = fig.subplots(len(MEASURES), len(labels), squeeze=False, sharex=True)
     for j, label in enumerate(labels):
         runs = analyses[label] if isinstance(analyses[label], list) else [analyses[label]]
@@ -381,7 +381,7 @@ def plot_damage(analyses: dict, path) -> Path:
                                 label=f"{g} ({mode})")
             ax.axhline(0, color="k", lw=0.6)
             ax.grid(True, alpha=0.3)
-            ax.set_title(f"{label}: {titles[m]}", fontsize=9)
+            ax.set_title(f"{label}\n{titles[m]}", fontsize=9)
             if i == len(MEASURES) - 1:
                 ax.set_xlabel("sparsity")
     axes[0][0].legend(fontsize=7, loc="best")
