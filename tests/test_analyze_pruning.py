@@ -161,3 +161,25 @@ def test_analyze_pruning_command_on_a_run(tmp_path, capsys):
     assert "loss_per_class=5" in (run / "pruning" / "pruning_damage.md").read_text()
     with pytest.raises(SystemExit):
         main(["analyze-pruning", "--run-dir", str(run), "--sparsities", "1.5", "--device", "cpu"])
+
+
+def test_reference_gets_the_same_bn_reestimation_and_draws_are_balanced():
+    model = tiny_model("simclr")
+    data = tiny_data()
+    kw = dict(sparsities=[0.3], modes=["magnitude"], probe_epochs=1, knn_k=5, loss_batch_size=16, batch_size=16,
+              progress=lambda *_: None)
+    res = A.analyze_model(model, data, **kw)
+    ref = A.recalibrate_bn(__import__("copy").deepcopy(model), data.long_tail.images, data.mean, data.std,
+                           batch_size=16)
+    pairs = A.LossPairs(ref, data, temperature=0.2, batch_size=16)
+    per_class = [float(pairs.dense[data.long_tail.labels == c].mean()) for c in range(3)]
+    np.testing.assert_allclose(res["dense"]["loss"]["per_class"], per_class, rtol=1e-12)
+    kept = A.analyze_model(model, data, bn="keep", **kw)  # the stored statistics: another reference
+    assert kept["dense"]["loss"]["per_class"] != res["dense"]["loss"]["per_class"]
+    draw = A.balanced_draw(data.long_tail, 3, 7, seed=2)
+    assert np.bincount(draw.labels.numpy()).tolist() == [7, 7, 6]
+    assert torch.equal(draw.indices, draw.indices.sort().values)
+    with pytest.raises(ValueError, match="per_class"):
+        A.balanced_draw(data.long_tail, 3, 0)
+    with pytest.raises(ValueError, match="bn_images"):
+        A.analyze_model(model, data, bn_images=1, **kw)
