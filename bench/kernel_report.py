@@ -11,7 +11,8 @@ would pick there. Each captured launch is then compiled with Triton's own binder
 Nothing here names a kernel's constexprs or grid: change the launch code and the report
 follows.
 
-Columns (per kernel variant, per target): registers / thread, local memory (spills) / thread,
+Columns (per kernel variant, per target): registers / thread, stack + local memory / thread
+(spills; STL / LDL instruction counts in the JSON),
 shared memory / CTA, CTAs per SM (registers, shared memory, warps), wgmma (HGMMA) and
 mma.sync (HMMA) instruction counts, TMA (UTMALDG/UTMASTG), cp.async (LDGSTS) and mbarrier
 (SYNCS) counts, the instructions of one iteration of the innermost loop holding the MMAs and
@@ -26,7 +27,9 @@ instruction issue (4 per clock), MUFU throughput (16 per clock) -- overlapped (m
     .venv/bin/python bench/kernel_report.py --only 'anchor|masked_conv' --targets sm_90
 
 Writes bench/results/kernel_report.json and .md (--out DIR). Adding an op's workloads is one
-entry in WORKLOADS: a name, a label and a function that calls the op on CPU tensors.
+entry in `_workloads()`: the op's name, a label and a function that builds its inputs on a
+device and returns its forward + backward step. `--time` runs the same steps on a GPU and
+times them (bench/run_gpu.sh does).
 """
 import argparse
 import contextlib
@@ -274,7 +277,8 @@ def analyse(ins, num_warps):
 
 
 def occupancy(gpu, regs, smem, num_warps):
-    """(CTAs per SM, what limits it). Registers are allocated per warp in 256-register units."""
+    """(CTAs per SM, what limits it); 0: the CTA does not fit (a launch would fail). Registers
+    are allocated per warp in 256-register units."""
     per_warp = -(-regs * 32 // 256) * 256
     lim = {"regs": gpu.regs_per_sm // max(per_warp * num_warps, 1),
            "smem": gpu.smem_per_sm // (smem + SMEM_RESERVED),
@@ -311,8 +315,9 @@ def report_row(gpu, launch, compiled, grid, sass_dir=None):
     ctas_total = grid[0] * grid[1] * grid[2]
     row = dict(kernel=launch.fn.fn.__name__, note=launch.note, target=gpu.key, grid=list(grid),
                ctas=ctas_total, sm_fill=min(1.0, ctas_total / gpu.sms),
-               waves=ctas_total / (gpu.sms * ctas), num_warps=meta.num_warps,
-               num_stages=meta.num_stages, regs=res.get("REG", 0), local_bytes=res.get("LOCAL", 0),
+               waves=ctas_total / (gpu.sms * ctas) if ctas else None, num_warps=meta.num_warps,
+               num_stages=meta.num_stages, regs=res.get("REG", 0),
+               spill_bytes=res.get("STACK", 0) + res.get("LOCAL", 0),
                smem=meta.shared, ctas_per_sm=ctas, occupancy_limit=limit, **a, loop=loop)
     if loop and loop["flops"]:
         loop["instr_per_mflop"] = loop["instructions"] / (loop["flops"] / 1e6)
@@ -331,101 +336,128 @@ def _tf32(on):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _nt_xent(two_n, d, dtype, tf32=False):
+# Each workload function builds the op's inputs on `device` and returns its step (forward +
+# backward): the report calls it on CPU tensors under `capture`, `--time` on a GPU under
+# triton.testing.do_bench. small=True: tiny shapes of the same kind (the run_gpu.sh dry run).
+def _nt_xent(two_n, d, dtype, tf32=False, device="cpu", small=False):
     from sdclr_fast import nt_xent
 
-    z = torch.randn(two_n, d).to(dtype).requires_grad_()
-    with _tf32(tf32):
-        nt_xent(z[: two_n // 2], z[two_n // 2:], 0.2, _backend="triton").backward()
+    two_n = 64 if small else two_n
+    z = torch.randn(two_n, d, device=device).to(dtype).requires_grad_()
+
+    def step():
+        with _tf32(tf32):
+            nt_xent(z[: two_n // 2], z[two_n // 2:], 0.2, _backend="triton").backward()
+    return step
 
 
-def _info_nce(m, bank, d, dtype, tf32=False):
+def _info_nce(m, bank, d, dtype, tf32=False, device="cpu", small=False):
     from sdclr_fast import info_nce
 
-    q = torch.randn(m, d).to(dtype).requires_grad_()
-    k = torch.randn(m, d).to(dtype).requires_grad_()
-    with _tf32(tf32):
-        if bank:
-            neg = torch.randn(bank, d).to(dtype)
-            info_nce(q, k, 0.2, negatives=neg, _backend="triton").backward()
-        else:  # CLIP form: both directions, in-batch negatives
-            info_nce(q, k, 0.2, symmetric=True, _backend="triton").backward()
+    m, bank = (32, bank and 64) if small else (m, bank)
+    q = torch.randn(m, d, device=device).to(dtype).requires_grad_()
+    k = torch.randn(m, d, device=device).to(dtype).requires_grad_()
+    neg = torch.randn(bank, d, device=device).to(dtype) if bank else None
+
+    def step():
+        with _tf32(tf32):
+            if bank:
+                info_nce(q, k, 0.2, negatives=neg, _backend="triton").backward()
+            else:  # CLIP form: both directions, in-batch negatives
+                info_nce(q, k, 0.2, symmetric=True, _backend="triton").backward()
+    return step
 
 
 @functools.lru_cache(maxsize=None)
-def _conv_case(name, batch, block):
+def _conv_case(name, batch, block, device):
     import bench_masked_conv as bmc
 
     spec = next(s for s in bmc.RESNET18_CIFAR if s[0] == name)
     old = bmc.BLOCK
     bmc.BLOCK = block
     try:
-        return bmc.setup_case(spec, "block", batch, torch.bfloat16, "cpu", True, sparsity=0.9)
+        return bmc.setup_case(spec, "block", batch, torch.bfloat16, device, True, sparsity=0.9)
     finally:
         bmc.BLOCK = old
 
 
-def _masked_conv(name, batch=256, block=(32, 32)):
+def _masked_conv(name, batch=256, block=(32, 32), device="cpu", small=False):
     from sdclr_fast.ops.masked_conv import masked_conv2d
 
-    s = _conv_case(name, batch, block)
+    s = _conv_case(name, 2 if small else batch, block, device)
     x, w = s["x"].detach().requires_grad_(), s["w"].detach().requires_grad_()
-    y = masked_conv2d(x, w, s["mask"], None, s["stride"], s["pad"], _backend="triton")
-    torch.autograd.grad(y, (x, w), s["gy"])
+
+    def step():
+        y = masked_conv2d(x, w, s["mask"], None, s["stride"], s["pad"], block=block, _backend="triton")
+        torch.autograd.grad(y, (x, w), s["gy"])
+    return step
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_case(name, images, kind, sparsity):
+def _linear_case(name, images, kind, sparsity, device):
     import bench_masked_linear as bml
 
     spec = next(s for s in bml.LAYERS if s[0] == name)
-    return bml.setup_case(spec, kind, sparsity, images * bml.TOKENS, torch.bfloat16, "cpu")
+    return bml.setup_case(spec, kind, sparsity, images * bml.TOKENS, torch.bfloat16, device)
 
 
-def _masked_linear(name, images=256, kind="block", sparsity=0.9):
+def _masked_linear(name, images=256, kind="block", sparsity=0.9, device="cpu", small=False):
     from sdclr_fast.ops.masked_linear import masked_linear
 
-    s = _linear_case(name, images, kind, sparsity)
+    s = _linear_case(name, 1 if small else images, kind, sparsity, device)
     x, w = s["x"].detach().requires_grad_(), s["w"].detach().requires_grad_()
-    y = masked_linear(x, w, s["mask"], _backend="triton")
-    torch.autograd.grad(y, (x, w), s["gy"])
+
+    def step():
+        y = masked_linear(x, w, s["mask"], _backend="triton")
+        torch.autograd.grad(y, (x, w), s["gy"])
+    return step
 
 
-def _anchor(which):
+def _anchor(which, device="cpu", small=False):
     import kernel_anchors as ka
 
+    def alloc(*shape):  # the report never reads them; a timed run gets real values
+        return (torch.empty if device == "cpu" and not small else torch.randn)(
+            *shape, device=device, dtype=torch.bfloat16)
     if which.startswith("attention"):
-        q, k, v = (torch.empty(4, 32, 4096, 128, dtype=torch.bfloat16) for _ in range(3))
-        ka.attention_fwd(q, k, v, tma=which.endswith("tma"))
-    else:
-        a = torch.empty(8192, 8192, dtype=torch.bfloat16)
-        b = torch.empty(8192, 8192, dtype=torch.bfloat16)
-        ka.matmul(a, b, tma=which.endswith("tma"))
+        q, k, v = (alloc(1, 2, 256, 128) if small else alloc(4, 32, 4096, 128) for _ in range(3))
+        return lambda: ka.attention_fwd(q, k, v, tma=which.endswith("tma"))
+    a, b = (alloc(256, 256) if small else alloc(8192, 8192) for _ in range(2))
+    return lambda: ka.matmul(a, b, tma=which.endswith("tma"))
+
+
+COARSE_BLOCKS = ((64, 64), (128, 64))
+COARSE_LAYERS = ("layer1.conv", "layer2.conv", "layer3.conv", "layer2.0.shortcut")
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
+    """One named workload: the report captures and compiles the launches of `make()()` on CPU
+    tensors; `--time` times `make(device="cuda")`'s step."""
     op: str
     label: str
-    run: object  # () -> None: calls the op on CPU tensors (launches are captured)
+    make: object  # (device="cpu", small=False) -> step(): the op's forward + backward
     quick: bool = False  # part of the reduced set (--quick, tests)
+    flops: float = 0.0  # of one step, where known (--time prints TFLOP/s)
 
 
 def _workloads():
+    attn, mm = 4 * 4 * 32 * 4096 ** 2 * 128, 2 * 8192 ** 3
     w = [Workload("anchor", "attention fwd, TMA 128x128, Z4 H32 N4096 D128 bf16",
-                  functools.partial(_anchor, "attention_tma"), quick=True),
+                  functools.partial(_anchor, "attention_tma"), quick=True, flops=attn),
          Workload("anchor", "attention fwd, pointers 128x64, Z4 H32 N4096 D128 bf16",
-                  functools.partial(_anchor, "attention_ptr"), quick=True),
+                  functools.partial(_anchor, "attention_ptr"), quick=True, flops=attn),
          Workload("anchor", "matmul 128x256x64, pointers, 8192^3 bf16",
-                  functools.partial(_anchor, "matmul_ptr"), quick=True),
+                  functools.partial(_anchor, "matmul_ptr"), quick=True, flops=mm),
          Workload("anchor", "matmul 128x256x64, TMA, 8192^3 bf16",
-                  functools.partial(_anchor, "matmul_tma"))]
+                  functools.partial(_anchor, "matmul_tma"), flops=mm)]
     for two_n in (4096, 65536):
         for dtype, tf32, tag in ((torch.bfloat16, False, "bf16"), (torch.float32, True, "fp32 tf32"),
                                  (torch.float32, False, "fp32 ieee")):
+            # forward one score matmul, backward two (the scores again and dz)
             w.append(Workload("nt_xent", f"2N={two_n} D=128 {tag}",
                               functools.partial(_nt_xent, two_n, 128, dtype, tf32),
-                              quick=two_n == 4096 and tag == "bf16"))
+                              quick=two_n == 4096 and tag == "bf16", flops=3 * 2 * two_n ** 2 * 128))
     w += [Workload("info_nce", "MoCo M=1024 Q=65536 D=128 bf16",
                    functools.partial(_info_nce, 1024, 65536, 128, torch.bfloat16)),
           Workload("info_nce", "CLIP M=32768 D=128 bf16",
@@ -436,11 +468,42 @@ def _workloads():
         w.append(Workload("masked_conv", f"{spec[0]} b256 bf16 CL 32x32 90%",
                           functools.partial(_masked_conv, spec[0]),
                           quick=spec[0] == "layer2.conv"))
+    # coarser pruning blocks (--prune-block OUTxIN): the weight tile follows the block
+    for block in COARSE_BLOCKS:
+        for name in COARSE_LAYERS:
+            w.append(Workload("masked_conv", f"{name} b256 bf16 CL {block[0]}x{block[1]} 90%",
+                              functools.partial(_masked_conv, name, block=block)))
     # ViT projections at 256 images x 197 tokens (bench_masked_linear's goal shapes)
     for name in ("vit_b.fc1", "vit_b.fc2", "vit_s.qkv", "vit_s.proj"):
         w.append(Workload("masked_linear", f"{name} 256x197 bf16 32x32 90%",
                           functools.partial(_masked_linear, name)))
     return w
+
+
+# ------------------------------------------------------------------ what coarser blocks do to pruning
+def prune_block_effect(blocks=COARSE_BLOCKS, sparsity=0.9, seed=0):
+    """Global magnitude pruning (SDCLR's scope) of every conv weight of a CIFAR ResNet-18 at
+    `sparsity` with 32x32 blocks vs each coarser block: the fraction of all weights whose
+    keep / prune decision differs, and the fraction of the 32x32 mask's kept weights that the
+    coarser mask keeps too. Seeded random init (no trained checkpoint here): layers differ in
+    init scale, so this measures the block shape, not a trained network's structure."""
+    from sdclr_fast.nn.resnet import resnet18
+    from sdclr_fast.ops.prune import magnitude_masks
+
+    torch.manual_seed(seed)
+    ws = [p.detach() for p in resnet18().parameters() if p.dim() == 4]
+    n = sum(w.numel() for w in ws)
+    ref = magnitude_masks(ws, sparsity, block=(32, 32), clip_block=True)
+    kept = sum(int(m.sum()) for m in ref)
+    out = [dict(block="unstructured", differ=sum(int((a != b).sum()) for a, b in
+                                                 zip(ref, magnitude_masks(ws, sparsity))) / n)]
+    for block in blocks:
+        masks = magnitude_masks(ws, sparsity, block=block, clip_block=True)
+        out.append(dict(block=f"{block[0]}x{block[1]}",
+                        differ=sum(int((a != b).sum()) for a, b in zip(ref, masks)) / n,
+                        kept_of_32x32=sum(int((a & b).sum()) for a, b in zip(ref, masks)) / kept,
+                        density=sum(int(m.sum()) for m in masks) / n))
+    return dict(sparsity=sparsity, weights=n, seed=seed, rows=out)
 
 
 # ------------------------------------------------------------------ one target (child process)
@@ -449,7 +512,7 @@ def run_target(gpu, workloads, log=print, sass_dir=None):
     for wl in workloads:
         t0 = time.time()
         with as_gpu(gpu), capture() as launches:
-            wl.run()
+            wl.make()()
         for launch in launches:
             compiled, grid, key = compile_launch(launch, gpu)
             if key not in seen:
@@ -457,7 +520,7 @@ def run_target(gpu, workloads, log=print, sass_dir=None):
             row = dict(seen[key], op=wl.op, workload=wl.label, grid=list(grid))
             row["ctas"] = grid[0] * grid[1] * grid[2]
             row["sm_fill"] = min(1.0, row["ctas"] / gpu.sms)
-            row["waves"] = row["ctas"] / (gpu.sms * row["ctas_per_sm"])
+            row["waves"] = row["ctas"] / (gpu.sms * row["ctas_per_sm"]) if row["ctas_per_sm"] else None
             dup = next((r for r in rows if r["workload"] == wl.label and r["kernel"] == row["kernel"]
                         and r["grid"] == row["grid"] and r["key"] == repr(key)), None)
             if dup is None:
@@ -467,12 +530,54 @@ def run_target(gpu, workloads, log=print, sass_dir=None):
     return rows
 
 
+# ------------------------------------------------------------------ timed rows (GPU)
+def time_workloads(workloads, device, small, budget_s, log=print):
+    """Measured milliseconds of each workload's step (forward + backward; anchors: forward)
+    on `device`: triton.testing.do_bench on CUDA, one call on the CPU (the dry run). No new
+    workload starts after budget_s seconds; a failing one is recorded, not raised."""
+    rows, t0 = [], time.time()
+    for wl in workloads:
+        row = dict(op=wl.op, workload=wl.label, device=str(device), small=small)
+        if time.time() - t0 > budget_s:
+            rows.append(dict(row, status="skipped (time budget)"))
+            continue
+        try:
+            step = wl.make(device=device, small=small)
+            step()  # compiles
+            if torch.device(device).type == "cuda":
+                import triton.testing
+
+                ms = float(triton.testing.do_bench(step, warmup=5, rep=50, return_mode="median"))
+            else:
+                t = time.perf_counter()
+                step()
+                ms = (time.perf_counter() - t) * 1e3
+            row.update(status="ok", ms=ms)
+            if wl.flops and not small:
+                row.update(tflops=wl.flops / ms / 1e9, of_bf16_peak=wl.flops / ms / 1e9 / 990)
+        except Exception as exc:  # noqa: BLE001 - one broken workload must not hide the rest
+            row.update(status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
+        rows.append(row)
+        log(f"{wl.op}: {wl.label}: {row.get('ms', float('nan')):.3f} ms ({row['status']})")
+    return rows
+
+
+def timed_markdown(rows):
+    lines = ["| op | workload | ms (measured) | TFLOP/s | of 990 bf16 | status |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['workload']} | {_f(r.get('ms'), '{:.3f}')} | "
+                     f"{_f(r.get('tflops'), '{:.0f}')} | "
+                     f"{_f(r.get('of_bf16_peak') and 100 * r['of_bf16_peak'], '{:.0f} %')} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------ markdown
 def _f(v, fmt="{:.0f}"):
     return "-" if v is None else fmt.format(v)
 
 
-HEADER = ("| op | workload | kernel | target | regs | spill B | smem KB | CTA/SM | wgmma | mma.sync "
+HEADER = ("| op | workload | kernel | target | regs | stack B | smem KB | CTA/SM | wgmma | mma.sync "
           "| TMA | cp.async | mbar | loop instr | instr/MFLOP | MUFU/iter | prefetch | grid | SM fill "
           "| modelled ceil. overlap | modelled ceil. serial | bound |")
 
@@ -487,7 +592,7 @@ def markdown(rows, meta):
         loop, mod = r.get("loop") or {}, r.get("modelled") or {}
         kname = r["kernel"] + (f" ({r['note']})" if r.get("note") else "")
         lines.append("| " + " | ".join([
-            r["op"], r["workload"], kname, r["target"], str(r["regs"]), str(r["local_bytes"]),
+            r["op"], r["workload"], kname, r["target"], str(r["regs"]), str(r["spill_bytes"]),
             f"{r['smem'] / 1024:.1f}", f"{r['ctas_per_sm']} ({r['occupancy_limit']})",
             str(r["wgmma"]), str(r["mma_sync"]), str(r["tma"]), str(r["cp_async"]), str(r["mbarrier"]),
             _f(loop.get("instructions")), _f(loop.get("instr_per_mflop")), _f(loop.get("mufu")),
@@ -495,6 +600,15 @@ def markdown(rows, meta):
             + f" = {r['ctas']}", f"{100 * r['sm_fill']:.0f} %",
             _f(mod.get("overlap") and 100 * mod["overlap"], "{:.0f} %"),
             _f(mod.get("serial") and 100 * mod["serial"], "{:.0f} %"), mod.get("bound", "-")]) + " |")
+    pe = meta.get("prune_block_effect")
+    if pe:
+        lines += ["", f"Global magnitude pruning of ResNet-18's {pe['weights']:,} conv weights at "
+                  f"{100 * pe['sparsity']:.0f} % (seeded random init), against the 32x32 block mask:", "",
+                  "| block | weights that differ | 32x32-kept weights still kept |", "| --- | --- | --- |"]
+        for r in pe["rows"]:
+            k = r.get("kept_of_32x32")
+            lines.append(f"| {r['block']} | {100 * r['differ']:.1f} % | "
+                         + ("-" if k is None else f"{100 * k:.1f} %") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -522,7 +636,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the reduced workload set")
     ap.add_argument("--only", default=None, help="regex over 'op label' of the workloads")
     ap.add_argument("--out", default=os.path.join(_HERE, "results"), help="output folder")
+    ap.add_argument("--no-prune-effect", action="store_true",
+                    help="skip the 32x32-vs-coarser block pruning comparison (about 30 s)")
     ap.add_argument("--sass", action="store_true", help="also write each kernel's SASS to OUT/sass/")
+    ap.add_argument("--time", action="store_true",
+                    help="time the workloads on --device instead (a GPU; writes kernel_workloads_timed.*)")
+    ap.add_argument("--device", default="cuda", help="--time: cuda, or cpu for a dry run")
+    ap.add_argument("--small", action="store_true", help="--time: tiny shapes (dry run)")
+    ap.add_argument("--budget-s", type=float, default=150, help="--time: start no workload after this")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload-ids", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -530,9 +651,21 @@ def main(argv=None):
         return _child(args)
     import triton
 
-    ids = select(_workloads(), args.quick, args.only)
+    workloads = _workloads()
+    ids = select(workloads, args.quick, args.only)
     if not ids:
         raise SystemExit(f"--only {args.only!r} matches no workload")
+    if args.time:
+        from sdclr_fast.files import write_json, write_text
+
+        rows = time_workloads([workloads[i] for i in ids], args.device, args.small, args.budget_s,
+                              log=lambda m: print(m, flush=True))
+        name = os.path.join(args.out, "kernel_workloads_timed")
+        write_json(name + ".json", dict(rows=rows, triton=triton.__version__), what="timed workloads")
+        md = timed_markdown(rows)
+        write_text(name + ".md", md, what="timed workloads")
+        print(md)
+        return 0 if all(r["status"].startswith(("ok", "skipped")) for r in rows) else 1
     targets = args.targets.split(",")
     for t in targets:
         if t not in GPUS:
@@ -542,6 +675,8 @@ def main(argv=None):
                                    "--workload-ids", ",".join(map(str, ids)), "--out", args.out]
                                   + (["--sass"] if args.sass else []),
                                   env=env, stdout=subprocess.PIPE, text=True)) for t in targets]
+    # while the children compile
+    pe = None if (args.quick or args.no_prune_effect or args.only) else prune_block_effect()
     rows = []
     for t, p in procs:
         out, _ = p.communicate()
@@ -553,6 +688,8 @@ def main(argv=None):
     meta = dict(triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 gpus=[dict(dataclasses.asdict(GPUS[t]), peak_tflops=GPUS[t].peak_tflops) for t in targets],
                 note="modelled figures model one iteration of the innermost MMA loop; not measured")
+    if pe is not None:
+        meta["prune_block_effect"] = pe
     os.makedirs(args.out, exist_ok=True)
     from sdclr_fast.files import write_json, write_text
 

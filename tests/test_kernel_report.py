@@ -126,8 +126,13 @@ def test_report_runs_and_anchor_rows_are_as_expected(quick_report):
     anchors = [r for r in rows if r["op"] == "anchor"]
     assert {r["target"] for r in anchors} == {"sm_90", "sm_80"} and len(anchors) == 6
     for r in anchors:
-        assert r["local_bytes"] == 0 and r["stl"] == 0, r  # no spills
-        assert r["loop"] and r["loop"]["instr_per_mflop"] > 0 and r["loop"]["prefetch"] >= 1, r
+        assert r["loop"] and r["loop"]["instr_per_mflop"] > 0, r
+        # no spills and pipelined loads on the configs' own targets (the TMA configs are
+        # Hopper's: on sm_80 Triton lowers their descriptors to plain loads, and the 128 x 128
+        # attention tile spills there)
+        if r["target"] == "sm_90" or "TMA" not in r["workload"]:
+            assert r["spill_bytes"] == 0 and r["stl"] == 0, r
+            assert r["loop"]["prefetch"] >= 1, r
         assert 0 < r["modelled"]["serial"] <= r["modelled"]["overlap"] <= 1
         if r["target"] == "sm_90":
             assert r["wgmma"] > 0 and r["mma_sync"] == 0, r
