@@ -231,6 +231,39 @@ def test_triton_multi_tile_block_masks(dtype, kind, block, tile):
         assert tiles.tile_density < 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_more_taps_than_the_tap_bitmask(dtype):
+    """A 7x6 kernel has 42 taps, more than the 32-bit in-bounds tap mask holds: the forward and
+    the unit-stride grad_input test bounds inside the K loop instead (dilated, uneven kernel)."""
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(1, 5, 9, 8, generator=gen)
+    w = torch.randn(6, 5, 7, 6, generator=gen) / 15
+    m = make_mask("random", w.shape, gen)
+    gy = torch.randn(1, 6, 7, 4, generator=gen)
+    dev = TRITON_DEVICE
+    check_against_reference(x.to(dev, dtype), w.to(dev, dtype), m.to(dev), None, gy.to(dev, dtype),
+                            "triton", padding=(2, 3), dilation=(1, 2))
+
+
+def test_default_config_fits_shared_memory(monkeypatch):
+    """Without a tuned entry: 5 stages for the GEMM (operands 2 steps ahead), 3 for grad_weight,
+    and the largest BLOCK_M whose buffers fit the device's shared memory per block."""
+    from sdclr_fast.ops.masked_conv import _kernels
+
+    k = _kernels()
+    monkeypatch.setattr(k, "_device_index", lambda device: 0)
+    monkeypatch.setattr(k, "_smem_per_block", lambda index: 232448)  # H100
+    dev = torch.device("cpu")
+    assert k.default_config("gemm", 32, 32, 2, dev) == dict(BLOCK_M=256, num_warps=8, num_stages=5)
+    # grad_input of a 128x64 tile: 3 x (256 x 128 + 128 x 64) bf16 = 245 KB does not fit
+    assert k.default_config("gemm", 128, 64, 2, dev) == dict(BLOCK_M=128, num_warps=4, num_stages=5)
+    assert k.default_config("gemm", 128, 64, 4, dev)["BLOCK_M"] == 64  # fp32
+    assert k.default_config("wgt", 32, 32, 2, dev) == dict(BLOCK_M=128, num_warps=4, num_stages=3)
+    monkeypatch.setattr(k, "_smem_per_block", lambda index: 166912)  # A100
+    assert k.default_config("gemm", 64, 128, 2, dev)["BLOCK_M"] == 256  # 3 x 48 KB fits
+    assert k.default_config("gemm", 128, 128, 2, dev)["BLOCK_M"] == 64  # 3 x 64 KB at 128 does not
+
+
 def test_triton_noncontiguous_grad_and_weight():
     """grad_y with stride 0 (from .sum()), a weight that is a transposed view, a strided bias."""
     dev = TRITON_DEVICE
