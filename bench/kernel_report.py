@@ -439,6 +439,9 @@ class Workload:
     make: object  # (device="cpu", small=False) -> step(): the op's forward + backward
     quick: bool = False  # part of the reduced set (--quick, tests)
     flops: float = 0.0  # of one step, where known (--time prints TFLOP/s)
+    # {kernel name: its share of the step's tensor work}: the report then models the whole
+    # step (`step_ceilings`); kernels left out are treated as free
+    flop_share: tuple = ()
 
 
 def _workloads():
@@ -457,7 +460,8 @@ def _workloads():
             # forward one score matmul, backward two (the scores again and dz)
             w.append(Workload("nt_xent", f"2N={two_n} D=128 {tag}",
                               functools.partial(_nt_xent, two_n, 128, dtype, tf32),
-                              quick=two_n == 4096 and tag == "bf16", flops=3 * 2 * two_n ** 2 * 128))
+                              quick=two_n == 4096 and tag == "bf16", flops=3 * 2 * two_n ** 2 * 128,
+                              flop_share=(("_nt_xent_fwd_kernel", 1 / 3), ("_nt_xent_bwd_kernel", 2 / 3))))
     w += [Workload("info_nce", "MoCo M=1024 Q=65536 D=128 bf16",
                    functools.partial(_info_nce, 1024, 65536, 128, torch.bfloat16)),
           Workload("info_nce", "CLIP M=32768 D=128 bf16",
@@ -530,6 +534,30 @@ def run_target(gpu, workloads, log=print, sass_dir=None):
     return rows
 
 
+def step_ceilings(rows, workloads):
+    """MODELLED ceiling of whole steps: 1 / sum(share_k / ceiling_k) over the kernels of a
+    workload that declares its kernels' shares of the tensor work (with and without overlap),
+    per target; the grid's SM fill is folded in (a CTA per SM at most: idle SMs add no work)."""
+    out = []
+    for wl in workloads:
+        if not wl.flop_share:
+            continue
+        share = dict(wl.flop_share)
+        for target in sorted({r["target"] for r in rows}):
+            ks = [r for r in rows if r["workload"] == wl.label and r["op"] == wl.op
+                  and r["target"] == target and r["kernel"] in share and r.get("modelled")]
+            if {r["kernel"] for r in ks} != set(share):
+                continue
+            res = dict(op=wl.op, workload=wl.label, target=target)
+            for how in ("overlap", "serial"):
+                # kernels launched several times (variants) split their share evenly
+                n = {k: sum(r["kernel"] == k for r in ks) for k in share}
+                res[how] = 1 / sum(share[r["kernel"]] / n[r["kernel"]]
+                                   / (r["modelled"][how] * r["sm_fill"]) for r in ks)
+            out.append(res)
+    return out
+
+
 # ------------------------------------------------------------------ timed rows (GPU)
 def time_workloads(workloads, device, small, budget_s, log=print):
     """Measured milliseconds of each workload's step (forward + backward; anchors: forward)
@@ -600,6 +628,14 @@ def markdown(rows, meta):
             + f" = {r['ctas']}", f"{100 * r['sm_fill']:.0f} %",
             _f(mod.get("overlap") and 100 * mod["overlap"], "{:.0f} %"),
             _f(mod.get("serial") and 100 * mod["serial"], "{:.0f} %"), mod.get("bound", "-")]) + " |")
+    steps = meta.get("step_ceilings")
+    if steps:
+        lines += ["", "Whole steps (forward + backward, kernels weighted by their share of the tensor work, "
+                  "SM fill folded in), modelled:", "",
+                  "| op | workload | target | modelled ceil. overlap | modelled ceil. serial |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['op']} | {r['workload']} | {r['target']} | {100 * r['overlap']:.0f} % | "
+                  f"{100 * r['serial']:.0f} % |" for r in steps]
     pe = meta.get("prune_block_effect")
     if pe:
         lines += ["", f"Global magnitude pruning of ResNet-18's {pe['weights']:,} conv weights at "
@@ -688,6 +724,7 @@ def main(argv=None):
     meta = dict(triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 gpus=[dict(dataclasses.asdict(GPUS[t]), peak_tflops=GPUS[t].peak_tflops) for t in targets],
                 note="modelled figures model one iteration of the innermost MMA loop; not measured")
+    meta["step_ceilings"] = step_ceilings(rows, [workloads[i] for i in ids])
     if pe is not None:
         meta["prune_block_effect"] = pe
     os.makedirs(args.out, exist_ok=True)

@@ -93,6 +93,19 @@ def test_model_bounds():
     assert m2["bound"] == "issue" and m2["overlap"] < m["overlap"]
 
 
+def test_step_ceilings_weight_kernels_by_their_work():
+    wl = kr.Workload("op", "w", None, flop_share=(("fwd", 1 / 3), ("bwd", 2 / 3)))
+    rows = [dict(op="op", workload="w", target="sm_90", kernel="fwd", sm_fill=1.0,
+                 modelled=dict(overlap=0.5, serial=0.25)),
+            dict(op="op", workload="w", target="sm_90", kernel="bwd", sm_fill=0.5,
+                 modelled=dict(overlap=1.0, serial=0.5)),
+            dict(op="op", workload="w", target="sm_90", kernel="merge", sm_fill=0.1, modelled=None)]
+    (r,) = kr.step_ceilings(rows, [wl])
+    assert r["overlap"] == pytest.approx(1 / ((1 / 3) / 0.5 + (2 / 3) / 0.5))
+    assert r["serial"] == pytest.approx(1 / ((1 / 3) / 0.25 + (2 / 3) / 0.25))
+    assert kr.step_ceilings(rows[:1], [wl]) == []  # a kernel missing: no figure
+
+
 def test_occupancy():
     assert kr.occupancy(H100, 255, 1024, 8) == (1, "regs")  # 256 x 32 x 8 = 65,536 registers
     assert kr.occupancy(H100, 32, 200 * 1024, 4) == (1, "smem")
