@@ -20,6 +20,7 @@ import triton.language as tl
 MAX_BLOCK_D = 256
 NSTAT = 6  # partial statistics per row and split: m, l, pos, cnt, m over positives, l over them
 INTERP_SMS = 4  # the "SM count" in the interpreter: small shapes already split their columns
+STATIC_SMS = 132  # H100 / H200: what a launch prepared off a GPU (the static report) plans for
 
 
 def interpreting():
@@ -38,6 +39,28 @@ def load_tile(u_ptr, offs_r, r_ok, offs_d, D, s_um, s_ud, UPCAST: tl.constexpr):
     """(rows, BLOCK_D) tile of u, zero outside the rows and past D, fp32 when UPCAST."""
     t = tl.load(u_ptr + offs_r.to(tl.int64)[:, None] * s_um + offs_d[None, :] * s_ud,
                 mask=r_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def col_ptrs(b_ptr, s_bm, s_bd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers of a (BLOCK_N, BLOCK_D) column tile at row 0, computed once outside a loop:
+    load_cols moves them by a scalar per tile instead of recomputing 64-bit addresses."""
+    return (b_ptr + tl.arange(0, BLOCK_N)[:, None].to(tl.int64) * s_bm
+            + tl.arange(0, BLOCK_D)[None, :] * s_bd)
+
+
+@triton.jit
+def load_cols(ptrs, start, s_bm, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """The column tile of rows start.. (all in range), zero past D unless EVEN_D."""
+    p = ptrs + start.to(tl.int64) * s_bm
+    if EVEN_D:
+        t = tl.load(p)
+    else:
+        t = tl.load(p, mask=(tl.arange(0, BLOCK_D) < D)[None, :], other=0.0)
     if UPCAST:
         t = t.to(tl.float32)
     return t
@@ -216,43 +239,59 @@ def dot_precision(dtype):
     return "tf32"
 
 
-def config(dtype, D, block_d=None, interp_block=32):
+def config(dtype, D, block_d=None, interp_block=32, ieee_block=(64, 32)):
     """Tile sizes (meta) and launch options of a score-tile kernel. block_d overrides the D
     chunk (a power of two >= 16; tests use it to exercise the chunked path at small D);
     interp_block is the row / column tile in the interpreter (small, so that the tests' small
-    shapes span several tiles). Cached: it runs on every launch."""
-    return _config_cached(dtype, D, block_d, interpreting(), dot_precision(dtype), interp_block)
+    shapes span several tiles); ieee_block the (rows, columns) tile of IEEE fp32 products.
+    Returns (meta, launch, even_d): even_d = D is a multiple of the D chunk. Cached: it runs
+    on every launch."""
+    return _config_cached(dtype, D, block_d, interpreting(), dot_precision(dtype), interp_block,
+                          ieee_block)
 
 
 @functools.lru_cache(maxsize=256)
-def _config_cached(dtype, D, block_d, interp, precision, interp_block):
+def _config_cached(dtype, D, block_d, interp, precision, interp_block, ieee_block):
     ieee = dtype == torch.float32 and precision == "ieee" and not interp
     if block_d is None:
-        # IEEE fp32 products run on the FMA units from registers: 32-wide D chunks keep the
-        # operand tiles small enough not to spill
-        cap = 32 if ieee else MAX_BLOCK_D
+        # IEEE fp32 products run on the FMA units with both operands in registers: 16-wide D
+        # chunks and small tiles keep every kernel spill-free on sm_80 and sm_90 (the
+        # backward then recomputes the scores once per 16 columns of its output)
+        cap = 16 if ieee else MAX_BLOCK_D
         block_d = min(max(16, 1 << max(D - 1, 0).bit_length()), cap)
+        if D > cap and not ieee:
+            block_d = 32  # D in chunks: wider chunks of both operands spill on sm_80
     d_chunks = cdiv(D, block_d)
     if interp:
         block_m = block_n = interp_block
         launch = {}
     elif ieee:
-        block_m, block_n = 64, 64
+        block_m, block_n = ieee_block
         launch = {"num_warps": 4, "num_stages": 2}
     else:
-        # 16-bit tiles at D <= 128 fit 128 x 64 with 8 warps; TF32 / wide tiles use 64 x 64.
-        small = dtype != torch.float32 and block_d <= 128
+        # 16-bit tiles at D <= 128 fit 128 x 64 with 8 warps; TF32 / wide / chunked tiles use
+        # 64 x 64 (4 warps only for one chunk of <= 64)
+        small = dtype != torch.float32 and block_d <= 128 and d_chunks == 1
         block_m, block_n = (128, 64) if small else (64, 64)
-        launch = {"num_warps": 8 if small or block_d > 64 else 4, "num_stages": 2}
+        launch = {"num_warps": 4 if d_chunks == 1 and block_d <= 64 else 8, "num_stages": 2}
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, D_CHUNKS=d_chunks,
                 UPCAST=interp, PRECISION=precision)
-    return meta, launch
+    even_d = D % block_d == 0  # constexpr of the kernels that take it (no D mask)
+    return meta, launch, even_d
 
 
 def sm_count(device):
-    """Streaming multiprocessors of `device` (INTERP_SMS in the interpreter / on the CPU)."""
-    if interpreting() or device.type != "cuda":
+    """Streaming multiprocessors the column splits of a launch on `device` plan for: the
+    environment variable SDCLR_FAST_SMS where set (read at call time), INTERP_SMS in the
+    interpreter, the device's own count on CUDA, and STATIC_SMS for a launch prepared off a
+    GPU without the interpreter (the static kernel report compiling for H100)."""
+    env = os.environ.get("SDCLR_FAST_SMS")
+    if env:
+        return int(env)
+    if interpreting():
         return INTERP_SMS
+    if device.type != "cuda":
+        return STATIC_SMS
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 

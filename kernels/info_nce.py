@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import accumulate, cdiv, config, load_tile, online_lse, row_scale, scores, store_rows
+from ._common import (NSTAT, accumulate, cdiv, column_splits, config, load_tile, merge_partials,
+                      online_lse, row_scale, scores, sm_count, store_partial, store_rows)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -46,18 +47,21 @@ LN2 = tl.constexpr(0.6931471805599453)
 @triton.jit
 def _info_nce_fwd_kernel(
     x_ptr, rx_ptr, kx_ptr, y_ptr, ry_ptr, ky_ptr, n_ptr, rn_ptr, scale_ptr,
-    loss_ptr, lse2_ptr, cnt_ptr,
-    M, C, Q, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd,
-    NORMALIZE: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr,
+    loss_ptr, lse2_ptr, cnt_ptr, part_ptr,
+    M, C, Q, CHUNK, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd,
+    NORMALIZE: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < M
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
         q = load_tile(x_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_xm, s_xd, UPCAST)
+    lo, hi, b_lo, b_hi = _chunk(pid, split, CHUNK, C, C, Q, pid * BLOCK_M < M, DIAG_ONLY, HAS_N,
+                                BLOCK_M, BLOCK_N)
     # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
     rows_f = row_scale(rx_ptr, offs_m, row_ok, tl.load(scale_ptr) * LOG2E, BLOCK_M, NORMALIZE)
     key_i = tl.load(kx_ptr + offs_m, mask=row_ok, other=-1)
@@ -66,15 +70,9 @@ def _info_nce_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    if DIAG_ONLY:  # only the tiles that hold this block's diagonal
-        lo = (pid * BLOCK_M) // BLOCK_N * BLOCK_N
-        hi = tl.minimum((pid + 1) * BLOCK_M, C)
-    else:
-        lo = 0
-        hi = C
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < C
+        col_ok = offs_n < hi
         s, _, _ = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd, s_ym,
                          s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
                          UPCAST, PRECISION)
@@ -87,14 +85,30 @@ def _info_nce_fwd_kernel(
         pos += tl.sum(tl.where(same, s, 0.0), 1)
         cnt += tl.sum(same.to(tl.int32), 1)
     if HAS_N:
-        for start_n in range(0, Q, BLOCK_N):
+        for start_n in range(b_lo, b_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < Q
+            col_ok = offs_n < b_hi
             s, _, _ = scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
                              s_nm, s_nd, rows_f, rn_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
                              D_CHUNKS, UPCAST, PRECISION)
             m_i, l_i = online_lse(m_i, l_i, tl.where(col_ok[None, :], s, float("-inf")))
+    if SPLIT:
+        store_partial(part_ptr, split, M, offs_m, row_ok, m_i, l_i, pos, cnt, m_i, l_i)
+    else:
+        _finish(m_i, l_i, pos, cnt, offs_m, row_ok, loss_ptr, lse2_ptr, cnt_ptr)
 
+
+@triton.jit
+def _info_nce_merge_kernel(part_ptr, loss_ptr, lse2_ptr, cnt_ptr, M, splits,
+                           BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    m_i, l_i, pos, cnt, _, _ = merge_partials(part_ptr, splits, M, offs_m, row_ok, BLOCK_M)
+    _finish(m_i, l_i, pos, cnt, offs_m, row_ok, loss_ptr, lse2_ptr, cnt_ptr)
+
+
+@triton.jit
+def _finish(m_i, l_i, pos, cnt, offs_m, row_ok, loss_ptr, lse2_ptr, cnt_ptr):
     lse2 = m_i + tl.log2(l_i)
     loss = (lse2 - pos / tl.maximum(cnt, 1).to(tl.float32)) * LN2
     tl.store(loss_ptr + offs_m, loss, mask=row_ok)
@@ -103,11 +117,36 @@ def _info_nce_fwd_kernel(
 
 
 @triton.jit
+def _chunk(pid, split, CHUNK, C, C_ROWS, Q, LOCAL, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The columns of one split: the paired columns [lo, hi) and the bank columns [b_lo, b_hi)
+    of the chunk [split * CHUNK, + CHUNK) of the virtual columns [paired; bank]. The paired part
+    is all C columns, or with DIAG_ONLY only the row block's diagonal tiles (in split 0);
+    rows past the local ones (LOCAL false) see the first C_ROWS paired columns and no bank."""
+    c0 = split * CHUNK
+    c1 = c0 + CHUNK
+    if DIAG_ONLY:
+        cv = 0
+        lo = tl.where(split == 0, (pid * BLOCK_M) // BLOCK_N * BLOCK_N, 0)
+        hi = tl.where(split == 0, tl.minimum((pid + 1) * BLOCK_M, C), 0)
+    else:
+        cv = C
+        lo = c0
+        hi = tl.minimum(c1, tl.where(LOCAL, C, C_ROWS))
+    b_lo = 0
+    b_hi = 0
+    if HAS_N:
+        b_lo = tl.maximum(c0 - cv, 0)
+        b_hi = tl.where(LOCAL, tl.minimum(c1 - cv, Q), 0)
+    return lo, hi, b_lo, b_hi
+
+
+@triton.jit
 def _info_nce_bwd_kernel(
     x_ptr, rx_ptr, kx_ptr, lsex_ptr, gx_ptr, gpx_ptr,
     y_ptr, ry_ptr, ky_ptr, lsey_ptr, gy_ptr, gpy_ptr,
     n_ptr, rn_ptr, scale_ptr, out_ptr,
-    R, RL, C, CL, Q, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd, s_om, s_od,
+    R, RL, C, CL, Q, CHUNK, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd, s_os, s_om, s_od,
     NORMALIZE: tl.constexpr, X_ANCHOR: tl.constexpr, Y_ANCHOR: tl.constexpr,
     PAIRED: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -120,7 +159,8 @@ def _info_nce_bwd_kernel(
     key, DIAG_ONLY applies) rather than bank rows. Rows from RL on (not local) pair with the
     first CL columns only and skip the bank."""
     pid = tl.program_id(0)
-    chunk = tl.program_id(1)
+    split = tl.program_id(1)
+    chunk = tl.program_id(2)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < R
     offs_d = tl.arange(0, BLOCK_D)
@@ -143,15 +183,11 @@ def _info_nce_bwd_kernel(
     local = pid * BLOCK_M < RL
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if DIAG_ONLY:
-        lo = (pid * BLOCK_M) // BLOCK_N * BLOCK_N
-        hi = tl.minimum((pid + 1) * BLOCK_M, C)
-    else:
-        lo = 0
-        hi = tl.where(local, C, CL)
+    lo, hi, b_lo, b_hi = _chunk(pid, split, CHUNK, C, CL, Q, local, DIAG_ONLY, HAS_N, BLOCK_M,
+                                BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < C
+        col_ok = offs_n < hi
         s, r_j, k = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
                            s_ym, s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
                            D_CHUNKS, UPCAST, PRECISION)
@@ -177,9 +213,9 @@ def _info_nce_bwd_kernel(
         acc = accumulate(acc, a, r_j, k, y_ptr, offs_n, col_ok, d_out, D, s_ym, s_yd, NORMALIZE,
                          D_CHUNKS, UPCAST, PRECISION)
     if HAS_N:  # bank columns: only the rows' own direction (X_ANCHOR), never positives
-        for start_n in range(0, tl.where(local, Q, 0), BLOCK_N):
+        for start_n in range(b_lo, b_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < Q
+            col_ok = offs_n < b_hi
             s, r_j, k = scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
                                s_nm, s_nd, rows_f, rn_ptr, NORMALIZE, BLOCK_M, BLOCK_N,
                                BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
@@ -187,59 +223,83 @@ def _info_nce_bwd_kernel(
             a = g_x[:, None] * tl.exp2(s - lse_x[:, None])
             acc = accumulate(acc, a, r_j, k, n_ptr, offs_n, col_ok, d_out, D, s_nm, s_nd,
                              NORMALIZE, D_CHUNKS, UPCAST, PRECISION)
-    store_rows(out_ptr, acc * inv_tau, offs_m, row_ok, d_out, D, s_om, s_od)
+    store_rows(out_ptr + split * s_os, acc * inv_tau, offs_m, row_ok, d_out, D, s_om, s_od)
 
 
 # ------------------------------------------------------------------ launch helpers
 def _config(dtype, D, block_d=None):
     # small interpreter tiles, so that the tests' small shapes span several row and column tiles
-    return config(dtype, D, block_d, interp_block=16)
+    # IEEE fp32: 32 x 32 tiles, the backward with both directions' statistics spills at 64 rows
+    return config(dtype, D, block_d, interp_block=16, ieee_block=(32, 32))[:2]
 
 
 def _strides(t):
     return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
 
 
-def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block_d=None):
+def plan(rows, C, Q, D, dtype, sms, diag_only=False, block_d=None, splits=None):
+    """Launch plan for `rows` anchor rows against C paired columns (only their diagonal tiles
+    with diag_only) and Q bank columns: (meta, launch options, grid, column chunk) of the
+    forward (the grid gets a third axis of meta["D_CHUNKS"] in the backward). `sms`: the SM
+    count the column splits fill; `splits` overrides their number. Device-free, so that a
+    static report can compile exactly what a launch would run."""
+    meta, launch = _config(dtype, D, block_d)
+    row_blocks = cdiv(rows, meta["BLOCK_M"])
+    cols = (0 if diag_only else C) + Q
+    n, chunk = column_splits(row_blocks, cols, meta["BLOCK_N"], sms, splits)
+    return meta, launch, (row_blocks, n), chunk
+
+
+def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block_d=None,
+            splits=None):
     """Per-row losses (M,) fp32, base-2 log-sum-exp (x's rows,) fp32 (+inf beyond M) and
     positive counts (M,) int32 of the first M rows of x against the columns [y; n].
 
     rx, ry, rn: fp32 inverse norms (ignored unless normalize); kx, ky: int32 or int64 keys; n may be
-    None; inv_tau: (1,) fp32 tensor on x's device."""
+    None; inv_tau: (1,) fp32 tensor on x's device; splits: the column split count (None: fill
+    the device)."""
     D = x.shape[1]
-    meta, launch = _config(x.dtype, D, block_d)
+    has_n = n is not None
+    C, Q = y.shape[0], n.shape[0] if has_n else 0
+    meta, launch, grid, chunk = plan(M, C, Q, D, x.dtype, sm_count(x.device), diag_only,
+                                     block_d, splits)
     dev = x.device
     loss = torch.empty(M, device=dev, dtype=torch.float32)
     lse2 = (torch.empty(M, device=dev, dtype=torch.float32) if x.shape[0] == M else
             torch.full((x.shape[0],), float("inf"), device=dev, dtype=torch.float32))
     cnt = torch.empty(M, device=dev, dtype=torch.int32)
-    has_n = n is not None
-    grid = (cdiv(M, meta["BLOCK_M"]),)
+    split = grid[1] > 1
+    part = torch.empty((grid[1], NSTAT, M) if split else (1,), device=dev, dtype=torch.float32)
     wrap_triton(_info_nce_fwd_kernel)[grid](
         x, rx, kx, y, ry, ky, n if has_n else x, rn if has_n else rx, inv_tau, loss, lse2, cnt,
-        M, y.shape[0], n.shape[0] if has_n else 0, D, *_strides(x), *_strides(y),
-        *_strides(n), NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, **meta, **launch)
+        part, M, C, Q, chunk, D, *_strides(x), *_strides(y), *_strides(n),
+        NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, SPLIT=split, **meta, **launch)
+    if split:
+        wrap_triton(_info_nce_merge_kernel)[(cdiv(M, 128),)](
+            part, loss, lse2, cnt, M, grid[1], BLOCK_M=128)
     return loss, lse2, cnt
 
 
 def _rows_grad(x, rx, kx, stats_x, y, ry, ky, stats_y, n, rn, inv_tau, RL, CL, normalize,
-               paired, diag_only, block_d):
+               paired, diag_only, block_d, splits=None):
     """(1/tau) dS @ [yhat; nhat] for every row of x, fp32 (x's rows, D). stats_*: (lse2, g,
     g / |pos|) of the rows / columns, or None where they carry no direction."""
     R, D = x.shape
-    meta, launch = _config(x.dtype, D, block_d)
-    out = torch.empty((R, D), device=x.device, dtype=torch.float32)
+    has_n = n is not None
+    C, Q = y.shape[0], n.shape[0] if has_n else 0
+    meta, launch, grid, chunk = plan(R, C, Q, D, x.dtype, sm_count(x.device), diag_only,
+                                     block_d, splits)
+    grid = (*grid, meta["D_CHUNKS"])
+    out = torch.empty((grid[1], R, D), device=x.device, dtype=torch.float32)
     sx = stats_x if stats_x is not None else (rx, rx, rx)  # placeholders, not read
     sy = stats_y if stats_y is not None else (ry, ry, ry)
-    has_n = n is not None
-    grid = (cdiv(R, meta["BLOCK_M"]), meta["D_CHUNKS"])
     wrap_triton(_info_nce_bwd_kernel)[grid](
         x, rx, kx, *sx, y, ry, ky, *sy, n if has_n else x, rn if has_n else rx, inv_tau, out,
-        R, RL, y.shape[0], CL, n.shape[0] if has_n else 0, D, *_strides(x), *_strides(y),
-        *_strides(n), out.stride(0), out.stride(1), NORMALIZE=normalize,
-        X_ANCHOR=stats_x is not None, Y_ANCHOR=stats_y is not None, PAIRED=paired,
-        DIAG_ONLY=diag_only, HAS_N=has_n, **meta, **launch)
-    return out
+        R, RL, C, CL, Q, chunk, D, *_strides(x), *_strides(y), *_strides(n), out.stride(0),
+        out.stride(1), out.stride(2), NORMALIZE=normalize, X_ANCHOR=stats_x is not None,
+        Y_ANCHOR=stats_y is not None, PAIRED=paired, DIAG_ONLY=diag_only, HAS_N=has_n, **meta,
+        **launch)
+    return out[0] if grid[1] == 1 else out.sum(0)
 
 
 def backward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, symmetric,

@@ -1,8 +1,8 @@
 """Triton kernels of the fused NT-Xent loss; the 2N x 2N similarity matrix is never stored.
 
-Notation (see sdclr_fast/ops/nt_xent.py for the op around them): u is the (M, D) matrix of raw
-rows, r_i = 1 / max(|u_i|, eps) their inverse norms (all ones without normalisation),
-zhat_i = r_i u_i, S_ij = zhat_i . zhat_j / tau. The first R rows are the "query" rows whose
+Notation (see sdclr_fast/ops/nt_xent.py for the op around them): zhat is the (M, D) matrix of
+rows as the kernels see them: u_i / max(|u_i|, eps) in u's dtype, normalised once by the launch
+helpers (the rows themselves without normalisation), S_ij = zhat_i . zhat_j / tau. The first R rows are the "query" rows whose
 losses are wanted (R = M on one process; under a distributed gather the local rows are moved
 to the front). key_i is an integer per row (int32 or int64): row j is a positive of row i iff
 key_j == key_i and j != i (the two-view case uses the pair index i mod N as key, so each row
@@ -26,7 +26,10 @@ and with POS_LSE the positive term is [j in pos(k)] (g_k Q_kj + g_j Q_jk), Q_ij 
 exp(S_ij - lsep_i) (lsep = +inf where a row has no positive, so Q = 0 there),
 so each program owns its output rows and no atomics are needed. Rows beyond R only see the
 query columns (j < R); their lse is +inf, which makes their P terms exactly 0. The chain rule
-through the L2 normalisation runs in PyTorch on the (M, D) result.
+through the L2 normalisation runs in PyTorch on the (M, D) result. Normalising once in u's
+dtype rounds zhat to it, an error of the size the same-dtype PyTorch loss makes anyway (its
+matmul rounds S), and takes two multiplies per score and the column factors' loads out of
+the loops.
 
 Two views on one process (PAIRED: keys i mod N, R = M, N a multiple of BLOCK_M) know where
 the masks fall: a row block's diagonal and its positives (rows i +- N) each fill one aligned
@@ -48,8 +51,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import (NSTAT, accumulate, accumulate_scaled, cdiv, column_splits, config, dots,
-                      load_tile, merge_partials, online_lse, online_lse_full, row_scale, scores,
+from ._common import (NSTAT, accumulate_scaled, cdiv, col_ptrs, column_splits, config, dots,
+                      load_cols, load_tile, merge_partials, online_lse, online_lse_full, scores,
                       sm_count, store_partial, store_rows)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
@@ -89,6 +92,23 @@ def _window_start(t, r0, p0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _plain_dots(z_ptr, kp, q, offs_m, start, M, D, s_zm, s_zd, EVEN_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Products zhat_m . zhat_n of a PAIRED plain tile (every column in range) and its column
+    tile; with one D chunk the tile's pointers `kp` only move by start."""
+    if D_CHUNKS == 1:
+        k = load_cols(kp, start, s_zm, D, EVEN_D, UPCAST, BLOCK_D)
+        t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    else:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        t, _, k = dots(z_ptr, z_ptr, q, offs_m, offs_n, offs_m < M, offs_n < M, D, s_zm, s_zd,
+                       s_zm, s_zd, z_ptr, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                       PRECISION)
+    return t, k
+
+
+@triton.jit
 def _finish(m_i, l_i, pos, cnt, mp_i, lp_i, offs_m, row_ok, loss_ptr, lse2_ptr, lsep2_ptr,
             cnt_ptr, POS_LSE: tl.constexpr):
     """Store the losses, base-2 log-sum-exps and positive counts of the rows."""
@@ -109,9 +129,9 @@ def _finish(m_i, l_i, pos, cnt, mp_i, lp_i, offs_m, row_ok, loss_ptr, lse2_ptr, 
 
 @triton.jit
 def _nt_xent_fwd_kernel(
-    u_ptr, r_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr, part_ptr,
-    R, M, H, CHUNK, D, s_um, s_ud,
-    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, PAIRED: tl.constexpr, SPLIT: tl.constexpr,
+    z_ptr, key_ptr, scale_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr, part_ptr,
+    R, M, H, CHUNK, D, s_zm, s_zd,
+    POS_LSE: tl.constexpr, PAIRED: tl.constexpr, SPLIT: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -121,9 +141,10 @@ def _nt_xent_fwd_kernel(
     row_ok = offs_m < R
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = load_tile(u_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_um, s_ud, UPCAST)
+        q = load_tile(z_ptr, offs_m, row_ok, tl.arange(0, BLOCK_D), D, s_zm, s_zd, UPCAST)
     # 1/tau is read from memory: a temperature schedule neither recompiles nor syncs.
-    rows_f = row_scale(r_ptr, offs_m, row_ok, tl.load(scale_ptr) * LOG2E, BLOCK_M, NORMALIZE)
+    f = tl.load(scale_ptr) * LOG2E
+    rows_f = tl.zeros((BLOCK_M,), dtype=tl.float32) + f
     c0 = split * CHUNK
     c1 = tl.minimum(c0 + CHUNK, M)
 
@@ -135,20 +156,19 @@ def _nt_xent_fwd_kernel(
     lp_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PAIRED:
         r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, BLOCK_M, BLOCK_N)
+        kp = col_ptrs(z_ptr, s_zm, s_zd, BLOCK_N, BLOCK_D)
         for t in range(0, n_plain):
-            offs_n = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N) + \
-                tl.arange(0, BLOCK_N)
-            s, _, _ = dots(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, offs_n < M, D, s_um, s_ud,
-                           s_um, s_ud, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                           UPCAST, PRECISION)
+            start = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N)
+            s, _ = _plain_dots(z_ptr, kp, q, offs_m, start, M, D, s_zm, s_zd, EVEN_D, BLOCK_M,
+                               BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
             m_i, l_i = online_lse_full(m_i, l_i, s, rows_f)
         partner = tl.where(offs_m < H, offs_m + H, offs_m - H)
         for t in range(0, 2 * (BLOCK_M // BLOCK_N)):
             start = _window_start(t, r0, p0, BLOCK_M, BLOCK_N)
             if (start >= c0) & (start < c1):
                 offs_n = start + tl.arange(0, BLOCK_N)
-                s, _, _ = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, offs_n < M, D, s_um,
-                                 s_ud, s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N,
+                s, _, _ = scores(z_ptr, z_ptr, q, offs_m, offs_n, row_ok, offs_n < M, D, s_zm,
+                                 s_zd, s_zm, s_zd, rows_f, z_ptr, False, BLOCK_M, BLOCK_N,
                                  BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
                 s = tl.where(offs_n[None, :] != offs_m[:, None], s, float("-inf"))
                 m_i, l_i = online_lse(m_i, l_i, s)
@@ -159,8 +179,8 @@ def _nt_xent_fwd_kernel(
         for start_n in range(c0, c1, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < c1
-            s, _, _ = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
-                             s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+            s, _, _ = scores(z_ptr, z_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_zm, s_zd,
+                             s_zm, s_zd, rows_f, z_ptr, False, BLOCK_M, BLOCK_N, BLOCK_D,
                              D_CHUNKS, UPCAST, PRECISION)
             valid = col_ok[None, :] & (offs_n[None, :] != offs_m[:, None])
             m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
@@ -189,77 +209,67 @@ def _nt_xent_merge_kernel(part_ptr, loss_ptr, lse2_ptr, lsep2_ptr, cnt_ptr, R, s
 
 
 @triton.jit
-def _pair_tile(acc, q, offs_m, offs_n, partner, f_k, lse2_k, g_k, w_k, low,
-               u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
-               NORMALIZE: tl.constexpr, FAST: tl.constexpr, WINDOW: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += A[:, tile] @ zhat[tile] (times r_j, before 1/tau) for a PAIRED column tile;
-    WINDOW: the tile may hold the diagonal or positives (masked), else every column is a
-    plain negative of every row."""
+def _pair_weights(t, offs_n, g_k, w_k, f, low, lse2_k, g_ptr, w_ptr, lse2_ptr, M,
+                  FAST: tl.constexpr):
+    """A_kj without the positive term for products t (masked entries -inf):
+    g_k P_kj + g_j P_jk, with one exponential per score in the FAST form
+    exp2(S_kj - L) (w_k + w_j)."""
     col_ok = offs_n < M
-    t, r_j, k = dots(u_ptr, u_ptr, q, offs_m, offs_n, offs_m < M, col_ok, D, s_um, s_ud, s_um,
-                     s_ud, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
-                     PRECISION)
-    if WINDOW:
-        # S_ii is left out of lse: exp2(S_ii - lse_i) may overflow, so mask before the exponent
-        t = tl.where(offs_n[None, :] != offs_m[:, None], t, float("-inf"))
     if FAST:
-        # A_kj r_j = exp2(S_kj - L) (w_k r_j + w_j r_j)
         w_j = tl.load(w_ptr + offs_n, mask=col_ok, other=0.0)
-        e = tl.exp2(t * f_k[:, None] - low)
-        if NORMALIZE:
-            a = e * (w_k[:, None] * r_j[None, :] + (w_j * r_j)[None, :])
-        else:
-            a = e * (w_k[:, None] + w_j[None, :])
+        a = tl.exp2(t * f - low) * (w_k[:, None] + w_j[None, :])
     else:
-        s = t * f_k[:, None]
+        s = t * f
         lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
         g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
         a = (g_k[:, None] * tl.exp2(s - lse2_k[:, None])
              + g_j[None, :] * tl.exp2(s - lse2_j[None, :]))
-        if NORMALIZE:
-            a = a * r_j[None, :]
-    if WINDOW:
-        g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
-        y = g_k[:, None] + g_j[None, :]
-        if NORMALIZE:
-            y = y * r_j[None, :]
-        a -= tl.where(offs_n[None, :] == partner[:, None], y, 0.0)
-    return accumulate_scaled(acc, a, k, u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud, D_CHUNKS,
-                             UPCAST, PRECISION)
+    return a
 
 
 @triton.jit
-def _pair_rows(acc, q, pid, c0, c1, H, offs_m, f_k, lse2_k, g_k, w_k, low,
-               u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
-               NORMALIZE: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr,
+def _pair_rows(acc, q, pid, c0, c1, H, offs_m, f, lse2_k, g_k, w_k, low,
+               z_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_zm, s_zd, d_out,
+               FAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """The PAIRED backward over the chunk [c0, c1): plain tiles, then the two windows."""
+    """The PAIRED backward over the chunk [c0, c1): plain tiles, then the two windows with
+    the diagonal masked and the positive term -(g_k + g_j) at j = partner(k)."""
     r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, BLOCK_M, BLOCK_N)
-    partner = tl.where(offs_m < H, offs_m + H, offs_m - H)
+    kp = col_ptrs(z_ptr, s_zm, s_zd, BLOCK_N, BLOCK_D)
     for t in range(0, n_plain):
-        offs_n = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N) + \
-            tl.arange(0, BLOCK_N)
-        acc = _pair_tile(acc, q, offs_m, offs_n, partner, f_k, lse2_k, g_k, w_k, low, u_ptr,
-                         r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out, NORMALIZE, FAST,
-                         False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        start = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N)
+        s, k = _plain_dots(z_ptr, kp, q, offs_m, start, M, D, s_zm, s_zd, EVEN_D, BLOCK_M,
+                           BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        offs_n = start + tl.arange(0, BLOCK_N)
+        a = _pair_weights(s, offs_n, g_k, w_k, f, low, lse2_k, g_ptr, w_ptr, lse2_ptr, M, FAST)
+        acc = accumulate_scaled(acc, a, k, z_ptr, offs_n, offs_n < M, d_out, D, s_zm, s_zd,
+                                D_CHUNKS, UPCAST, PRECISION)
+    partner = tl.where(offs_m < H, offs_m + H, offs_m - H)
     for t in range(0, 2 * (BLOCK_M // BLOCK_N)):
         start = _window_start(t, r0, p0, BLOCK_M, BLOCK_N)
         if (start >= c0) & (start < c1):
-            acc = _pair_tile(acc, q, offs_m, start + tl.arange(0, BLOCK_N), partner, f_k,
-                             lse2_k, g_k, w_k, low, u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D,
-                             s_um, s_ud, d_out, NORMALIZE, FAST, True, BLOCK_M, BLOCK_N,
-                             BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+            offs_n = start + tl.arange(0, BLOCK_N)
+            s, _, k = dots(z_ptr, z_ptr, q, offs_m, offs_n, offs_m < M, offs_n < M, D, s_zm,
+                           s_zd, s_zm, s_zd, z_ptr, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                           UPCAST, PRECISION)
+            # S_ii is left out of lse: exp2(S_ii - lse_i) may overflow, mask before exp2
+            s = tl.where(offs_n[None, :] != offs_m[:, None], s, float("-inf"))
+            a = _pair_weights(s, offs_n, g_k, w_k, f, low, lse2_k, g_ptr, w_ptr, lse2_ptr, M,
+                              FAST)
+            g_j = tl.load(g_ptr + offs_n, mask=offs_n < M, other=0.0)
+            a -= tl.where(offs_n[None, :] == partner[:, None], g_k[:, None] + g_j[None, :],
+                          0.0)
+            acc = accumulate_scaled(acc, a, k, z_ptr, offs_n, offs_n < M, d_out, D, s_zm,
+                                    s_zd, D_CHUNKS, UPCAST, PRECISION)
     return acc
 
 
 @triton.jit
 def _nt_xent_bwd_kernel(
-    u_ptr, r_ptr, key_ptr, scale_ptr, lse2_ptr, lsep2_ptr, g_ptr, gy_ptr, w_ptr, low_ptr,
-    dz_ptr, R, M, H, CHUNK, D, s_um, s_ud, s_ds, s_dm, s_dd,
-    NORMALIZE: tl.constexpr, POS_LSE: tl.constexpr, PAIRED: tl.constexpr,
+    z_ptr, key_ptr, scale_ptr, lse2_ptr, lsep2_ptr, g_ptr, gy_ptr, w_ptr, low_ptr,
+    dz_ptr, R, M, H, CHUNK, D, s_zm, s_zd, s_ds, s_dm, s_dd,
+    POS_LSE: tl.constexpr, PAIRED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -271,9 +281,9 @@ def _nt_xent_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if D_CHUNKS == 1:
-        q = load_tile(u_ptr, offs_m, row_ok, offs_d, D, s_um, s_ud, UPCAST)
+        q = load_tile(z_ptr, offs_m, row_ok, offs_d, D, s_zm, s_zd, UPCAST)
     inv_tau = tl.load(scale_ptr)
-    rows_f = row_scale(r_ptr, offs_m, row_ok, inv_tau * LOG2E, BLOCK_M, NORMALIZE)
+    f = inv_tau * LOG2E
     lse2_k = tl.load(lse2_ptr + offs_m, mask=row_ok, other=float("inf"))
     g_k = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0)
     d_out = chunk * BLOCK_D + offs_d
@@ -284,16 +294,15 @@ def _nt_xent_bwd_kernel(
         low = tl.load(low_ptr)
         w_k = tl.load(w_ptr + offs_m, mask=row_ok, other=0.0)
         if tl.load(low_ptr + 1) - low < FAST_SPREAD:
-            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, rows_f, lse2_k, g_k, w_k, low,
-                             u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
-                             NORMALIZE, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
-                             PRECISION)
+            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, f, lse2_k, g_k, w_k, low, z_ptr,
+                             lse2_ptr, g_ptr, w_ptr, M, D, s_zm, s_zd, d_out, True, EVEN_D,
+                             BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         else:
-            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, rows_f, lse2_k, g_k, w_k, low,
-                             u_ptr, r_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_um, s_ud, d_out,
-                             NORMALIZE, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
-                             PRECISION)
+            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, f, lse2_k, g_k, w_k, low, z_ptr,
+                             lse2_ptr, g_ptr, w_ptr, M, D, s_zm, s_zd, d_out, False, EVEN_D,
+                             BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
     else:
+        rows_f = tl.zeros((BLOCK_M,), dtype=tl.float32) + f
         key_k = tl.load(key_ptr + offs_m, mask=row_ok, other=-1)
         gy_k = tl.load(gy_ptr + offs_m, mask=row_ok, other=0.0)
         lsep2_k = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
@@ -304,9 +313,9 @@ def _nt_xent_bwd_kernel(
         for start_n in range(c0, c1, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < c1
-            s, r_j, k = scores(u_ptr, u_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_um, s_ud,
-                               s_um, s_ud, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
-                               D_CHUNKS, UPCAST, PRECISION)
+            s, _, k = scores(z_ptr, z_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_zm, s_zd,
+                             s_zm, s_zd, rows_f, z_ptr, False, BLOCK_M, BLOCK_N, BLOCK_D,
+                             D_CHUNKS, UPCAST, PRECISION)
             lse2_j = tl.load(lse2_ptr + offs_n, mask=col_ok, other=float("inf"))
             g_j = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0)
             gy_j = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
@@ -327,8 +336,8 @@ def _nt_xent_bwd_kernel(
             else:
                 a = a - tl.where(same, gy_k[:, None] + gy_j[None, :], 0.0)
             a = tl.where(valid, a, 0.0)
-            acc = accumulate(acc, a, r_j, k, u_ptr, offs_n, col_ok, d_out, D, s_um, s_ud,
-                             NORMALIZE, D_CHUNKS, UPCAST, PRECISION)
+            acc = accumulate_scaled(acc, a, k, z_ptr, offs_n, col_ok, d_out, D, s_zm, s_zd,
+                                    D_CHUNKS, UPCAST, PRECISION)
     store_rows(dz_ptr + split * s_ds, acc * inv_tau, offs_m, row_ok, d_out, D, s_dm, s_dd)
 
 
@@ -344,18 +353,29 @@ def paired_ok(M, R, meta):
 
 
 def plan(M, R, D, dtype, sms, paired=False, block_d=None, splits=None):
-    """Launch plan of the forward and backward for M rows (R queries) of width D: (meta,
-    launch options, PAIRED, forward grid, backward grid, column chunk). `sms`: the SM count
-    the column splits fill; `splits` overrides their number. Device-free, so that a static
-    report can compile exactly what a launch would run."""
-    meta, launch = _config(dtype, D, block_d)
-    paired = paired and paired_ok(M, R, meta)
+    """Launch plan of the forward and backward for M rows (R queries) of width D: a dict with
+    meta (the kernels' constexprs but POS_LSE / SPLIT), launch (num_warps, num_stages),
+    fwd_grid, bwd_grid, fwd_chunk, bwd_chunk (columns per split). `sms`: the SM count the
+    column splits fill; `paired`: two views on one process (taken where the shape allows);
+    `splits` overrides the split count. Device-free, so that a static report can compile
+    exactly what a launch runs."""
+    meta, launch, even_d = _config(dtype, D, block_d)
     bm = meta["BLOCK_M"]
+    meta = dict(meta, PAIRED=paired and paired_ok(M, R, meta), EVEN_D=even_d)
     # chunks of whole row tiles: the PAIRED windows never straddle two chunks
     nf, chunk_f = column_splits(cdiv(R, bm), M, bm, sms, splits)
     nb, chunk_b = column_splits(cdiv(M, bm) * meta["D_CHUNKS"], M, bm, sms, splits)
-    return (meta, launch, paired, (cdiv(R, bm), nf), (cdiv(M, bm), nb, meta["D_CHUNKS"]),
-            chunk_f, chunk_b)
+    return dict(meta=meta, launch=launch, fwd_grid=(cdiv(R, bm), nf),
+                bwd_grid=(cdiv(M, bm), nb, meta["D_CHUNKS"]), fwd_chunk=chunk_f,
+                bwd_chunk=chunk_b)
+
+
+def normalized(u, r, normalize):
+    """The rows the kernels take: u / max(|u|, eps) rounded once to u's dtype (r: fp32
+    inverse norms), or u itself; contiguous."""
+    if not normalize:
+        return u.contiguous()
+    return (u.float() * r[:, None]).to(u.dtype)
 
 
 def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False, paired=False,
@@ -370,8 +390,8 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False, pair
     takes the PAIRED kernels where the shape allows; splits: the column split count (None:
     fill the device)."""
     M, D = u.shape
-    meta, launch, paired, grid, _, chunk, _ = plan(M, R, D, u.dtype, sm_count(u.device),
-                                                   paired and not pos_lse, block_d, splits)
+    p = plan(M, R, D, u.dtype, sm_count(u.device), paired and not pos_lse, block_d, splits)
+    z = normalized(u, r, normalize)
     dev = u.device
     loss = torch.empty(R, device=dev, dtype=torch.float32)
     # rows past R (other ranks' rows) are never queries: +inf there; the kernel writes the rest
@@ -382,12 +402,13 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False, pair
         lsep2 = (torch.empty(M, device=dev, dtype=torch.float32) if M == R else
                  torch.full((M,), float("inf"), device=dev, dtype=torch.float32))
     cnt = torch.empty(R, device=dev, dtype=torch.int32)
+    grid = p["fwd_grid"]
     split = grid[1] > 1
     part = torch.empty((grid[1], NSTAT, R) if split else (1,), device=dev, dtype=torch.float32)
     outs = (loss, lse2, lse2 if lsep2 is None else lsep2, cnt)
     wrap_triton(_nt_xent_fwd_kernel)[grid](
-        u, r, keys, inv_tau, *outs, part, R, M, M // 2, chunk, D, u.stride(0), u.stride(1),
-        NORMALIZE=normalize, POS_LSE=pos_lse, PAIRED=paired, SPLIT=split, **meta, **launch)
+        z, keys, inv_tau, *outs, part, R, M, M // 2, p["fwd_chunk"], D, z.stride(0),
+        z.stride(1), POS_LSE=pos_lse, SPLIT=split, **p["meta"], **p["launch"])
     if split:
         wrap_triton(_nt_xent_merge_kernel)[(cdiv(R, 128),)](
             part, *outs, R, grid[1], POS_LSE=pos_lse, BLOCK_M=128)
@@ -403,16 +424,17 @@ def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None, lsep2
     log-sum-exp over positives for the "in" form (gy is then unused), None otherwise.
     paired / splits as in forward."""
     M, D = u.shape
-    meta, launch, paired, _, grid, _, chunk = plan(M, R, D, u.dtype, sm_count(u.device),
-                                                   paired and lsep2 is None, block_d, splits)
+    p = plan(M, R, D, u.dtype, sm_count(u.device), paired and lsep2 is None, block_d, splits)
+    z = normalized(u, r, normalize)
+    grid = p["bwd_grid"]
     dz = torch.empty((grid[1], M, D), device=u.device, dtype=torch.float32)
     w = low = lse2  # placeholders, not read
-    if paired:
+    if p["meta"]["PAIRED"]:
         # L = min lse and w = g exp2(L - lse): the one-exponential form (FAST_SPREAD)
         low = torch.stack(torch.aminmax(lse2))
         w = g * torch.exp2(low[0] - lse2)
     wrap_triton(_nt_xent_bwd_kernel)[grid](
-        u, r, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, w, low, dz, R, M,
-        M // 2, chunk, D, u.stride(0), u.stride(1), dz.stride(0), dz.stride(1), dz.stride(2),
-        NORMALIZE=normalize, POS_LSE=lsep2 is not None, PAIRED=paired, **meta, **launch)
+        z, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, w, low, dz, R, M,
+        M // 2, p["bwd_chunk"], D, z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
+        dz.stride(2), POS_LSE=lsep2 is not None, **p["meta"], **p["launch"])
     return dz[0] if grid[1] == 1 else dz.sum(0)

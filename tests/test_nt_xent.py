@@ -327,6 +327,130 @@ def test_triton_edge_shapes():
         _close(got, ref, rtol=3e-5, atol=3e-6)
 
 
+def _kernel_rows(k, z, keys, R, tau, normalize, pos_lse, paired, splits, g):
+    """The kernels' forward outputs and dL/dzhat for upstream gradient g (M,) at `splits`."""
+    M = z.shape[0]
+    r = 1.0 / torch.linalg.vector_norm(z, dim=1).clamp_min(common.EPS)
+    inv_tau = torch.tensor([1.0 / tau])
+    loss, lse, cnt, lsep = k.forward(z, r, keys, inv_tau, R, normalize, pos_lse=pos_lse,
+                                     paired=paired, splits=splits)
+    gg = torch.zeros(M)
+    gg[:R] = torch.where(cnt > 0, g[:R], torch.zeros(R))
+    gy = gg.clone()
+    gy[:R] /= cnt.clamp_min(1)
+    dz = k.backward(z, r, keys, inv_tau, lse, gg, gy, R, normalize, lsep2=lsep, paired=paired,
+                    splits=splits)
+    return [t for t in (loss, lse, cnt, lsep, dz) if t is not None]
+
+
+@interp
+@pytest.mark.slow
+@settings(max_examples=25, **SETTINGS)
+@given(rows=st.sampled_from([(64, 64), (128, 128), (192, 192), (320, 320), (66, 66), (96, 70),
+                             (33, 33), (20, 20)]),
+       d=st.integers(1, 40), seed=st.integers(0, 2 ** 16), tau=st.floats(0.02, 1.0),
+       splits=st.integers(2, 7), form=st.sampled_from(["pairs", "labels", "in"]),
+       normalize=st.booleans())
+def test_column_splits_match_one_program_per_row_block(rows, d, seed, tau, splits, form,
+                                                       normalize):
+    """Column splits merged (forward: partial log-sum-exps, positive sums and counts;
+    backward: partial gradients) give what one program per row block gives, to fp32
+    rounding: 2N a multiple of the split or not (the last chunk short), PAIRED windows in
+    any chunk, one column tile (20 rows), a chunk whose only column for a row is the row
+    itself (33 rows: column 32 alone in the last chunk), rows beyond R (other ranks'
+    rows: (96, 70)), and tau down to 0.02 (the backward's two-exponential form)."""
+    from sdclr_fast.kernels import nt_xent as k
+
+    M, R = rows
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(M, d, generator=g)
+    if form == "pairs":
+        keys = torch.arange(M, dtype=torch.int32).remainder(M // 2 if M == R else M)
+    else:
+        keys = torch.randint(0, 4, (M,), generator=g, dtype=torch.int32)
+    up = torch.rand(M, generator=g)
+    args = (k, z, keys, R, tau, normalize, form == "in", form == "pairs")
+    one = _kernel_rows(*args, 1, up)
+    many = _kernel_rows(*args, splits, up)
+    for a, b in zip(one, many):
+        if a.dtype == torch.int32:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=3e-5, atol=3e-6 * max(1.0, a.abs().max()))
+
+
+@interp
+def test_paired_path_and_splits_against_the_reference(monkeypatch):
+    """Two views with N a multiple of the row tile take the PAIRED kernels (diagonal and
+    positive only in their windows, one exponential per score in the backward) and, on a
+    device of a few SMs, split their columns; values and gradients match float64."""
+    from sdclr_fast.kernels import _common as kc
+    from sdclr_fast.kernels import nt_xent as k
+
+    launched = []
+    real = k.plan
+    monkeypatch.setattr(k, "plan", lambda *a, **kw: launched.append(real(*a, **kw)) or
+                        launched[-1])
+    for sms, n, tau in ((4, 64, 0.2), (12, 96, 0.05), (3, 32, 0.02)):
+        monkeypatch.setattr(kc, "INTERP_SMS", sms)
+        z1, z2 = _inputs(n, 24, n, torch.float32)
+        got, ref, _ = _compare(dict(_backend="triton"), z1, z2, tau, "none",
+                               _weights("rand", n, 0, torch.float32), None, True, 1)
+        _close(got, ref, rtol=3e-5, atol=3e-6)
+    assert all(p["meta"]["PAIRED"] for p in launched)
+    assert any(p["fwd_grid"][1] > 1 for p in launched)
+    assert any(p["bwd_grid"][1] > 1 for p in launched)
+
+
+def test_column_splits_fill_the_sms():
+    """The split count fills the SMs without a second partial wave: nt_xent at 2N = 4,096
+    and info_nce's MoCo form (M = 1,024, Q = 65,536) take >= 90 % of 132 SMs, a large 2N
+    takes no split; chunks are whole multiples of the alignment and none is empty."""
+    from sdclr_fast.kernels import _common as kc
+    from sdclr_fast.kernels import info_nce as ki
+    from sdclr_fast.kernels import nt_xent as k
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kc, "interpreting", lambda: False)
+        p = k.plan(4096, 4096, 128, torch.bfloat16, 132, True)
+        assert p["meta"]["PAIRED"]
+        for grid in (p["fwd_grid"], p["bwd_grid"]):
+            assert 0.9 * 132 <= math.prod(grid) <= 132, grid
+        assert k.plan(65536, 65536, 128, torch.bfloat16, 132, True)["fwd_grid"][1] == 1
+        _, _, grid, _ = ki.plan(1024, 1024, 65536, 128, torch.bfloat16, 132)
+        assert 0.9 * 132 <= math.prod(grid) <= 132, grid
+    for rb, cols, align, sms in ((32, 4096, 128, 132), (3, 100, 16, 132), (1, 5, 32, 132),
+                                 (200, 4096, 64, 132), (5, 160, 32, 15)):
+        n, chunk = kc.column_splits(rb, cols, align, sms)
+        assert chunk % align == 0 and n * chunk >= cols > (n - 1) * chunk
+        assert rb * n <= max(sms, rb)
+    assert kc.column_splits(5, 160, 32, 15) == (3, 64)  # 160 = 64 + 64 + 32
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    """fp32 takes TF32 exactly where torch.matmul would (the legacy flag, the precision
+    setting, or the newer fp32_precision API), IEEE otherwise and always in the interpreter;
+    16-bit inputs ignore it."""
+    from sdclr_fast.kernels import _common as kc
+
+    m = torch.backends.cuda.matmul
+    old = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(kc, "interpreting", lambda: False)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert kc.dot_precision(torch.float32) == "ieee"
+        assert kc.config(torch.float32, 128)[0]["PRECISION"] == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert kc.dot_precision(torch.float32) == "tf32"
+        assert kc.config(torch.float32, 128)[0]["PRECISION"] == "tf32"
+        assert kc.dot_precision(torch.bfloat16) == "tf32"  # ignored by 16-bit dots
+        monkeypatch.setattr(kc, "interpreting", lambda: True)
+        assert kc.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert not m.allow_tf32 or old != "highest"
+
+
 @interp
 def test_force_triton_env(monkeypatch):
     """SDCLR_FAST_FORCE_TRITON=1 routes CPU tensors to the kernels (read at call time)."""
@@ -498,85 +622,36 @@ def test_cuda_kernels(dtype, n, d, labels):
 
 
 # ------------------------------------------------------------------ GPU lowering without a GPU
-# Compiles the kernels of the working tree (kernels/nt_xent.py under the root given as argv[1],
-# imported as the top-level package `kernels`, not an installed copy) for sm_90 with the GPU
-# launch configuration: every constexpr variant the op launches (two-view / "out" labels, the
-# "in" form, D in one tile and in chunks, fp32 and bf16). argv[2] == "broken" compiles a
-# kernel that reads a non-constexpr global instead, which the compiler must reject: the
-# harness is seen to fail.
-_AOT = r"""
-import os, sys
-root, mode = sys.argv[1], sys.argv[2]
-sys.path.insert(0, root)
-import torch
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from kernels import nt_xent as k
-
-assert os.path.dirname(os.path.abspath(k.__file__)) == os.path.join(root, "kernels"), k.__file__
-target = GPUTarget("cuda", 90, 32)
-if mode == "broken":
-    SCALE = 2.0  # not tl.constexpr: the interpreter accepts it, the compiler must not
-
-    @triton.jit
-    def _broken(x_ptr):
-        tl.store(x_ptr, tl.load(x_ptr) * SCALE)
-
-    triton.compile(ASTSource(_broken, {"x_ptr": "*fp32"}, {}), target=target)
-    print("compiled")
-    sys.exit(0)
-elem = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
-n = 0
-for dtype, d in ((torch.bfloat16, 128), (torch.float32, 128), (torch.bfloat16, 300)):
-    meta, launch = k._config(dtype, d)
-    for pos_lse in (False, True):
-        consts = dict(meta, NORMALIZE=True, POS_LSE=pos_lse)
-        for fn in (k._nt_xent_fwd_kernel, k._nt_xent_bwd_kernel):
-            sig = {a: "constexpr" if a in consts else
-                   elem[dtype] if a == "u_ptr" else
-                   "*i32" if a in ("key_ptr", "cnt_ptr") else
-                   "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names}
-            out = triton.compile(ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names
-                                                     if a in consts}),
-                                 target=target, options=launch)
-            assert out.asm.get("cubin"), (fn.__name__, dtype, d, pos_lse)
-            n += 1
-print("ok", n)
-"""
-
-
-def _aot(mode, tmp_path):
+def _aot(mode):
+    """tests/aot_kernels.py in a child process (it needs TRITON_INTERPRET=0)."""
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "aot.py"  # a file: @triton.jit needs the source of what it compiles
-    script.write_text(_AOT)
-    proc = subprocess.run([sys.executable, str(script), root, mode], env=env,
-                          capture_output=True, text=True, timeout=900)
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, "aot_kernels.py"),
+                           os.path.dirname(here), mode], env=env, capture_output=True,
+                          text=True, timeout=1500)
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's ptxas is not available")
     return proc
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90(tmp_path):
+def test_kernels_compile_for_sm90():
     """The interpreter accepts code that the compiler rejects (e.g. non-constexpr globals):
-    lower both kernels, in every variant, to sm_90 cubins with the GPU launch configuration
-    (needs only Triton's bundled ptxas, no GPU)."""
+    lower the kernels, in every launch variant, to sm_90 and sm_80 cubins with the GPU launch
+    configuration, none of them spilling (needs only Triton's bundled ptxas and cuobjdump,
+    no GPU)."""
     pytest.importorskip("triton.backends.nvidia")
-    proc = _aot("tree", tmp_path)
-    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "12"], proc.stderr[-3000:]
+    proc = _aot("nt_xent")
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "76"], proc.stderr[-3000:]
 
 
 @pytest.mark.slow
-def test_kernel_compile_check_rejects_broken_kernel(tmp_path):
+def test_kernel_compile_check_rejects_broken_kernel():
     """The harness of test_kernels_compile_for_sm90 fails on a kernel the compiler rejects."""
     pytest.importorskip("triton.backends.nvidia")
-    proc = _aot("broken", tmp_path)
+    proc = _aot("broken")
     assert proc.returncode != 0 and "compiled" not in proc.stdout
     assert "SCALE" in proc.stderr or "constexpr" in proc.stderr, proc.stderr[-3000:]

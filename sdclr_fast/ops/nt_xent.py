@@ -8,8 +8,10 @@ gives exactly 0 on every path. Neither path stores the 2N x 2N matrix:
 
 * CUDA fp32 / fp16 / bf16: Triton kernels (kernels/nt_xent.py). The forward keeps an online
   log-sum-exp per row; the backward recomputes the score tiles and, using the symmetry of S,
-  produces each row's gradient in one pass without atomics. Extra memory: O(N) per-row
-  statistics plus O(N D) for the gradient.
+  produces each row's gradient in one pass without atomics. Where the row blocks alone would
+  leave SMs idle (small 2N) the columns are split across programs and the partial results
+  merged in a fixed order (deterministic). Extra memory: O(N) per-row statistics plus O(N D)
+  for the gradient (times the split count, which keeps 2N x splits below ~17k rows).
 * everything else (CPU, float64): the same algorithm in PyTorch over blocks of rows
   (BLAS matmul of a row block against all rows, reduced and discarded); a block holds about
   2^21 scores (8 MiB in fp32) and at most two or three block temporaries live at once, so the
