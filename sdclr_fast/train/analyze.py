@@ -70,8 +70,9 @@ def pruned_copy(model, sparsity: float, mode: str = "magnitude", *, seed: int = 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, images: torch.Tensor, mean, std, *, batch_size: int = 512, device=None):
     """Re-estimate the running mean / variance of every BatchNorm of ``model``'s dense branch
-    (backbone and head) as the exact average over ``images`` (uint8, fixed batches in order, eval
-    transform); affine parameters are kept. The model is left in eval mode."""
+    (backbone and head) as the average of the batch statistics over ``images`` (uint8, batches of
+    ``batch_size`` in order, eval transform; BatchNorm's ``momentum=None`` mode); affine
+    parameters are kept. The model is left in eval mode."""
     from ..data.augment import eval_transform
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
