@@ -445,6 +445,52 @@ def test_triton_low_precision(dtype, m, d, q, seed, tau, symmetric, in_batch):
 
 
 @interp
+@pytest.mark.slow
+@settings(max_examples=25, **SETTINGS)
+@given(m=st.sampled_from([1, 16, 20, 33, 48]), d=st.integers(1, 24),
+       q=st.sampled_from([0, 1, 16, 17, 50, 100]), seed=st.integers(0, 2 ** 16),
+       sms=st.integers(2, 24), symmetric=st.booleans(), in_batch=st.booleans(),
+       classes=st.sampled_from([None, 3]))
+def test_column_splits_against_the_reference(m, d, q, seed, sms, symmetric, in_batch, classes):
+    """On a device of `sms` SMs the columns ([keys; bank], or only the bank with
+    in_batch_negatives=False) are split across programs and the partial log-sum-exps and
+    gradients merged: the bank or the key count not a multiple of the split (the last chunk
+    short or a chunk that straddles keys and bank), one column tile, a split that holds no
+    column of a row (only the diagonal tile in split 0) - values and gradients match
+    float64 with the unsplit tolerance."""
+    from sdclr_fast.kernels import _common as kc
+
+    assume(_valid(q, symmetric, in_batch, classes))
+    x, y, n = _inputs(m, d, q, seed, torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kc, "INTERP_SMS", sms)
+        got, ref, sc = _compare(dict(_backend="triton"), x, y, n, 0.2,
+                                _weights("rand", m, seed, torch.float32), seed,
+                                symmetric=symmetric, in_batch_negatives=in_batch,
+                                labels=_labels(classes, m, seed), reduction="none")
+    _close(got, ref, sc, rtol=3e-5, atol=3e-6)
+
+
+@interp
+def test_moco_form_splits_the_bank(monkeypatch):
+    """The MoCo form at a small scale takes several column splits (the bank cut into chunks
+    that are not a multiple of the split), forward and backward, and matches float64."""
+    from sdclr_fast.kernels import _common as kc
+    from sdclr_fast.kernels import info_nce as k
+
+    grids = []
+    real = k.plan
+    monkeypatch.setattr(k, "plan", lambda *a, **kw: grids.append(real(*a, **kw)[2]) or
+                        real(*a, **kw))
+    monkeypatch.setattr(kc, "INTERP_SMS", 12)
+    x, y, n = _inputs(20, 8, 70, 3, torch.float32)
+    got, ref, sc = _compare(dict(_backend="triton"), x, y, n, 0.1,
+                            _weights("rand", 20, 0, torch.float32), 1, reduction="none")
+    _close(got, ref, sc, rtol=3e-5, atol=3e-6)
+    assert grids and max(g[1] for g in grids) > 1
+
+
+@interp
 def test_triton_edge_shapes():
     """One row, D = 1, D past one chunk (block_d 16), rows and bank spanning several tiles."""
     for m, d, q, bd in ((1, 1, 0, None), (1, 5, 3, None), (3, 2, 1, None), (37, 20, 50, 16),
@@ -667,49 +713,24 @@ def test_non_finite_inputs_name_the_tensor(bad):
 
 
 # ------------------------------------------------------------------ GPU lowering without a GPU
-_AOT = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from sdclr_fast.kernels import info_nce as k
-for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-    meta, launch = k._config(dtype, 128)
-    ptrs = {a: "*fp32" for a in ("rx_ptr", "ry_ptr", "rn_ptr", "scale_ptr", "loss_ptr",
-                                 "lse2_ptr", "lsex_ptr", "gx_ptr", "gpx_ptr", "lsey_ptr",
-                                 "gy_ptr", "gpy_ptr", "out_ptr")}
-    ptrs.update(x_ptr=ty, y_ptr=ty, n_ptr=ty, kx_ptr="*i32", ky_ptr="*i32", cnt_ptr="*i32")
-    variants = [(k._info_nce_fwd_kernel, dict(NORMALIZE=True, DIAG_ONLY=d, HAS_N=True))
-                for d in (False, True)]
-    variants += [(k._info_nce_bwd_kernel, dict(NORMALIZE=True, X_ANCHOR=xa, Y_ANCHOR=True,
-                                               PAIRED=p, DIAG_ONLY=False, HAS_N=hn))
-                 for xa, p, hn in ((True, True, True), (False, True, False),
-                                   (False, False, False))]
-    for fn, flags in variants:
-        consts = dict(meta, **flags)
-        sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in fn.arg_names}
-        triton.compile(ASTSource(fn, sig, {a: consts[a] for a in fn.arg_names if a in consts}),
-                       target=GPUTarget("cuda", 90, 32), options=launch)
-print("ok")
-"""
-
-
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    """The interpreter accepts code that the compiler rejects: lower every kernel variant to
-    an sm_90 cubin with the GPU launch configuration (needs Triton's bundled ptxas only)."""
+    """The interpreter accepts code that the compiler rejects: lower every launch variant
+    (tests/aot_kernels.py: the launch plan's constexprs, split and unsplit, the merge kernel)
+    to sm_90 and sm_80 cubins, none of them spilling (needs Triton's bundled ptxas and
+    cuobjdump only)."""
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", _AOT, root], env=env, capture_output=True,
-                          text=True, timeout=900)
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, "aot_kernels.py"),
+                           os.path.dirname(here), "info_nce"], env=env, capture_output=True,
+                          text=True, timeout=1500)
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("Triton's ptxas is not available")
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.split() == ["ok", "58"], proc.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ compiled kernels on a GPU
