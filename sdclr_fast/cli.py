@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,12 @@ _DEFAULTS = PretrainConfig()
 
 
 # ---------------------------------------------------------------- pretrain
+def _directory(text):
+    if not text.strip():  # '' would be the current directory
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return text
+
+
 def _ratio(text):
     if text.lower() in ("none", "keep"):
         return None
@@ -45,7 +52,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                         f"network; sdclr = view 2 through the pruned self-competitor; moclr = SimCLR's loss "
                         f"between online predictions and an EMA target network's projections (DnC's base "
                         f"method); dnc = Divide and Contrast (base model, k-means experts, distillation)")
-    g.add_argument("--run-dir", required=True,
+    g.add_argument("--run-dir", required=True, type=_directory,
                    help="directory for checkpoint.pt, config.json, split.json, metrics.jsonl")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --run-dir from its last complete epoch (a finished run is "
@@ -343,7 +350,7 @@ def run_dnc(args):
 
 # ---------------------------------------------------------------- eval
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", action="append", required=True, dest="run_dirs",
+    p.add_argument("--run-dir", action="append", required=True, dest="run_dirs", type=_directory,
                    help="a run directory (or checkpoint file) to evaluate; repeat to compare runs")
     p.add_argument("--probe", choices=("full", "fewshot", "knn", "all"), default="all",
                    help="full = linear probe on the balanced train set (30 epochs, lr 30, SDCLR); fewshot = "
@@ -508,7 +515,7 @@ def bench_scripts(names=()):
         key = Path(n).stem
         key = key[len("bench_"):] if key.startswith("bench_") else key
         if key not in found:
-            raise SystemExit(f"unknown benchmark {n!r}; available: {', '.join(found) or 'none'}")
+            raise ValueError(f"unknown benchmark {n!r}; available: {', '.join(found) or 'none'}")
         out.append(found[key])
     return out
 
@@ -534,7 +541,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="choose the epochs from a step time measured at start-up to fit this wall-clock "
                         "budget (the numbers then depend on the machine's load); default: the fixed schedule")
-    p.add_argument("--run-dir", default="runs/demo",
+    p.add_argument("--run-dir", default="runs/demo", type=_directory,
                    help="where the runs, report.md and plots go (default runs/demo); finished runs found "
                         "there are reused, unfinished ones resumed")
     p.add_argument("--epochs", type=int, default=None,
@@ -561,7 +568,7 @@ def add_shards_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, choices=[d for d in DATASETS if d != "webdataset"],
                    help="the data set whose images are written")
     p.add_argument("--data-root", default=None, help="its folder (as for pretrain)")
-    p.add_argument("--out", required=True, help="the folder the shards and shards.json go to")
+    p.add_argument("--out", required=True, type=_directory, help="the folder the shards and shards.json go to")
     p.add_argument("--set", dest="which", choices=("train", "probe_train", "test"), default="train",
                    help="which images: the pretraining split (default), the probe pool or the test set")
     p.add_argument("--ratio", type=_ratio, default=argparse.SUPPRESS,
@@ -675,11 +682,19 @@ def main(argv=None) -> int:
     except Exception as exc:
         for kinds, status in failures:
             if isinstance(exc, kinds) and not args.debug:
-                parser.exit(status, f"sdclr-fast {args.command}: error: {_one_line(exc)}\n")
+                parser.exit(status, f"sdclr-fast {args.command}: error: {_one_line(exc, parser, args.command)}\n")
         raise
 
 
-def _one_line(exc: Exception) -> str:
+def _one_line(exc: Exception, parser, command: str) -> str:
+    """The error as one line, with the library's argument names (``batch_size``, ``official_split``,
+    ``root=``) given as the command's flags."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # e.g. a missing data file
         return f"{str(exc.filename)!r}: {exc.strerror.lower()}"
-    return " ".join(str(exc).split("\n"))
+    text = " ".join(str(exc).split("\n"))
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings and "_" in a.dest
+             and a.option_strings[0].startswith("--")}
+    flags.update({"root=": "--data-root", "num_workers": "--data-workers"})
+    names = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.-])({names})(?![\w.])", lambda m: flags[m.group(1)], text)

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["WriteError", "atomic_write", "write_json", "write_text", "link_or_copy", "LOCK_NAME", "DirectoryLockedError",
-           "lock_directory"]
+__all__ = ["WriteError", "atomic_write", "write_json", "write_text", "link_or_copy", "remove_debris", "LOCK_NAME",
+           "DirectoryLockedError", "lock_directory"]
 
 _REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -56,6 +56,7 @@ def atomic_write(path, payload: Payload, *, what: str = "a file") -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; results are shared as the umask says
         with os.fdopen(fd, "wb") as f:
             if callable(payload):
                 payload(f)
@@ -72,6 +73,24 @@ def atomic_write(path, payload: Payload, *, what: str = "a file") -> Path:
             os.unlink(tmp)
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def remove_debris(folder) -> list:
+    """Remove the temporary files a killed or failed write left in ``folder`` (``.<name>.*.tmp`` of
+    :func:`atomic_write`, ``.<name>.tmp`` of :func:`link_or_copy`); call it only while holding the
+    folder's lock. Returns the paths removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def write_text(path, text: str, *, what: str = "a file") -> Path:
@@ -148,6 +167,9 @@ class lock_directory:
             self.key = key
             return self
         path = self.folder / LOCK_NAME
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"{self.what} {str(self.folder)!r} is a file, not a directory; choose "
+                                     f"another directory")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

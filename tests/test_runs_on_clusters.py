@@ -187,7 +187,7 @@ def uninterrupted(tmp_path_factory, one_thread):
 
 # 48 training images / batch 16 = 3 steps per epoch, 9 steps in all
 @pytest.mark.parametrize("method, step, signum", [
-    ("sdclr", 1, signal.SIGTERM), ("sdclr", 5, signal.SIGUSR1), ("sdclr", 6, signal.SIGTERM),
+    ("sdclr", 1, signal.SIGTERM), ("sdclr", 5, signal.SIGUSR1), ("sdclr", 6, signal.SIGTERM), ("sdclr", 4, signal.SIGINT),
     ("simclr", 2, signal.SIGTERM), ("simclr", 8, signal.SIGTERM)])
 def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrupted, method, step, signum):
     calls = _signal_at_steps(monkeypatch, {step}, signum)
@@ -443,3 +443,157 @@ def test_signals_to_the_whole_process_group_stop_cleanly(tiny_shards, tmp_path, 
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(run)["epoch"] == st["epoch"] + 1
+
+
+def test_ctrl_c_in_training_through_the_cli_saves_and_exits_130(stopped_cli_run, tmp_path, monkeypatch, capsys):
+    from test_cli import _image_folder
+
+    _signal_at_steps(monkeypatch, {2}, signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        main(_tiny_cli(stopped_cli_run / "images", tmp_path / "run"))
+    assert e.value.code == EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "stopped by SIGINT in epoch 1 after step 2/" in err, err
+    assert load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_eval_is_one_line(stopped_cli_run, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sdclr_fast", "eval", "--run-dir", str(stopped_cli_run / "full"),
+                             "--probe", "full", "--probe-epochs", "100000", "--device", "cpu", "--out", str(out)],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / ".lock").exists():  # the command is running
+        time.sleep(0.05)
+    time.sleep(2.0)
+    os.killpg(os.getpgid(proc.pid), signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED and err.strip().splitlines() == [
+        "sdclr-fast eval: interrupted (SIGINT); nothing was saved"], err
+
+
+# ---------------------------------------------------------------- expected failures: one line, exit 2, flag names
+INTERNAL_NAMES = ("official_split", "root=", "batch_size", "data=", "stopped: stopped", "prune_block", "Traceback")
+
+
+@pytest.fixture(scope="module")
+def odd_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    (root / "a_file").write_text("not a folder")
+    (root / "empty").mkdir()
+    (root / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    return root
+
+
+BAD_INPUT = {
+    "cifar without --data-root": (["pretrain", "--dataset", "cifar10-lt"], "needs --data-root"),
+    "cifar, missing --data-root": (["pretrain", "--dataset", "cifar10-lt", "--data-root", "{odd}/missing"],
+                                   "no CIFAR-10"),
+    "cifar, empty --data-root": (["pretrain", "--dataset", "cifar10-lt", "--data-root", "{odd}/empty"], "no CIFAR-10"),
+    "cifar, --data-root a file": (["pretrain", "--dataset", "cifar10-lt", "--data-root", "{odd}/a_file"],
+                                  "no CIFAR-10"),
+    "--split-file a file": (["pretrain", "--dataset", "cifar10-lt", "--data-root", "{odd}/cifar", "--split", "1",
+                             "--split-file", "{odd}/a_file"], "--split-file"),
+    "--split-file an empty folder": (["pretrain", "--dataset", "cifar10-lt", "--data-root", "{odd}/cifar",
+                                      "--split", "1", "--split-file", "{odd}/empty"], "--split-file"),
+    "--batch-size 1": (["pretrain", "--dataset", "imagefolder", "--data-root", "{images}", "--batch-size", "1"],
+                       "--batch-size=1 gives 1 image(s) per process"),
+    "--ratio 1e9": (["pretrain", "--dataset", "imagefolder", "--data-root", "{images}", "--ratio", "1e9",
+                     "--image-size", "8", "--width", "4", "--batch-size", "2"],
+                    "ratio=1e+09 leaves 3 of 4 classes without a training image"),
+    "--run-dir a file": (["pretrain", "--dataset", "imagefolder", "--data-root", "{images}", "--run-dir",
+                          "{odd}/a_file"], "'{odd}/a_file' is a file, not a directory"),
+    "--prune-block larger than every layer": (
+        ["pretrain", "--dataset", "imagefolder", "--data-root", "{images}", "--image-size", "8", "--width", "4",
+         "--batch-size", "8", "--prune-block", "33x32"], "block 33x32 is larger than"),
+    "bench, unknown name": (["bench", "no_such_benchmark"], "unknown benchmark 'no_such_benchmark'"),
+    "demo --epochs 0": (["demo", "--epochs", "0", "--run-dir", "{run}"], "(--epochs) must be an int >= 1, got 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2(case, odd_paths, stopped_cli_run, tmp_path, capsys):
+    argv, says = BAD_INPUT[case]
+    fill = {"odd": str(odd_paths), "images": str(stopped_cli_run / "images"), "run": str(tmp_path / "run")}
+    argv = [a.format(**fill) for a in argv]
+    if argv[0] == "pretrain":  # one short epoch should a check ever let it through
+        argv += ["--epochs", "1", "--device", "cpu", "--no-progress", "--no-tensorboard"]
+        argv += [] if "--run-dir" in argv else ["--run-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert says.format(**fill) in err, err
+    assert not any(name in err for name in INTERNAL_NAMES), err
+    if case in ("--batch-size 1", "--ratio 1e9"):  # refused before anything is written
+        assert not (tmp_path / "run" / "config.json").exists() and not (tmp_path / "run" / "split.json").exists()
+
+
+def test_empty_run_dir_is_refused(capsys):
+    for argv in (["pretrain", "--run-dir", ""], ["eval", "--run-dir", ""], ["demo", "--run-dir", ""]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "argument --run-dir: must name a directory, got an empty string" in capsys.readouterr().err
+
+
+def test_init_checkpoint_of_another_width_names_the_differing_arguments(stopped_cli_run, tmp_path, capsys):
+    argv = _tiny_cli(stopped_cli_run / "images", tmp_path / "run", "--width", "8", "--init-checkpoint",
+                     str(stopped_cli_run / "full" / "checkpoint.pt"))  # the last --width wins: 8
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--init-checkpoint" in err and "(width: 4 there, 8 here)" in err, err
+
+
+def test_resume_with_the_data_moved_elsewhere_compares_the_data_not_its_folder(stopped_cli_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_cli_run / "stopped", run)
+    moved = tmp_path / "staged"
+    shutil.copytree(stopped_cli_run / "images", moved)  # node-local staging after a requeue
+    assert main(["pretrain", "--run-dir", str(run), "--resume", "--data-root", str(moved)]) == 0
+    assert_same_state(load_checkpoint(run)["model"], load_checkpoint(stopped_cli_run / "full")["model"], "model")
+    # other images under the same names are refused, naming what differs
+    run2 = tmp_path / "run2"
+    shutil.copytree(stopped_cli_run / "stopped", run2)
+    from PIL import Image
+
+    first = sorted((moved / "train" / "class0").iterdir())[0]
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(first)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--run-dir", str(run2), "--resume", "--data-root", str(moved)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the training data differs" in err and "sha256" in err, err
+
+
+def test_files_honour_the_umask(tmp_path, stopped_cli_run):
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.json", "{}")
+        save_checkpoint({"config": {}, "model": {}, "epoch": 0}, tmp_path / "checkpoint.pt")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+        assert (tmp_path / "checkpoint.pt").stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        atomic_write(tmp_path / "a.json", "{}")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "config.json", "split.json", "metrics.jsonl"):
+        assert (stopped_cli_run / "stopped" / name).stat().st_mode & 0o777 == 0o666 & ~old, name
+
+
+def test_debris_of_a_failed_write_is_removed_by_the_next_run(stopped_cli_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_cli_run / "stopped", run)
+    for name in (".checkpoint.prev.pt.tmp", ".checkpoint.pt.k2j3h4.tmp"):  # link_or_copy's, atomic_write's
+        (run / name).write_bytes(b"half")
+    assert main(["pretrain", "--run-dir", str(run), "--resume", "--stop-at-epoch", "3"]) == 0
+    assert not list(run.glob(".*.tmp"))

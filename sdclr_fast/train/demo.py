@@ -108,6 +108,8 @@ def run_demo(*, methods=("simclr", "sdclr"), budget_minutes: float | None = None
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes!r}")
     if budget_minutes is not None and epochs is not None:
         raise ValueError("give epochs or budget_minutes, not both")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs (--epochs) must be an int >= 1, got {epochs!r}")
     run_dir = Path(run_dir)
     data = build_dataset(DATASET, data_root, seed=seed, image_size=IMAGE_SIZE)
     print(data.summary())
@@ -130,7 +132,7 @@ def run_demo(*, methods=("simclr", "sdclr"), budget_minutes: float | None = None
     elif epochs is None and stored:
         # every contrastive run is stored: DnC's stages get the length those runs trained for
         epochs = max(cfg.epochs for cfg, _ in stored.values())
-    epochs = epochs or EPOCHS
+    epochs = EPOCHS if epochs is None else epochs
     indices = None if fraction >= 1 else stratified_subset(data.train.labels, fraction, seed)
     n_images = len(data.train) if indices is None else len(indices)
     plan = f"budget {budget_minutes:g} min -> " if budget_minutes is not None else ""

@@ -30,14 +30,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME
 from .config import PretrainConfig
 from .distributed import all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
-from .models import build_model_from_args, load_weights, model_args
+from .models import build_model_from_args, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
-from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, StepCheckpoints, StopCheck, data_order,
-                  open_checkpoint, params_finite, progress_bar, resolve_device, restore_training, run_data, run_lock,
-                  save_training, seed_everything, sgd_with_schedule, stop_signals, two_view_augment, write_run_files)
+from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, StepCheckpoints, StopCheck, check_batch_size,
+                  check_data_identity, data_identity, data_order, init_weights, open_checkpoint, params_finite,
+                  progress_bar, resolve_device, restore_training, run_data, run_lock, save_training, seed_everything,
+                  sgd_with_schedule, stop_signals, two_view_augment, write_run_files)
 
 
 class ContrastiveForward(nn.Module):
@@ -125,6 +126,7 @@ def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=N
         raise ValueError(f"stop_at_epoch must be a positive int or None, got {stop_at_epoch!r}")
     dist_info = init_distributed(resolve_device(config.device).type)
     try:
+        check_batch_size(config.batch_size, dist_info)  # before the run directory is made
         with run_lock(run_dir, dist_info), stop_signals():
             return _pretrain(config, Path(run_dir), indices, init_checkpoint, data, resume, stop_at_epoch,
                              dist_info)
@@ -147,6 +149,9 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     data = run_data(config, run_dir, data)
     train_set = data.train if indices is None else data.subset(indices)
     index_list = None if indices is None else train_set.indices.tolist()
+    identity = data_identity(data)
+    if resumed is not None:
+        check_data_identity(resumed, identity)
     if resumed is not None and resumed.get("train_indices") != index_list:
         raise ValueError(f"cannot resume {str(ckpt_path)!r}: it was trained on a different subset of the "
                          f"training split (indices differ)")
@@ -165,7 +170,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     margs = model_args(config, data.in_channels, config.image_size or data.image_size)
     model = build_model_from_args(margs)
     if init_checkpoint is not None and resumed is None:
-        load_weights(model, load_checkpoint(init_checkpoint, expect={"arch": config.arch}))
+        init_weights(model, margs, init_checkpoint, expect={"arch": config.arch})
     ex.place(model)
     order, batches = data_order(config, train_set, config.batch_size, device)
     local_batches = getattr(batches, "local", False)  # a stream gives each rank its own share
@@ -222,7 +227,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
                       optimizer=optimizer, scheduler=scheduler, epoch_done=epoch_done, step=global_step,
                       position=at, epoch_start_state=epoch_start_state, loss_sum=loss_sum,
                       last_epoch_metrics=row, init_checkpoint=init_checkpoint, train_indices=index_list,
-                      moclr_target=None if target is None else target.state_dict())
+                      moclr_target=None if target is None else target.state_dict(), data_identity=identity)
 
     checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
                                   guard, save, ckpt_path, steps_per_epoch)

@@ -5,6 +5,7 @@ stage and evaluation; the training steps themselves stay inline in their loops."
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import WriteError, lock_directory, write_json
-from .checkpoint import CHECKPOINT_NAME, capture_rng, load_newest_checkpoint, restore_rng, save_checkpoint
+from ..files import WriteError, lock_directory, remove_debris, write_json
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, load_newest_checkpoint,
+                         restore_rng, save_checkpoint)
 from .distributed import DistInfo, all_gather_object, barrier
 
 METRICS_NAME = "metrics.jsonl"
@@ -239,7 +241,44 @@ def run_data(config, run_dir, data=None):
     data = build_dataset(config.dataset, config.data_root, ratio=config.ratio, seed=config.seed,
                          split=config.split, image_size=config.image_size, split_file=split_file,
                          permute_classes=config.permute_classes, pretrain_set=config.pretrain_set, **options)
+    if config.ratio is not None and isinstance(getattr(data.train, "images", None), torch.Tensor):
+        counts = data.train.class_counts(data.num_classes)
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:  # the tail of n_max * ratio**(-i / (C - 1)) rounded down to nothing
+            raise ValueError(f"ratio={config.ratio:g} leaves {len(empty)} of {data.num_classes} classes without a "
+                             f"training image (e.g. {data.class_names[empty[0]]!r}); the largest ratio that keeps "
+                             f"one image in every class here is {int(counts.max())}")
     return with_input_norm(data, config.input_norm)
+
+
+# ---------------------------------------------------------------- the data's identity
+def data_identity(data) -> dict:
+    """What a resumed run compares instead of the data's path (data is often staged to another
+    node-local folder after a requeue): the number of training images and classes, and a SHA-256
+    over the training labels and 1024 evenly spaced images (a stream: over its keys and its
+    shards' checksums)."""
+    train, digest = data.train, hashlib.sha256()
+    images = getattr(train, "images", None)
+    if isinstance(images, torch.Tensor):
+        digest.update(train.labels.cpu().numpy().tobytes())
+        n = len(train)
+        picks = torch.linspace(0, n - 1, min(n, 1024)).round().long().unique() if n else torch.zeros(0, dtype=torch.long)
+        digest.update(images.index_select(0, picks).contiguous().cpu().numpy().tobytes())
+    else:
+        digest.update("\n".join(train.kept_keys()).encode())
+        for check in train.reader.get("checks", {}).values():
+            digest.update(f"{check['count']}:{check.get('sha256')}".encode())
+    return {"images": len(train), "classes": int(getattr(data, "num_classes", 0) or 0), "sha256": digest.hexdigest()}
+
+
+def check_data_identity(state: dict, identity: dict) -> None:
+    """A resumed run must see the data its checkpoint was trained on, wherever it now lies."""
+    stored = state.get("data_identity")
+    if stored is not None and stored != identity:
+        diff = ", ".join(f"{k}: {stored.get(k)!r} then, {identity.get(k)!r} now" for k in identity
+                         if stored.get(k) != identity.get(k))
+        raise ValueError(f"cannot resume {state['path']!r}: the training data differs from the data it was trained "
+                         f"on ({diff}); give the same data (its folder may change)")
 
 
 def two_view_augment(config, data, device):
@@ -278,6 +317,8 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
     """
     from .config import PretrainConfig
 
+    if warn and ckpt_path.parent.is_dir():  # one process, holding the run's lock
+        remove_debris(ckpt_path.parent)
     if not ckpt_path.exists():
         if resume and announce:
             print(f"{ckpt_path} does not exist; starting the run from scratch")
@@ -289,9 +330,39 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
     if note and warn:
         print(f"{note}; the work after it is repeated", flush=True)
     diff = PretrainConfig.from_dict(state["config"]).differences(config)
+    if "data_identity" in state:  # the data is compared by identity once it is built, not by its folder
+        diff.pop("data_root", None)
     if diff:
         raise config_differences_error(diff, repr(str(ckpt_path)))
     return state
+
+
+def check_batch_size(batch_size: int, dist_info: DistInfo) -> None:
+    """Each process needs 2 images a step: an image's negatives are the other images, and BatchNorm
+    needs 2 values per channel."""
+    if batch_size // dist_info.world_size < 2:
+        raise ValueError(f"batch_size={batch_size} gives {batch_size // dist_info.world_size} image(s) per process "
+                         f"({dist_info.world_size} process(es)); contrastive training needs at least 2 (the other "
+                         f"images are the negatives, and BatchNorm needs 2 values per channel)")
+
+
+def init_weights(model, margs: dict, path, *, expect: dict | None = None):
+    """Load the weights of checkpoint ``path`` into ``model`` (built from ``margs``); a checkpoint of
+    a model built otherwise is one line naming the arguments that differ."""
+    from .models import load_weights
+
+    state = load_checkpoint(path, expect=expect)
+    try:
+        return load_weights(model, state)
+    except CheckpointError:
+        stored = state.get("model_args") or {}
+        diff = {k: (stored.get(k), margs.get(k)) for k in sorted(set(stored) | set(margs))
+                if stored.get(k) != margs.get(k)}
+        if not diff:
+            raise
+        listing = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
+        raise CheckpointError(f"init_checkpoint {str(path)!r} holds a model built with other arguments ({listing}); "
+                              f"give the flags it was trained with, or another checkpoint") from None
 
 
 def restore_training(state: dict, model, optimizer, scheduler, order: torch.Generator, *, rank: int = 0,
