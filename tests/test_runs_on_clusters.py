@@ -597,3 +597,24 @@ def test_debris_of_a_failed_write_is_removed_by_the_next_run(stopped_cli_run, tm
         (run / name).write_bytes(b"half")
     assert main(["pretrain", "--run-dir", str(run), "--resume", "--stop-at-epoch", "3"]) == 0
     assert not list(run.glob(".*.tmp"))
+
+
+def test_a_study_cell_with_a_damaged_checkpoint_continues_from_the_previous(tmp_path, capsys):
+    from sdclr_fast.train.study import cell_dir, run_study
+    from test_study import BASE, tiny_data
+
+    kw = dict(methods=("simclr",), splits=(0,), seeds=(0,), probes=("knn",), knn_k=3, data=tiny_data)
+    base = BASE.replace(epochs=2)
+    run_study(base, tmp_path, **kw)
+    cell = cell_dir(tmp_path, "simclr", 0, 0, False)
+    full = load_checkpoint(cell)
+    (cell / "eval.json").unlink()
+    newest = cell / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])
+    capsys.readouterr()
+    run_study(base, tmp_path, **kw)
+    out = capsys.readouterr().out
+    said = [ln for ln in out.splitlines() if "checkpoint.prev.pt" in ln]
+    assert len(said) == 1 and str(newest) in said[0], out
+    assert_same_state(load_checkpoint(cell)["model"], full["model"], "model")  # the last epoch again, exactly
+    assert (cell / "eval.json").exists()
