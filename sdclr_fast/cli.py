@@ -241,7 +241,7 @@ def cmd_pretrain(args) -> int:
         stored = PretrainConfig.from_dict(load_newest_checkpoint(ckpt)[0]["config"])
         given = _explicit(args)
         if given.get("method") not in (None, stored.method):
-            raise SystemExit(f"--resume: {ckpt} is a {stored.method} run, not {given['method']}")
+            raise ValueError(f"--resume: {str(ckpt)!r} is a {stored.method} run, not {given['method']}")
         config = stored.replace(**given)
     else:
         config = config_from_args(args)

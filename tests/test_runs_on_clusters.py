@@ -618,3 +618,12 @@ def test_a_study_cell_with_a_damaged_checkpoint_continues_from_the_previous(tmp_
     assert len(said) == 1 and str(newest) in said[0], out
     assert_same_state(load_checkpoint(cell)["model"], full["model"], "model")  # the last epoch again, exactly
     assert (cell / "eval.json").exists()
+
+
+def test_resume_with_another_method_is_one_line_and_exit_2(stopped_cli_run, capsys):
+    before = _listing(stopped_cli_run / "stopped")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--run-dir", str(stopped_cli_run / "stopped"), "--resume", "--method", "simclr"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "is a sdclr run, not simclr" in err, err
+    assert _listing(stopped_cli_run / "stopped") == before
