@@ -659,7 +659,7 @@ def _main_print(text: str) -> None:
 
 
 def main(argv=None) -> int:
-    """The command line; the exit statuses are those of README "Runs on clusters"."""
+    """The command line; the exit statuses are those of docs/clusters.md."""
     from .files import DirectoryLockedError, WriteError
     from .train import run
 

@@ -36,7 +36,7 @@ PROBE_PER_CLASS = 500
 CALIBRATION_STEPS = 4
 EVAL_SHARE = 0.15       # of the budget, kept for feature extraction and the probes
 MAX_EPOCHS = 200
-EPOCHS = 8              # the fixed schedule (README gives the wall time it takes)
+EPOCHS = 8              # the fixed schedule (README.md and docs/index.md give its wall time)
 LABELS = {"simclr": "SimCLR", "sdclr": "SDCLR", "dnc": "DnC"}
 
 

@@ -27,7 +27,7 @@ CONFIG_NAME = "config.json"
 SPLIT_NAME = "split.json"
 
 
-# Exit statuses of the command line (README "Runs on clusters").
+# Exit statuses of the command line (docs/clusters.md).
 EXIT_BAD_INPUT = 2      # bad flags or data, a mismatched or unreadable checkpoint, a NaN loss
 EXIT_WRITE_FAILED = 3   # a file could not be written (disk full, read-only, permissions)
 EXIT_LOCKED = 4         # another process holds the run directory
