@@ -3,9 +3,12 @@ uncurated sets too large to hold in memory.
 
 A shard holds samples ``<key>.png`` (or ``.jpg``) and, when labelled, ``<key>.cls``; ``sdclr-fast
 shards`` writes them from an image folder or the CIFAR / Fashion-MNIST loaders, with a manifest
-``shards.json`` (shard names and sample counts, all keys in order, image size, channel statistics,
-class names). Shards from elsewhere work without a manifest: their tar headers are read once to
-count and list the samples.
+``shards.json`` (shard names, sample counts and SHA-256 checksums, all keys in order, image size,
+channel statistics, class names). Shards from elsewhere work without a manifest: their tar
+headers are read once to count and list the samples. Every shard is checked against that index
+as it streams (its sample count, and its checksum where the manifest has one): a cut, short or
+altered shard stops the run with a :class:`ShardError` naming it instead of silently training
+on fewer images.
 
 Reading (:class:`ShardStream`): each epoch, the shard order is shuffled with a seed drawn from the
 run's data-order generator (so a checkpoint's data state at the epoch start redraws the same
