@@ -668,6 +668,7 @@ def main(argv=None) -> int:
     # Expected failures are one line on stderr and a documented status; --debug shows the traceback.
     failures = ((DirectoryLockedError, run.EXIT_LOCKED), (WriteError, run.EXIT_WRITE_FAILED),
                 ((ValueError, FloatingPointError, OSError), run.EXIT_BAD_INPUT))
+    run.linger_after_stop()  # a second SIGTERM after a clean stop must not turn exit 75 into 143
     try:
         return args.func(args)
     except run.Preempted as exc:  # "stopped by SIGTERM ...; resumable checkpoint ..."

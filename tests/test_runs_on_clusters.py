@@ -627,3 +627,14 @@ def test_resume_with_another_method_is_one_line_and_exit_2(stopped_cli_run, caps
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "is a sdclr run, not simclr" in err, err
     assert _listing(stopped_cli_run / "stopped") == before
+
+
+def test_a_library_caller_gets_its_signal_handlers_back_after_a_stop(tmp_path, monkeypatch):
+    import sdclr_fast.train.run as run
+
+    monkeypatch.setitem(run._stop, "linger", False)  # as in a notebook: not the command line
+    before = {s: signal.getsignal(s) for s in run.STOP_SIGNALS}
+    _signal_at_steps(monkeypatch, {1}, signal.SIGINT)
+    with pytest.raises(Preempted, match="SIGINT"):
+        pretrain(tiny_config("simclr", epochs=1), run_dir=tmp_path, data=DATA)
+    assert {s: signal.getsignal(s) for s in run.STOP_SIGNALS} == before  # Ctrl-C interrupts again

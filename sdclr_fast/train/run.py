@@ -55,7 +55,7 @@ def run_lock(run_dir, dist_info: DistInfo | None = None):
 
 # ---------------------------------------------------------------- stop signals
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-_stop = {"signal": None, "depth": 0, "previous": {}}
+_stop = {"signal": None, "depth": 0, "previous": {}, "linger": False}
 
 
 def _on_stop_signal(signum, frame):
@@ -71,9 +71,9 @@ def stop_signals():
     SIGINT (Ctrl-C) set a flag that the training loops poll after each step instead of ending
     the process. Nested uses share one handler; outside the main thread it does nothing.
 
-    When a stop was requested, the flag handler stays installed on leaving: the process is on
-    its way out with a saved checkpoint, and a second signal (schedulers often send several)
-    must not turn that clean stop into a kill."""
+    The previous handlers are restored on leaving, except after a stop in a process that called
+    :func:`linger_after_stop` (the command line): it is on its way out with a saved checkpoint,
+    and a second signal (schedulers often send several) must not turn that clean stop into a kill."""
     install = threading.current_thread() is threading.main_thread() and _stop["depth"] == 0
     if install:
         _stop["signal"] = None
@@ -89,10 +89,16 @@ def stop_signals():
         if threading.current_thread() is threading.main_thread():
             _stop["depth"] -= 1
             if _stop["depth"] == 0:
-                if _stop["signal"] is None:
+                if _stop["signal"] is None or not _stop["linger"]:
                     for s, h in _stop["previous"].items():
                         signal.signal(s, h)
                     _stop["previous"] = {}
+
+
+def linger_after_stop() -> None:
+    """Keep ignoring stop signals after a run stopped on one, until the process exits (the command
+    line calls this; library users get their own handlers back when a run ends)."""
+    _stop["linger"] = True
 
 
 def stop_requested() -> str | None:
