@@ -35,14 +35,17 @@ data:
 	{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; } || \
 	echo "note: could not install dataset-fashion-mnist; set SDCLR_FAST_FMNIST_DIR instead"
 
-# The CUDA sources must compile on their own even on a machine without a GPU.
+# The CUDA sources must compile on their own even on a machine without a GPU, with the flags torch's
+# own extension build passes to nvcc, and without a warning.
 cuda-check: $(STAMP)
 	@if ! command -v nvcc >/dev/null; then echo "cuda-check: nvcc not found, skipping the CUDA compile check"; exit 0; fi; \
-	inc=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
+	flags=$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths, COMMON_NVCC_FLAGS as f; \
+		print(' '.join(['-I' + p for p in include_paths()] + f))"); \
 	for cu in csrc/*.cu; do for a in $(CUDA_ARCHS); do \
 		echo "nvcc -c $$cu (sm_$$a)"; \
-		nvcc -c $$cu -o /tmp/sdclr_fast_$$(basename $$cu .cu)_sm$$a.o -std=c++17 -O3 \
-			-gencode arch=compute_$$a,code=sm_$$a $$inc -DSDCLR_FAST_WITH_CUDA=1 || exit 1; \
+		out=$$(nvcc -c $$cu -o /tmp/sdclr_fast_$$(basename $$cu .cu)_sm$$a.o -std=c++20 -O3 \
+			-gencode arch=compute_$$a,code=sm_$$a $$flags -DSDCLR_FAST_WITH_CUDA=1 2>&1) || { echo "$$out"; exit 1; }; \
+		if echo "$$out" | grep -qi warning; then echo "$$out"; echo "cuda-check: nvcc warned"; exit 1; fi; \
 	done; done
 
 test: $(STAMP) cuda-check

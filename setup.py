@@ -24,7 +24,7 @@ _LINK = ["-fopenmp"] + (["-lstdc++"] if sys.platform.startswith("linux") else []
 
 
 def _extension():
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -36,7 +36,7 @@ def _extension():
             "sdclr_fast._C",
             sources + ["csrc/prune_cuda.cu"],
             define_macros=[("SDCLR_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=_LINK,
         )
     return CppExtension(

@@ -95,8 +95,11 @@ C10_HOST_DEVICE inline typename DomainTraits<D>::Value key_value(typename Domain
 }
 
 // Calls f(T{}) with the element type of e, instantiating only the types domain D can hold.
-// Host and device: the CPU passes and the CUDA kernels dispatch the same way.
+// Host and device: the CPU passes and the CUDA kernels dispatch the same way. (nvcc alone knows
+// the pragma; it lets a host-device template call the host-only or device-only f it is given.)
+#ifdef __CUDACC__
 #pragma nv_exec_check_disable
+#endif
 template <Domain D, typename F>
 C10_HOST_DEVICE inline void visit(Elem e, F&& f) {
   if constexpr (D == Domain::F16) {

@@ -1,9 +1,10 @@
-"""Shared test helpers: a tiny separable image data set, bit-for-bit state comparison and a
-port for a multi-process test's rendezvous."""
+"""Shared test helpers: a tiny separable image data set, bit-for-bit state comparison, a
+port for a multi-process test's rendezvous, and DnC clusters fixed by the test."""
 import os
 import random
 import socket
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,3 +63,35 @@ def free_port():
                 continue
         return port
     raise RuntimeError(f"no free port below the ephemeral range (which starts at {low})")
+
+
+def fix_clusters(dnc_module, assignments, save_real_to=None):
+    """Make DnC's clustering give ``assignments`` (a list of cluster ids, one per training image)
+    whatever k-means finds on this CPU: cluster sizes decide how many steps an expert takes and
+    whether it trains at all, and k-means' outcome moves with the floating-point path (ISA,
+    thread count). The real stage still runs (embedding, k-means, the record's other fields);
+    with ``save_real_to`` its record is also written there as JSON (rank 0), so a test can check
+    the clustering itself. Patches ``dnc_module.cluster_stage`` for the rest of the process."""
+    import json
+
+    from sdclr_fast.train.clustering import cluster_purity
+
+    real = dnc_module.cluster_stage
+
+    def stage(model, data, opt, **kw):
+        rec = real(model, data, opt, **kw)
+        if rec is None:  # not rank 0
+            return None
+        if save_real_to is not None:
+            Path(save_real_to).write_text(json.dumps(rec))
+        a = torch.as_tensor(assignments, dtype=torch.long)
+        assert a.shape == (len(data.train),) and int(a.max()) < opt.k
+        counts = torch.zeros(opt.k, int(data.num_classes), dtype=torch.long)
+        counts.index_put_((a, data.train.labels), torch.ones_like(a), accumulate=True)
+        rec = dict(rec, assignments=a.tolist(), sizes=torch.bincount(a, minlength=opt.k).tolist(),
+                   class_counts=counts.tolist())
+        rec["purity"], rec["overall_purity"] = cluster_purity(counts.tolist())
+        return rec
+
+    dnc_module.cluster_stage = stage
+    return stage

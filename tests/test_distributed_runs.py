@@ -16,7 +16,7 @@ from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
 from sdclr_fast.train.clustering import cluster_stage, read_clusters
 from sdclr_fast.train.config import DnCConfig
 
-from helpers import assert_same_state, free_port, separable_images  # noqa: E402
+from helpers import assert_same_state, fix_clusters, free_port, separable_images  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -75,13 +75,24 @@ def test_two_process_pretraining_without_deprecated_gather(tmp_path, method):
 
 
 # ---------------------------------------------------------------- DnC
-def _dnc_job(rank, run_dir, options, stop_in=None, stop_step=1):
-    """One DnC attempt; with ``stop_in`` ("expert_1" / "student") rank 1 alone receives a stop
-    request after ``stop_step`` steps of that stage, as a SIGTERM reaching one rank would."""
+# Fixed DnC clusters (k-means' outcome moves with the CPU): cluster 1 is class "a" (24 images, 3
+# steps of batch 8), cluster 0 the other 36 images (4 steps).
+CLUSTERS = (tiny_data().train.labels != 0).long().mul(-1).add(1).tolist()
+# A tail cluster of 5 images (classes "d" and "c"): fewer than the batch of 8, an odd count on two
+# ranks (batch 4 there: 2 images per rank), and fewer than 2 images per rank for 4 ranks.
+TAIL = [2 if i in set(range(52, 57)) else (1 if i < 24 else 0) for i in range(60)]
+
+
+def _dnc_job(rank, run_dir, options, stop_in=None, stop_step=1, clusters=CLUSTERS):
+    """One DnC attempt on fixed clusters; with ``stop_in`` ("expert_1" / "student") rank 1 alone
+    receives a stop request after ``stop_step`` steps of that stage, as a SIGTERM reaching one
+    rank would."""
     import sdclr_fast.train.dnc as dnc_module
     import sdclr_fast.train.pretrain as loop
     from sdclr_fast.train import run
     from sdclr_fast.train.run import Preempted
+
+    fix_clusters(dnc_module, clusters, save_real_to=Path(run_dir, "kmeans.json") if rank == 0 else None)
 
     armed = {"on": False}
     real_call = run.StopCheck.__call__
@@ -130,11 +141,12 @@ def test_dnc_two_processes_end_to_end(full_dnc):
     for k in range(2):  # the experts trained with DDP on both ranks
         assert len(load_checkpoint(full_dnc / f"expert_{k}" / "checkpoint.pt")["rng"]) == 2
     # clustering: the features embedded on two ranks and clustered on rank 0 give exactly the
-    # one-process record of the same base model
+    # one-process record of the same base model (k-means' own record; the run used fixed clusters)
     one = cluster_stage(load_model(full_dnc / "base" / "checkpoint.pt"), tiny_data(), OPTS, seed=3, batch_size=8)
-    two = read_clusters(full_dnc)
+    two = read_clusters(full_dnc / "kmeans.json")
     assert torch.equal(two["assignments"], torch.tensor(one["assignments"]))
     assert torch.equal(two["centroids"], torch.tensor(one["centroids"], dtype=torch.float32))
+    assert read_clusters(full_dnc)["assignments"].tolist() == CLUSTERS
     assert (full_dnc / "clusters.md").exists()
 
 
@@ -256,3 +268,28 @@ def test_dnc_with_an_sdclr_base_under_two_processes(tmp_path):
     spawn(_dnc_job, str(tmp_path), tiny_options(base_method="sdclr", expert_epochs=1, student_epochs=1))
     assert dnc_state(tmp_path)["stages"]["student"]["done"]
     assert len(load_checkpoint(tmp_path / "checkpoint.pt")["rng"]) == 2
+
+
+@pytest.mark.parametrize("world, parallel, ranks", [(2, False, 2), (2, True, 1), (4, True, 2), (4, False, 4)])
+def test_dnc_tail_cluster_smaller_than_the_batch(tmp_path, world, parallel, ranks):
+    """A cluster of 5 images, smaller than the world batch of 8 (the tail of long-tailed data),
+    trained by ``ranks`` processes (parallel experts: 3 experts on 2 ranks -> groups of 1; on 4
+    ranks -> 2 groups of 2). With 2 processes its batch is 4 (a batch of 5 cannot be split over
+    2 ranks: that used to stop the run); with 4 it would give one image per process, so the base
+    model stands in as its expert and dnc.json says why. No NaN, no crash, the student trains."""
+    from sdclr_fast.train.dnc import dnc_state
+
+    opts = tiny_options(k=3, parallel_experts=parallel, base_epochs=1, expert_epochs=2, student_epochs=1)
+    spawn(_dnc_job, str(tmp_path), opts, None, 1, TAIL, world=world)
+    stages = dnc_state(tmp_path)["stages"]
+    experts = stages["experts"]
+    assert stages["student"]["done"] and experts["0"]["trained"] and experts["1"]["trained"]
+    if ranks < 4:
+        st = load_checkpoint(tmp_path / "expert_2" / "checkpoint.pt")
+        assert experts["2"]["trained"] and st["finished"] and len(st["rng"]) == ranks
+        assert st["config"]["batch_size"] == 5 - 5 % ranks
+    else:
+        assert experts["2"] == {"done": True, "checkpoint": "base/checkpoint.pt", "size": 5, "trained": False,
+                                "reason": "5 image(s), fewer than 2 per process for the 4 process(es) that would "
+                                          "train it"}
+        assert not (tmp_path / "expert_2").exists()

@@ -703,8 +703,8 @@ def test_pruned_branch_through_triton_kernels(monkeypatch):
 
 @pytest.mark.slow
 def test_torch_compile_traces_both_branches_without_graph_breaks():
-    """Under torch.compile the pruned convs trace as conv(x, w * m) (masked_conv2d is opaque to
-    dynamo); values and gradients equal eager, the branch flags are restored."""
+    """Under torch.compile the pruned convs trace through masked_conv2d (on the CPU its PyTorch
+    path: a convolution); values and gradients equal eager, the branch flags are restored."""
     torch.manual_seed(0)
     backbone = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1, bias=False), DualBatchNorm2d(8), nn.ReLU(),
                              MaskedConv2d(8, 8, 1, stride=2, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -732,6 +732,25 @@ def test_torch_compile_traces_both_branches_without_graph_breaks():
         torch.testing.assert_close(c, b, msg=n)
     assert twin.active_branch == "dense" and not twin.backbone[0].mask_enabled
     assert twin.head.net[1].branch == "dense"
+
+
+def test_compiled_sdclr_step_calls_the_masked_conv_op(monkeypatch):
+    """Where masked_conv2d takes its kernel path (CUDA; here forced, in the interpreter), a compiled
+    SDCLR step holds the op's custom op for every pruned conv: MaskedConv2d no longer swaps it for a
+    masked copy of the weight under torch.compile."""
+    monkeypatch.setenv("SDCLR_FAST_FORCE_TRITON", "1")
+    torch.manual_seed(0)
+    backbone = nn.Sequential(MaskedConv2d(3, 8, 3, padding=1, bias=False), DualBatchNorm2d(8), nn.ReLU(),
+                             MaskedConv2d(8, 8, 1, stride=2, bias=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = SelfCompetitor(backbone, ProjectionHead(8, 8, 4, num_layers=2, dual_bn=True))
+    model.update_masks(0.6)
+    v1, v2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(lambda a, b: nt_xent_reference(model(a, branch="dense"),
+                                                                   model(b, branch="pruned")))(v1, v2)
+    assert explain.graph_break_count == 0
+    code = str(explain.graphs[0].code)
+    assert code.count("sdclr_fast.masked_conv2d_fwd") == 2, code  # the pruned branch's two convs
 
 
 def test_modules_replaced_after_construction_follow_the_branch():

@@ -104,11 +104,8 @@ class MaskedConv2d(nn.Conv2d):
     def forward(self, x):
         if not self.mask_enabled:
             return self._conv_forward(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
-            # masked_conv2d (Triton launches, a per-mask cache stored on the tensor) is opaque to
-            # dynamo and would break the graph at every conv; the plain expression traces, has
-            # the same value and gradient (d(w * m)/dw = m), and the compiler fuses the product.
-            return self._conv_forward(x, self.weight * self.mask, self.bias)
+        # eager and compiled alike: under torch.compile the op is a custom op with a fake
+        # implementation, so the graph holds it whole and the block-sparse kernel still runs
         return masked_conv2d(x, self.weight, self.mask, self.bias, self.stride,
                              self.padding, self.dilation, self.groups)
 

@@ -48,8 +48,16 @@ Choices made here (documented because DnC has no public code):
   full set in total; a student epoch costs about 1.5-2 contrastive epochs (two extra no-grad
   teacher forwards per view: the base and the owning expert). With all budgets equal to E, one
   round costs about 3.5-4 x E contrastive epochs, each further round about 2.5-3 x E more.
-* **Tiny clusters.** An expert trains with batch ``min(batch_size, cluster size)``; a cluster
-  of fewer than two images cannot be contrasted, so the round's base model serves as its expert.
+* **Tiny clusters.** Long-tailed data makes small clusters as a matter of course (the tail is
+  what lands in them). An expert trained by ``w`` processes (all ranks, or its group of ranks with
+  ``parallel_experts``; 1 without torchrun) uses the batch ``min(batch_size, size - size % w)``,
+  so that every rank gets the same number of images, and needs at least
+  ``MIN_IMAGES_PER_RANK = 2`` images per rank: with one image per process the per-process batch
+  statistics of BN are those of a single image's two views (SDCLR's per-branch BN has one row
+  and cannot train at all), and one image has no negative. A smaller cluster is not trained:
+  the round's base model serves as its expert, a line says so, ``dnc.json`` marks it
+  ``"trained": false`` with the reason, and the student regresses those images onto the base
+  embedding twice.
 * **Resume.** ``dnc.json`` records each finished stage of each round (and each finished
   expert). With ``resume=True`` finished rounds and stages are skipped and the interrupted one
   continues from its last checkpoint (an interrupted expert resumes, finished experts are not
@@ -95,6 +103,7 @@ __all__ = ["dnc", "dnc_state", "round_dir", "STATE_NAME", "CLUSTERS_MD_NAME"]
 STATE_NAME = "dnc.json"
 CLUSTERS_MD_NAME = "clusters.md"
 STATE_FORMAT = 1
+MIN_IMAGES_PER_RANK = 2  # an expert's per-process batch: BN statistics of more than one image
 
 
 # ---------------------------------------------------------------- state file
@@ -308,29 +317,36 @@ def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex
 
     # ---- stage 2b: one expert per cluster, initialised from the base model
     experts = marks.setdefault("experts", {})
-    todo = []
-    for k in range(options.k):
-        key = str(k)
-        if experts.get(key, {}).get("done") and (not experts[key].get("trained", True)
-                                                 or _readable(run_dir / experts[key]["checkpoint"])):
-            say(f"{name} expert {k}: done ({run_dir / experts[key]['checkpoint']})")
-            continue
-        members = (assignments == k).nonzero().flatten()
-        if members.numel() < 2:
-            # one image has no negative and no other view pairs: nothing to contrast
-            say(f"{name} expert {k}: cluster has {members.numel()} image(s); the base model is its expert")
-            experts[key] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir), "size": int(members.numel()),
-                            "trained": False}
-            mark()
-            continue
-        todo.append((k, members))
+    todo = [(k, (assignments == k).nonzero().flatten()) for k in range(options.k)]
+    # a trained expert whose checkpoint is unreadable is resumed (from its previous checkpoint)
+    done = {k for k, _ in todo if experts.get(str(k), {}).get("done") and (
+        not experts[str(k)].get("trained", True) or _readable(run_dir / experts[str(k)]["checkpoint"]))}
+    for k in sorted(done):
+        say(f"{name} expert {k}: done ({run_dir / experts[str(k)]['checkpoint']})")
+    todo = [(k, m) for k, m in todo if k not in done]
+    parallel = options.parallel_experts and dist_info.enabled
+    while True:  # skipping a cluster can change the group size of the others
+        ranks = _expert_ranks(dist_info.world_size, len(todo), parallel)
+        small = [(k, m) for k, m in todo if m.numel() < MIN_IMAGES_PER_RANK * ranks]
+        if not small:
+            break
+        for k, members in small:
+            n = int(members.numel())
+            reason = (f"{n} image(s), fewer than {MIN_IMAGES_PER_RANK} per process for the {ranks} process(es) "
+                      f"that would train it")
+            say(f"{name} expert {k}: cluster has {reason}; the base model is its expert")
+            experts[str(k)] = {"done": True, "checkpoint": _rel(base_ckpt, run_dir), "size": n, "trained": False,
+                               "reason": reason}
+        mark()
+        todo = [(k, m) for k, m in todo if m.numel() >= MIN_IMAGES_PER_RANK * ranks]
 
     def train_expert(k, members, talk):
         label = f"DnC expert {k}" if options.rounds == 1 else f"DnC round {r} expert {k}"
-        cfg_k = expert_cfg.replace(batch_size=min(expert_cfg.batch_size, int(members.numel())),
+        n, w = int(members.numel()), _expert_ranks(dist_info.world_size, len(todo), parallel)
+        cfg_k = expert_cfg.replace(batch_size=min(expert_cfg.batch_size, n - n % w),
                                    extra={**expert_cfg.extra, "label": label, "dnc_cluster": k})
-        talk(f"{tag}DnC stage 2/3: expert {k + 1}/{options.k} on {members.numel()} images, {cfg_k.epochs} "
-             f"epochs -> {rdir / f'expert_{k}'}")
+        talk(f"{tag}DnC stage 2/3: expert {k + 1}/{options.k} on {n} images, batch {cfg_k.batch_size}, "
+             f"{cfg_k.epochs} epochs -> {rdir / f'expert_{k}'}")
         return _pretrain_module.pretrain(cfg_k, run_dir=rdir / f"expert_{k}", indices=members, data=data,
                                          init_checkpoint=base_ckpt, resume=resume)
 
@@ -339,7 +355,7 @@ def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex
                            "trained": True}
         mark()
 
-    if options.parallel_experts and dist_info.enabled and len(todo) > 1:
+    if parallel and len(todo) > 1:
         _parallel_experts(todo, train_expert, finished, dist_info, run_dir, tag)
     else:
         for k, members in todo:
@@ -372,14 +388,26 @@ def _round(r, marks, mark, config, options, run_dir, data, base_ckpt, resume, ex
     return student_ckpt
 
 
+def _expert_groups(world: int, n_experts: int) -> int:
+    """How many groups of ranks train ``n_experts`` experts in parallel: the most, up to one per
+    expert, that divide the ranks evenly."""
+    n_groups = max(1, min(world, n_experts))
+    while world % n_groups:
+        n_groups -= 1
+    return n_groups
+
+
+def _expert_ranks(world: int, n_experts: int, parallel: bool) -> int:
+    """The number of processes that train each expert (with DDP among them)."""
+    return world // _expert_groups(world, n_experts) if parallel and n_experts > 1 else world
+
+
 def _parallel_experts(todo, train_expert, finished, dist_info, run_dir, tag):
     """Train the experts of ``todo`` concurrently: the ranks are split into ``g = min(world, len(todo))``
     groups (fewer when g does not divide the world size), group j trains experts j, j + g, ... with
     DDP on its own ranks. Every rank then learns which experts finished; a stop signal or an error
     in any group stops every rank (finished experts stay marked)."""
-    n_groups = min(dist_info.world_size, len(todo))
-    while dist_info.world_size % n_groups:
-        n_groups -= 1
+    n_groups = _expert_groups(dist_info.world_size, len(todo))
     g, sub = new_groups(dist_info, n_groups)
     done, failure, error = {}, None, None
     talk = print if sub.is_main else (lambda *a, **k: None)
