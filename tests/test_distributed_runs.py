@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sdclr_fast.data import ContrastiveData
+from sdclr_fast.data.augment import with_input_norm
 from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
 from sdclr_fast.train.clustering import cluster_stage, read_clusters
 from sdclr_fast.train.config import DnCConfig
@@ -142,7 +143,8 @@ def test_dnc_two_processes_end_to_end(full_dnc):
         assert len(load_checkpoint(full_dnc / f"expert_{k}" / "checkpoint.pt")["rng"]) == 2
     # clustering: the features embedded on two ranks and clustered on rank 0 give exactly the
     # one-process record of the same base model (k-means' own record; the run used fixed clusters)
-    one = cluster_stage(load_model(full_dnc / "base" / "checkpoint.pt"), tiny_data(), OPTS, seed=3, batch_size=8)
+    data = with_input_norm(tiny_data(), tiny_config().input_norm)  # the run's data, as run_data gives it
+    one = cluster_stage(load_model(full_dnc / "base" / "checkpoint.pt"), data, OPTS, seed=3, batch_size=8)
     two = read_clusters(full_dnc / "kmeans.json")
     assert torch.equal(two["assignments"], torch.tensor(one["assignments"]))
     assert torch.equal(two["centroids"], torch.tensor(one["centroids"], dtype=torch.float32))
