@@ -1,6 +1,26 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the one place that decides how Triton runs.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, that is when a kernel module is first
+imported, so the choice is made here, before pytest imports any test module: compiled kernels
+where a CUDA device is present (the CUDA tests then run for real), the interpreter on CPU
+tensors elsewhere. An explicit TRITON_INTERPRET in the environment wins (e.g. TRITON_INTERPRET=1
+runs the interpreter tests on a GPU machine too). The choice is shown in pytest's header.
+"""
+import os
+
 import pytest
 import torch
+
+_TRITON_ENV = os.environ.get("TRITON_INTERPRET")
+if _TRITON_ENV is None:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+
+
+def pytest_report_header(config):
+    mode = "interpreted on CPU tensors" if os.environ["TRITON_INTERPRET"] == "1" else "compiled for the GPU"
+    why = "set in the environment" if _TRITON_ENV is not None else \
+        ("a CUDA device is present" if torch.cuda.is_available() else "no CUDA device")
+    return f"Triton kernels: {mode} (TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, {why})"
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 negatives, weights and temperature), both paths; lightly's / MoCo's / CLIP's formulas
 rewritten from their definitions; MemoryBank; torch.func; gather_distributed on 2 processes.
 
-The Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, set before
-Triton is imported), so shapes on that path stay small.
+The Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, which
+conftest.py sets where there is no CUDA device), so shapes on that path stay small.
 """
 import copy
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,7 +1,7 @@
 """masked_conv2d against F.conv2d(x, weight * mask): values and gradients, both backends.
 
-Without a GPU the Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1 must
-be set before Triton is imported, hence the top of this module); with a GPU they run on it.
+Without a GPU the Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, which
+conftest.py sets where there is no CUDA device); with a GPU they run on it, compiled.
 Low-precision results follow the flash-attention rule: error against a float64 reference at
 most 2x the error of the same-dtype PyTorch reference, plus a tiny atol.
 """
@@ -10,8 +10,6 @@ import os
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

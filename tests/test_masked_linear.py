@@ -10,8 +10,6 @@ import os
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch._dynamo.testing  # noqa: E402

@@ -5,13 +5,10 @@ nn.BatchNorm*d, nn.Linear only): a dense copy, and a pruned copy whose conv weig
 weight * mask and whose BN layers carry the pruned branch's parameters and statistics.
 """
 import copy
-import os
 
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:  # the Triton-path test below runs the kernels in the interpreter on CPU
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,12 +1,11 @@
 """nt_xent against the materialised float64 reference: values and gradients, both paths.
 
-The Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, set before
-Triton is imported), so shapes on that path stay small.
+The Triton kernels run on CPU tensors in the interpreter (TRITON_INTERPRET=1, which
+conftest.py sets where there is no CUDA device), so shapes on that path stay small.
 """
 import math
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

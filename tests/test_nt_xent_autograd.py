@@ -5,9 +5,7 @@ formulation; torch.func transforms and forward-mode AD run that formulation dire
 compared with the same derivatives of `nt_xent_reference` (plain autograd over the
 materialised matrix).
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -6,9 +6,7 @@ here from its definition: z normalised, sim = exp(z z^T / tau), pos_mask = equal
 without the diagonal, neg_mask = different index, loss = -mean(log(pos / (pos + neg))).
 """
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -10,13 +10,8 @@ timm imports torchvision; where torchvision's C++ ops do not load beside the CPU
 registers fakes for at import and imports again (see train/models.py).
 """
 import copy
-import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
