@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 CUDA_ARCHS := 80 90
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all demo demo-dnc bench cuda-check data clean kernel-report docs docs-serve docs-check
+.PHONY: setup test demo demo-dnc bench cuda-check data clean kernel-report docs docs-serve docs-check
 
 setup: $(STAMP)
 
