@@ -420,6 +420,7 @@ def _workers_of(proc):
     ((signal.SIGTERM,), EXIT_PREEMPTED),
     ((signal.SIGTERM, signal.SIGTERM), EXIT_PREEMPTED),     # a scheduler's second SIGTERM changes nothing
     ((signal.SIGUSR1, signal.SIGTERM), EXIT_PREEMPTED),
+    ((signal.SIGTERM,) * 6, EXIT_PREEMPTED),                 # more, over 2 s: through the save and the exit
     ((signal.SIGINT,), EXIT_INTERRUPTED),                   # Ctrl-C reaches the whole foreground group
 ])
 def test_signals_to_the_whole_process_group_stop_cleanly(tiny_shards, tmp_path, signals, status):

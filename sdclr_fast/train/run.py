@@ -93,10 +93,13 @@ def stop_signals():
                     for s, h in _stop["previous"].items():
                         signal.signal(s, h)
                     _stop["previous"] = {}
+                else:  # ignored, not a Python handler: the interpreter's exit would reset that to the default
+                    for s in STOP_SIGNALS:
+                        signal.signal(s, signal.SIG_IGN)
 
 
 def linger_after_stop() -> None:
-    """Keep ignoring stop signals after a run stopped on one, until the process exits (the command
+    """Ignore stop signals after a run stopped on one, until the process has exited (the command
     line calls this; library users get their own handlers back when a run ends)."""
     _stop["linger"] = True
 
