@@ -154,10 +154,12 @@ def test_dnc_on_a_stream_clusters_by_key_and_experts_filter_the_stream(tmp_path)
     from sdclr_fast.train.clustering import canonical_order, embed_images
     from sdclr_fast.train.kmeans import kmeans
 
-    stream = build_dataset("webdataset", str(tmp_path / "s"))
+    from sdclr_fast.data.augment import input_stats
+
+    mean, std = input_stats(cfg.input_norm, build_dataset("webdataset", str(tmp_path / "s")))  # the run's statistics
     mem = ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
                           train=images, probe_train=images, val=None, test=images, class_order=torch.arange(4),
-                          mean=stream.mean, std=stream.std)
+                          mean=mean, std=std)
     emb = embed_images(load_model(tmp_path / "run" / "base" / "checkpoint.pt"), images, mem, batch_size=8)
     ref = kmeans(emb, 2, iters=opts.kmeans_iters, seed=3, backend="torch")
     assert torch.equal(canonical_order(ref.assignments, 2)[0], rec["assignments"])
