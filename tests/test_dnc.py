@@ -138,7 +138,10 @@ def test_expert_starts_from_base_weights(uninterrupted, tmp_path):
 def test_clusters_are_kmeans_of_normalised_base_features(uninterrupted):
     run_dir, _, _ = uninterrupted
     model = load_model(run_dir / "base" / "checkpoint.pt")
-    emb = embed_images(model, DATA.train, DATA, "features")
+    from sdclr_fast.data.augment import with_input_norm
+
+    run_data = with_input_norm(DATA, tiny_config().input_norm)  # the statistics the run normalised with
+    emb = embed_images(model, DATA.train, run_data, "features")
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(DATA.train)))
     res = kmeans(emb, 2, iters=50, seed=3, backend="torch")
     want, _ = canonical_order(res.assignments, 2)
