@@ -291,10 +291,14 @@ def check_data_identity(state: dict, identity: dict) -> None:
 
 
 def two_view_augment(config, data, device):
-    """The run's two-view augmentation (SDCLR's, with the config's crop scale and blur) on ``device``."""
+    """The run's two-view augmentation (SDCLR's, with the config's crop scale and blur) on ``device``,
+    normalising with the config's ``input_norm`` statistics also when ``data`` did not come
+    through :func:`run_data` (e.g. the DnC student's)."""
     from ..data import TwoViewAugment
+    from ..data.augment import input_stats
 
-    return TwoViewAugment(config.image_size or data.image_size, data.in_channels, data.mean, data.std,
+    mean, std = input_stats(config.input_norm, data)
+    return TwoViewAugment(config.image_size or data.image_size, data.in_channels, mean, std,
                           scale=config.crop_scale, blur_p=config.blur_prob).to(device)
 
 
