@@ -659,7 +659,8 @@ def _main_print(text: str) -> None:
 
 
 def main(argv=None) -> int:
-    """The command line; the exit statuses are those of docs/clusters.md."""
+    """The command line; the exit statuses are those of docs/clusters.md. After a run stopped on a
+    signal, the stop signals stay ignored in this process, which is expected to exit."""
     from .files import DirectoryLockedError, WriteError
     from .train import run
 

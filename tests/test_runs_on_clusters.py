@@ -26,6 +26,19 @@ from test_train import DATA, tiny_config
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers():
+    """A command line stopped in-process (main()) leaves the stop signals ignored, as its process is
+    meant to exit; put them back, or every later child of pytest would inherit SIGINT ignored."""
+    import sdclr_fast.train.run as run
+
+    saved = {s: signal.getsignal(s) for s in run.STOP_SIGNALS}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    run._stop.update(signal=None, previous={}, linger=False)
+
 _HOLDER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[2])
