@@ -524,7 +524,10 @@ def test_round_two_starts_from_the_round_one_student(two_rounds):
         assert str(call["init"]) == str(s1)
         assert torch.equal(call["indices"], (a2 == k).nonzero().flatten())
     # round 2's clusters are k-means of the round 1 student's features
-    rec = cluster_stage(load_model(s1), DATA, two_round_options(), seed=3, batch_size=8)
+    from sdclr_fast.data.augment import with_input_norm
+
+    run_data = with_input_norm(DATA, tiny_config().input_norm)  # the statistics the run normalised with
+    rec = cluster_stage(load_model(s1), run_data, two_round_options(), seed=3, batch_size=8)
     assert rec["assignments"] == a2.tolist()
     # round 2's student was distilled from round 1's student and round 2's experts
     teachers = load_checkpoint(run_dir / "round_2" / "student")["dnc_teachers"]
