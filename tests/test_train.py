@@ -402,11 +402,11 @@ def test_one_backward_step_matches_the_official_three_forward_two_backward_step(
 
 
 def test_blur_crop_scale_and_random_prune_reach_the_run(tmp_path, monkeypatch):
-    import sdclr_fast.nn.self_competitor as sc
     from sdclr_fast.data import TwoViewAugment
+    from sdclr_fast.nn import SelfCompetitor
 
     seen = {}
-    real_init, real_update = TwoViewAugment.__init__, sc.SelfCompetitor.update_masks
+    real_init, real_update = TwoViewAugment.__init__, SelfCompetitor.update_masks
 
     def init(self, *a, **k):
         seen["augment"] = k
@@ -417,7 +417,7 @@ def test_blur_crop_scale_and_random_prune_reach_the_run(tmp_path, monkeypatch):
         return real_update(self, *a, **k)
 
     monkeypatch.setattr(TwoViewAugment, "__init__", init)
-    monkeypatch.setattr(sc.SelfCompetitor, "update_masks", update)
+    monkeypatch.setattr(SelfCompetitor, "update_masks", update)
     path = pretrain(tiny_config("sdclr", epochs=1, crop_scale=(0.5, 1.0), blur_prob=1.0, random_prune=0.2),
                     run_dir=tmp_path, data=DATA)
     assert seen["augment"]["scale"] == (0.5, 1.0) and seen["augment"]["blur_p"] == 1.0
