@@ -680,6 +680,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (data loading, evaluation)
         if args.debug:
             raise
+        run.ignore_stop_signals()  # a repeated Ctrl-C while the interpreter exits must not change the status
         parser.exit(run.EXIT_INTERRUPTED, f"sdclr-fast {args.command}: interrupted (SIGINT); nothing was saved\n")
     except Exception as exc:
         for kinds, status in failures:

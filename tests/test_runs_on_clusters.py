@@ -200,7 +200,8 @@ def uninterrupted(tmp_path_factory, one_thread):
 
 # 48 training images / batch 16 = 3 steps per epoch, 9 steps in all
 @pytest.mark.parametrize("method, step, signum", [
-    ("sdclr", 1, signal.SIGTERM), ("sdclr", 5, signal.SIGUSR1), ("sdclr", 6, signal.SIGTERM), ("sdclr", 4, signal.SIGINT),
+    ("sdclr", 1, signal.SIGTERM), ("sdclr", 5, signal.SIGUSR1), ("sdclr", 6, signal.SIGTERM),
+    ("sdclr", 4, signal.SIGINT),
     ("simclr", 2, signal.SIGTERM), ("simclr", 8, signal.SIGTERM)])
 def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrupted, method, step, signum):
     calls = _signal_at_steps(monkeypatch, {step}, signum)

@@ -93,9 +93,15 @@ def stop_signals():
                     for s, h in _stop["previous"].items():
                         signal.signal(s, h)
                     _stop["previous"] = {}
-                else:  # ignored, not a Python handler: the interpreter's exit would reset that to the default
-                    for s in STOP_SIGNALS:
-                        signal.signal(s, signal.SIG_IGN)
+                else:
+                    ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    """SIG_IGN for the stop signals: unlike a Python handler, the interpreter's exit does not reset
+    it to the default action (which would turn a clean exit status into death by the signal)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def linger_after_stop() -> None:
