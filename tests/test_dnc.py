@@ -19,7 +19,7 @@ from sdclr_fast.train.dnc import dnc, dnc_state
 from sdclr_fast.train.kmeans import kmeans
 
 
-from helpers import assert_same_state, separable_images  # noqa: E402
+from helpers import assert_same_state, fix_clusters, separable_images  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -260,6 +260,29 @@ def test_resume_with_other_options_is_refused(uninterrupted):
         dnc(tiny_config(), tiny_options(k=3), run_dir=run_dir, data=DATA, resume=True)
     with pytest.raises(ValueError, match="lr"):
         dnc(tiny_config(lr=0.2), tiny_options(), run_dir=run_dir, data=DATA, resume=True)
+
+
+def test_tail_cluster_smaller_than_the_batch_in_one_process(tmp_path, monkeypatch):
+    """A 3-image tail cluster (fewer than the batch of 8; clusters fixed, not left to k-means):
+    its expert trains on one process with batch 3, the loss stays finite, the student trains."""
+    import sdclr_fast.train.dnc as dnc_mod
+
+    labels = DATA.train.labels
+    tail = (labels == 3).nonzero().flatten()[:3]
+    a = (labels != 0).long()  # cluster 1: class "a" (24 images); cluster 0: the rest
+    a[tail] = 2
+    monkeypatch.setattr(dnc_mod, "cluster_stage", dnc_mod.cluster_stage)  # undone after the test
+    fix_clusters(dnc_mod, a.tolist())
+    spy = PretrainSpy(loop.pretrain)
+    monkeypatch.setattr(loop, "pretrain", spy)
+    dnc(tiny_config(), tiny_options(k=3, base_epochs=1, expert_epochs=2, student_epochs=1), run_dir=tmp_path,
+        data=DATA)
+    experts = dnc_state(tmp_path)["stages"]["experts"]
+    assert all(experts[k]["trained"] for k in "012")
+    assert [c["batch_size"] for c in spy.calls[1:]] == [8, 8, 3]
+    assert torch.equal(spy.calls[3]["indices"], tail)
+    st = load_checkpoint(tmp_path / "expert_2")
+    assert st["finished"] and torch.isfinite(torch.tensor(st["last_epoch_metrics"]["loss"]))
 
 
 # ---------------------------------------------------------------- variants
