@@ -472,13 +472,20 @@ def test_ctrl_c_in_training_through_the_cli_saves_and_exits_130(stopped_cli_run,
     assert load_checkpoint(tmp_path / "run")["step"] == 2
 
 
+def _as_from_a_shell():
+    """The signal state a shell starts a command with (pytest's own may differ after the tests above)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_eval_is_one_line(stopped_cli_run, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "sdclr_fast", "eval", "--run-dir", str(stopped_cli_run / "full"),
                              "--probe", "full", "--probe-epochs", "100000", "--device", "cpu", "--out", str(out)],
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_as_from_a_shell)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / ".lock").exists():  # the command is running
         time.sleep(0.05)
