@@ -18,7 +18,6 @@ view; teachers run in eval mode (BN running statistics, dense branch) under ``no
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -27,10 +26,10 @@ import torch.nn.functional as F
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from .models import DenseEncoder, build_model_from_args, load_model, load_weights
-from .distributed import all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
-from .run import (Execution, LossGuard, MetricsLog, StepCheckpoints, StopCheck, data_order, open_checkpoint,
-                  progress_bar, restore_training, run_lock, save_training, seed_everything, sgd_with_schedule, stop_signals,
-                  two_view_augment, write_run_files)
+from .distributed import barrier, init_distributed, shutdown, wrap_ddp
+from .run import (Execution, TrainingMethod, data_order, open_checkpoint, restore_training, run_lock,
+                  seed_everything, seed_rank, sgd_with_schedule, stop_signals, train_loop, two_view_augment,
+                  write_run_files)
 
 __all__ = ["cosine_regression_loss", "dnc_distillation_loss", "PredictionHead", "DnCStudent",
            "teacher_targets", "distill_student", "load_student"]
@@ -214,6 +213,32 @@ def distill_student(config, options, *, run_dir, data, base_checkpoint, expert_c
         shutdown(dist_info)
 
 
+class _StudentMethod(TrainingMethod):
+    """The student's step: teachers and student see the same augmented views (both concatenated),
+    loss :func:`dnc_distillation_loss`; its checkpoint adds the heads and the teachers' paths."""
+
+    label = "dnc student"
+    hint = "Lower --dnc-distill-lr or disable --amp"
+
+    def __init__(self, ex, options, student, shell, step_module, teachers, augment, cluster_of, entries):
+        self.ex, self.options, self.student, self.model, self.module = ex, options, student, shell, step_module
+        self.teachers, self.augment, self.cluster_of, self.entries = teachers, augment, cluster_of, entries
+
+    def step(self, batch, rows):
+        with torch.no_grad():
+            v1, v2 = self.augment(batch.images[rows])
+        x = self.ex.images(torch.cat([v1, v2]))
+        c = self.cluster_of[batch.index[rows]].repeat(2)
+        with self.ex.autocast():
+            base_t, expert_t = teacher_targets(x, c, *self.teachers)
+            base_p, expert_p = self.module(x)
+        return dnc_distillation_loss(base_p, base_t, expert_p, expert_t, c, base_weight=self.options.base_weight,
+                                     expert_weight=self.options.expert_weight)
+
+    def checkpoint_entries(self):
+        return dict(self.entries, model=self.model, dnc_heads=self.student.heads.state_dict())
+
+
 def _distill_student(config, options, run_dir, data, base_checkpoint, expert_checkpoints, assignments, resume,
                      stop_at_epoch, dist_info):
     ckpt_path = run_dir / CHECKPOINT_NAME
@@ -265,22 +290,18 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
     student = ex.place(DnCStudent(DenseEncoder(shell), feature_dim, options.k, target_dim,
                                   hidden_dim=options.head_hidden))
     order, batches = data_order(config, data.train, batch_size, device)
-    local_batches = getattr(batches, "local", False)  # a stream gives each rank its own share
-    if local_batches:
-        batches.for_rank(dist_info.rank, dist_info.world_size)
-    steps_per_epoch = len(batches)
+    if getattr(batches, "local", False):  # a stream gives each rank its own share
+        batches.for_rank(rank, world)
     # the shell's projection head is not trained by distillation: leave it out of the optimiser
     optimizer, scheduler = sgd_with_schedule(list(shell.backbone.parameters()) + list(student.heads.parameters()),
-                                             config, steps_per_epoch)
+                                             config, len(batches))
     augment = two_view_augment(config, data, device)
-    cluster_of = assignments.to(device)
-    seed_everything(config.seed + 7919 * (rank + 1))  # per-rank augmentation randomness, as in pretrain()
-    start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0
+    seed_rank(config.seed, rank)
+    start = (0, 0, 0, 0.0)
     if resumed is not None:
-        start_epoch, global_step, position, partial_loss = restore_training(resumed, shell, optimizer, scheduler,
-                                                                            order, rank=rank, world=world)
+        start = restore_training(resumed, shell, optimizer, scheduler, order, rank=rank, world=world)
         student.heads.load_state_dict(resumed["dnc_heads"])
-        say(f"resuming {ckpt_path} after epoch {start_epoch}/{config.epochs}, step {position}")
+        say(f"resuming {ckpt_path} after epoch {start[0]}/{config.epochs}, step {start[2]}")
 
     step_module = student
     if dist_info.enabled:
@@ -295,75 +316,15 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
             p.requires_grad_(id(p) in trained)
         step_module = wrap_ddp(student, dist_info, device, sync_buffers=not synced_bn,
                                find_unused_parameters=margs["method"] == "sdclr")
-    per_rank = batch_size // world
 
-    log = MetricsLog(run_dir, dist_info.is_main, config.tensorboard, global_step)
-    guard = LossGuard(ckpt_path, "Lower --dnc-distill-lr or disable --amp")
-    last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
-
-    def save(epoch_done, at, epoch_start_state, loss_sum, row):
-        save_training(ckpt_path, dist_info, order, config=config, model_args=margs, model=shell,
-                      optimizer=optimizer, scheduler=scheduler, epoch_done=epoch_done, step=global_step,
-                      position=at, epoch_start_state=epoch_start_state, loss_sum=loss_sum,
-                      last_epoch_metrics=row,
-                      init_checkpoint=base_checkpoint if options.student_init == "base" else None,
-                      dnc_heads=student.heads.state_dict(), dnc_teachers=teacher_paths,
-                      dnc_head_dims=[feature_dim, int(options.head_hidden or feature_dim), target_dim])
-
-    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
-                                  guard, save, ckpt_path, steps_per_epoch)
-
-    try:
-        for epoch in range(start_epoch, last_epoch):
-            first = position if epoch == start_epoch else 0
-            epoch_start_state = order.get_state()
-            student.train()
-            t_epoch = time.perf_counter()
-            loss_sum = torch.full((), partial_loss if first else 0.0, device=device)
-            bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch,
-                               f"dnc student epoch {epoch + 1}/{config.epochs}")
-            for step, batch in enumerate(batches.epoch(first), start=first):
-                mine = slice(None) if local_batches else slice(rank * per_rank, (rank + 1) * per_rank)
-                with torch.no_grad():
-                    v1, v2 = augment(batch.images[mine])
-                x = ex.images(torch.cat([v1, v2]))
-                c = cluster_of[batch.index[mine]].repeat(2)
-                with ex.autocast():
-                    base_t, expert_t = teacher_targets(x, c, base_teacher, experts)
-                    base_p, expert_p = step_module(x)
-                loss = dnc_distillation_loss(base_p, base_t, expert_p, expert_t, c, base_weight=options.base_weight,
-                                             expert_weight=options.expert_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                guard.push(loss, epoch, step, global_step)
-                loss_sum += loss.detach()
-                global_step += 1
-                if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
-                    lval = guard.check()
-                    lr = optimizer.param_groups[0]["lr"]
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{lval:.4f}", lr=f"{lr:.3g}")
-                    log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr},
-                              global_step)
-                if bar is not None:
-                    bar.update(1)
-                checkpoints.after_step(epoch, step + 1, global_step, epoch_start_state, loss_sum, bar)
-            if bar is not None:
-                bar.close()
-            guard.check()
-            epoch_s = time.perf_counter() - t_epoch
-            row = {"kind": "epoch", "epoch": epoch, "step": global_step,
-                   "loss": float(all_reduce_mean(loss_sum / steps_per_epoch, dist_info)),
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "images_per_s": steps_per_epoch * batch_size / epoch_s, "epoch_s": epoch_s}
-            log.write(row, global_step)
-            save(epoch + 1, 0, None, 0.0, row)
-            checkpoints.after_epoch(epoch + 1, config.epochs)
-    finally:
-        log.close()
-    return ckpt_path
+    entries = dict(model_args=margs, init_checkpoint=base_checkpoint if options.student_init == "base" else None,
+                   dnc_teachers=teacher_paths,
+                   dnc_head_dims=[feature_dim, int(options.head_hidden or feature_dim), target_dim])
+    method = _StudentMethod(ex, options, student, shell, step_module, (base_teacher, experts), augment,
+                            assignments.to(device), entries)
+    return train_loop(method, config=config, ex=ex, dist_info=dist_info, ckpt_path=ckpt_path, order=order,
+                      batches=batches, batch_size=batch_size, optimizer=optimizer, scheduler=scheduler, start=start,
+                      stop_at_epoch=stop_at_epoch)
 
 
 def load_student(checkpoint_path, *, device="cpu"):

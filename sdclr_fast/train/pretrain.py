@@ -1,4 +1,5 @@
-"""The SimCLR / SDCLR / MoCLR pretraining loop.
+"""SimCLR / SDCLR / MoCLR pretraining: each method's step (a ``run.TrainingMethod``), run by
+``run.train_loop``.
 
 SDCLR step: view 1 through the dense branch, view 2 through the pruned branch (the masks are
 recomputed from the current dense weights at the start of every epoch with the fast top-k
@@ -32,13 +33,13 @@ import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import PretrainConfig
-from .distributed import all_reduce_mean, barrier, init_distributed, shutdown, wrap_ddp
+from .distributed import barrier, init_distributed, shutdown, wrap_ddp
 from .models import build_model_from_args, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
-from .run import (Execution, LossGuard, MetricsLog, NonFiniteLossError, StepCheckpoints, StopCheck, check_batch_size,
-                  check_data_identity, data_identity, data_order, init_weights, open_checkpoint, params_finite,
-                  progress_bar, resolve_device, restore_training, run_data, run_lock, save_training, seed_everything,
-                  sgd_with_schedule, stop_signals, two_view_augment, write_run_files)
+from .run import (Execution, StepOutputsNotFinite, TrainingMethod, check_batch_size, check_data_identity,
+                  data_identity, data_order, init_weights, open_checkpoint, resolve_device, restore_training, run_data,
+                  run_lock, seed_everything, seed_rank, sgd_with_schedule, stop_signals, train_loop, two_view_augment,
+                  write_run_files)
 
 
 class ContrastiveForward(nn.Module):
@@ -134,6 +135,87 @@ def pretrain(config: PretrainConfig, *, run_dir, indices=None, init_checkpoint=N
         shutdown(dist_info)
 
 
+class SimCLR(TrainingMethod):
+    """Both views through the dense network; NT-Xent (the compiled step's loss under --compile)."""
+
+    hint = "Lower --lr or disable --amp"
+
+    def __init__(self, config, ex, dist_info, base, step_module, compiled_loss, augment, entries):
+        self.config, self.ex, self.gather = config, ex, dist_info.gather
+        self.label, self.model, self.module = config.method, base, step_module
+        self.compiled_loss, self.augment, self.entries = compiled_loss, augment, entries
+
+    def loss(self, out):
+        from ..ops.nt_xent import nt_xent
+
+        return nt_xent(out[0].float(), out[1].float(), self.config.temperature, gather_distributed=self.gather)
+
+    def step(self, batch, rows):
+        ex = self.ex
+        with torch.no_grad():
+            v1, v2 = self.augment(batch.images[rows])
+        if self.compiled_loss is not None:
+            return self.compiled_loss(ex.images(v1), ex.images(v2))
+        with ex.autocast():
+            out = self.module(ex.images(v1), ex.images(v2))
+        try:
+            return self.loss(out)
+        except ValueError:
+            # the losses reject non-finite embeddings; report it like a non-finite loss.
+            if all(bool(torch.isfinite(o).all()) for o in out):
+                raise
+            raise StepOutputsNotFinite() from None
+
+    def checkpoint_entries(self):
+        return dict(self.entries, model=self.model)
+
+    def epoch_columns(self, global_step):
+        return {"prune_s": 0.0}
+
+
+class SDCLR(SimCLR):
+    """SimCLR's step with view 2 through the pruned branch, whose masks are recomputed from the
+    dense weights at every epoch start (mid-epoch after a resume, the checkpoint's masks hold)."""
+
+    def epoch_start(self, epoch, first):
+        self.kept, self.prune_s = None, 0.0
+        if first == 0:
+            c = self.config
+            self.ex.sync()
+            t0 = time.perf_counter()
+            self.kept = float(self.model.update_masks(sparsity=c.sparsity, scope=c.prune_scope, block=c.prune_block,
+                                                      random_fraction=c.random_prune))
+            self.ex.sync()
+            self.prune_s = time.perf_counter() - t0
+        return self.prune_s
+
+    def epoch_columns(self, global_step):
+        return {"prune_s": self.prune_s, **({} if self.kept is None else {"kept_fraction": self.kept})}
+
+
+class MoCLR(SimCLR):
+    """Online predictions against the EMA target's projections; the target moves after every step."""
+
+    def __init__(self, *args, target, total_steps):
+        super().__init__(*args)
+        self.target, self.total_steps = target, total_steps
+
+    def loss(self, out):
+        return moclr_loss(*out, self.config.temperature, gather_distributed=self.gather)
+
+    def momentum(self, step):
+        return momentum_at(step, self.total_steps, self.config.moclr_momentum)
+
+    def after_step(self, global_step):
+        update_target(self.target, self.model, self.momentum(global_step))
+
+    def checkpoint_entries(self):
+        return dict(super().checkpoint_entries(), moclr_target=self.target.state_dict())
+
+    def epoch_columns(self, global_step):
+        return {"prune_s": 0.0, "target_momentum": self.momentum(global_step - 1)}
+
+
 def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_epoch, dist_info):
     ex = Execution.of(config, dist_info).setup_process(config)
     device = ex.device
@@ -173,21 +255,19 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
         init_weights(model, margs, init_checkpoint, expect={"arch": config.arch})
     ex.place(model)
     order, batches = data_order(config, train_set, config.batch_size, device)
-    local_batches = getattr(batches, "local", False)  # a stream gives each rank its own share
-    if local_batches:
+    if getattr(batches, "local", False):  # a stream gives each rank its own share
         batches.for_rank(rank, world)
     steps_per_epoch = len(batches)
     optimizer, scheduler = sgd_with_schedule(model.parameters(), config, steps_per_epoch)
 
     augment = two_view_augment(config, data, device)
-    seed_everything(config.seed + 7919 * (rank + 1))
-    start_epoch, global_step, position, partial_loss = 0, 0, 0, 0.0
+    seed_rank(config.seed, rank)
+    start = (0, 0, 0, 0.0)
     if resumed is not None:
-        start_epoch, global_step, position, partial_loss = restore_training(
-            resumed, model, optimizer, scheduler, order, rank=rank, world=world)
+        start = restore_training(resumed, model, optimizer, scheduler, order, rank=rank, world=world)
         if dist_info.is_main:
-            where = f"step {position}/{steps_per_epoch} of epoch {start_epoch + 1}" if position else \
-                f"epoch {start_epoch}/{config.epochs}"
+            where = f"step {start[2]}/{steps_per_epoch} of epoch {start[0] + 1}" if start[2] else \
+                f"epoch {start[0]}/{config.epochs}"
             print(f"resuming {ckpt_path} after {where}")
 
     base = model
@@ -213,108 +293,13 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     if config.compile:
         step_module, compiled_loss = compile_step(step_module, config, ex, dist_info.enabled)
 
-    from ..ops.nt_xent import nt_xent
-
-    log = MetricsLog(run_dir, dist_info.is_main, config.tensorboard, global_step)
-    guard = LossGuard(ckpt_path, "Lower --lr or disable --amp")
-    per_rank = config.batch_size // world
-    last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, stop_at_epoch)
-    total_steps = steps_per_epoch * config.epochs
-
-    def save(epoch_done, at, epoch_start_state, loss_sum, row):
-        """Checkpoint after ``epoch_done`` epochs and ``at`` steps of the next one (0: a boundary)."""
-        save_training(ckpt_path, dist_info, order, config=config, model_args=margs, model=base,
-                      optimizer=optimizer, scheduler=scheduler, epoch_done=epoch_done, step=global_step,
-                      position=at, epoch_start_state=epoch_start_state, loss_sum=loss_sum,
-                      last_epoch_metrics=row, init_checkpoint=init_checkpoint, train_indices=index_list,
-                      moclr_target=None if target is None else target.state_dict(), data_identity=identity)
-
-    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, device), config.checkpoint_every_steps,
-                                  guard, save, ckpt_path, steps_per_epoch)
-
-    try:
-        for epoch in range(start_epoch, last_epoch):
-            first = position if epoch == start_epoch else 0
-            epoch_start_state = order.get_state()
-            kept, prune_s = None, 0.0
-            if config.method == "sdclr" and first == 0:  # mid-epoch, the checkpoint's masks hold
-                ex.sync()
-                t0 = time.perf_counter()
-                kept = float(base.update_masks(sparsity=config.sparsity, scope=config.prune_scope,
-                                               block=config.prune_block,
-                                               random_fraction=config.random_prune))
-                ex.sync()
-                prune_s = time.perf_counter() - t0
-            step_module.train()
-            t_epoch = time.perf_counter()
-            loss_sum = torch.full((), partial_loss if first else 0.0, device=device)
-            bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch,
-                               f"{config.method} epoch {epoch + 1}/{config.epochs}")
-            if bar is not None:
-                bar.update(first)
-            for step, batch in enumerate(batches.epoch(first), start=first):
-                images = batch.images if local_batches else batch.images[rank * per_rank:(rank + 1) * per_rank]
-                with torch.no_grad():
-                    v1, v2 = augment(images)
-                if compiled_loss is not None:
-                    out = None
-                    loss = compiled_loss(ex.images(v1), ex.images(v2))
-                else:
-                    with ex.autocast():
-                        out = step_module(ex.images(v1), ex.images(v2))
-                try:
-                    if out is None:
-                        pass  # the compiled step's loss
-                    elif target is not None:
-                        loss = moclr_loss(*out, config.temperature, gather_distributed=dist_info.gather)
-                    else:
-                        loss = nt_xent(out[0].float(), out[1].float(), config.temperature,
-                                       gather_distributed=dist_info.gather)
-                except ValueError:
-                    # the losses reject non-finite embeddings; report it like a non-finite loss.
-                    if all(bool(torch.isfinite(o).all()) for o in out):
-                        raise
-                    guard.fail(float("nan"), epoch, step, global_step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if target is not None:
-                    update_target(target, base, momentum_at(global_step, total_steps, config.moclr_momentum))
-                guard.push(loss, epoch, step, global_step)
-                loss_sum += loss.detach()
-                global_step += 1
-                if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
-                    lval = guard.check()
-                    rate = (step + 1) * config.batch_size / (time.perf_counter() - t_epoch)
-                    lr = float(optimizer.param_groups[0]["lr"])  # a CPU tensor under --compile
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{lval:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-                    log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr,
-                               "epoch_time_s": time.perf_counter() - t_epoch}, global_step)
-                if bar is not None:
-                    bar.update(1)
-                checkpoints.after_step(epoch, step + 1, global_step, epoch_start_state, loss_sum, bar)
-            if bar is not None:
-                bar.close()
-            guard.check()
-            ex.sync()
-            epoch_s = time.perf_counter() - t_epoch
-            mean_loss = float(all_reduce_mean(loss_sum / steps_per_epoch, dist_info))
-            if not params_finite(base):
-                raise NonFiniteLossError(f"weights became non-finite during epoch {epoch + 1}; the run stopped "
-                                         f"and the last good checkpoint {str(ckpt_path)!r} was kept")
-            row = {"kind": "epoch", "epoch": epoch, "step": global_step, "loss": mean_loss,
-                   "lr": float(optimizer.param_groups[0]["lr"]),
-                   "images_per_s": steps_per_epoch * config.batch_size / (epoch_s + prune_s),
-                   "epoch_s": epoch_s, "prune_s": prune_s}
-            if kept is not None:
-                row["kept_fraction"] = kept
-            if target is not None:
-                row["target_momentum"] = momentum_at(global_step - 1, total_steps, config.moclr_momentum)
-            log.write(row, global_step)
-            save(epoch + 1, 0, None, 0.0, row)
-            checkpoints.after_epoch(epoch + 1, config.epochs)
-    finally:
-        log.close()
-    return ckpt_path
+    entries = dict(model_args=margs, init_checkpoint=init_checkpoint, train_indices=index_list,
+                   data_identity=identity)
+    args = (config, ex, dist_info, base, step_module, compiled_loss, augment, entries)
+    if config.method == "moclr":
+        method = MoCLR(*args, target=target, total_steps=steps_per_epoch * config.epochs)
+    else:
+        method = (SDCLR if config.method == "sdclr" else SimCLR)(*args)
+    return train_loop(method, config=config, ex=ex, dist_info=dist_info, ckpt_path=ckpt_path, order=order,
+                      batches=batches, batch_size=config.batch_size, optimizer=optimizer, scheduler=scheduler,
+                      start=start, stop_at_epoch=stop_at_epoch)

@@ -1,9 +1,11 @@
 """What every run shares: execution settings, the run's data and files, the run-directory lock,
 the resume check, the data order and schedule, the metrics log, the progress bar, the NaN guard,
-stop signals and the restore of a checkpoint. Used by SimCLR / SDCLR pretraining, every DnC
-stage and evaluation; the training steps themselves stay inline in their loops."""
+stop signals and the restore of a checkpoint, and the one training loop (:func:`train_loop`) that
+SimCLR / SDCLR / MoCLR pretraining and the DnC student run their steps in (a
+:class:`TrainingMethod` each). Used by pretraining, every DnC stage and evaluation."""
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -11,6 +13,7 @@ import math
 import random
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 from ..files import WriteError, lock_directory, remove_debris, write_json
 from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, load_newest_checkpoint,
                          restore_rng, save_checkpoint)
-from .distributed import DistInfo, all_gather_object, barrier
+from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
@@ -557,3 +560,131 @@ class LossGuard:
 def params_finite(model) -> bool:
     with torch.no_grad():
         return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ---------------------------------------------------------------- the training loop
+class StepOutputsNotFinite(Exception):
+    """Raised by a method's ``step`` when its loss rejected non-finite outputs; :func:`train_loop`
+    reports it like a non-finite loss."""
+
+
+class TrainingMethod(abc.ABC):
+    """What :func:`train_loop` asks of a method (SimCLR, SDCLR, MoCLR, the DnC student).
+
+    Attributes: ``label`` (progress bar), ``hint`` (what a NaN message suggests), ``module`` (put
+    in train mode at every epoch start), ``model`` (the checkpoint's "model"; its weights must stay
+    finite). The loop does the backward, optimiser and schedule steps around :meth:`step`.
+    """
+
+    label: str
+    hint: str
+    module: torch.nn.Module
+    model: torch.nn.Module
+
+    def epoch_start(self, epoch: int, first: int) -> float:
+        """Called before epoch ``epoch`` runs from step ``first`` (> 0 on a mid-epoch resume);
+        returns the seconds it worked, counted in the epoch's images_per_s."""
+        return 0.0
+
+    @abc.abstractmethod
+    def step(self, batch, rows: slice) -> torch.Tensor:
+        """The 0-d loss of this process's rows ``batch.images[rows]`` (forward only)."""
+
+    def after_step(self, global_step: int) -> None:
+        """Called after optimiser step ``global_step`` (0-based)."""
+
+    @abc.abstractmethod
+    def checkpoint_entries(self) -> dict:
+        """save_training's ``model_args``, ``model``, ``init_checkpoint``, ``train_indices`` and
+        the method's own entries."""
+
+    def epoch_columns(self, global_step: int) -> dict:
+        """The method's columns of an epoch row (after ``global_step`` steps)."""
+        return {}
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Per-process augmentation randomness after the model (the same on every rank) is built."""
+    seed_everything(seed + 7919 * (rank + 1))  # a prime apart, so no two ranks share a stream
+
+
+def train_loop(method: TrainingMethod, *, config, ex: Execution, dist_info: DistInfo, ckpt_path: Path, order,
+               batches, batch_size: int, optimizer, scheduler, start: tuple, stop_at_epoch=None) -> Path:
+    """Train ``method`` from ``start`` = (epochs done, global step, steps done in the next epoch,
+    their loss sum) (``restore_training``'s result) to ``config.epochs`` or ``stop_at_epoch``:
+    loss sum, progress bar, NaN guard, step rows every ``config.log_every`` steps, step checkpoints
+    and stop signals (:class:`StepCheckpoints`), an epoch row and checkpoint per epoch. Each
+    process trains on its rows of every batch (``batch_size`` / world; a stream's batches are
+    already its own). Returns ``ckpt_path``."""
+    start_epoch, global_step, position, partial_loss = start
+    world, rank = dist_info.world_size, dist_info.rank
+    per_rank = batch_size // world
+    rows = slice(None) if getattr(batches, "local", False) else slice(rank * per_rank, (rank + 1) * per_rank)
+    steps_per_epoch = len(batches)
+    log = MetricsLog(ckpt_path.parent, dist_info.is_main, config.tensorboard, global_step)
+    guard = LossGuard(ckpt_path, method.hint)
+    last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
+
+    def save(epoch_done, at, epoch_start_state, loss_sum, row):
+        """Checkpoint after ``epoch_done`` epochs and ``at`` steps of the next one (0: a boundary)."""
+        save_training(ckpt_path, dist_info, order, config=config, optimizer=optimizer, scheduler=scheduler,
+                      epoch_done=epoch_done, step=global_step, position=at, epoch_start_state=epoch_start_state,
+                      loss_sum=loss_sum, last_epoch_metrics=row, **method.checkpoint_entries())
+
+    checkpoints = StepCheckpoints(StopCheck(dist_info, config.log_every, ex.device), config.checkpoint_every_steps,
+                                  guard, save, ckpt_path, steps_per_epoch)
+    try:
+        for epoch in range(start_epoch, last_epoch):
+            first = position if epoch == start_epoch else 0
+            epoch_start_state = order.get_state()
+            start_s = method.epoch_start(epoch, first)
+            method.module.train()
+            t_epoch = time.perf_counter()
+            loss_sum = torch.full((), partial_loss if first else 0.0, device=ex.device)
+            bar = progress_bar(config.progress and dist_info.is_main, steps_per_epoch,
+                               f"{method.label} epoch {epoch + 1}/{config.epochs}")
+            if bar is not None:
+                bar.update(first)
+            for step, batch in enumerate(batches.epoch(first), start=first):
+                try:
+                    loss = method.step(batch, rows)
+                except StepOutputsNotFinite:
+                    guard.fail(float("nan"), epoch, step, global_step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                method.after_step(global_step)
+                guard.push(loss, epoch, step, global_step)
+                loss_sum += loss.detach()
+                global_step += 1
+                if (step + 1) % config.log_every == 0 or step + 1 == steps_per_epoch:
+                    lval = guard.check()
+                    rate = (step + 1) * batch_size / (time.perf_counter() - t_epoch)
+                    lr = float(optimizer.param_groups[0]["lr"])  # a CPU tensor under --compile
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{lval:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+                    log.write({"kind": "step", "epoch": epoch, "step": global_step, "loss": lval, "lr": lr,
+                               "epoch_time_s": time.perf_counter() - t_epoch}, global_step)
+                if bar is not None:
+                    bar.update(1)
+                checkpoints.after_step(epoch, step + 1, global_step, epoch_start_state, loss_sum, bar)
+            if bar is not None:
+                bar.close()
+            guard.check()
+            ex.sync()
+            epoch_s = time.perf_counter() - t_epoch
+            mean_loss = float(all_reduce_mean(loss_sum / steps_per_epoch, dist_info))
+            if not params_finite(method.model):
+                raise NonFiniteLossError(f"weights became non-finite during epoch {epoch + 1}; the run stopped "
+                                         f"and the last good checkpoint {str(ckpt_path)!r} was kept")
+            row = {"kind": "epoch", "epoch": epoch, "step": global_step, "loss": mean_loss,
+                   "lr": float(optimizer.param_groups[0]["lr"]),
+                   "images_per_s": steps_per_epoch * batch_size / (epoch_s + start_s), "epoch_s": epoch_s,
+                   **method.epoch_columns(global_step)}
+            log.write(row, global_step)
+            save(epoch + 1, 0, None, 0.0, row)
+            checkpoints.after_epoch(epoch + 1, config.epochs)
+    finally:
+        log.close()
+    return ckpt_path
