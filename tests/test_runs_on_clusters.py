@@ -491,7 +491,10 @@ def test_ctrl_c_in_eval_is_one_line(stopped_cli_run, tmp_path):
         time.sleep(0.05)
     time.sleep(2.0)
     os.killpg(os.getpgid(proc.pid), signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # no stray evaluation should the test fail
     assert proc.returncode == EXIT_INTERRUPTED and err.strip().splitlines() == [
         "sdclr-fast eval: interrupted (SIGINT); nothing was saved"], err
 
