@@ -206,7 +206,7 @@ def _setup(kind, batch, width, device):
         step = functools.partial(official_step, model, opt, forward=fwd)
     else:
         if method == "sdclr":
-            model.update_masks(sparsity=SPARSITY, block=_block(kind))
+            model.update_masks(sparsity=SPARSITY, block=_block(kind), clip_block=True)
         step_module = ContrastiveForward(model, method)
         if kind.endswith(("+compile", "+cudagraphs")):
             step = functools.partial(compiled_step, step_module, opt, kind, device)
@@ -235,7 +235,7 @@ def _prune_fn(kind, model):
         return lambda: official_update_masks(model)
     if kind.startswith("simclr"):
         return lambda: None
-    return lambda: model.update_masks(sparsity=SPARSITY, block=_block(kind))
+    return lambda: model.update_masks(sparsity=SPARSITY, block=_block(kind), clip_block=True)
 
 
 # ---- SDCLR with --prune-block 32x32 ("fast+block"): the pruned branch on the block-sparse

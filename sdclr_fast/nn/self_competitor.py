@@ -305,11 +305,13 @@ class SelfCompetitor(nn.Module):
             conv.set_mask(given[name])
 
     @torch.no_grad()
-    def update_masks(self, sparsity=0.9, scope="global", block=None, random_fraction=0.0, generator=None):
+    def update_masks(self, sparsity=0.9, scope="global", block=None, random_fraction=0.0, generator=None,
+                     clip_block=False):
         """Recompute every mask of `masked_layers` from the current dense weights with
         `magnitude_masks` (SDCLR: one global threshold at index ceil(sparsity * n) of the sorted
         |w|, ties kept). scope: 'global' or 'layer'; block: None or (out, in) channel blocks
-        (a linear weight (out, in) is blocked like a 1x1 conv).
+        (a linear weight (out, in) is blocked like a 1x1 conv); clip_block: allow a block larger
+        than a layer in both channel dimensions (`magnitude_masks`), e.g. on a narrow test model.
 
         random_fraction: the official ``random_prune_percent``: that part of ``sparsity`` is
         pruned at random instead of by magnitude. The magnitude rule runs at sparsity -
@@ -323,7 +325,7 @@ class SelfCompetitor(nn.Module):
         magnitude = sparsity - random_fraction
         # linear weights as (out, in, 1, 1): one weight layout for the block rule
         new = magnitude_masks([c.weight if c.weight.dim() == 4 else c.weight[:, :, None, None]
-                               for c in convs], magnitude, scope=scope, block=block)
+                               for c in convs], magnitude, scope=scope, block=block, clip_block=clip_block)
         new = [m.reshape(c.weight.shape) for m, c in zip(new, convs)]
         total = sum(c.mask.numel() for c in convs)
         if random_fraction > 0:
