@@ -6,10 +6,21 @@ where a CUDA device is present (the CUDA tests then run for real), the interpret
 tensors elsewhere. An explicit TRITON_INTERPRET in the environment wins (e.g. TRITON_INTERPRET=1
 runs the interpreter tests on a GPU machine too). The choice is shown in pytest's header.
 """
+import getpass
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Inductor's on-disk cache did not tell CPU kernels compiled under one forced ISA from another:
+# after runs on this AVX-512 machine, a run with ATEN_CPU_CAPABILITY=avx2 loaded cached compiled
+# steps that crashed or computed wrong values, and passed with an empty cache. One cache per
+# forced ISA keeps `ATEN_CPU_CAPABILITY=... make test` meaningful.
+_CAP = os.environ.get("ATEN_CPU_CAPABILITY")
+if _CAP and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                         f"torchinductor_{getpass.getuser()}_{_CAP}")
 
 _TRITON_ENV = os.environ.get("TRITON_INTERPRET")
 if _TRITON_ENV is None:
