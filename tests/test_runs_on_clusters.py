@@ -429,6 +429,55 @@ def _workers_of(proc):
     return [int(p) for p in out.split()]
 
 
+def _wait_for_workers(proc, timeout=120):
+    """The DataLoader workers' pids, once the job has some. Workers live for one epoch
+    (persistent_workers=False), so a job just past an epoch's end has none for a moment."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if workers := _workers_of(proc):
+            return workers
+        time.sleep(0.005)
+    return []
+
+
+_SLOW_WORKER_START = r"""
+import signal, sys, time
+import torch
+from sdclr_fast.data.loader import ignore_stop_signals, iter_workers
+
+stops = []
+signal.signal(signal.SIGTERM, lambda *a: stops.append("SIGTERM"))
+
+
+def slow_init(worker_id):  # the window between fork and the worker's own handling, made wide
+    time.sleep(1.5)
+    ignore_stop_signals(worker_id)
+
+
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=slow_init)
+it = (iter_workers if sys.argv[1] == "held" else iter)(loader)
+print("forked", flush=True)
+print(sum(int(b.sum()) for b in it), stops, flush=True)
+"""
+
+
+@pytest.mark.parametrize("start", ["held", "plain"])
+def test_a_stop_signal_while_workers_start_does_not_kill_them(start):
+    """A signal to the whole job that lands after a worker was forked but before its
+    worker_init_fn ran: with iter_workers it waits for the worker's handling and is ignored
+    there; with a plain iter() (the control) torch's SIGTERM handler kills the worker."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER_START, start], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "forked"
+    assert len(_workers_of(proc)) == 2
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if start == "held":
+        assert proc.returncode == 0 and out.strip() == "28 ['SIGTERM']", err
+    else:
+        assert proc.returncode != 0 and "killed by signal: Terminated" in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signals, status", [
     ((signal.SIGTERM,), EXIT_PREEMPTED),
@@ -440,7 +489,7 @@ def _workers_of(proc):
 def test_signals_to_the_whole_process_group_stop_cleanly(tiny_shards, tmp_path, signals, status):
     run = tmp_path / "run"
     proc = _start_job(_stream_cli(tiny_shards, run), run)
-    assert _workers_of(proc), "the run has no DataLoader workers to signal"
+    assert _wait_for_workers(proc), "the run has no DataLoader workers to signal"
     pgid = os.getpgid(proc.pid)
     for i, signum in enumerate(signals):
         if i:

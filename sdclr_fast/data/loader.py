@@ -34,6 +34,21 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
                 os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
+    # iter_workers forked this worker with every stop signal blocked; SIG_IGN is in place now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGINT})
+
+
+def iter_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)`` with the stop signals blocked in this thread while the workers are
+    forked. A worker inherits the mask, so a job-wide signal that lands before its
+    ``worker_init_fn`` (:func:`ignore_stop_signals`) has run waits, pending, for the handling set
+    up there, instead of killing the worker (torch's own SIGTERM handler re-raises it with the
+    default action). The parent takes its pending signals once the workers exist."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class Batch(NamedTuple):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..files import write_json
-from .loader import Batch, ignore_stop_signals
+from .loader import Batch, ignore_stop_signals, iter_workers
 
 MANIFEST = "shards.json"  # format 1; a shard entry may carry "sha256" (written since the shard checks)
 MANIFEST_FORMAT = 1
@@ -283,8 +283,8 @@ class StreamSet:
                                   self.reader.get("checks", {}))
         workers = min(self.reader.get("num_workers", 0), len(self.urls[rank::world]))
         with _shard_errors():
-            yield from torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers,
-                                                   worker_init_fn=ignore_stop_signals)
+            yield from iter_workers(torch.utils.data.DataLoader(samples, batch_size=batch_size, num_workers=workers,
+                                                                worker_init_fn=ignore_stop_signals))
 
 
 # ---------------------------------------------------------------- reading
@@ -403,7 +403,7 @@ class ShardStream:
                                              generator=torch.Generator().manual_seed(seed),
                                              pin_memory=self.device.type == "cuda",
                                              persistent_workers=False, worker_init_fn=ignore_stop_signals)
-        it = iter(loader)
+        it = iter_workers(loader)
         try:
             for b in range(len(self)):
                 try:
