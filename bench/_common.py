@@ -119,6 +119,18 @@ def cpu_peak_bytes(setup, run):
     return value
 
 
+def fmt_ms(v):
+    """A time in ms to two decimals, or the status a case ended with ("OOM", None -> "-")."""
+    return f"{v:.2f}" if isinstance(v, float) else (v or "-")
+
+
+def fmt_ratio(ref, op):
+    """ref / op as "1.23x" (above 1: the op is faster or leaner); "-" where either is missing."""
+    if isinstance(ref, (int, float)) and isinstance(op, (int, float)) and op > 0:
+        return f"{ref / op:.2f}x"
+    return "-"
+
+
 def fmt_bytes(n):
     if n is None:
         return "-"

@@ -30,8 +30,8 @@ sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 
-from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
-                     parse_bench_args, print_table, time_ms, write_json)
+from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, fmt_ms, fmt_ratio,  # noqa: E402
+                     machine_info, parse_bench_args, print_table, time_ms, write_json)
 from sdclr_fast.ops.info_nce import info_nce  # noqa: E402
 from sdclr_fast.ops.reference import info_nce_reference  # noqa: E402
 
@@ -98,16 +98,6 @@ def cuda_case(impl, case, m, q, dim, dtype, device, memory):
         torch.cuda.empty_cache()
 
 
-def _fmt_ms(v):
-    return f"{v:.2f}" if isinstance(v, float) else (v or "-")
-
-
-def _ratio(ref, op):
-    if isinstance(ref, (int, float)) and isinstance(op, (int, float)) and op > 0:
-        return f"{ref / op:.2f}x"
-    return "-"
-
-
 def main():
     ap = bench_parser(__doc__, "M = 1024, Q = 16,384, three rounds",
                       "bench/results/info_nce_<device>_<dtype>.json")
@@ -144,12 +134,12 @@ def main():
                                                         dtype), _mem_run) if memory else None
             rec[f"{impl}_ms"], rec[f"{impl}_peak_bytes"] = ms, peak
         records.append(rec)
-        row = {"case": case, "m": f"{m:,}", "bank": f"{qc:,}", "op_ms": _fmt_ms(rec["op_ms"]),
-               "ref_ms": _fmt_ms(rec["ref_ms"]), "speed": _ratio(rec["ref_ms"], rec["op_ms"])}
+        row = {"case": case, "m": f"{m:,}", "bank": f"{qc:,}", "op_ms": fmt_ms(rec["op_ms"]),
+               "ref_ms": fmt_ms(rec["ref_ms"]), "speed": fmt_ratio(rec["ref_ms"], rec["op_ms"])}
         if memory:
             row.update(op_mem=fmt_bytes(rec["op_peak_bytes"]),
                        ref_mem=fmt_bytes(rec["ref_peak_bytes"]),
-                       mem_ratio=_ratio(rec["ref_peak_bytes"], rec["op_peak_bytes"]))
+                       mem_ratio=fmt_ratio(rec["ref_peak_bytes"], rec["op_peak_bytes"]))
         rows_out.append(row)
         print(f"{case} done", flush=True)
 

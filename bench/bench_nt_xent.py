@@ -29,8 +29,8 @@ sys.path.insert(0, _HERE)
 
 import torch  # noqa: E402
 
-from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, machine_info,  # noqa: E402
-                     parse_bench_args, print_table, time_ms, write_json)
+from _common import (bench_parser, cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, fmt_ms, fmt_ratio,  # noqa: E402
+                     machine_info, parse_bench_args, print_table, time_ms, write_json)
 from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (nt_xent_cross_entropy_reference,  # noqa: E402
                                       nt_xent_reference)
@@ -134,16 +134,6 @@ def cpu_times(impls, rows, dim, dtype, quick, time_cap_s):
     return {i: statistics.median(times[i]) if times[i] else first[i] * 1e3 for i in impls}
 
 
-def _fmt_ms(v):
-    return f"{v:.2f}" if isinstance(v, float) else (v or "-")
-
-
-def _ratio(ref, op):
-    if isinstance(ref, (int, float)) and isinstance(op, (int, float)) and op > 0:
-        return f"{ref / op:.2f}x"
-    return "-"
-
-
 def main():
     ap = bench_parser(__doc__, "2N <= 4096, few repetitions", "bench/results/nt_xent_<device>_<dtype>.json")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -201,22 +191,22 @@ def main():
             rec[f"{impl}_peak_bytes"] = peak
             rec[f"{impl}_peak_estimated"] = est
         records.append(rec)
-        row = {"rows": rows, "op_ms": _fmt_ms(rec["op_ms"])}
+        row = {"rows": rows, "op_ms": fmt_ms(rec["op_ms"])}
         for ref in ("sdclr_ref", "ce_ref"):
-            row[f"{ref}_ms"] = _fmt_ms(rec[f"{ref}_ms"])
-            row[f"{ref}_speed"] = _ratio(rec[f"{ref}_ms"], rec["op_ms"])
+            row[f"{ref}_ms"] = fmt_ms(rec[f"{ref}_ms"])
+            row[f"{ref}_speed"] = fmt_ratio(rec[f"{ref}_ms"], rec["op_ms"])
         if cuda:
-            row["op_graph_ms"] = _fmt_ms(rec["op_graph_ms"])
+            row["op_graph_ms"] = fmt_ms(rec["op_graph_ms"])
             for ref in ("sdclr_ref", "ce_ref"):
-                row[f"{ref}_graph_ms"] = _fmt_ms(rec[f"{ref}_graph_ms"])
-                row[f"{ref}_graph_speed"] = _ratio(rec[f"{ref}_graph_ms"], rec["op_graph_ms"])
+                row[f"{ref}_graph_ms"] = fmt_ms(rec[f"{ref}_graph_ms"])
+                row[f"{ref}_graph_speed"] = fmt_ratio(rec[f"{ref}_graph_ms"], rec["op_graph_ms"])
         if memory:
             row["op_mem"] = fmt_bytes(rec["op_peak_bytes"])
             for ref in ("sdclr_ref", "ce_ref"):
                 p = rec[f"{ref}_peak_bytes"]
                 mark = "~" if rec[f"{ref}_peak_estimated"] else ""
                 row[f"{ref}_mem"] = mark + fmt_bytes(p) if p is not None else "-"
-                row[f"{ref}_mem_ratio"] = mark + _ratio(p, rec["op_peak_bytes"])
+                row[f"{ref}_mem_ratio"] = mark + fmt_ratio(p, rec["op_peak_bytes"])
         rows_out.append(row)
         print(f"2N={rows} done", flush=True)
 
