@@ -11,6 +11,15 @@ import torch.nn.functional as F
 
 
 # ---------------------------------------------------------------- NT-Xent
+def _reduce(per_row, weights, reduction):
+    """Per-row losses, weighted where weights are given, then reduced as the ops do."""
+    if weights is not None:
+        per_row = per_row * weights.to(per_row)
+    if reduction == "none":
+        return per_row
+    return per_row.sum() if reduction == "sum" else per_row.mean()
+
+
 def nt_xent_reference(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean",
                       weights=None, labels=None, multi_positive="out"):
     """NT-Xent as SDCLR / SimCLR define it, with the full (M, M) similarity matrix.
@@ -45,13 +54,7 @@ def nt_xent_reference(z1, z2=None, temperature=0.2, *, normalize=True, reduction
     else:
         pos_term = (sim * positive).sum(1) / count.clamp_min(1)
     per_row = torch.where(count > 0, lse - pos_term, torch.zeros_like(lse))
-    if weights is not None:
-        per_row = per_row * weights.to(per_row)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.mean()
+    return _reduce(per_row, weights, reduction)
 
 
 def nt_xent_cross_entropy_reference(z1, z2, temperature=0.2):
@@ -183,10 +186,4 @@ def info_nce_reference(query, key, temperature=0.2, *, negatives=None, symmetric
     if symmetric:
         per_row = torch.cat([per_row, torch.logsumexp(sim.t(), 1) - (sim.t() * pos).sum(1) / count])
         weights = torch.cat([weights, weights]) if weights is not None else None
-    if weights is not None:
-        per_row = per_row * weights.to(per_row)
-    if reduction == "none":
-        return per_row
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.mean()
+    return _reduce(per_row, weights, reduction)
