@@ -10,13 +10,74 @@ from pathlib import Path
 
 from . import __version__
 from .nn import METHODS
-from .train.config import (KMEANS_BACKENDS, KMEANS_METRICS, RECIPES, STUDENT_INITS, DnCConfig, PretrainConfig,
-                           parse_prune_block, recipe_fields)
-from .train.models import EMBEDDINGS
+from .train.config import RECIPES, DnCConfig, PretrainConfig, config_flags, parse_ratio, recipe_fields
 
 RUN_METHODS = METHODS + ("dnc",)
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 _DEFAULTS = PretrainConfig()
+
+
+# ---------------------------------------------------------------- flags from the config classes
+def _argparse_type(flag):
+    """The flag's parser; a ValueError of a config parser becomes argparse's one-line message."""
+    if flag.type in (int, float, str):
+        return flag.type
+
+    def parse(text):
+        try:
+            return flag.type(text)
+        except ValueError as exc:  # argparse names the flag: drop the field's name
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag.field} ")) from None
+
+    parse.__name__ = flag.field
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "", groups=None) -> dict:
+    """One flag per field of config class ``cls`` that has one (:func:`config_flags`), in the
+    argument group named by the field (``groups``: {group name: argument group}; a missing one is
+    added with that name as its title). A flag not given leaves no attribute (argparse.SUPPRESS),
+    so that a resumed run can tell the flags given from the stored configuration, ``--ratio none``
+    included; :func:`config_values` reads them back. Returns {dest: argparse action}."""
+    groups = {} if groups is None else groups
+    actions = {}
+    for flag in config_flags(cls, prefix):
+        if flag.group not in groups:
+            groups[flag.group] = parser.add_argument_group(flag.group)
+        kw = dict(dest=flag.dest, default=argparse.SUPPRESS, help=flag.help.replace("%", "%%"))
+        if flag.kind == "value":
+            kw.update(type=_argparse_type(flag), choices=flag.choices, nargs=flag.nargs, metavar=flag.metavar)
+            if flag.nargs == "?":
+                kw["const"] = flag.const
+        else:
+            kw["action"] = {"off": "store_false", "on": "store_true", "const": "store_const",
+                            "toggle": argparse.BooleanOptionalAction}[flag.kind]
+            if flag.kind == "const":
+                kw["const"] = flag.const
+        actions[flag.dest] = groups[flag.group].add_argument(flag.name, **kw)
+    return actions
+
+
+def config_values(args, cls, *, prefix: str = "") -> dict:
+    """{field: value} of the fields of ``cls`` whose flags were given; the flags of a dict field's
+    keys (``--data-workers`` of ``data_options``) give that field a dict of them."""
+    out = {}
+    for flag in config_flags(cls, prefix):
+        if not hasattr(args, flag.dest):
+            continue
+        value = getattr(args, flag.dest)
+        if flag.key is None:
+            out[flag.field] = value
+        else:
+            out.setdefault(flag.field, {})[flag.key] = value
+    return out
+
+
+def _on_top(config, given: dict):
+    """``config`` with the fields ``given`` on the command line; a dict field's given keys are
+    merged into its stored dict."""
+    dicts = {k: {**getattr(config, k), **v} for k, v in given.items() if isinstance(getattr(config, k), dict)}
+    return config.replace(**{**given, **dicts})
 
 
 # ---------------------------------------------------------------- pretrain
@@ -27,31 +88,25 @@ def _directory(text):
 
 
 def _ratio(text):
-    if text.lower() in ("none", "keep"):
-        return None
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}") from None
-    return value
+        return parse_ratio(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    """The pretrain flags. Their argparse defaults are None so that a resumed run can tell the
-    flags given on the command line from the stored configuration; the documented defaults
-    (the papers' values, from PretrainConfig) are filled in by :func:`config_from_args`."""
-    d = _DEFAULTS
-    g = p.add_argument_group("run")
+    """The pretrain flags: the run's own (run directory, resume, ...) and one per
+    :class:`PretrainConfig` field (:func:`add_config_flags`). A config flag not given sets
+    nothing, so that a resumed run can tell the flags given on the command line from the stored
+    configuration; the documented defaults (the papers' values, from PretrainConfig) are filled
+    in by :func:`config_from_args`."""
+    groups = {name: p.add_argument_group(name) for name in ("run", "data", "model", "optimisation", "execution")}
+    g = groups["run"]
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="start from an official SDCLR recipe: cifar-lt (the defaults) or imagenet100-lt (ResNet-50, "
                         "224 px, crop scale 0.08-1, blur 0.5, batch 256, 500 epochs, sparsity 0.3, tau 0.3 for "
                         "sdclr and 0.2 for the other methods, as the official runs; give "
                         "--dataset imagefolder --data-root with the ImageNet-100-LT list); flags given still win")
-    g.add_argument("--method", choices=RUN_METHODS, default=None,
-                   help=f"pretraining method (default {d.method}): simclr = both views through the dense "
-                        f"network; sdclr = view 2 through the pruned self-competitor; moclr = SimCLR's loss "
-                        f"between online predictions and an EMA target network's projections (DnC's base "
-                        f"method); dnc = Divide and Contrast (base model, k-means experts, distillation)")
     g.add_argument("--run-dir", required=True, type=_directory,
                    help="directory for checkpoint.pt, config.json, split.json, metrics.jsonl")
     g.add_argument("--resume", action="store_true",
@@ -62,155 +117,15 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
                         "with a wall-time limit); default: train to --epochs")
     g.add_argument("--init-checkpoint", default=None,
                    help="initialise the model weights from this checkpoint (fresh optimiser and schedule)")
-    g = p.add_argument_group("data")
-    from .data import DATASETS
-
-    g.add_argument("--dataset", choices=DATASETS, default=None,
-                   help=f"training data (default {d.dataset}); fashion-mnist-lt reads Debian's "
-                        f"dataset-fashion-mnist, the others need --data-root")
-    g.add_argument("--data-root", default=None,
-                   help="folder of the data set files (cifar: the folder holding cifar-10-batches-py / "
-                        "cifar-100-python; imagefolder: the folder with train/<class>/; webdataset: the "
-                        "shards, e.g. 'shards/train-{000000..000127}.tar')")
-    g.add_argument("--ratio", type=_ratio, default=None,
-                   help=f"imbalance factor n_max/n_min of the long-tailed split (default {d.ratio:g}, the "
-                        f"SDCLR protocol; 'none' keeps the training pool as is)")
-    g.add_argument("--split", type=int, default=None,
-                   help=f"which random long-tailed draw to use (default {d.split}; the protocol reports 0-4)")
-    g.add_argument("--balanced-subset", dest="pretrain_set", action="store_const", const="balanced", default=None,
-                   help="pretrain on the class-balanced subset D_b of the long-tailed split's size (SDCLR's "
-                        "balanced baseline); evaluation groups still follow the long-tailed counts")
-    g.add_argument("--train-list", default=None,
-                   help="webdataset: a file of the sample keys to train on, one per line (e.g. a long-tailed "
-                        "subset; default: the whole stream)")
-    g.add_argument("--fewshot-list", default=None,
-                   help="imagefolder: a list file ('relative/path label' lines) of the few-shot probe set, e.g. the "
-                        "official ImageNet-100-LT 1%% list imageNet_100_sub_balance_train_0.01 (drawn from the full "
-                        "training set); eval --shots with its per-class size uses it")
-    g.add_argument("--data-workers", type=int, default=None,
-                   help="webdataset: DataLoader workers decoding each rank's shards (default 2; part of the "
-                        "data order, keep it on --resume)")
-    g.add_argument("--shuffle-buffer", type=int, default=None,
-                   help="webdataset: samples in each reader's seeded shuffle buffer (default 1000)")
-    g.add_argument("--eval-dataset", choices=DATASETS, default=None,
-                   help="labelled data set whose probe / test sets evaluate the run (needed when the training "
-                        "data has none: --dataset webdataset)")
-    g.add_argument("--eval-data-root", default=None, help="the folder of --eval-dataset")
-    g.add_argument("--split-file", dest="official_split", default=None,
-                   help="CIFAR: the official SDCLR split/ folder; --split k (1-5) then loads its split{k}_D_i / "
-                        "_D_b / _S_b and trainIdxList / valIdxList instead of drawing the splits")
-    g.add_argument("--no-permute-classes", dest="permute_classes", action="store_false", default=None,
-                   help="give the head/tail ranks to the classes in index order (default: a seeded permutation "
-                        "per split, as the official splits do)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this square size (default: native, 32 for CIFAR, 28 for "
-                        "Fashion-MNIST)")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default=None,
-                   help=f"backbone: resnet18, resnet34, resnet50 or timm:<name>[:key=value,...], any timm "
-                        f"model made a self-competitor (default {d.arch}, as in SDCLR)")
-    g.add_argument("--width", type=int, default=None,
-                   help=f"channels of the first ResNet stage (default {d.width}, the standard ResNet-18)")
-    g.add_argument("--proj-dim", type=int, default=None,
-                   help=f"output size of the projection head (default {d.proj_dim})")
-    g.add_argument("--no-cifar-stem", dest="cifar_stem", action="store_false", default=None,
-                   help="use the ImageNet stem (7x7 stride-2 conv and max-pool) instead of the CIFAR stem "
-                        "(3x3 stride 1, no pool; the default, as in SDCLR)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default {d.epochs}, SDCLR on CIFAR-LT)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help=f"global batch size, split over DDP processes (default {d.batch_size})")
-    g.add_argument("--lr", type=float, default=None,
-                   help=f"peak SGD learning rate (default {d.lr:g}, SDCLR's value for batch 512; it is not "
-                        f"rescaled when you change --batch-size)")
-    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default {d.momentum:g})")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help=f"SGD weight decay (default {d.weight_decay:g})")
-    g.add_argument("--warmup-epochs", type=float, default=None,
-                   help=f"linear warm-up epochs before the per-step cosine decay (default "
-                        f"{d.warmup_epochs:g}; clipped to the run length)")
-    g.add_argument("--temperature", type=float, default=None,
-                   help=f"NT-Xent temperature (default {d.temperature:g})")
-    g.add_argument("--sparsity", type=float, default=None,
-                   help="SDCLR: fraction of backbone conv weights pruned in the self-competitor "
-                        f"(default {d.sparsity:g}); masks are recomputed at the start of every epoch")
-    g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
-                   help="SDCLR: one magnitude threshold over all convs (global, the paper's, default) or "
-                        "one per conv (layer)")
-    g.add_argument("--prune-block", type=_prune_block, default=None, metavar="OUTxIN",
-                   help="SDCLR: prune whole OUTxIN channel blocks (all taps) instead of single weights, e.g. "
-                        "32x32: on CUDA the pruned branch then skips the empty blocks in the Triton kernels "
-                        "(where the tuned table says they win; cuDNN otherwise); default unstructured")
-    g.add_argument("--moclr-momentum", type=float, default=None,
-                   help=f"MoCLR: base EMA momentum of the target network (default {d.moclr_momentum:g}, "
-                        f"BYOL's), raised to 1 over the run with BYOL's cosine schedule")
-    g.add_argument("--random-prune", type=float, default=None,
-                   help="SDCLR: the part of --sparsity pruned at random instead of by magnitude (the official "
-                        "random_prune_percent; default 0)")
-    g.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help=f"area range of the random resized crop (default {d.crop_scale[0]:g} {d.crop_scale[1]:g}, "
-                        f"SDCLR on CIFAR; its ImageNet recipe uses 0.08 1)")
-    g.add_argument("--eval-groups", choices=("thirds", "imagenet-lt"), default=None,
-                   help="major / moderate / minor classes of the evaluation: thirds of the classes ranked by count "
-                        "(the official CIFAR rule; default) or > 100 / 20-100 / < 20 training images (the official "
-                        "ImageNet-100-LT rule, set by --recipe imagenet100-lt)")
-    g.add_argument("--input-norm", choices=("imagenet", "dataset"), default=None,
-                   help="statistics the [0, 1] inputs are normalised with: imagenet (ImageNet mean/std, what the "
-                        "official models apply inside the network; default) or dataset (the training split's)")
-    g.add_argument("--blur-prob", type=float, default=None,
-                   help="probability of the Gaussian blur of a view (default 0; SDCLR's ImageNet recipe 0.5)")
-    g.add_argument("--seed", type=int, default=None,
-                   help=f"seed of the split draw, the initial weights, the data order and the augmentation "
-                        f"(default {d.seed})")
-    g = p.add_argument_group("execution")
-    g.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available); under torchrun each process "
-                        "uses cuda:LOCAL_RANK")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the forward passes (default: on for CUDA, off on CPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on for CUDA, off on CPU)")
-    g.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=("default", "max-autotune", "reduce-overhead"),
-                   help="torch.compile the training step (both forwards, loss and backward in "
-                        "one graph) with this mode; --compile alone means 'default'; "
-                        "'reduce-overhead' adds CUDA graphs (default off)")
-    g.add_argument("--no-sync-bn", dest="sync_bn", action="store_false", default=None,
-                   help="keep per-process BatchNorm statistics under DDP (default: SyncBatchNorm)")
-    g.add_argument("--threads", dest="num_threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--log-every", type=int, default=None,
-                   help=f"steps between progress-bar / metrics.jsonl updates (default {d.log_every})")
-    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
-                   help="do not write TensorBoard scalars (written by default when tensorboard is installed)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no tqdm progress bar")
-    g.add_argument("--checkpoint-every-steps", type=int, default=None,
-                   help="also write a resumable checkpoint every N optimiser steps inside an epoch (for "
-                        "long epochs on preemptible machines; default: at epoch ends and on SIGTERM/SIGUSR1)")
-
-
-_RUN_ONLY = {"run_dir", "resume", "stop_at_epoch", "init_checkpoint", "command", "func", "debug", "recipe"}
-
-
-def _prune_block(text):
-    try:
-        return parse_prune_block(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("prune_block ")) from None  # argparse names the flag
-
-
-def _explicit(args) -> dict:
-    """PretrainConfig fields given on the command line."""
-    names = {f for f in PretrainConfig.__dataclass_fields__}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None and k not in _RUN_ONLY}
+    method = add_config_flags(p, PretrainConfig, groups=groups)["method"]
+    method.choices = RUN_METHODS  # DnC is an orchestrator over the methods, not a PretrainConfig method
+    method.help += "; dnc = Divide and Contrast (base model, k-means experts, distillation)"
 
 
 def config_from_args(args, **overrides) -> PretrainConfig:
-    """PretrainConfig from parsed pretrain flags: the defaults (the papers' values), the flags
-    given, then ``overrides`` (e.g. ``method="sdclr"`` for a DnC stage)."""
-    explicit = _explicit(args)
+    """PretrainConfig from parsed pretrain flags: the defaults (the papers' values), the recipe,
+    the flags given, then ``overrides`` (e.g. ``method="sdclr"`` for a DnC stage)."""
+    explicit = config_values(args, PretrainConfig)
     method = overrides.get("method") or explicit.get("method") or _DEFAULTS.method
     given = recipe_fields(args.recipe, method) if getattr(args, "recipe", None) else {}
     given.update(explicit)
@@ -219,30 +134,27 @@ def config_from_args(args, **overrides) -> PretrainConfig:
         given.pop("method")
     if given.get("dataset") in ("imagefolder", "webdataset") and "ratio" not in given:
         given["ratio"] = None  # an image folder or a stream is taken as it is unless a ratio is asked for
-    stream = {k: getattr(args, a) for k, a in (("train_list", "train_list"), ("num_workers", "data_workers"),
-                                               ("shuffle_buffer", "shuffle_buffer"), ("fewshot_list", "fewshot_list"))
-              if getattr(args, a, None) is not None}
-    if stream:
-        given["data_options"] = {**given.get("data_options", {}), **stream}
     return PretrainConfig(**given)
 
 
 def cmd_pretrain(args) -> int:
-    if args.method == "dnc":
+    if getattr(args, "method", None) == "dnc":
         run_dnc(args)
         return 0
     from .train.checkpoint import CHECKPOINT_NAME, load_newest_checkpoint
     from .train.pretrain import pretrain
+    from .train.run import read_for_run
 
     run_dir = Path(args.run_dir)
     ckpt = run_dir / CHECKPOINT_NAME
     if args.resume and ckpt.exists():
-        # the previous checkpoint stands in for an unreadable newest one; the run says which it used
-        stored = PretrainConfig.from_dict(load_newest_checkpoint(ckpt)[0]["config"])
-        given = _explicit(args)
+        # the previous checkpoint stands in for an unreadable newest one; the run says which it used.
+        # The run takes over this read instead of loading the file again.
+        stored = PretrainConfig.from_dict(read_for_run(ckpt, load_newest_checkpoint)[0]["config"])
+        given = config_values(args, PretrainConfig)
         if given.get("method") not in (None, stored.method):
             raise ValueError(f"--resume: {str(ckpt)!r} is a {stored.method} run, not {given['method']}")
-        config = stored.replace(**given)
+        config = _on_top(stored, given)
     else:
         config = config_from_args(args)
     path = pretrain(config, run_dir=run_dir, resume=args.resume, stop_at_epoch=args.stop_at_epoch,
@@ -252,67 +164,11 @@ def cmd_pretrain(args) -> int:
 
 
 # ---------------------------------------------------------------- pretrain --method dnc
-_DNC_FLAGS = {  # DnCConfig field -> flag
-    "k": "--dnc-k", "base_method": "--dnc-base-method", "base_epochs": "--dnc-base-epochs",
-    "expert_epochs": "--dnc-expert-epochs", "student_epochs": "--dnc-student-epochs",
-    "kmeans_iters": "--dnc-kmeans-iters", "kmeans_backend": "--dnc-kmeans-backend",
-    "kmeans_metric": "--dnc-kmeans-metric", "cluster_on": "--dnc-cluster-on",
-    "distill_target": "--dnc-distill-target", "distill_lr": "--dnc-distill-lr",
-    "head_hidden": "--dnc-head-hidden", "base_weight": "--dnc-base-weight",
-    "expert_weight": "--dnc-expert-weight", "student_init": "--dnc-student-init",
-    "rounds": "--dnc-rounds", "parallel_experts": "--dnc-parallel-experts",
-}
-
-
 def add_dnc_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --dnc-* flags of ``sdclr-fast pretrain --method dnc``. Their argparse defaults are None
-    so that ``--resume`` can tell given flags from stored options; the documented defaults come
-    from :class:`DnCConfig`."""
-    d = DnCConfig()
-    g = parser.add_argument_group("DnC (--method dnc)")
-    g.add_argument("--dnc-k", type=int, default=None,
-                   help=f"number of k-means clusters, i.e. experts (default {d.k}; DnC uses 5 or 10)")
-    g.add_argument("--dnc-base-method", choices=METHODS, default=None,
-                   help=f"contrastive method of the base model and the experts (default {d.base_method}, "
-                        f"DnC's MoCLR; sdclr gives an SDCLR base, a combination not published before)")
-    g.add_argument("--dnc-rounds", type=int, default=None,
-                   help=f"divide-and-contrast rounds (default {d.rounds}); each further round clusters the "
-                        f"previous student's features, trains experts from it and distils a new student "
-                        f"(round r >= 2 in run_dir/round_<r>/)")
-    g.add_argument("--dnc-base-epochs", type=int, default=None,
-                   help="epochs of the base model on the whole training split (default: --epochs)")
-    g.add_argument("--dnc-expert-epochs", type=int, default=None,
-                   help="epochs of each expert on its own cluster (default: --epochs)")
-    g.add_argument("--dnc-student-epochs", type=int, default=None,
-                   help="epochs of the distillation into the student (default: --epochs)")
-    g.add_argument("--dnc-kmeans-iters", type=int, default=None,
-                   help=f"maximum Lloyd iterations of k-means (default {d.kmeans_iters})")
-    g.add_argument("--dnc-kmeans-backend", choices=KMEANS_BACKENDS, default=None,
-                   help="k-means implementation: faiss (its GPU index with faiss-gpu, else CPU), torch (on "
-                        "the training device) or auto = faiss where installed (default auto)")
-    g.add_argument("--dnc-kmeans-metric", choices=KMEANS_METRICS, default=None,
-                   help=f"spherical (cosine) or Euclidean k-means on the L2-normalised embeddings "
-                        f"(default {d.kmeans_metric})")
-    g.add_argument("--dnc-cluster-on", choices=EMBEDDINGS, default=None,
-                   help=f"base embedding that is clustered: backbone features or projection-head output "
-                        f"(default {d.cluster_on})")
-    g.add_argument("--dnc-distill-target", choices=EMBEDDINGS, default=None,
-                   help=f"teacher embedding the student's heads regress (default {d.distill_target})")
-    g.add_argument("--dnc-distill-lr", type=float, default=None,
-                   help="peak SGD learning rate of the student (default 0.1 x batch size / 256)")
-    g.add_argument("--dnc-head-hidden", type=int, default=None,
-                   help="hidden width of the student's prediction heads (default: backbone feature size)")
-    g.add_argument("--dnc-base-weight", type=float, default=None,
-                   help=f"weight of the base-teacher regression term (default {d.base_weight:g})")
-    g.add_argument("--dnc-expert-weight", type=float, default=None,
-                   help=f"weight of the expert-teacher regression term (default {d.expert_weight:g})")
-    g.add_argument("--dnc-student-init", choices=STUDENT_INITS, default=None,
-                   help=f"student initialisation: a fresh network or the base model's weights "
-                        f"(default {d.student_init})")
-    g.add_argument("--dnc-parallel-experts", action="store_true", default=None,
-                   help="under torchrun, train the experts at the same time on disjoint groups of ranks "
-                        "(W ranks, k experts: min(W, k) groups; 8 GPUs and k = 8: one expert per GPU) "
-                        "instead of one after the other on all ranks")
+    """The --dnc-* flags of ``sdclr-fast pretrain --method dnc``, one per :class:`DnCConfig` field.
+    A flag not given sets nothing, so that ``--resume`` can tell given flags from stored options;
+    the documented defaults come from :class:`DnCConfig`."""
+    add_config_flags(parser, DnCConfig, prefix="dnc", groups={"": parser.add_argument_group("DnC (--method dnc)")})
 
 
 def dnc_configs_from_args(args):
@@ -321,13 +177,13 @@ def dnc_configs_from_args(args):
     result is then refused by the pipeline)."""
     from .train.dnc import stored_configs
 
-    given = {f: getattr(args, f"dnc_{f}") for f in _DNC_FLAGS if getattr(args, f"dnc_{f}", None) is not None}
+    given = config_values(args, DnCConfig, prefix="dnc")
     stored = stored_configs(args.run_dir) if args.resume else None
     if stored is not None:
         base, options = stored
-        explicit = _explicit(args)
+        explicit = config_values(args, PretrainConfig)
         explicit.pop("method", None)
-        base, options = base.replace(**explicit), DnCConfig.from_dict({**options.to_dict(), **given})
+        base, options = _on_top(base, explicit), options.replace(**given)
     else:
         options = DnCConfig(**given)
         base = config_from_args(args, method=options.base_method)
@@ -349,10 +205,12 @@ def run_dnc(args):
 
 
 # ---------------------------------------------------------------- eval
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", action="append", required=True, dest="run_dirs", type=_directory,
-                   help="a run directory (or checkpoint file) to evaluate; repeat to compare runs")
-    p.add_argument("--probe", choices=("full", "fewshot", "knn", "all"), default="all",
+def add_probe_arguments(p) -> None:
+    """The probe flags that ``eval`` and ``study`` share: which probes, the few-shot size, the
+    linear probe's epochs, kNN's k and the per-class size of the probe's training set."""
+    from .train.evaluate import PROBE_CHOICES
+
+    p.add_argument("--probe", choices=PROBE_CHOICES, default="all",
                    help="full = linear probe on the balanced train set (30 epochs, lr 30, SDCLR); fewshot = "
                         "the same probe on --shots per class (100 epochs); knn = weighted k-NN; all = the "
                         "three (default)")
@@ -366,6 +224,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-per-class", type=int, default=None,
                    help="train the full-shot probe and kNN on this many images per class of the probe pool "
                         "(cheaper on a CPU; default: the whole pool, as the protocol)")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", action="append", required=True, dest="run_dirs", type=_directory,
+                   help="a run directory (or checkpoint file) to evaluate; repeat to compare runs")
+    add_probe_arguments(p)
     p.add_argument("--batch-size", type=int, default=512, help="feature-extraction batch size (default 512)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None,
@@ -470,16 +334,7 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--balanced-baseline", action="store_true",
                    help="also pretrain every cell on the class-balanced subset D_b of the same size, and report "
                         "each class's accuracy relative to it")
-    g.add_argument("--probe", choices=("full", "fewshot", "knn", "all"), default="all",
-                   help="probes of every cell (default all: linear full-shot, few-shot, kNN)")
-    g.add_argument("--shots", type=float, default=0.01,
-                   help="few-shot probe size: images per class (int >= 1) or a fraction (default 0.01)")
-    g.add_argument("--probe-epochs", type=int, default=None,
-                   help="linear-probe epochs (default: the protocol's 30 full / 100 few-shot)")
-    g.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN probe (default 200)")
-    g.add_argument("--probe-per-class", type=int, default=None,
-                   help="train the full-shot probe and kNN on this many images per class of the probe pool "
-                        "(cheaper on a CPU; default: the whole pool, as the protocol)")
+    add_probe_arguments(g)
     g.add_argument("--title", default="Study", help="report title")
 
 
@@ -698,6 +553,6 @@ def _one_line(exc: Exception, parser, command: str) -> str:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     flags = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings and "_" in a.dest
              and a.option_strings[0].startswith("--")}
-    flags.update({"root=": "--data-root", "num_workers": "--data-workers"})
+    flags["root="] = "--data-root"
     names = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
     return re.sub(rf"(?<![\w.-])({names})(?![\w.])", lambda m: flags[m.group(1)], text)

@@ -95,8 +95,8 @@ from .distill import distill_student
 from .models import load_model
 from .distributed import (DistInfo, all_gather_object, barrier, init_distributed, new_groups, shutdown,
                           within_group)
-from .run import (Execution, Preempted, StopCheck, config_differences_error, resolve_device, run_data, run_lock,
-                  stop_requested, stop_signals, write_run_files)
+from .run import (Execution, Preempted, StopCheck, config_differences_error, read_again, read_for_run,
+                  resolve_device, run_data, run_lock, stop_requested, stop_signals, write_run_files)
 
 __all__ = ["dnc", "dnc_state", "round_dir", "STATE_NAME", "CLUSTERS_MD_NAME"]
 
@@ -128,7 +128,7 @@ def stored_configs(run_dir):
     path = Path(run_dir) / STATE_NAME
     if not path.exists():
         return None
-    state = _read_state(path)
+    state = read_for_run(path, _read_state)  # the run that follows takes this read over
     return PretrainConfig.from_dict(state["base_config"]), DnCConfig.from_dict(state["dnc"])
 
 
@@ -228,7 +228,7 @@ def _dnc(config, options, run_dir, resume, data, init_checkpoint, dist_info):
         if not resume:
             raise ValueError(f"run_dir {str(run_dir)!r} already holds a DnC run ({STATE_NAME}); pass "
                              f"resume=True (--resume) to continue it, or choose another run directory")
-        state = _read_state(state_path)
+        state = read_again(state_path, _read_state)  # once per command: stored_configs may have read it
         diff = DnCConfig.from_dict(state["dnc"]).differences(options)
         diff.update(PretrainConfig.from_dict(state["base_config"]).differences(config))
         if diff:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..files import WriteError, lock_directory, remove_debris, write_json
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, capture_rng, load_checkpoint, load_newest_checkpoint,
-                         restore_rng, save_checkpoint)
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, _check_expected, capture_rng, load_checkpoint,
+                         load_newest_checkpoint, restore_rng, save_checkpoint)
 from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier
 
 METRICS_NAME = "metrics.jsonl"
@@ -322,6 +322,35 @@ def write_run_files(run_dir, data, config=None) -> None:
 
 
 # ---------------------------------------------------------------- resume
+_read_before_run: dict = {}  # resolved path -> (file stamp, value) kept by read_for_run
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_for_run(path, reader):
+    """``reader(path)``, kept for the run that follows, whose :func:`read_again` of the same
+    unchanged file takes this value instead of reading the file a second time (the command line
+    reads a resumed run's stored configuration from the checkpoint or ``dnc.json`` first)."""
+    path = Path(path)
+    stamp = _stamp(path)
+    value = reader(path)
+    _read_before_run[path.resolve()] = (stamp, value)
+    return value
+
+
+def read_again(path, reader):
+    """The value :func:`read_for_run` kept for ``path`` (handed over once, and only while the file
+    is unchanged), else ``reader(path)``."""
+    path = Path(path)
+    kept = _read_before_run.pop(path.resolve(), None)
+    if kept is not None and path.exists() and _stamp(path) == kept[0]:
+        return kept[1]
+    return reader(path)
+
+
 def config_differences_error(diff: dict, what: str) -> ValueError:
     """The one message for a resume whose configuration differs from the stored one."""
     listing = ", ".join(f"{k}: stored {a!r}, given {b!r}" for k, (a, b) in diff.items())
@@ -348,7 +377,8 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
     if not resume:
         raise ValueError(f"run_dir {str(ckpt_path.parent)!r} already holds {CHECKPOINT_NAME}; pass "
                          f"resume=True (--resume) to continue it, or choose another run directory")
-    state, note = load_newest_checkpoint(ckpt_path, expect=expect)
+    state, note = read_again(ckpt_path, load_newest_checkpoint)
+    _check_expected(state, expect)
     if note and warn:
         print(f"{note}; the work after it is repeated", flush=True)
     diff = PretrainConfig.from_dict(state["config"]).differences(config)
