@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from helpers import write_image_folder
 from sdclr_fast.cli import bench_scripts, build_parser, config_from_args, main
 from sdclr_fast.train import PretrainConfig, load_checkpoint
 
@@ -98,24 +98,9 @@ def test_bench_lists_scripts():
         bench_scripts(["nope"])
 
 
-def _image_folder(root: Path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, counts in (("train", [12, 8, 6, 4]), ("test", [3, 3, 3, 3])):
-        for c, n in enumerate(counts):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
-                r, q = divmod(c, 2)
-                img[r * 4:(r + 1) * 4, q * 4:(q + 1) * 4] += 150
-                Image.fromarray(img).save(d / f"{i}.png")
-
-
 def test_pretrain_kill_resume_eval_end_to_end(tmp_path, capsys):
     data_root = tmp_path / "images"
-    _image_folder(data_root)
+    write_image_folder(data_root)
     run = tmp_path / "run"
     common = ["pretrain", "--method", "sdclr", "--dataset", "imagefolder", "--data-root", str(data_root),
               "--image-size", "8", "--width", "4", "--epochs", "2", "--batch-size", "8", "--lr", "0.1",

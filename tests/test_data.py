@@ -3,7 +3,6 @@ import gzip
 import json
 import math
 import pickle
-import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import idx_bytes, permuted_labels, write_fmnist
 from sdclr_fast.data import (DATASETS, BatchIterator, ImageSet, TwoViewAugment, build_dataset,
                              eval_transform, load_split, long_tail_counts, save_split)
 from sdclr_fast.data import splits as S
@@ -58,14 +58,9 @@ def test_ratio_must_be_at_least_one():
     assert S.check_ratio(None) is None and S.check_ratio(1) == 1.0
 
 
-def _labels(per_class, num_classes, seed=0):
-    y = np.repeat(np.arange(num_classes), per_class)
-    return np.random.default_rng(seed).permutation(y)
-
-
 @pytest.mark.parametrize("num_classes, per_class, total", [(10, 5000, 11165), (100, 500, 9754)])
 def test_cifar_protocol_split_counts(num_classes, per_class, total):
-    y = _labels(per_class, num_classes)
+    y = permuted_labels(per_class, num_classes)
     lt, probe, val, order, bal = cifar_protocol_split(y, num_classes, ratio=100, seed=3, split=2)
     assert len(lt) == total
     n_max = per_class * 9 // 10
@@ -91,7 +86,7 @@ def test_cifar_protocol_split_counts(num_classes, per_class, total):
 
 
 def test_splits_reproducible_by_seed_and_split():
-    y = _labels(200, 10)
+    y = permuted_labels(200, 10)
     a = cifar_protocol_split(y, 10, seed=1, split=0)
     b = cifar_protocol_split(y, 10, seed=1, split=0)
     for u, v in zip(a, b):
@@ -105,7 +100,7 @@ def test_splits_reproducible_by_seed_and_split():
 
 
 def test_permuted_class_order():
-    y = _labels(100, 10)
+    y = permuted_labels(100, 10)
     lt, order = S.long_tail_subset(y, np.arange(len(y)), 10, 10, seed=4, split=1, permute_classes=True)
     assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
     counts = np.bincount(y[lt], minlength=10)
@@ -133,7 +128,7 @@ def test_long_tail_subset_properties(sizes, ratio, seed, split, permute):
 
 
 def test_long_tail_subset_needs_enough_images():
-    y = _labels(5, 3)
+    y = permuted_labels(5, 3)
     with pytest.raises(ValueError, match="fewer than"):
         S.long_tail_subset(y, np.arange(len(y)), 3, 2, 0, 0, n_max=6)
 
@@ -164,9 +159,9 @@ def _write_cifar(root: Path, num_classes: int, per_class: int, test_per_class: i
     folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
     folder.mkdir(parents=True)
     key = b"labels" if num_classes == 10 else b"fine_labels"
-    y = _labels(per_class, num_classes, seed).tolist()
+    y = permuted_labels(per_class, num_classes, seed).tolist()
     x = rng.integers(0, 256, (len(y), 3072), dtype=np.uint8)
-    yt = _labels(test_per_class, num_classes, seed + 1).tolist()
+    yt = permuted_labels(test_per_class, num_classes, seed + 1).tolist()
     xt = rng.integers(0, 256, (len(yt), 3072), dtype=np.uint8)
     if num_classes == 10:
         parts = np.array_split(np.arange(len(y)), 5)
@@ -281,31 +276,8 @@ def test_split_file_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
-def _idx_bytes(arr: np.ndarray, magic_type=0x08) -> bytes:
-    header = bytes([0, 0, magic_type, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def _write_fmnist(folder: Path, per_class=12, test_per_class=2, gz=True):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    y = _labels(per_class, 10)
-    yt = _labels(test_per_class, 10, 1)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (len(y), 28, 28)),
-              "train-labels-idx1-ubyte": y, "t10k-images-idx3-ubyte": rng.integers(0, 256, (len(yt), 28, 28)),
-              "t10k-labels-idx1-ubyte": yt}
-    for name, arr in arrays.items():
-        raw = _idx_bytes(np.asarray(arr))
-        if gz:
-            with gzip.open(folder / (name + ".gz"), "wb") as f:
-                f.write(raw)
-        else:
-            (folder / name).write_bytes(raw)
-    return arrays
-
-
 def test_fmnist_lt_synthetic_idx(tmp_path, monkeypatch):
-    arrays = _write_fmnist(tmp_path / "fm")
+    arrays = write_fmnist(tmp_path / "fm")
     data = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=4)
     assert data.class_counts[data.class_order].tolist() == long_tail_counts(12, 10, 4)
     plain = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=4, permute_classes=False)
@@ -322,7 +294,7 @@ def test_fmnist_lt_synthetic_idx(tmp_path, monkeypatch):
     assert torch.equal(env.train.indices, data.train.indices)
     assert env.train.images.shape[1:] == (1, 32, 32) and env.image_size == 32
     # Uncompressed IDX files are read too.
-    _write_fmnist(tmp_path / "raw", gz=False)
+    write_fmnist(tmp_path / "raw", gz=False)
     assert len(build_dataset("fashion-mnist-lt", tmp_path / "raw", ratio=4).train) == len(data.train)
 
 
@@ -337,7 +309,7 @@ def test_fmnist_missing_file_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_fmnist_corrupt_idx_named(tmp_path):
     folder = tmp_path / "fm"
-    _write_fmnist(folder)
+    write_fmnist(folder)
     target = folder / "train-images-idx3-ubyte.gz"
     good = gzip.decompress(target.read_bytes())
     cases = {
@@ -358,7 +330,7 @@ def test_fmnist_corrupt_idx_named(tmp_path):
     target.write_bytes(gzip.compress(good))
     labels = folder / "train-labels-idx1-ubyte.gz"
     with gzip.open(labels, "wb") as f:
-        f.write(_idx_bytes(np.zeros(7, np.uint8)))
+        f.write(idx_bytes(np.zeros(7, np.uint8)))
     with pytest.raises(ValueError, match="labels"):
         build_dataset("fashion-mnist-lt", folder)
 
@@ -493,7 +465,7 @@ def test_imageset_subset_and_checks():
 
 
 def test_fewshot_inside_pretraining_images(tmp_path):
-    _write_fmnist(tmp_path / "fm", per_class=40)
+    write_fmnist(tmp_path / "fm", per_class=40)
     data = build_dataset("fashion-mnist-lt", tmp_path / "fm", ratio=8, seed=1)
     lt, bal = set(data.train.indices.tolist()), set(data.balanced_train.indices.tolist())
     # The tail class of D_i has floor(40 / 8) = 5 images, all of them in D_b (nested sets).

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from sdclr_fast.data import ContrastiveData
 from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model
 import sdclr_fast.train.pretrain as loop
 from sdclr_fast.cli import add_dnc_arguments
@@ -19,31 +18,12 @@ from sdclr_fast.train.dnc import dnc, dnc_state
 from sdclr_fast.train.kmeans import kmeans
 
 
-from helpers import assert_same_state, fix_clusters, separable_images  # noqa: E402
+from helpers import DNC_DATA as DATA, assert_same_state, fix_clusters  # noqa: E402
+from helpers import tiny_dnc_config as tiny_config, tiny_dnc_options as tiny_options  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
-DATA = ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
-                       train=separable_images([24, 16, 12, 8], seed=1), probe_train=separable_images([8, 8, 8, 8], seed=2),
-                       val=None, test=separable_images([6, 6, 6, 6], seed=3), class_order=torch.arange(4),
-                       mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})
-
-
-def tiny_config(**kw):
-    base = dict(method="simclr", dataset="synthetic", arch="resnet18", width=4, proj_dim=16, epochs=2,
-                batch_size=8, lr=0.1, warmup_epochs=1, seed=3, device="cpu", progress=False,
-                tensorboard=False, log_every=1)
-    base.update(kw)
-    return PretrainConfig(**base)
-
-
-def tiny_options(**kw):
-    base = dict(k=2, base_epochs=2, expert_epochs=2, student_epochs=2, kmeans_backend="torch")
-    base.update(kw)
-    return DnCConfig(**base)
 
 
 

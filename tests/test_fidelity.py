@@ -242,13 +242,13 @@ def test_official_sb_outside_the_probe_list_is_the_fewshot_probe_set(tmp_path):
     """The official CIFAR-100 S_b files hold 31-56 images outside the 40k probe list; the official
     code trains the few-shot probe on S_b directly, so must we (it used to stop with "S_b holds
     ... outside probe_train")."""
-    from test_official_splits import _official_layout, _write_cifar
+    from helpers import official_layout, write_cifar_batches
 
     from sdclr_fast.data import build_dataset
     from sdclr_fast.eval import evaluate_backbone
 
-    y = _write_cifar(tmp_path / "c", 100, 12)
-    off = _official_layout(tmp_path / "split", y, 100, splits=(1,))
+    y = write_cifar_batches(tmp_path / "c", 100, 12)
+    off = official_layout(tmp_path / "split", y, 100, splits=(1,))
     sb = off[1]["S_b"]
     train_list = off["files"]["train"]
     kept = np.setdiff1d(np.load(train_list), sb[::3])  # a third of S_b leaves the probe list

@@ -13,9 +13,9 @@ import os
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
+from hypothesis import assume, given, settings, strategies as st  # noqa: E402
 
-from helpers import free_port  # noqa: E402
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS, INTERPRET, free_port, interp  # noqa: E402
 
 import sdclr_fast  # noqa: E402
 from sdclr_fast.ops import _common as common  # noqa: E402
@@ -23,10 +23,6 @@ from sdclr_fast.ops import info_nce as op  # noqa: E402
 from sdclr_fast.ops.info_nce import InfoNCELoss, MemoryBank, info_nce, momentum_update_  # noqa: E402
 from sdclr_fast.ops.reference import info_nce_reference  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-SETTINGS = dict(deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
 
 

@@ -17,7 +17,7 @@ from sdclr_fast.train import PretrainConfig, load_checkpoint, load_model, read_m
 from sdclr_fast.train.moclr import make_target, moclr_loss, momentum_at, update_target
 from sdclr_fast.train.pretrain import ContrastiveForward, pretrain
 from sdclr_fast.train.run import Preempted
-from test_train import DATA, tiny_config, tiny_data
+from helpers import PRETRAIN_DATA as DATA, tiny_pretrain_config as tiny_config, tiny_pretrain_data as tiny_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,9 @@ import os
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS, INTERPRET, interp  # noqa: E402
 
 import sdclr_fast  # noqa: E402
 from sdclr_fast.ops import _common as common  # noqa: E402
@@ -18,14 +20,9 @@ from sdclr_fast.ops.nt_xent import NTXentLoss, nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import (  # noqa: E402
     nt_xent_cross_entropy_reference, nt_xent_reference)
 
-# Triton on CPU tensors runs only in the interpreter; on a GPU machine run the CUDA tests with
-# TRITON_INTERPRET=0 (`TRITON_INTERPRET=0 pytest -m cuda tests/test_nt_xent.py`).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interp = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+# On a GPU machine run the CUDA tests with TRITON_INTERPRET=0
+# (`TRITON_INTERPRET=0 pytest -m cuda tests/test_nt_xent.py`).
 CPU_BACKENDS = ["torch", "triton"] if INTERPRET else ["torch"]
-
-SETTINGS = dict(deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7, torch.float32: 2.0 ** -23}
 
 

@@ -15,7 +15,7 @@ from torch.func import grad, jacfwd, jacrev, jvp, vmap  # noqa: E402
 from sdclr_fast.ops import nt_xent as op  # noqa: E402
 from sdclr_fast.ops.nt_xent import nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import nt_xent_reference  # noqa: E402
-from test_nt_xent import INTERPRET, SETTINGS, interp  # noqa: E402
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS, INTERPRET, interp  # noqa: E402
 
 F64 = torch.float64
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from sdclr_fast.ops.nt_xent import NTXentLoss, nt_xent
-from test_nt_xent import SETTINGS
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS
 
 
 class LightlyFormula:

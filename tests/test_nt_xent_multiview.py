@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from sdclr_fast.ops.nt_xent import NTXentLoss, nt_xent  # noqa: E402
 from sdclr_fast.ops.reference import nt_xent_reference  # noqa: E402
-from test_nt_xent import INTERPRET, SETTINGS, interp  # noqa: E402
+from helpers import HYPOTHESIS_SETTINGS as SETTINGS, INTERPRET, interp  # noqa: E402
 
 BACKENDS = ["torch", "triton"] if INTERPRET else ["torch"]
 

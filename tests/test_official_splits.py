@@ -2,38 +2,16 @@
 D_i & D_b, split.json round trips (formats 1 and 2) and SDCLR's official index files (fake ones
 in the official layout: no CIFAR files or official .npy files exist on this machine)."""
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import official_layout, write_cifar_batches
 from sdclr_fast.data import build_dataset, load_split, long_tail_counts
-from sdclr_fast.data import splits as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _write_cifar(root: Path, num_classes: int, per_class: int, test_per_class: int = 1, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = root / ("cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
-    folder.mkdir(parents=True)
-    key = b"labels" if num_classes == 10 else b"fine_labels"
-    y = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-    x = rng.integers(0, 256, (len(y), 3072), dtype=np.uint8)
-    yt = np.repeat(np.arange(num_classes), test_per_class)
-    xt = rng.integers(0, 256, (len(yt), 3072), dtype=np.uint8)
-    if num_classes == 10:
-        parts = np.array_split(np.arange(len(y)), 5)
-        files = {f"data_batch_{i + 1}": {b"data": x[p], key: y[p].tolist()} for i, p in enumerate(parts)}
-        files["test_batch"] = {b"data": xt, key: yt.tolist()}
-    else:
-        files = {"train": {b"data": x, key: y.tolist()}, "test": {b"data": xt, key: yt.tolist()}}
-    for name, obj in files.items():
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f)
-    return y
 
 
 def _write_fmnist(folder: Path, per_class: int):
@@ -143,7 +121,7 @@ def test_pretrain_balanced_impossible_names_reason(tmp_path):
 # ----------------------------------------------------------------------------- split.json
 
 def test_split_json_round_trip_all_fields(tmp_path):
-    _write_cifar(tmp_path / "c", 100, 10)
+    write_cifar_batches(tmp_path / "c", 100, 10)
     data = build_dataset("cifar100-lt", tmp_path / "c", ratio=9, seed=2, split=3)
     path = data.save_split(tmp_path / "run")
     raw = json.loads(path.read_text())
@@ -179,43 +157,9 @@ def test_split_json_round_trip_all_fields(tmp_path):
 
 # ----------------------------------------------------------------------------- official split files
 
-def _official_layout(folder: Path, y: np.ndarray, num_classes: int, splits=(1, 2), seed=0):
-    """Fake index files in SDCLR's layout: trainIdxList / valIdxList (90% / 10%), and per split a
-    permuted long-tailed D_i (ratio 10) of trainIdxList, D_b of its size nested with it, and S_b
-    with the tail count per class inside D_i & D_b."""
-    rng = np.random.default_rng(seed)
-    keep, val = S.stratified_holdout(y, num_classes, int(np.bincount(y).min() * 0.1), seed)
-    if num_classes == 10:
-        tr, va = folder / "cifar10" / "trainIdxList.npy", folder / "cifar10" / "valIdxList.npy"
-        sub = folder / "cifar10_imbSub_with_subsets"
-        fmt = "split{k}_{p}.npy"
-    else:
-        tr = folder / "cifar100" / "cifar100_trainIdxList.npy"
-        va = folder / "cifar100_split" / "cifar100_valIdxList.npy"
-        sub = folder / "cifar100_imbSub_with_subsets"
-        fmt = "cifar100_split{k}_{p}.npy"
-    for p in (tr.parent, va.parent, sub):
-        p.mkdir(parents=True, exist_ok=True)
-    np.save(tr, rng.permutation(keep))
-    np.save(va, rng.permutation(val))
-    out = {"train": keep, "val": val, "files": {}}
-    for k in splits:
-        lt, _ = S.long_tail_subset(y, keep, num_classes, 10, seed, 100 + k, permute_classes=True)
-        bal, _ = S.same_size_balanced(y, keep, lt, num_classes, seed, 100 + k)
-        tail = int(np.bincount(y[lt], minlength=num_classes).min())
-        few = S.fewshot_subset(y, np.intersect1d(lt, bal), num_classes, tail, seed, k)
-        out[k] = {"D_i": lt, "D_b": bal, "S_b": few}
-        for p, arr in out[k].items():
-            path = sub / fmt.format(k=k, p=p)
-            np.save(path, rng.permutation(arr))
-            out["files"][(k, p)] = path
-    out["files"]["train"], out["files"]["val"] = tr, va
-    return out
-
-
 def test_official_split_cifar10(tmp_path):
-    y = _write_cifar(tmp_path / "c", 10, 50)
-    off = _official_layout(tmp_path / "split", y, 10)
+    y = write_cifar_batches(tmp_path / "c", 10, 50)
+    off = official_layout(tmp_path / "split", y, 10)
     data = build_dataset("cifar10-lt", tmp_path / "c", official_split=tmp_path / "split", split=2)
     np.testing.assert_array_equal(data.train.indices.numpy(), off[2]["D_i"])
     np.testing.assert_array_equal(data.balanced_train.indices.numpy(), off[2]["D_b"])
@@ -254,8 +198,8 @@ def test_official_split_cifar10(tmp_path):
 
 
 def test_official_split_cifar100_layout(tmp_path):
-    y = _write_cifar(tmp_path / "c", 100, 20)
-    off = _official_layout(tmp_path / "split", y, 100, splits=(3,))
+    y = write_cifar_batches(tmp_path / "c", 100, 20)
+    off = official_layout(tmp_path / "split", y, 100, splits=(3,))
     data = build_dataset("cifar100-lt", tmp_path / "c", official_split=tmp_path / "split", split=3)
     np.testing.assert_array_equal(data.train.indices.numpy(), off[3]["D_i"])
     np.testing.assert_array_equal(data.val.indices.numpy(), off["val"])
@@ -268,8 +212,8 @@ def _expect(tmp_path, match, **kw):
 
 
 def test_official_split_errors(tmp_path):
-    y = _write_cifar(tmp_path / "c", 10, 50)
-    off = _official_layout(tmp_path / "split", y, 10, splits=(1,))
+    y = write_cifar_batches(tmp_path / "c", 10, 50)
+    off = official_layout(tmp_path / "split", y, 10, splits=(1,))
     f = off["files"]
     _expect(tmp_path, r"split4_D_i.npy.*split=4 picks", split=4)        # no such split file
     _expect(tmp_path, r"split picks the file.*must be an int >= 1.*got 0", split=0)

@@ -5,14 +5,12 @@ import signal
 
 import pytest
 
-from helpers import assert_same_state
+from helpers import PRETRAIN_DATA as DATA, assert_same_state, signal_at_steps, tiny_pretrain_config as tiny_config
 from sdclr_fast.cli import build_parser, config_from_args
 from sdclr_fast.train import load_checkpoint
 from sdclr_fast.train.config import PretrainConfig, parse_prune_block
 from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.run import Preempted
-from test_runs_on_clusters import _signal_at_steps
-from test_train import DATA, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCK = (4, 4)  # tiny_config's ResNet-18 has width 4: 4 to 32 channels
@@ -87,7 +85,7 @@ def test_block_masks_updated_every_epoch(uninterrupted_block, monkeypatch, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("step", [2, 4])
 def test_kill_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrupted_block, step):
-    calls = _signal_at_steps(monkeypatch, {step}, signal.SIGTERM)
+    calls = signal_at_steps(monkeypatch, {step}, signal.SIGTERM)
     with pytest.raises(Preempted):
         pretrain(tiny_config("sdclr", epochs=3, prune_block=BLOCK), run_dir=tmp_path, data=DATA)
     assert calls[0] == step

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same_state
+from helpers import (DNC_DATA, PRETRAIN_DATA as DATA, STUDY_BASE, assert_same_state, signal_at_steps, tiny_dnc_config,
+                     tiny_dnc_options, tiny_pretrain_config as tiny_config, tiny_study_data, write_image_folder)
 from sdclr_fast.cli import main
 from sdclr_fast.files import DirectoryLockedError, WriteError, atomic_write, lock_directory
 from sdclr_fast.train import load_checkpoint
@@ -21,7 +22,6 @@ from sdclr_fast.train.checkpoint import save_checkpoint
 from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.run import (EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_PREEMPTED, EXIT_WRITE_FAILED, Preempted,
                                   read_metrics)
-from test_train import DATA, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,10 +143,8 @@ def small_tmpfs(tmp_path):
 
 
 def test_pretrain_on_a_full_tmpfs_exits_with_one_line(small_tmpfs, capsys):
-    from test_cli import _image_folder
-
     data_root = small_tmpfs.parent / "images"
-    _image_folder(data_root)
+    write_image_folder(data_root)
     run = small_tmpfs / "run"
     argv = ["pretrain", "--method", "simclr", "--dataset", "imagefolder", "--data-root", str(data_root),
             "--image-size", "8", "--width", "16", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
@@ -160,35 +158,6 @@ def test_pretrain_on_a_full_tmpfs_exits_with_one_line(small_tmpfs, capsys):
 
 
 # ---------------------------------------------------------------- stop signals
-def _signal_at_steps(monkeypatch, steps, signum=signal.SIGTERM, during_save=False):
-    """Send ``signum`` to this process inside the given (1-based) loss calls; optionally a second
-    one while the resulting checkpoint is being written. Returns [loss calls, second signals]."""
-    import sdclr_fast.ops.nt_xent as ntx
-
-    real, calls = ntx.nt_xent, [0, 0]
-
-    def loss(*a, **k):
-        calls[0] += 1
-        if calls[0] in steps:
-            os.kill(os.getpid(), signum)
-        return real(*a, **k)
-
-    monkeypatch.setattr(ntx, "nt_xent", loss)
-    if during_save:
-        import sdclr_fast.train.run as run
-
-        real_save = run.save_checkpoint
-
-        def save(*a, **k):
-            if run.stop_requested():  # a second signal while the stop's checkpoint is written
-                calls[1] += 1
-                os.kill(os.getpid(), signum)
-            return real_save(*a, **k)
-
-        monkeypatch.setattr(run, "save_checkpoint", save)
-    return calls
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, one_thread):
     out = {}
@@ -204,7 +173,7 @@ def uninterrupted(tmp_path_factory, one_thread):
     ("sdclr", 4, signal.SIGINT),
     ("simclr", 2, signal.SIGTERM), ("simclr", 8, signal.SIGTERM)])
 def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch, uninterrupted, method, step, signum):
-    calls = _signal_at_steps(monkeypatch, {step}, signum)
+    calls = signal_at_steps(monkeypatch, {step}, signum)
     with pytest.raises(Preempted, match=signal.Signals(signum).name) as e:
         pretrain(tiny_config(method, epochs=3), run_dir=tmp_path, data=DATA)
     assert calls[0] == step  # the step that was running when the signal came was finished
@@ -224,7 +193,7 @@ def test_signal_mid_run_then_resume_equals_uninterrupted(tmp_path, monkeypatch, 
 
 
 def test_second_signal_while_saving_corrupts_nothing(tmp_path, monkeypatch, uninterrupted):
-    calls = _signal_at_steps(monkeypatch, {4, 5}, during_save=True)
+    calls = signal_at_steps(monkeypatch, {4, 5}, during_save=True)
     with pytest.raises(Preempted):
         pretrain(tiny_config("sdclr", epochs=3), run_dir=tmp_path, data=DATA)
     assert calls[1] == 1  # the second signal did arrive during the save
@@ -270,10 +239,8 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path, capsys, u
 
 @pytest.mark.slow
 def test_sigterm_to_the_command_line_exits_75_and_resumes(tmp_path):
-    from test_cli import _image_folder
-
     data_root = tmp_path / "images"
-    _image_folder(data_root)
+    write_image_folder(data_root)
     common = ["--method", "sdclr", "--dataset", "imagefolder", "--data-root", str(data_root), "--image-size", "8",
               "--width", "4", "--epochs", "6", "--batch-size", "8", "--lr", "0.1", "--warmup-epochs", "1",
               "--device", "cpu", "--no-progress", "--no-tensorboard", "--seed", "1", "--threads", "1",
@@ -318,10 +285,8 @@ _DAMAGE = {"truncated": lambda b: b[:len(b) // 2], "empty": lambda b: b"",
 @pytest.fixture(scope="module")
 def stopped_cli_run(tmp_path_factory, one_thread):
     """A CLI run stopped after 2 of 3 epochs, and the same run uninterrupted."""
-    from test_cli import _image_folder
-
     root = tmp_path_factory.mktemp("damaged")
-    _image_folder(root / "images")
+    write_image_folder(root / "images")
     assert main(_tiny_cli(root / "images", root / "stopped", "--stop-at-epoch", "2")) == 0
     assert main(_tiny_cli(root / "images", root / "full")) == 0
     return root
@@ -371,17 +336,16 @@ def test_eval_of_a_finished_run_has_no_mark(stopped_cli_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("stage", ["base", "expert_1", "student"])
 def test_damaged_checkpoint_of_a_finished_dnc_stage_is_redone_from_the_previous(tmp_path, capsys, stage):
-    import test_dnc as T
     from sdclr_fast.train.dnc import dnc
 
-    student = dnc(T.tiny_config(), T.tiny_options(), run_dir=tmp_path, data=T.DATA)
+    student = dnc(tiny_dnc_config(), tiny_dnc_options(), run_dir=tmp_path, data=DNC_DATA)
     # the run's final checkpoint.pt is a hard link to the student's; damage a copy of the stage's file
     damaged = tmp_path / stage / "checkpoint.pt"
     good = damaged.read_bytes()
     damaged.unlink()
     damaged.write_bytes(good[:len(good) // 3])
     capsys.readouterr()
-    assert dnc(T.tiny_config(), T.tiny_options(), run_dir=tmp_path, data=T.DATA, resume=True) == student
+    assert dnc(tiny_dnc_config(), tiny_dnc_options(), run_dir=tmp_path, data=DNC_DATA, resume=True) == student
     out = capsys.readouterr().out
     said = [ln for ln in out.splitlines() if "checkpoint.prev.pt" in ln]
     assert len(said) == 1 and str(damaged) in said[0], out
@@ -392,10 +356,8 @@ def test_damaged_checkpoint_of_a_finished_dnc_stage_is_redone_from_the_previous(
 # ---------------------------------------------------------------- signals to the whole job, with DataLoader workers
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
-    from test_cli import _image_folder
-
     root = tmp_path_factory.mktemp("tiny_shards")
-    _image_folder(root / "images")
+    write_image_folder(root / "images")
     assert main(["shards", "--dataset", "imagefolder", "--data-root", str(root / "images"), "--out",
                  str(root / "shards"), "--shard-size", "10"]) == 0
     return root / "shards"
@@ -510,9 +472,7 @@ def test_signals_to_the_whole_process_group_stop_cleanly(tiny_shards, tmp_path, 
 
 
 def test_ctrl_c_in_training_through_the_cli_saves_and_exits_130(stopped_cli_run, tmp_path, monkeypatch, capsys):
-    from test_cli import _image_folder
-
-    _signal_at_steps(monkeypatch, {2}, signal.SIGINT)
+    signal_at_steps(monkeypatch, {2}, signal.SIGINT)
     with pytest.raises(SystemExit) as e:
         main(_tiny_cli(stopped_cli_run / "images", tmp_path / "run"))
     assert e.value.code == EXIT_INTERRUPTED
@@ -675,10 +635,9 @@ def test_debris_of_a_failed_write_is_removed_by_the_next_run(stopped_cli_run, tm
 
 def test_a_study_cell_with_a_damaged_checkpoint_continues_from_the_previous(tmp_path, capsys):
     from sdclr_fast.train.study import cell_dir, run_study
-    from test_study import BASE, tiny_data
 
-    kw = dict(methods=("simclr",), splits=(0,), seeds=(0,), probes=("knn",), knn_k=3, data=tiny_data)
-    base = BASE.replace(epochs=2)
+    kw = dict(methods=("simclr",), splits=(0,), seeds=(0,), probes=("knn",), knn_k=3, data=tiny_study_data)
+    base = STUDY_BASE.replace(epochs=2)
     run_study(base, tmp_path, **kw)
     cell = cell_dir(tmp_path, "simclr", 0, 0, False)
     full = load_checkpoint(cell)
@@ -708,7 +667,7 @@ def test_a_library_caller_gets_its_signal_handlers_back_after_a_stop(tmp_path, m
 
     monkeypatch.setitem(run._stop, "linger", False)  # as in a notebook: not the command line
     before = {s: signal.getsignal(s) for s in run.STOP_SIGNALS}
-    _signal_at_steps(monkeypatch, {1}, signal.SIGINT)
+    signal_at_steps(monkeypatch, {1}, signal.SIGINT)
     with pytest.raises(Preempted, match="SIGINT"):
         pretrain(tiny_config("simclr", epochs=1), run_dir=tmp_path, data=DATA)
     assert {s: signal.getsignal(s) for s in run.STOP_SIGNALS} == before  # Ctrl-C interrupts again

@@ -440,10 +440,10 @@ def test_timm_vit_sdclr_fashion_mnist_lt_resume_and_eval(tmp_path, capsys):
     probes it."""
     from sdclr_fast.cli import main
     from sdclr_fast.train import load_checkpoint
-    from test_data import _write_fmnist
+    from helpers import write_fmnist
 
     _timm()
-    _write_fmnist(tmp_path / "fm", per_class=8, test_per_class=2)
+    write_fmnist(tmp_path / "fm", per_class=8, test_per_class=2)
     common = ["pretrain", "--method", "sdclr", "--arch", TIMM_VIT, "--dataset", "fashion-mnist-lt",
               "--data-root", str(tmp_path / "fm"), "--ratio", "4", "--epochs", "2", "--batch-size", "8",
               "--lr", "0.05", "--warmup-epochs", "1", "--device", "cpu", "--no-progress",
@@ -479,15 +479,15 @@ def test_timm_vit_dnc_base_experts_and_student(tmp_path):
     from the checkpoint's arch string and image size."""
     from sdclr_fast.train import load_checkpoint, load_model
     from sdclr_fast.train.dnc import dnc
-    from test_dnc import DATA, tiny_config, tiny_options
+    from helpers import DNC_DATA, tiny_dnc_config, tiny_dnc_options
 
     _timm()
     arch = "timm:vit_tiny_patch16_224:patch_size=4,depth=1"
-    student = dnc(tiny_config(method="moclr", arch=arch), tiny_options(), run_dir=tmp_path, data=DATA)
+    student = dnc(tiny_dnc_config(method="moclr", arch=arch), tiny_dnc_options(), run_dir=tmp_path, data=DNC_DATA)
     state = load_checkpoint(student)
     assert state["model_args"]["arch"] == arch and state["model_args"]["image_size"] == 8
     model = load_model(student)
-    assert model.features(DATA.test.images[:3].float() / 255, branch="dense").shape == (3, 192)
+    assert model.features(DNC_DATA.test.images[:3].float() / 255, branch="dense").shape == (3, 192)
 
 
 def test_timm_vit_sdclr_step_compiles_without_graph_breaks():

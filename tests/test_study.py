@@ -6,25 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import separable_images
-from sdclr_fast.data.assemble import assemble
+from helpers import STUDY_BASE as BASE, tiny_study_data as tiny_data
 from sdclr_fast.eval import EvalResult
-from sdclr_fast.train import PretrainConfig
 from sdclr_fast.train.study import cell_dir, relative_to_balanced, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_data(config):
-    pool = separable_images([40, 40, 40, 40], seed=1)
-    test = separable_images([6, 6, 6, 6], seed=3)
-    return assemble("synthetic", num_classes=4, class_names=list("abcd"), train_images=pool.images,
-                    train_labels=pool.labels, test_images=test.images, test_labels=test.labels, ratio=10,
-                    seed=config.seed, split=config.split, pretrain_set=config.pretrain_set)
-
-
-BASE = PretrainConfig(dataset="synthetic", arch="resnet18", width=4, proj_dim=8, epochs=1, batch_size=8, lr=0.05,
-                      warmup_epochs=0, device="cpu", progress=False, tensorboard=False)
 
 
 def test_study_grid_report_and_resume(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from sdclr_fast.data import ContrastiveData
 from sdclr_fast.ops.reference import magnitude_masks_reference
 from sdclr_fast.train import (CheckpointError, NonFiniteLossError, PretrainConfig, load_checkpoint, load_model,
                               read_metrics, save_checkpoint, warmup_cosine_factor)
@@ -18,31 +17,12 @@ from sdclr_fast.train.pretrain import pretrain
 from sdclr_fast.train.checkpoint import capture_rng, restore_rng
 
 
-from helpers import assert_same_state, free_port, separable_images  # noqa: E402
+from helpers import PRETRAIN_DATA as DATA, assert_same_state, free_port  # noqa: E402
+from helpers import tiny_pretrain_config as tiny_config, tiny_pretrain_data as tiny_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
-def tiny_data():
-    train = separable_images([24, 12, 8, 4], seed=1)
-    probe = separable_images([8, 8, 8, 8], seed=2)
-    test = separable_images([6, 6, 6, 6], seed=3)
-    return ContrastiveData(name="synthetic", num_classes=4, in_channels=1, image_size=8, class_names=list("abcd"),
-                           train=train, probe_train=probe, val=None, test=test,
-                           class_order=torch.arange(4), mean=(0.3,), std=(0.25,), config={"seed": 0, "split": 0})
-
-
-DATA = tiny_data()
-
-
-def tiny_config(method="sdclr", **kw):
-    base = dict(method=method, dataset="synthetic", arch="resnet18", width=4, proj_dim=16, epochs=2,
-                batch_size=16, lr=0.1, warmup_epochs=1, seed=3, device="cpu", progress=False,
-                tensorboard=False, log_every=1)
-    base.update(kw)
-    return PretrainConfig(**base)
 
 
 def _state(path):

@@ -11,7 +11,7 @@ from sdclr_fast.data import ContrastiveData, TwoViewAugment, build_dataset
 from sdclr_fast.data.webdataset import sample_key, write_shards
 from sdclr_fast.train import PretrainConfig, load_checkpoint
 
-from helpers import assert_same_state, separable_images  # noqa: E402
+from helpers import assert_same_state, separable_images, write_image_folder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,9 +189,7 @@ def test_a_stream_run_is_evaluated_on_its_eval_dataset(tmp_path):
 # ---------------------------------------------------------------- damaged shards
 @pytest.fixture
 def small_shards(tmp_path):
-    from test_cli import _image_folder
-
-    _image_folder(tmp_path / "images")  # 30 training images
+    write_image_folder(tmp_path / "images")  # 30 training images
     assert main(["shards", "--dataset", "imagefolder", "--data-root", str(tmp_path / "images"), "--out",
                  str(tmp_path / "shards"), "--shard-size", "10"]) == 0
     return tmp_path / "shards"
