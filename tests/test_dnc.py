@@ -374,6 +374,26 @@ def test_cli_pretrain_dnc_flags_reach_the_pipeline(monkeypatch, tmp_path):
     assert seen["config"].method == "sdclr" and seen["config"].epochs == 7 and seen["resume"] is False
 
 
+def test_cli_resume_of_a_dnc_run_reads_dnc_json_once(uninterrupted, tmp_path, monkeypatch):
+    """The command line's stored configuration and the pipeline's resume check share one read."""
+    import shutil
+
+    import sdclr_fast.train.dnc as dnc_mod
+    from sdclr_fast.cli import build_parser, dnc_configs_from_args
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    reads = []
+    real = dnc_mod._read_state
+    monkeypatch.setattr(dnc_mod, "_read_state", lambda path: reads.append(path) or real(path))
+    args = build_parser().parse_args(["pretrain", "--method", "dnc", "--run-dir", str(run_dir), "--resume",
+                                      "--dnc-kmeans-backend", "torch"])
+    base, options = dnc_configs_from_args(args)
+    assert options.k == 2 and options.kmeans_backend == "torch" and base.method == "moclr"
+    assert dnc(base, options, run_dir=run_dir, resume=True, data=DATA) == run_dir / "student" / "checkpoint.pt"
+    assert len(reads) == 1, reads
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_student_stage_on_cuda_with_amp(uninterrupted, tmp_path):
