@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 _ops = torch.ops.sdclr_fast
-_SCOPES = ("global", "layer")
+PRUNE_SCOPES = ("global", "layer")  # also the choices of PretrainConfig.prune_scope
 
 
 # ---------------------------------------------------------------- fake (meta) implementations
@@ -181,7 +181,7 @@ def _check_tensors(tensors):
 
 
 def _check_scope(scope):
-    if scope not in _SCOPES:
+    if scope not in PRUNE_SCOPES:
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
 
 

@@ -21,12 +21,11 @@ from ..data.augment import INPUT_NORMS
 from ..data.base import PRETRAIN_SETS
 from ..eval.metrics import GROUP_RULES
 from ..nn import METHODS
+from ..ops.prune import PRUNE_SCOPES
+from .kmeans import KMEANS_BACKENDS, KMEANS_METRICS
 from .models import EMBEDDINGS
 
-PRUNE_SCOPES = ("global", "layer")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")  # torch.compile modes
-KMEANS_BACKENDS = ("auto", "faiss", "torch")
-KMEANS_METRICS = ("cosine", "euclidean")
 STUDENT_INITS = ("scratch", "base")
 
 

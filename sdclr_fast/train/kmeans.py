@@ -25,8 +25,8 @@ import torch
 
 __all__ = ["KMeansResult", "kmeans", "kmeans_plusplus", "lloyd", "assign", "faiss_available"]
 
-_METRICS = ("cosine", "euclidean")
-_BACKENDS = ("auto", "torch", "faiss")
+KMEANS_METRICS = ("cosine", "euclidean")  # also the choices of DnCConfig's kmeans_metric / kmeans_backend
+KMEANS_BACKENDS = ("auto", "faiss", "torch")
 # Rows per block when computing point-centroid scores, so memory stays O(block * k).
 _BLOCK = 65536
 
@@ -75,8 +75,8 @@ def _check(x, k, metric):
         raise ValueError(f"k-means needs at least k points: k={k} but x has {x.shape[0]} rows")
     if x.shape[1] < 1:
         raise ValueError("x must have at least one column")
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if metric not in KMEANS_METRICS:
+        raise ValueError(f"metric must be one of {KMEANS_METRICS}, got {metric!r}")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
 
@@ -279,8 +279,8 @@ def kmeans(x, k, *, iters=50, seed=0, metric="cosine", backend="auto"):
     _check(x, k, metric)
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive int, got {iters!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"backend must be one of {KMEANS_BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "faiss" if faiss_available() else "torch"
     elif backend == "faiss" and not faiss_available():
