@@ -18,19 +18,20 @@ _DEFAULTS = PretrainConfig()
 
 
 # ---------------------------------------------------------------- flags from the config classes
-def _argparse_type(flag):
-    """The flag's parser; a ValueError of a config parser becomes argparse's one-line message."""
-    if flag.type in (int, float, str):
-        return flag.type
+def _argument_type(parse, field: str):
+    """``parse`` as an argparse type: its ValueError becomes the flag's one-line message (argparse
+    names the flag, so the field's name is dropped from it)."""
+    if parse in (int, float, str):
+        return parse
 
-    def parse(text):
+    def typed(text):
         try:
-            return flag.type(text)
-        except ValueError as exc:  # argparse names the flag: drop the field's name
-            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag.field} ")) from None
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{field} ")) from None
 
-    parse.__name__ = flag.field
-    return parse
+    typed.__name__ = field
+    return typed
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "", groups=None) -> dict:
@@ -46,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "", 
             groups[flag.group] = parser.add_argument_group(flag.group)
         kw = dict(dest=flag.dest, default=argparse.SUPPRESS, help=flag.help.replace("%", "%%"))
         if flag.kind == "value":
-            kw.update(type=_argparse_type(flag), choices=flag.choices, nargs=flag.nargs, metavar=flag.metavar)
+            kw.update(type=_argument_type(flag.type, flag.field), choices=flag.choices, nargs=flag.nargs, metavar=flag.metavar)
             if flag.nargs == "?":
                 kw["const"] = flag.const
         else:
@@ -85,13 +86,6 @@ def _directory(text):
     if not text.strip():  # '' would be the current directory
         raise argparse.ArgumentTypeError("must name a directory, got an empty string")
     return text
-
-
-def _ratio(text):
-    try:
-        return parse_ratio(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
@@ -426,7 +420,7 @@ def add_shards_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=_directory, help="the folder the shards and shards.json go to")
     p.add_argument("--set", dest="which", choices=("train", "probe_train", "test"), default="train",
                    help="which images: the pretraining split (default), the probe pool or the test set")
-    p.add_argument("--ratio", type=_ratio, default=argparse.SUPPRESS,
+    p.add_argument("--ratio", type=_argument_type(parse_ratio, "ratio"), default=argparse.SUPPRESS,
                    help="imbalance factor of the long-tailed split (default: the data set's; 'none': all)")
     p.add_argument("--split", type=int, default=0, help="which long-tailed draw (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
@@ -554,5 +548,7 @@ def _one_line(exc: Exception, parser, command: str) -> str:
     flags = {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings and "_" in a.dest
              and a.option_strings[0].startswith("--")}
     flags["root="] = "--data-root"
+    if command == "pretrain":  # DnCConfig's messages name its fields, whose flags are --dnc-*
+        flags.update({f.field: f.name for f in config_flags(DnCConfig, "dnc") if "_" in f.field})
     names = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
     return re.sub(rf"(?<![\w.-])({names})(?![\w.])", lambda m: flags[m.group(1)], text)

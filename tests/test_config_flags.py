@@ -138,6 +138,11 @@ def test_choices_are_checked_by_the_config_and_the_flag(capsys):
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--run-dir", "x", "--ratio", "many"])
     assert e.value.code == 2 and "argument --ratio: expected a number >= 1 or 'none'" in capsys.readouterr().err
+    # a DnC option's message names its --dnc-* flag
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--run-dir", "x", "--method", "dnc", "--dnc-base-weight", "0", "--dnc-expert-weight", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--dnc-base-weight and --dnc-expert-weight cannot both be 0" in err, err
 
 
 def test_old_flat_configs_keep_loading():
