@@ -11,6 +11,7 @@ dicts; a resumed run checks that the fields which change the result match the st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import typing
@@ -100,7 +101,8 @@ def _plain_type(hint):
     return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
 
 
-def config_flags(cls, prefix: str = "") -> list:
+@functools.cache
+def config_flags(cls, prefix: str = "") -> tuple:
     """The :class:`Flag` of every field of config class ``cls`` that has one, in field order; a
     dict field declared with ``options`` (``data_options``) contributes one flag per key.
     ``prefix`` ("dnc") gives the flags ``--dnc-k`` and the dests ``dnc_k``.
@@ -120,7 +122,7 @@ def config_flags(cls, prefix: str = "") -> list:
                     for sub in config_flags(m["options"], prefix)]
         elif m and m["flag"] is not False:
             out.append(_flag(f, m, hints[f.name], prefix))
-    return out
+    return tuple(out)
 
 
 def _flag(f: dataclasses.Field, m: dict, hint, prefix: str) -> Flag:
