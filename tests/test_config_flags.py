@@ -203,3 +203,18 @@ def test_a_read_is_handed_over_once_and_only_while_the_file_is_unchanged(tmp_pat
     read_for_run(path, reader)
     path.write_text("22")  # changed in between: read again
     assert read_again(path, reader) == "22" and len(reads) == 4
+
+
+def test_eval_and_study_share_the_probe_flags():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    probe_args = ["--probe", "fewshot", "--shots", "2", "--probe-epochs", "3", "--knn-k", "5", "--probe-per-class", "4"]
+    ev = parser.parse_args(["eval", "--run-dir", "r", *probe_args])
+    st = parser.parse_args(["study", "--run-dir", "s", *probe_args])
+    names = ("probe", "shots", "probe_epochs", "knn_k", "probe_per_class")
+    assert [getattr(ev, n) for n in names] == [getattr(st, n) for n in names] == ["fewshot", 2.0, 3, 5, 4]
+
+    def helps(command):
+        return {a.dest: (a.help, a.choices, a.default) for a in sub[command]._actions if a.dest in names}
+
+    assert helps("eval") == helps("study") and len(helps("eval")) == len(names)
