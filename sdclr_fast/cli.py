@@ -47,7 +47,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, prefix: str = "", 
             groups[flag.group] = parser.add_argument_group(flag.group)
         kw = dict(dest=flag.dest, default=argparse.SUPPRESS, help=flag.help.replace("%", "%%"))
         if flag.kind == "value":
-            kw.update(type=_argument_type(flag.type, flag.field), choices=flag.choices, nargs=flag.nargs, metavar=flag.metavar)
+            kw.update(type=_argument_type(flag.type, flag.field), choices=flag.choices, nargs=flag.nargs,
+                      metavar=flag.metavar)
             if flag.nargs == "?":
                 kw["const"] = flag.const
         else:

@@ -267,9 +267,10 @@ class PretrainConfig:
         final checkpoint's path (see the Pretraining page of the docs).
     """
 
-    method: str = opt("sdclr", "pretraining method (default {default}): simclr = both views through the dense network; "
-                               "sdclr = view 2 through the pruned self-competitor; moclr = SimCLR's loss between online "
-                               "predictions and an EMA target network's projections (DnC's base method)",
+    method: str = opt("sdclr", "pretraining method (default {default}): simclr = both views through the dense "
+                               "network; sdclr = view 2 through the pruned self-competitor; moclr = SimCLR's loss "
+                               "between online predictions and an EMA target network's projections (DnC's base "
+                               "method)",
                       group="run", choices=METHODS)
     dataset: str = opt("cifar10-lt", "training data (default {default}); fashion-mnist-lt reads Debian's "
                                      "dataset-fashion-mnist, the others need --data-root",
@@ -365,9 +366,9 @@ class PretrainConfig:
     progress: bool = opt(True, "a tqdm progress bar per epoch (default)", group="execution", affects_results=False)
     num_threads: int | None = opt(None, "torch CPU threads (default: torch's choice)", group="execution",
                                   flag="--threads", affects_results=False)
-    checkpoint_every_steps: int | None = opt(None, "also write a resumable checkpoint every N optimiser steps inside an "
-                                                   "epoch (for long epochs on preemptible machines; default: at epoch "
-                                                   "ends and on SIGTERM/SIGUSR1)",
+    checkpoint_every_steps: int | None = opt(None, "also write a resumable checkpoint every N optimiser steps inside "
+                                                   "an epoch (for long epochs on preemptible machines; default: at "
+                                                   "epoch ends and on SIGTERM/SIGUSR1)",
                                              group="execution", affects_results=False)
     extra: dict = opt(help="free-form notes kept with the run (e.g. DnC stage)", flag=False, default_factory=dict)
 
