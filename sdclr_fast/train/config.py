@@ -134,6 +134,8 @@ def _flag(f: dataclasses.Field, m: dict, hint, prefix: str) -> Flag:
     common = dict(field=f.name, dest=dest, help=help, group=m["group"], affects_results=m["affects_results"])
     if hint in (bool, bool | None):
         kind = "toggle" if hint == bool | None else "off" if default else "on"
+        if kind == "off":  # the flag is --no-x: say what it turns off
+            common["help"] = f"turn off (on by default): {help}"
         spelled = f"--{pre}{'no-' if kind == 'off' else ''}{name}"
         return Flag(name=m["flag"] or spelled, kind=kind, **common)
     if m["const"] is not None and m["nargs"] is None:
@@ -290,8 +292,8 @@ class PretrainConfig:
     width: int = opt(64, "channels of the first ResNet stage (default {default}, the standard ResNet-18)",
                      group="model")
     proj_dim: int = opt(128, "output size of the projection head (default {default})", group="model")
-    cifar_stem: bool = opt(True, "the CIFAR stem: 3x3 stride-1 first conv, no max-pool (default, as in SDCLR); off: "
-                                 "the ImageNet stem (7x7 stride-2 conv and max-pool)", group="model")
+    cifar_stem: bool = opt(True, "the CIFAR stem, 3x3 stride-1 first conv and no max-pool, as in SDCLR (off: the "
+                                 "ImageNet stem, 7x7 stride-2 conv and max-pool)", group="model")
     epochs: int = opt(2000, "training epochs (default {default}, SDCLR on CIFAR-LT)", group="optimisation")
     batch_size: int = opt(512, "global batch size, split over DDP processes (default {default})",
                           group="optimisation")
@@ -318,12 +320,13 @@ class PretrainConfig:
                             group="optimisation", parse=float, nargs=2, metavar=("LO", "HI"))
     blur_prob: float = opt(0.0, "probability of the Gaussian blur of a view (default {default}; SDCLR's ImageNet "
                                 "recipe 0.5)", group="optimisation")
-    permute_classes: bool = opt(True, "give the head/tail ranks to a seeded permutation of the classes per split, as "
-                                      "the official splits do (default); off: to the classes in index order",
+    permute_classes: bool = opt(True, "the head/tail ranks go to a seeded permutation of the classes per split, as "
+                                      "the official splits do (off: to the classes in index order)",
                                 group="data")
-    pretrain_set: str = opt("long_tail", "pretrain on the long-tailed split D_i (long_tail, default) or on the "
-                                         "class-balanced subset D_b of its size (balanced: SDCLR's balanced "
-                                         "baseline); evaluation groups still follow the long-tailed counts",
+    pretrain_set: str = opt("long_tail", "pretrain on the class-balanced subset D_b of the long-tailed split's size "
+                                         "(balanced: SDCLR's balanced baseline) instead of the long-tailed split D_i "
+                                         "(long_tail, the default); evaluation groups still follow the long-tailed "
+                                         "counts",
                             group="data", choices=PRETRAIN_SETS, flag="--balanced-subset", const="balanced")
     input_norm: str = opt("imagenet", "statistics the [0, 1] inputs are normalised with: imagenet (ImageNet "
                                       "mean/std, what the official models apply inside the network; default) or "
@@ -357,13 +360,13 @@ class PretrainConfig:
                                     "graphs (default off)",
                               group="execution", choices=COMPILE_MODES, nargs="?", const="default",
                               affects_results=False)
-    sync_bn: bool = opt(True, "SyncBatchNorm under DDP (default); off: per-process BatchNorm statistics",
+    sync_bn: bool = opt(True, "SyncBatchNorm under DDP (off: per-process BatchNorm statistics)",
                         group="execution")
     log_every: int = opt(10, "steps between progress-bar / metrics.jsonl updates (default {default})",
                          group="execution", affects_results=False)
-    tensorboard: bool = opt(True, "write TensorBoard scalars when tensorboard is installed (default)",
+    tensorboard: bool = opt(True, "TensorBoard scalars, written when tensorboard is installed",
                             group="execution", affects_results=False)
-    progress: bool = opt(True, "a tqdm progress bar per epoch (default)", group="execution", affects_results=False)
+    progress: bool = opt(True, "a tqdm progress bar per epoch", group="execution", affects_results=False)
     num_threads: int | None = opt(None, "torch CPU threads (default: torch's choice)", group="execution",
                                   flag="--threads", affects_results=False)
     checkpoint_every_steps: int | None = opt(None, "also write a resumable checkpoint every N optimiser steps inside "
