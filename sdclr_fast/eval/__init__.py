@@ -132,9 +132,9 @@ def evaluate_backbone(encoder, data, *, probes=("linear",), device=None, batch_s
 
 def _run_device(encoder, module):
     """Where ``extract_features`` runs ``encoder`` by default (its module's parameters)."""
-    from .features import _device_of, owning_module
+    from .features import device_of, owning_module
 
-    return _device_of(module if module is not None else owning_module(encoder))
+    return device_of(module if module is not None else owning_module(encoder))
 
 
 def _evaluate(encoder, data, parsed, target, opts, probe_sets, common, flip, augment, select_on_val, knn_k,

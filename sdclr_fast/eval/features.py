@@ -69,7 +69,8 @@ def frozen(module):
             m.train(flag)
 
 
-def _device_of(encoder):
+def device_of(encoder):
+    """The device of a module's first parameter or buffer (CPU for one that holds none)."""
     if isinstance(encoder, nn.Module):
         for t in list(encoder.parameters()) + list(encoder.buffers()):
             return t.device
@@ -115,7 +116,7 @@ def extract_features(encoder, data, mean, std, *, batch_size: int = 512, device=
     if module is not None and not isinstance(module, nn.Module):
         raise ValueError(f"module must be an nn.Module, got {type(module).__name__}")
     module = module if module is not None else owning_module(encoder)
-    device = torch.device(device) if device is not None else _device_of(module)
+    device = torch.device(device) if device is not None else device_of(module)
     out_device = torch.device(out_device) if out_device is not None else device
     views = 2 if flip else 1
     chunks = [[] for _ in range(views)]

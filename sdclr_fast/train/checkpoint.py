@@ -83,11 +83,12 @@ def load_checkpoint(path, *, map_location="cpu", expect: dict | None = None) -> 
         if key not in state:
             raise CheckpointError(f"checkpoint {str(path)!r} lacks the entry {key!r}")
     state["path"] = str(path)
-    _check_expected(state, expect)
+    check_expected(state, expect)
     return state
 
 
-def _check_expected(state: dict, expect: dict | None) -> None:
+def check_expected(state: dict, expect: dict | None) -> None:
+    """Raise CheckpointError where a loaded state's config differs from ``expect``'s entries."""
     cfg = state["config"]
     for key, want in (expect or {}).items():
         if cfg.get(key) != want:
@@ -124,7 +125,7 @@ def load_newest_checkpoint(path, *, map_location="cpu", expect: dict | None = No
             raise CheckpointError(f"{exc}; the previous checkpoint is unusable too: {prev_exc}") from None
         where = f"epoch {state['epoch']}" + (f", step {state['step']}" if "step" in state else "")
         note = (f"warning: {exc}; using the previous checkpoint {str(previous)!r} ({where}) instead")
-    _check_expected(state, expect)
+    check_expected(state, expect)
     return state, note
 
 

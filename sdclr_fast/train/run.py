@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..files import WriteError, lock_directory, remove_debris, write_json
-from .checkpoint import (CHECKPOINT_NAME, CheckpointError, _check_expected, capture_rng, load_checkpoint,
+from .checkpoint import (CHECKPOINT_NAME, CheckpointError, check_expected, capture_rng, load_checkpoint,
                          load_newest_checkpoint, restore_rng, save_checkpoint)
 from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier
 
@@ -378,7 +378,7 @@ def open_checkpoint(ckpt_path: Path, config, *, resume: bool, expect: dict | Non
         raise ValueError(f"run_dir {str(ckpt_path.parent)!r} already holds {CHECKPOINT_NAME}; pass "
                          f"resume=True (--resume) to continue it, or choose another run directory")
     state, note = read_again(ckpt_path, load_newest_checkpoint)
-    _check_expected(state, expect)
+    check_expected(state, expect)
     if note and warn:
         print(f"{note}; the work after it is repeated", flush=True)
     diff = PretrainConfig.from_dict(state["config"]).differences(config)
