@@ -101,6 +101,20 @@ def write_json(path, obj, *, what: str | None = None, indent: int | None = 1) ->
     return atomic_write(path, json.dumps(obj, indent=indent), what=what or Path(path).name)
 
 
+def read_json(path, *, what: str, formats=None) -> dict:
+    """The JSON object stored in ``path``, a ``{"format": ...}`` one of ``formats`` where given.
+    Anything else (a missing, unreadable or damaged file, another kind of JSON) raises one
+    ValueError that names the file and ``what`` it should have been ("a DnC state file")."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable {what}: {exc}") from None
+    if not isinstance(obj, dict) or (formats is not None and obj.get("format") not in formats):
+        expected = "" if formats is None else f" of format {' or '.join(map(str, formats))}"
+        raise ValueError(f"{str(path)!r} is not a {what}{expected}")
+    return obj
+
+
 def link_or_copy(src, dst, *, what: str = "a file") -> Path:
     """Make ``dst`` the same file as ``src`` atomically: a hard link (a copy where the file system
     has none) under a temporary name, renamed over ``dst``."""

@@ -248,3 +248,27 @@ def test_a_damaged_shard_stops_the_run_with_one_line_naming_it(small_shards, tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(shard) in err and says in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda p: p.write_bytes(p.read_bytes()[:40]), "is not a readable shards manifest"),  # cut short
+    (lambda p: p.write_text("[1, 2]"), "is not a shards manifest of format"),                 # other JSON
+    (lambda p: p.write_bytes(b"\xff\xfe\x00"), "is not a readable shards manifest"),           # not text
+])
+def test_a_damaged_manifest_is_named_in_one_error(small_shards, damage, says):
+    from sdclr_fast.data.webdataset import build_webdataset
+
+    damage(small_shards / "shards.json")
+    with pytest.raises(ValueError, match=says) as e:
+        build_webdataset(small_shards, image_size=8)
+    assert "shards.json" in str(e.value)
+
+
+@pytest.mark.parametrize("text, says", [("{\"format\": 1, \"stages\"", "is not a readable DnC state file"),
+                                        ("{\"format\": 99}", "is not a DnC state file of format")])
+def test_a_damaged_dnc_state_file_is_named_in_one_error(tmp_path, text, says):
+    from sdclr_fast.train.dnc import STATE_NAME, dnc_state
+
+    (tmp_path / STATE_NAME).write_text(text)
+    with pytest.raises(ValueError, match=says):
+        dnc_state(tmp_path)

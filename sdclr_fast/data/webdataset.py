@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import random
 import re
 import tarfile
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import write_json
+from ..files import read_json, write_json
 from .loader import Batch, ignore_stop_signals, iter_workers
 
 MANIFEST = "shards.json"  # format 1; a shard entry may carry "sha256" (written since the shard checks)
@@ -117,13 +116,7 @@ def expand_urls(pattern: str) -> list:
 
 
 def _read_manifest(path: Path) -> dict:
-    try:
-        man = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a readable shards manifest: {exc}") from None
-    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a shards manifest of format {MANIFEST_FORMAT}")
-    return man
+    return read_json(path, what="shards manifest", formats=(MANIFEST_FORMAT,))
 
 
 def _sha256(path) -> str:

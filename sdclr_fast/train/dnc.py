@@ -82,11 +82,10 @@ trains on the stream filtered to its cluster's keys.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..files import link_or_copy, write_json, write_text
+from ..files import link_or_copy, read_json, write_json, write_text
 from . import pretrain as _pretrain_module
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from .clustering import CLUSTERS_NAME, cluster_stage, cluster_summary, clusters_markdown, read_clusters
@@ -108,14 +107,7 @@ MIN_IMAGES_PER_RANK = 2  # an expert's per-process batch: BN statistics of more 
 
 # ---------------------------------------------------------------- state file
 def _read_state(path) -> dict:
-    path = Path(path)
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r} is not a readable DnC state file: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a DnC state file of format {STATE_FORMAT}")
-    return state
+    return read_json(path, what="DnC state file", formats=(STATE_FORMAT,))
 
 
 def dnc_state(run_dir) -> dict:
