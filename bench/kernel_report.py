@@ -16,7 +16,8 @@ Columns (per kernel variant, per target): registers / thread, stack + local memo
 shared memory / CTA, CTAs per SM (registers, shared memory, warps), wgmma (HGMMA) and
 mma.sync (HMMA) instruction counts, TMA (UTMALDG/UTMASTG), cp.async (LDGSTS) and mbarrier
 (SYNCS) counts, the instructions of one iteration of the innermost loop holding the MMAs and
-that per MFLOP of the CTA's work in it, MUFU ops in it, how many tiles the loop's loads run
+that per MFLOP of the CTA's work in it (per warp, and times the CTA's warps: what the SM
+issues, the figure to compare kernels with different num_warps by), MUFU ops in it, how many tiles the loop's loads run
 ahead (modelled), grid size and fill of the SMs, and a MODELLED ceiling as a fraction of the
 target's dense bf16 peak from three per-iteration costs on one SM: tensor-core time, warp
 instruction issue (4 per clock), MUFU throughput (16 per clock) -- overlapped (max) and not
@@ -321,6 +322,9 @@ def report_row(gpu, launch, compiled, grid, sass_dir=None):
                smem=meta.shared, ctas_per_sm=ctas, occupancy_limit=limit, **a, loop=loop)
     if loop and loop["flops"]:
         loop["instr_per_mflop"] = loop["instructions"] / (loop["flops"] / 1e6)
+        # every warp of the CTA issues the loop: what the SM's schedulers issue per MFLOP, the
+        # figure that compares kernels launched with different num_warps (the issue model's)
+        loop["warp_instr_per_mflop"] = loop["instr_per_mflop"] * meta.num_warps
     row["modelled"] = model(gpu, loop, meta.num_warps)
     return row
 
@@ -606,7 +610,7 @@ def _f(v, fmt="{:.0f}"):
 
 
 HEADER = ("| op | workload | kernel | target | regs | stack B | smem KB | CTA/SM | wgmma | mma.sync "
-          "| TMA | cp.async | mbar | loop instr | instr/MFLOP | MUFU/iter | prefetch | grid | SM fill "
+          "| TMA | cp.async | mbar | loop instr | instr/MFLOP | warp instr/MFLOP | MUFU/iter | prefetch | grid | SM fill "
           "| modelled ceil. overlap | modelled ceil. serial | bound |")
 
 
@@ -623,7 +627,8 @@ def markdown(rows, meta):
             r["op"], r["workload"], kname, r["target"], str(r["regs"]), str(r["spill_bytes"]),
             f"{r['smem'] / 1024:.1f}", f"{r['ctas_per_sm']} ({r['occupancy_limit']})",
             str(r["wgmma"]), str(r["mma_sync"]), str(r["tma"]), str(r["cp_async"]), str(r["mbarrier"]),
-            _f(loop.get("instructions")), _f(loop.get("instr_per_mflop")), _f(loop.get("mufu")),
+            _f(loop.get("instructions")), _f(loop.get("instr_per_mflop")),
+            _f(loop.get("warp_instr_per_mflop")), _f(loop.get("mufu")),
             _f(loop.get("prefetch"), "{:g}"), "x".join(map(str, r["grid"][:2] if r["grid"][2] == 1 else r["grid"]))
             + f" = {r['ctas']}", f"{100 * r['sm_fill']:.0f} %",
             _f(mod.get("overlap") and 100 * mod["overlap"], "{:.0f} %"),

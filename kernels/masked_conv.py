@@ -92,6 +92,12 @@ def _conv_gemm_kernel(
     # Forward: A = x, out = y, P[j] is (BLOCK_N = out, BLOCK_K = in) and is read transposed.
     # TRANSPOSED (grad_input): A = dy, out = dx, P[j] is (BLOCK_K = out, BLOCK_N = in); output
     # pixel (h, w) receives dy[(h + pad - kh * dil) / stride] where that divides exactly.
+    # b_ptr is then BLOCK_K zeros of A's dtype (no bias), and with LINEAR a row of A that
+    # falls outside dy points at them instead of being masked: an unmasked async copy needs
+    # only the pipeline's predicate, a masked one 3 more instructions per 16-byte row chunk
+    # (select the source size, combine it with the pipeline's predicate, turn that back into
+    # a predicate), 48 of the loop's ~250 at BLOCK_K = 128. (The general path's loop gets
+    # longer with it, so it keeps the mask.)
     # LINEAR (forward, and grad_input at unit stride): A's pixel of (row, tap) is
     # (r_h + kh * step_h, r_w + kw * step_w), so each row's base address and its in-bounds
     # taps (one bit per tap) are computed once, and a K step adds one scalar offset: the loop
@@ -139,9 +145,18 @@ def _conv_gemm_kernel(
     row = g * N_T + pid_n
     count = tl.load(cnt_ptr + row)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    idx_row = idx_ptr + row * IDX_W
+    pk_row = pk_ptr + row * IDX_W
     for i in range(0, count):
-        k = tl.load(idx_ptr + row * IDX_W + i)
-        j = tl.load(pk_ptr + row * IDX_W + i)
+        if LINEAR:  # step pointers carried by the loop: its counter stays 32-bit (6-12 fewer
+            # instructions per step; the general path's loop gets longer that way)
+            k = tl.load(idx_row)
+            j = tl.load(pk_row)
+            idx_row += 1
+            pk_row += 1
+        else:
+            k = tl.load(idx_row + i)
+            j = tl.load(pk_row + i)
         tap = k // K_T
         kt = k - tap * K_T
         kh = tap // KW
@@ -165,9 +180,13 @@ def _conv_gemm_kernel(
                      & (ah < AH) & (aw < AW))
             a_ptrs = a_rows[:, None] + ((c0 + ar_k) * s_ac)[None, :] + (ah * s_ah + aw * s_aw)[:, None]
         if K_EVEN:
-            at = tl.load(a_ptrs, mask=sp_ok[:, None], other=0.0)
+            a_ok = sp_ok[:, None]
         else:
-            at = tl.load(a_ptrs, mask=sp_ok[:, None] & (kt * BLOCK_K + ar_k < KA)[None, :], other=0.0)
+            a_ok = sp_ok[:, None] & (kt * BLOCK_K + ar_k < KA)[None, :]
+        if TRANSPOSED and LINEAR:
+            at = tl.load(tl.where(a_ok, a_ptrs, b_ptr + ar_k[None, :]))
+        else:
+            at = tl.load(a_ptrs, mask=a_ok, other=0.0)
         if USE_TMA:
             if TRANSPOSED:
                 wt = p_desc.load([j * BLOCK_K, 0])
@@ -382,7 +401,10 @@ def _gemm(a, packed, bias, out, tiles, geom, transposed, cfg):
     tma = use_tma(a.device) and packed.shape[0] > 0
     desc = (TensorDescriptor.from_tensor(packed.view(-1, tiles.block_c), [tiles.block_o, tiles.block_c])
             if tma else packed)
-    bias_arg = bias.contiguous() if bias is not None else packed  # read at unit stride
+    if transposed:  # the zero row that out-of-image rows of dy read (see _conv_gemm_kernel)
+        bias_arg = _zeros(bk, a.dtype, a.device)
+    else:
+        bias_arg = bias.contiguous() if bias is not None else packed  # read at unit stride
     args = (a, packed, desc, out, bias_arg, idx, pk, cnt,
             N, AH, AW, OH, OW, ka, no, n_t, idx.shape[1],
             *a.stride(), *out.stride(), sh, sw, ph, pw, dh, dw)
@@ -394,6 +416,20 @@ def _gemm(a, packed, bias, out, tiles, geom, transposed, cfg):
         return (cdiv(N * OH * OW, meta["BLOCK_M"]), n_t, groups)
     _launch("gemm", grid, args, const, a.dtype, cfg, a.device, (bk, bn))
     return out
+
+
+def _zeros(n, dtype, device):
+    """n zeros on `device`, one cached tensor per (n, dtype, device); a fresh one while a CUDA
+    graph is being captured (a capture records the fill without running it)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=dtype, device=device)
+    return _zeros_cached(n, dtype, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_cached(n, dtype, device):
+    with torch._C._DisableFuncTorch():  # a plain tensor even if first made inside grad / vmap
+        return torch.zeros(n, dtype=dtype, device=device)
 
 
 def forward(x, packed, bias, y, tiles, geom, cfg=None):
