@@ -447,7 +447,7 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_splits(n_tiles, m_total, block_m, device):
+def num_splits(n_tiles, m_total, block_m, device):
     """Slices of the M reduction per weight tile: enough programs to fill the GPU (layers with
     few weight tiles and a large batch, e.g. the stem), but at least 8 M-blocks per slice."""
     if interpreting():
@@ -478,7 +478,7 @@ def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None, cfg=No
     if n_tiles == 0 or m_total == 0:
         return torch.zeros(mask.shape, device=x.device, dtype=out_dtype)
     if splits is None:
-        splits = _num_splits(n_tiles, m_total, block_m, x.device)
+        splits = num_splits(n_tiles, m_total, block_m, x.device)
     m_per_split = cdiv(cdiv(m_total, splits), block_m) * block_m
     splits = cdiv(m_total, m_per_split)
     # fp32 partials, one slab per slice; tiles that are never launched stay zero.

@@ -33,7 +33,7 @@ from ._common import cdiv, interpreting
 # shared with the masked convolution: the tile packer (used by the op), the launch config
 # (largest row tile whose pipeline buffers fit the GPU's shared memory) and the split of the
 # grad_weight reduction
-from .masked_conv import _num_splits, default_config, pack  # noqa: F401
+from .masked_conv import default_config, num_splits, pack  # noqa: F401
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def backward_weight(x, grad_y, tiles, out_dtype):
         return torch.zeros((N, K), device=x.device, dtype=out_dtype)
     cfg = _config("wgt", (tiles.block_o, tiles.block_c), x.dtype, x.device)
     block_m = cfg["BLOCK_M"]
-    splits = _num_splits(n_tiles, M, block_m, x.device)
+    splits = num_splits(n_tiles, M, block_m, x.device)
     m_per_split = cdiv(cdiv(M, splits), block_m) * block_m
     splits = cdiv(M, m_per_split)
     buf = torch.zeros((splits, N, K), device=x.device, dtype=torch.float32)
