@@ -1,15 +1,14 @@
 """Host helpers shared by the fused losses (ops/nt_xent.py, ops/info_nce.py): argument and
-value checks, the L2-normalisation chain rule, device dispatch, the distributed world, and
-the definition of the compile-visible custom ops."""
+value checks, the L2-normalisation chain rule, the temperature constant, the kernels' index
+keys and the distributed gather. Their wiring (custom ops, eager Function, routes, backend
+choice) is in ops/_op.py."""
 import functools
 import math
 import numbers
-import os
 
 import torch
 
 EPS = 1e-12  # F.normalize's eps: rows are divided by max(|z_i|, eps)
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 CPU_BLOCK_ELEMS = 1 << 21  # scores per row block of the PyTorch paths (8 MiB in fp32)
 
@@ -145,40 +144,29 @@ def inv_tau_tensor(tau, tau_value, device, dtype):
     a small loss on a GPU waits for); under torch.compile a graph constant."""
     if tau is not None:
         return (1.0 / tau.detach().to(device=device, dtype=dtype)).reshape(1)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # a graph constant; inside a transform a new tensor may be wrapped for its level
         return torch.full((1,), 1.0 / tau_value, device=device, dtype=dtype)
     return _const_inv_tau(tau_value, device, dtype)
 
 
-# ------------------------------------------------------------------ dispatch
-def transformed(*ts):
-    """Whether a torch.func transform (grad, vmap, jvp, jacrev, ...) or forward-mode AD sees any
-    of these tensors; the custom ops' registered autograd does not run there, so the ops take
-    a route of their own. torch.compile traces the custom ops."""
+@functools.lru_cache(maxsize=16)
+def _index_keys_cached(m, device, period):
+    keys = torch.arange(m, device=device, dtype=torch.int32)
+    return keys if period is None else keys.remainder_(period)
+
+
+def index_keys(m, device, period=None):
+    """torch.arange(m) as int32, modulo `period` where given: the kernels' positive keys without
+    labels (row i pairs with column i, or with every row of the same index modulo `period`).
+    Cached outside torch.compile: a read-only tensor that every step would build again."""
     if torch.compiler.is_compiling():
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
-        return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(t, torch.Tensor) and wrapped(t) for t in ts)
+        keys = torch.arange(m, device=device, dtype=torch.int32)
+        return keys if period is None else keys.remainder(period)
+    return _index_keys_cached(m, device, period)
 
 
-def use_triton(z, backend, what):
-    """Whether the Triton kernels run: CUDA fp32/fp16/bf16 by default; `_backend="triton"` or
-    SDCLR_FAST_FORCE_TRITON=1 (read at call time) force them (tests run them on CPU tensors
-    in the interpreter), `_backend="torch"` forbids them. `what` names the inputs."""
-    if backend == "torch":
-        return False
-    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
-        if z.dtype not in TRITON_DTYPES:
-            raise ValueError(f"the Triton kernels take {what} of dtype float32/float16/bfloat16, "
-                             f"got {z.dtype}")
-        return True
-    if backend != "auto":
-        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return z.is_cuda and z.dtype in TRITON_DTYPES
-
-
+# ------------------------------------------------------------------ distributed
 def dist_world(gather_distributed):
     """(rank, world size, group) when gather_distributed applies (initialised, world > 1), else
     None. gather_distributed: True (the default group) or a ProcessGroup (its ranks only: e.g.
@@ -207,53 +195,26 @@ def all_gather_autograd(local, group=None):
     return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
 
 
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def check_same_rows(count, device, world, group, what):
+    """ValueError unless every rank of the group has the same `count` (`what` names it)."""
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([count], dtype=torch.int64, device=device), group=group)
+    sizes = [int(s) for s in sizes]
+    if any(s != count for s in sizes):
+        raise ValueError(f"gather_distributed needs the same {what} on every rank, got {sizes}")
 
 
-def eager(fn):
-    """fn run directly in eager mode, its wrap_triton launches plain kernel launches (outside a
-    triton_op, wrap_triton would route each launch through the tracing machinery)."""
-    from torch._library.triton import set_wrap_triton_enabled
+def gather_rows(local, rank, world, group=None, *, autograd=True):
+    """[local; the other ranks' rows in rank order]: each rank's own rows come first. autograd:
+    through `all_gather_autograd`, so the gradients of the other ranks' copies go back to their
+    owners; else a plain all_gather (labels)."""
+    if autograd:
+        parts = all_gather_autograd(local, group).split(local.shape[0])
+    else:
+        import torch.distributed as dist
 
-    def run(*args):
-        with set_wrap_triton_enabled(False):
-            return fn(*args)
-    return run
-
-
-def define_op(name, fn, fake, *, triton=False):
-    """A custom op `sdclr_fast::<name>` that torch.compile traces without a graph break.
-
-    triton=True (fn launches Triton kernels through torch.library.wrap_triton):
-    torch.library.triton_op, so that Inductor sees the launches; fn itself is the fake
-    implementation. In Triton's interpreter (TRITON_INTERPRET=1) kernels are plain Python
-    functions that cannot run on fake tensors, so there, and for the PyTorch paths, the op is
-    an opaque torch.library.custom_op with `fake` as its fake implementation."""
-    qualname = f"sdclr_fast::{name}"
-    if triton and not interpreting():
-        return torch.library.triton_op(qualname, fn, mutates_args=())
-    op = torch.library.custom_op(qualname, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
-def define_loss_ops(name, fwd, bwd, fwd_fake, bwd_fake, make_backward, setup_context,
-                    make_vmap=None):
-    """The compile-visible ops of a fused loss, both paths, defined at import (an op cannot be
-    defined while torch.compile traces; neither definition imports Triton).
-
-    fwd / bwd: {False: PyTorch path, True: Triton path} implementations; fwd_fake(triton) the
-    forward's fake implementation; make_backward(bwd_op) the autograd formula over a backward.
-    Returns ({path: forward op}, {path: eager forward}, {path: eager backward}); the eager ones
-    are the same implementations without the dispatcher (see `eager`)."""
-    ops = {}
-    for triton in (False, True):
-        sfx = "_triton" if triton else ""
-        op = define_op(f"{name}_fwd{sfx}", fwd[triton], fwd_fake(triton), triton=triton)
-        bwd_op = define_op(f"{name}_bwd{sfx}", bwd[triton], bwd_fake, triton=triton)
-        op.register_autograd(make_backward(bwd_op), setup_context=setup_context)
-        if make_vmap is not None:
-            op.register_vmap(make_vmap(op))
-        ops[triton] = op
-    return ops, {t: eager(f) for t, f in fwd.items()}, {t: eager(f) for t, f in bwd.items()}
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat([local] + [parts[q] for q in range(world) if q != rank])

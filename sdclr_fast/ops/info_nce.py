@@ -48,10 +48,10 @@ Options:
   for the queue instead, as MoCo does).
 
 Autograd: first derivatives come from the fused backward. When the backward runs in grad
-mode (create_graph=True, torch.func.grad / jacrev), it instead evaluates the gradient formula
-with plain PyTorch ops on the materialised (M, M + Q) matrix, so that second derivatives
-(and torch.func transforms) are exact; that path costs the reference's memory. torch.vmap
-runs the op once per batch element.
+mode (create_graph=True), it instead differentiates the same losses written in plain PyTorch
+ops on the materialised (M, M + Q) matrix, so that second derivatives are exact; torch.func
+transforms (grad, jacrev, vmap, jvp, ...) and forward-mode AD run that formulation directly.
+Those paths cost the reference's memory.
 
 Checks: bad arguments raise ValueError naming the argument; values (NaN / inf in query, key or
 negatives, a temperature tensor that is not finite and > 0) follow `check_finite` as in
@@ -59,15 +59,13 @@ nt_xent: None checks CPU tensors outside torch.compile and vmap, True always (a 
 CUDA), False never; the eager CUDA default issues no host sync.
 
 torch.compile: the per-row losses are custom ops (sdclr_fast::info_nce_fwd / info_nce_bwd, the
-_triton variants as torch.library.triton_op) with fake implementations, registered autograd
-and a vmap rule; a compiled function calling info_nce has no graph break and a temperature
-tensor's new value recompiles nothing. torch.func transforms go through an autograd.Function
-around the same ops; gather_distributed gathers (eagerly) before the op.
+_triton variants as torch.library.triton_op) with fake implementations and registered
+autograd; a compiled function calling info_nce has no graph break and a temperature tensor's
+new value recompiles nothing. gather_distributed gathers (eagerly) before the op.
 
 Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="triton"` sends CPU
 tensors through the Triton kernels; set TRITON_INTERPRET=1 before Triton is imported.
 """
-import functools
 import itertools
 
 import torch
@@ -77,18 +75,16 @@ from torch import nn
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_matrix, check_pair, check_row_values, \
     check_temperature, check_values
-from ._common import all_gather_autograd as _all_gather_autograd, cpu_block as _cpu_block, \
-    dist_world as _dist_world
-from ._common import define_loss_ops, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
+from ._common import check_same_rows, cpu_block as _cpu_block, dist_world as _dist_world, \
+    gather_rows, index_keys
+from ._common import inv_norms as _inv_norms, inv_tau_tensor
+from ._op import FusedLoss, compute_dtype, kernels, reduce_rows, use_triton
 
 __all__ = ["info_nce", "InfoNCELoss", "MemoryBank", "momentum_update_"]
 
 
 def _kernels():
-    # imported on first use so that CPU-only callers never load Triton
-    from sdclr_fast.kernels import info_nce as k
-
-    return k
+    return kernels("info_nce")
 
 
 # ------------------------------------------------------------------ argument checks
@@ -215,11 +211,11 @@ def _sub_positives(A, s, e, keys_r, keys_c, ncol, wr, wc):
 
 
 def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch, lse1, lse2,
-                    g, gy, h, hy, need_y, need_n):
+                    g, gpos, h, hpos, need_y, need_n):
     """dL/dxhat (Cq, D), dL/dyhat (Ck, D) and dL/dnhat (Q, D) (None where not needed) by row
     blocks: dS_ij = g_i (P_ij - Y_ij) + h_j (P'_ji - Y'_ji) with P, P' the softmaxes of the
     two directions and Y, Y' their normalised positive masks; dxhat = dS [yhat; nhat] / tau,
-    d[yhat; nhat] = dS^T xhat / tau. g, gy = g / cnt: (M,) upstream of the query rows; h, hy
+    d[yhat; nhat] = dS^T xhat / tau. g, gpos = g / cnt: (M,) upstream of the query rows; h, hpos
     of the key rows (None unless symmetric)."""
     Cq, Ck = xh.shape[0], yh.shape[0]
     xs = xh * inv_tau
@@ -228,7 +224,8 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
     dn = torch.zeros_like(nh) if need_n else None
     if in_batch:
         cols = torch.cat([yh, nh]) if nh is not None else yh
-        hy_cols = F.pad(hy, (0, Ck - M)) if hy is not None else None  # 0 for other ranks' keys
+        # 0 for other ranks' keys
+        hpos_cols = F.pad(hpos, (0, Ck - M)) if hpos is not None else None
         B = _cpu_block(cols.shape[0])
         for s in range(0, M, B):
             e = min(s + B, M)
@@ -237,7 +234,7 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
             if symmetric:
                 A[:, :M] += S[:, :M].sub_(lse2[None, :M]).exp_().mul_(h[None, :])
             del S
-            _sub_positives(A, s, e, keys_x, keys_y, Ck, gy, hy_cols)
+            _sub_positives(A, s, e, keys_x, keys_y, Ck, gpos, hpos_cols)
             torch.mm(A, cols, out=dx[s:e])
             if need_y:
                 dy.addmm_(A[:, :Ck].t(), xh[s:e])
@@ -250,7 +247,7 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
                 A = torch.mm(xs[s:e], yh[:M].t()).sub_(lse2[None, :M]).exp_().mul_(h[None, :])
                 if keys_x is not None:
                     same = keys_x[s:e, None] == keys_y[None, :M]
-                    A -= torch.where(same, hy[None, :], torch.zeros((), dtype=A.dtype))
+                    A -= torch.where(same, hpos[None, :], torch.zeros((), dtype=A.dtype))
                 torch.mm(A, yh[:M], out=dx[s:e])
                 if need_y:
                     dy[:M].addmm_(A.t(), xh[s:e])
@@ -276,83 +273,50 @@ def _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric, in_batch,
     return dx, dy, dn
 
 
-def _grads_create_graph(x, y, n, tau, inv_tau, keys_x, keys_y, grad_rows, conf, cdt):
-    """The same gradients from plain PyTorch ops on the materialised (Cq, Ck + Q) matrix, so
-    that autograd can differentiate them again (double backward, torch.func)."""
-    M, symmetric, in_batch, normalize = conf
-    dtypes = [t.dtype for t in (x, y, n) if t is not None]
-    xh, yh = x.to(cdt), y.to(cdt)
-    nh = n.to(cdt) if n is not None else None
-    rx = ry = rn = None
-    if normalize:
-        def norm(u):
-            nrm = torch.linalg.vector_norm(u, dim=1)
-            r = 1.0 / nrm.clamp_min(_EPS)
-            return u * r[:, None], r, nrm >= _EPS
-        xh, rx, tx = norm(xh)
-        yh, ry, ty = norm(yh)
-        if nh is not None:
-            nh, rn, tn = norm(nh)
-    t = tau.reshape(()).to(cdt) if tau is not None else None
-    inv_t = 1.0 / t if t is not None else inv_tau.reshape(()).to(cdt)  # a Python temperature
-    Cq, Ck = xh.shape[0], yh.shape[0]
-    cols = torch.cat([yh, nh]) if nh is not None else yh
-    S = xh @ cols.t() * inv_t
-    dev = x.device
-    ar = torch.arange(M, device=dev)
-    if keys_x is None:
-        pos1 = ar[:, None] == torch.arange(Ck, device=dev)[None, :]
-    else:
-        pos1 = keys_x[:M, None] == keys_y[None, :]
-    valid = torch.ones(M, cols.shape[0], dtype=torch.bool, device=dev)
-    if not in_batch:
-        valid[:, :Ck] = pos1
-    P1 = torch.softmax(S[:M].masked_fill(~valid, float("-inf")), 1)
-    Y1 = pos1.to(cdt) / pos1.sum(1, keepdim=True)
-    g = grad_rows[:M].to(cdt)
-    dS1 = g[:, None] * (P1 - F.pad(Y1, (0, cols.shape[0] - Ck)))
-    dS = torch.cat([dS1, torch.zeros(Cq - M, cols.shape[0], dtype=cdt, device=dev)])
-    if symmetric:
-        T = S[:, :M].t()  # (M, Cq): key rows against all queries
-        if keys_x is None:
-            pos2 = ar[:, None] == torch.arange(Cq, device=dev)[None, :]
+def _rows_dense(x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch, normalize,
+               block_d):
+    """The per-row losses of the custom ops (same arguments) in differentiable PyTorch ops on
+    the materialised (M, Ck + Q) matrix: the route of torch.func transforms and forward-mode
+    AD, and the backward under create_graph=True (double backward)."""
+    cdt = compute_dtype(x)
+
+    def prepared(u):
+        u = u.to(cdt)
+        return F.normalize(u, dim=1, eps=_EPS) if normalize else u
+
+    def scores(a, b):
+        S = a @ b.t()
+        if tau is not None:
+            return S / tau.to(device=S.device, dtype=cdt).reshape(())
+        return S * inv_tau.to(device=S.device, dtype=cdt)  # a Python temperature
+
+    def direction(S, keys_r, keys_c, ncol):
+        """lse over the row minus the mean positive score (column i, or equal keys)."""
+        if keys_r is None:
+            pos = S.diagonal()
         else:
-            pos2 = keys_y[:M, None] == keys_x[None, :]
-        P2 = torch.softmax(T, 1)
-        h = grad_rows[M:].to(cdt)
-        dT = h[:, None] * (P2 - pos2.to(cdt) / pos2.sum(1, keepdim=True))
-        dS = torch.cat([dS[:, :M] + dT.t(), dS[:, M:]], 1)
-    dxh = dS @ cols * inv_t
-    dcols = dS.t() @ xh * inv_t
-    dyh, dnh = dcols[:Ck], dcols[Ck:]
-    gtau = None
-    if tau is not None:
-        gtau = (-(xh * dxh).sum() / t).to(tau.dtype).reshape(tau.shape)
-    if normalize:
-        dxh = _chain(xh, dxh, rx, tx, True)
-        dyh = _chain(yh, dyh, ry, ty, True)
-        if nh is not None:
-            dnh = _chain(nh, dnh, rn, tn, True)
-    return (dxh.to(dtypes[0]), dyh.to(dtypes[0]),
-            dnh.to(dtypes[0]) if n is not None else None, gtau)
+            same = keys_r[:M, None] == keys_c[None, :ncol]
+            pos = (S[:, :ncol] * same).sum(1) / same.sum(1)
+        return torch.logsumexp(S, 1) - pos
+
+    xh, yh = prepared(x), prepared(y)
+    Ck = yh.shape[0]
+    cols = torch.cat([yh, prepared(n)]) if n is not None else yh
+    S = scores(xh[:M], cols)
+    if in_batch:
+        rows = direction(S, keys_x, keys_y, Ck)
+    else:  # its own key and the bank only (no gather: Ck = M)
+        diag = S.diagonal()
+        rows = torch.logaddexp(diag, torch.logsumexp(S[:, Ck:], 1)) - diag
+    if symmetric:  # key rows against all queries
+        rows = torch.cat([rows, direction(scores(yh[:M], xh), keys_y, keys_x, xh.shape[0])])
+    return rows
 
 
 # ------------------------------------------------------------------ custom ops
-@functools.lru_cache(maxsize=8)
-def _index_keys_cached(m, device):
-    return torch.arange(m, device=device, dtype=torch.int32)
-
-
-def _index_keys(m, device):
-    """Keys of the kernels without labels (row i pairs with column i); cached in eager."""
-    if torch.compiler.is_compiling():
-        return torch.arange(m, device=device, dtype=torch.int32)
-    return _index_keys_cached(m, device)
-
-
 # The per-row losses are custom ops (sdclr_fast::info_nce_fwd / _bwd for the PyTorch path,
-# info_nce_fwd_triton / _bwd_triton for the kernels) with fake implementations, a registered
-# autograd formula and a vmap rule, so torch.compile traces info_nce without a graph break.
+# info_nce_fwd_triton / _bwd_triton for the kernels), filled into the shared wiring of
+# ops/_op.py (FusedLoss: custom ops, eager Function, router; _rows_dense is the dense route).
 # Rows: the first M rows of x (queries, (Cq, D)) against the columns [y; n] (keys (Ck, D),
 # negatives (Q, D) or None), then the first M rows of y against x when symmetric.
 # keys_x / keys_y: integer positive keys of the rows of x / y (query i and key j are positives
@@ -365,7 +329,7 @@ def _fwd_torch(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | None,
                keys_y: torch.Tensor | None, M: int, symmetric: bool, in_batch: bool,
                normalize: bool, block_d: int | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x)
     xh, yh, nh = (_prepared(u, cdt, normalize)[0] for u in (x, y, n))
     rows, lse1, lse2, cnt1, cnt2 = _torch_forward(xh, yh, nh, inv_tau, M, keys_x, keys_y,
                                                   symmetric, in_batch)
@@ -382,8 +346,8 @@ def _fwd_triton(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | None,
     k = _kernels()
     x, y = x.contiguous(), y.contiguous()
     n = n.contiguous() if n is not None else None
-    kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
-    ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
+    kx = keys_x if keys_x is not None else index_keys(x.shape[0], x.device)
+    ky = keys_y if keys_y is not None else index_keys(y.shape[0], x.device)
     rx, _ = _inv_norms(x, torch.float32)
     ry, _ = _inv_norms(y, torch.float32)
     rn = _inv_norms(n, torch.float32)[0] if n is not None else None
@@ -399,17 +363,17 @@ def _fwd_triton(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | None,
 
 def _fwd_fake(x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch, normalize,
               block_d, triton):
-    dt = torch.float64 if x.dtype == torch.float64 and not triton else torch.float32
+    dt = torch.float32 if triton else compute_dtype(x)
     ct = torch.int32 if triton else torch.int64
     return (x.new_empty(2 * M if symmetric else M, dtype=dt), x.new_empty(x.shape[0], dtype=dt),
             x.new_empty(y.shape[0], dtype=dt), x.new_empty(M, dtype=ct),
             x.new_empty(M, dtype=ct))
 
 
-def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2, M,
-              symmetric, in_batch, normalize, block_d, need_x, need_y, need_n, need_tau,
+def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch,
+              normalize, block_d, lse1, lse2, cnt1, cnt2, need_x, need_y, need_n, need_tau,
               triton):
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(x)
     grad_rows = grad_rows.to(cdt)
     g = grad_rows[:M]
     gpos = g / cnt1.to(cdt)
@@ -422,8 +386,8 @@ def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1
     need_n = need_n and n is not None
     if triton:
         k = _kernels()
-        kx = keys_x if keys_x is not None else _index_keys(x.shape[0], x.device)
-        ky = keys_y if keys_y is not None else _index_keys(y.shape[0], x.device)
+        kx = keys_x if keys_x is not None else index_keys(x.shape[0], x.device)
+        ky = keys_y if keys_y is not None else index_keys(y.shape[0], x.device)
         rx32, ry32 = rx.float(), ry.float()
         rn32 = rn.float() if rn is not None else None
         dxh, dyh, dnh = k.backward(
@@ -435,6 +399,7 @@ def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1
     else:
         dxh, dyh, dnh = _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric,
                                         in_batch, lse1, lse2, g, gpos, h, hpos, need_y, need_n)
+
     def empty():  # one per output: the outputs of a custom op must not alias each other
         return x.new_empty(0)
 
@@ -449,138 +414,40 @@ def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1
 
 def _bwd_torch(grad_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                n: torch.Tensor | None, tau: torch.Tensor | None, inv_tau: torch.Tensor,
-               keys_x: torch.Tensor | None, keys_y: torch.Tensor | None, lse1: torch.Tensor,
-               lse2: torch.Tensor, cnt1: torch.Tensor, cnt2: torch.Tensor, M: int,
+               keys_x: torch.Tensor | None, keys_y: torch.Tensor | None, M: int,
                symmetric: bool, in_batch: bool, normalize: bool, block_d: int | None,
+               lse1: torch.Tensor, lse2: torch.Tensor, cnt1: torch.Tensor, cnt2: torch.Tensor,
                need_x: bool, need_y: bool, need_n: bool, need_tau: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2,
-                     M, symmetric, in_batch, normalize, block_d, need_x, need_y, need_n,
+    return _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch,
+                     normalize, block_d, lse1, lse2, cnt1, cnt2, need_x, need_y, need_n,
                      need_tau, False)
 
 
 def _bwd_triton(grad_rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 n: torch.Tensor | None, tau: torch.Tensor | None, inv_tau: torch.Tensor,
-                keys_x: torch.Tensor | None, keys_y: torch.Tensor | None, lse1: torch.Tensor,
-                lse2: torch.Tensor, cnt1: torch.Tensor, cnt2: torch.Tensor, M: int,
+                keys_x: torch.Tensor | None, keys_y: torch.Tensor | None, M: int,
                 symmetric: bool, in_batch: bool, normalize: bool, block_d: int | None,
+                lse1: torch.Tensor, lse2: torch.Tensor, cnt1: torch.Tensor, cnt2: torch.Tensor,
                 need_x: bool, need_y: bool, need_n: bool, need_tau: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2,
-                     M, symmetric, in_batch, normalize, block_d, need_x, need_y, need_n,
+    return _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch,
+                     normalize, block_d, lse1, lse2, cnt1, cnt2, need_x, need_y, need_n,
                      need_tau, True)
 
 
-def _bwd_fake(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2, M,
-              symmetric, in_batch, normalize, block_d, need_x, need_y, need_n, need_tau):
+def _bwd_fake(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch,
+              normalize, block_d, lse1, lse2, cnt1, cnt2, need_x, need_y, need_n, need_tau):
     e = x.new_empty(0)
     return (torch.empty_like(x) if need_x else e, torch.empty_like(y) if need_y else e,
             torch.empty_like(n) if need_n and n is not None else e,
             torch.empty_like(tau) if need_tau else e)
 
 
-def _setup_context(ctx, inputs, output):
-    x, y, n, tau, inv_tau, keys_x, keys_y, *conf = inputs
-    rows, lse1, lse2, cnt1, cnt2 = output
-    ctx.mark_non_differentiable(lse1, lse2, cnt1, cnt2)
-    ctx.save_for_backward(x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2)
-    ctx.conf = tuple(conf[:5])  # (M, symmetric, in_batch, normalize, block_d)
-
-
-def _make_backward(bwd_op):
-    def backward(ctx, grad_rows, *_):
-        """The fused backward; in grad mode (create_graph=True, torch.func) the gradient
-        formula in differentiable PyTorch ops instead."""
-        x, y, n, tau, inv_tau, keys_x, keys_y, lse1, lse2, cnt1, cnt2 = ctx.saved_tensors
-        M, symmetric, in_batch, normalize, block_d = ctx.conf
-        need_x, need_y, need_n, need_tau = ctx.needs_input_grad[:4]
-        need_n, need_tau = need_n and n is not None, need_tau and tau is not None
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-            gx, gy, gn, gt = _grads_create_graph(x, y, n, tau, inv_tau, keys_x, keys_y,
-                                                 grad_rows, ctx.conf[:4], cdt)
-        else:
-            gx, gy, gn, gt = bwd_op(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, lse1,
-                                    lse2, cnt1, cnt2, M, symmetric, in_batch, normalize,
-                                    block_d, need_x, need_y, need_n, need_tau)
-        return (gx if need_x else None, gy if need_y else None, gn if need_n else None,
-                gt if need_tau else None, *([None] * 8))
-    return backward
-
-
-def _make_vmap(fwd):
-    def vmap(info, in_dims, x, y, n, tau, inv_tau, keys_x, keys_y, *conf):
-        # one call per batch element (the kernels have no batch dimension)
-        args = (x, y, n, tau, inv_tau, keys_x, keys_y)
-        outs = []
-        for b in range(info.batch_size):
-            sl = [a.select(d, b) if d is not None else a for a, d in zip(args, in_dims[:7])]
-            outs.append(fwd(*sl, *conf))
-        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * 5
-    return vmap
-
-
-_ops, _eager_fwd, _eager_bwd = define_loss_ops(
-    "info_nce", {False: _fwd_torch, True: _fwd_triton}, {False: _bwd_torch, True: _bwd_triton},
-    lambda triton: functools.partial(_fwd_fake, triton=triton), _bwd_fake, _make_backward,
-    _setup_context, _make_vmap)
-
-
-class _Eager(torch.autograd.Function):
-    """Eager calls, and torch.func transforms (which do not run the autograd formula
-    registered on a custom op): the same implementations, backward (in grad mode the
-    differentiable formula) and vmap rule in a Function, without the custom ops' dispatcher
-    round-trips."""
-
-    @staticmethod
-    def forward(x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in_batch, normalize,
-                block_d, triton):
-        return _eager_fwd[triton](x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric,
-                                  in_batch, normalize, block_d)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.triton = inputs[-1]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return *_make_backward(_eager_bwd[ctx.triton])(ctx, *grads), None
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _make_vmap(_Eager.apply)(info, in_dims, *args)
-
-
-# Function.apply binds the arguments with inspect.signature when setup_context is defined
-# (~100 us a call on a CPU); outside functorch transforms this C-level apply is called.
-_apply_eager = super(torch.autograd.Function, _Eager).apply
-
-
-# ------------------------------------------------------------------ distributed gather
-def _check_same_rows(m, device, world, group=None):
-    import torch.distributed as dist
-
-    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=device), group=group)
-    sizes = [int(s) for s in sizes]
-    if any(s != m for s in sizes):
-        raise ValueError(f"gather_distributed needs the same M on every rank, got {sizes}")
-
-
-def _gather_rows(local, rank, world, group=None):
-    """[local; the other ranks' rows in rank order]; gradients of the other ranks' copies flow
-    back to their owners (all_gather's backward sums them)."""
-    gathered = _all_gather_autograd(local, group).split(local.shape[0])
-    return torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
-
-
-def _gather_plain(t, rank, world, group=None):
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat([t] + [parts[q] for q in range(world) if q != rank])
+_loss = FusedLoss("info_nce", {False: _fwd_torch, True: _fwd_triton},
+                  {False: _bwd_torch, True: _bwd_triton}, _fwd_fake, _bwd_fake, _rows_dense,
+                  n_grads=4)
+_ops = _loss.ops
 
 
 # ------------------------------------------------------------------ public API
@@ -650,12 +517,12 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
     if labels is not None:
         keys_x = labels.to(query.device)
     if world is not None:
-        _check_same_rows(m, query.device, world[1], world[2])
-        y = _gather_rows(key, *world)
+        check_same_rows(m, query.device, world[1], world[2], "M")
+        y = gather_rows(key, *world)
         if symmetric:
-            x = _gather_rows(query, *world)
+            x = gather_rows(query, *world)
         if labels is not None:
-            all_lab = _gather_plain(keys_x, *world)
+            all_lab = gather_rows(keys_x, *world, autograd=False)
             keys_x = all_lab if symmetric else keys_x
             keys_y = all_lab
     elif labels is not None:
@@ -663,27 +530,13 @@ def info_nce(query, key, temperature=0.2, *, negatives=None, symmetric=False, no
     if keys_x is not None:  # labels of any range, no data-dependent relabelling
         keys_x, keys_y = keys_x.long(), keys_y.long()
     tau = temperature if isinstance(temperature, torch.Tensor) else None
-    tau_value = None if tau is not None else float(temperature)
-    cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
-    inv_tau = inv_tau_tensor(tau, tau_value, query.device, torch.float32 if triton else cdt)
-    args = (x, y, negatives, tau, inv_tau, keys_x, keys_y, m, symmetric, in_batch_negatives,
-            normalize, _block_d)
-    if torch.compiler.is_compiling():  # the custom ops: what the compiler sees
-        rows = _ops[triton](*args)[0]
-    elif transformed(*args[:7]) or torch._C._are_functorch_transforms_active():
-        rows = _Eager.apply(*args, triton)[0]
-    else:
-        rows = _apply_eager(*args, triton)[0]
-    if weights is not None:
-        w = weights.to(rows.dtype)
-        rows = rows * (torch.cat([w, w]) if symmetric else w)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.mean()
-    return out.to(query.dtype)
+    inv_tau = inv_tau_tensor(tau, None if tau is not None else float(temperature), query.device,
+                             torch.float32 if triton else compute_dtype(query))
+    rows = _loss(x, y, negatives, tau, inv_tau, keys_x, keys_y, m, symmetric,
+                 in_batch_negatives, normalize, _block_d, triton=triton)
+    if weights is not None and symmetric:
+        weights = torch.cat([weights, weights])
+    return reduce_rows(rows, reduction, weights, query.dtype)
 
 
 class InfoNCELoss(nn.Module):

@@ -80,7 +80,6 @@ Testing switch: SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend="trit
 tensors through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is imported so
 that they run in the interpreter.
 """
-import functools
 import numbers
 
 import torch
@@ -90,9 +89,10 @@ from torch import nn
 from ._common import EPS as _EPS, REDUCTIONS as _REDUCTIONS
 from ._common import chain as _chain, check_flag, check_matrix, check_pair, check_row_values, \
     check_temperature as _check_temperature
-from ._common import (all_gather_autograd as _all_gather_autograd, check_values, cpu_block as _cpu_block,
-                      dist_world as _dist_world)
-from ._common import define_loss_ops, inv_norms as _inv_norms, inv_tau_tensor, transformed, use_triton
+from ._common import (check_same_rows, check_values, cpu_block as _cpu_block,
+                      dist_world as _dist_world, gather_rows, index_keys)
+from ._common import inv_norms as _inv_norms, inv_tau_tensor
+from ._op import FusedLoss, compute_dtype, kernels, reduce_rows, transformed, use_triton
 
 __all__ = ["nt_xent", "NTXentLoss"]
 
@@ -100,11 +100,7 @@ _MULTI_POSITIVE = ("out", "in")
 
 
 def _kernels():
-    # imported on first use so that CPU-only callers never load Triton; kernels/ is installed as
-    # sdclr_fast.kernels (setup.py package_dir)
-    from sdclr_fast.kernels import nt_xent as k
-
-    return k
+    return kernels("nt_xent")
 
 
 # ------------------------------------------------------------------ argument checks
@@ -149,19 +145,6 @@ def _check(z1, z2, temperature, normalize, reduction, weights, labels, multi_pos
 
 
 # ------------------------------------------------------------------ shared math
-def _pair_keys(m, half, device):
-    """The two-view keys of the kernels (row i and i + half share one); cached outside
-    torch.compile (a read-only tensor that every step would build again)."""
-    if torch.compiler.is_compiling():
-        return torch.arange(m, device=device, dtype=torch.int32).remainder(half)
-    return _pair_keys_cached(m, half, device)
-
-
-@functools.lru_cache(maxsize=8)
-def _pair_keys_cached(m, half, device):
-    return torch.arange(m, device=device, dtype=torch.int32).remainder_(half)
-
-
 # exp(S - shift) summed over a row below this means the fixed shift lost precision to underflow
 _UNDERFLOW = {torch.float32: 1e-20, torch.float64: 1e-200}
 
@@ -246,9 +229,9 @@ def _torch_forward(zh, inv_tau, R, keys, normalize, pos_lse=False):
     return loss, lse, cnt, lsep
 
 
-def _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep=None):
+def _torch_backward(zh, inv_tau, R, keys, lse, g, gpos, lsep=None):
     """dL/dzhat (M, D) by row blocks: dzhat_k = (1/tau) sum_j A_kj zhat_j with
-    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gy_k + gy_j)   ("out"; the two-view loss),
+    A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (gpos_k + gpos_j)   ("out"; the two-view loss),
     A_kj = g_k P_kj + g_j P_jk - [j in pos(k)] (g_k Q_kj + g_j Q_jk)   ("in", lsep given),
     with P_ij = exp(S_ij - lse_i) and Q_ij = exp(S_ij - lsep_i).
 
@@ -295,29 +278,29 @@ def _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep=None):
         elif Q is not None:
             A.sub_(Q)
         else:
-            A.sub_(torch.where(same, gy[s:e, None] + gy[None, :ncol],
+            A.sub_(torch.where(same, gpos[s:e, None] + gpos[None, :ncol],
                                torch.zeros((), dtype=A.dtype, device=A.device)))
         torch.mm(A, zs[:ncol], out=dzh[s:e])
     return dzh
 
 
-def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse, inv_tau=None):
-    """The per-row losses of _NTXentRows in differentiable PyTorch ops over the whole (R, M)
-    score matrix: the route of torch.func transforms and forward-mode AD, and the backward
-    when create_graph=True (double backward). O(R M) memory; no host reads, no data-dependent
-    shapes, so vmap, jvp and higher derivatives see plain PyTorch ops."""
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+def _rows_dense(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive):
+    """The per-row losses of the custom ops (same arguments) in differentiable PyTorch ops over
+    the whole (R, M) score matrix: the route of torch.func transforms and forward-mode AD, and
+    the backward when create_graph=True (double backward). O(R M) memory; no host reads, no
+    data-dependent shapes, so vmap, jvp and higher derivatives see plain PyTorch ops."""
+    cdt = compute_dtype(u)
     z = u.to(cdt)
     if normalize:
         z = F.normalize(z, dim=1, eps=_EPS)
     S = z[:R] @ z.t()
     if tau is not None:
         S = S / tau.to(device=z.device, dtype=cdt).reshape(())
-    else:  # a Python temperature: its value, or 1 / value as a (1,) tensor (inv_tau)
-        S = S / tau_value if inv_tau is None else S * inv_tau.to(device=z.device, dtype=cdt)
+    else:  # a Python temperature: 1 / value as a (1,) tensor
+        S = S * inv_tau.to(device=z.device, dtype=cdt)
     eye = torch.eye(R, z.shape[0], dtype=torch.bool, device=z.device)
     lse = torch.logsumexp(S.masked_fill(eye, float("-inf")), dim=1)
-    if keys is None:  # two views: row i's positive is row (i + R/2) mod R
+    if keys is None or one_positive:  # two views: row i's positive is row (i + R/2) mod R
         idx = torch.arange(R, device=z.device)
         return lse - S.gather(1, ((idx + R // 2) % R)[:, None]).squeeze(1)
     keys = keys.to(z.device)
@@ -334,10 +317,9 @@ def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse, inv_tau=None):
 
 
 # ------------------------------------------------------------------ custom ops
-# The per-row losses are custom ops (sdclr_fast::nt_xent_fwd / _bwd for the PyTorch path,
-# nt_xent_fwd_triton / _bwd_triton for the kernels) with fake implementations and a registered
-# autograd formula, so torch.compile traces nt_xent without a graph break (Inductor sees the
-# Triton launches of the triton_op variants). Arguments:
+# The per-row losses, filled into the shared wiring of ops/_op.py (FusedLoss): the custom ops
+# sdclr_fast::nt_xent_fwd / _bwd (PyTorch path) and nt_xent_fwd_triton / _bwd_triton (the
+# kernels), their eager autograd.Function, and the dense formulation _rows_dense. Inputs:
 #   u (M, D): the rows; losses of the first R against all M.
 #   tau: the temperature tensor (only for its gradient) or None; inv_tau: 1 / tau as a (1,)
 #     tensor (fp32 for the kernels, the compute dtype otherwise).
@@ -346,16 +328,14 @@ def _rows_dense(u, tau, tau_value, keys, R, normalize, pos_lse, inv_tau=None):
 #     the kernels get the pair index as keys).
 #   pos_lse: the "in" multi-positive form; one_positive: every row has exactly one positive
 #     (two views, one process), which saves the backward five small ops.
-# Outputs: loss (R,), lse (M,), cnt (R,), lsep (M,) (empty without pos_lse), and the inverse
-# row norms r with the mask through (norm >= eps) for the backward; only loss is
-# differentiable.
+# Outputs: loss (R,), then the backward's statistics: lse (M,), cnt (R,), lsep (M,) (empty
+# without pos_lse), and the inverse row norms r with the mask through (norm >= eps).
 def _fwd_torch(u: torch.Tensor, tau: torch.Tensor | None, inv_tau: torch.Tensor,
                keys: torch.Tensor | None, R: int, normalize: bool, block_d: int | None,
                pos_lse: bool, one_positive: bool) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor, torch.Tensor,
                                                              torch.Tensor, torch.Tensor]:
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    r, through = _inv_norms(u, cdt)
+    r, through = _inv_norms(u, compute_dtype(u))
     loss, lse, cnt, lsep = _torch_forward(_normalised(u, r, normalize), inv_tau, R, keys,
                                           normalize, pos_lse)
     return loss, lse, cnt, lse.new_empty(0) if lsep is None else lsep, r, through
@@ -375,7 +355,7 @@ def _fwd_triton(u: torch.Tensor, tau: torch.Tensor | None, inv_tau: torch.Tensor
 
 def _fwd_fake(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive, triton):
     M = u.shape[0]
-    dt = torch.float32 if triton or u.dtype != torch.float64 else torch.float64
+    dt = torch.float32 if triton else compute_dtype(u)
     ct = torch.int32 if triton else torch.int64
     return (u.new_empty(R, dtype=dt), u.new_empty(M, dtype=dt), u.new_empty(R, dtype=ct),
             u.new_empty(M if pos_lse else 0, dtype=dt), u.new_empty(M, dtype=dt),
@@ -383,7 +363,7 @@ def _fwd_fake(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positiv
 
 
 def _bwd_prepare(grad_loss, lse, cnt, R, M, pos_lse, one_positive):
-    """g, gy (M,): upstream gradient of each row's loss and the same over its positive count
+    """g, gpos (M,): upstream gradient of each row's loss and the same over its positive count
     (0 beyond R and for rows without positives)."""
     if one_positive:
         g = grad_loss.to(lse.dtype).contiguous()
@@ -392,9 +372,9 @@ def _bwd_prepare(grad_loss, lse, cnt, R, M, pos_lse, one_positive):
     g[:R] = torch.where(cnt > 0, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
     if pos_lse:
         return g, g
-    gy = g.clone()
-    gy[:R] /= cnt.clamp_min(1)
-    return g, gy
+    gpos = g.clone()
+    gpos[:R] /= cnt.clamp_min(1)
+    return g, gpos
 
 
 def _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau):
@@ -410,140 +390,62 @@ def _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau):
 
 
 def _bwd_torch(grad_loss: torch.Tensor, u: torch.Tensor, tau: torch.Tensor | None,
-               inv_tau: torch.Tensor, keys: torch.Tensor | None, lse: torch.Tensor,
+               inv_tau: torch.Tensor, keys: torch.Tensor | None, R: int, normalize: bool,
+               block_d: int | None, pos_lse: bool, one_positive: bool, lse: torch.Tensor,
                cnt: torch.Tensor, lsep: torch.Tensor, r: torch.Tensor, through: torch.Tensor,
-               R: int, normalize: bool, block_d: int | None, pos_lse: bool, one_positive: bool,
                need_u: bool, need_tau: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    g, gy = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
+    g, gpos = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
     zh = _normalised(u, r, normalize)
-    dzh = _torch_backward(zh, inv_tau, R, keys, lse, g, gy, lsep if pos_lse else None)
+    dzh = _torch_backward(zh, inv_tau, R, keys, lse, g, gpos, lsep if pos_lse else None)
     return _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau)
 
 
 def _bwd_triton(grad_loss: torch.Tensor, u: torch.Tensor, tau: torch.Tensor | None,
-                inv_tau: torch.Tensor, keys: torch.Tensor | None, lse: torch.Tensor,
+                inv_tau: torch.Tensor, keys: torch.Tensor | None, R: int, normalize: bool,
+                block_d: int | None, pos_lse: bool, one_positive: bool, lse: torch.Tensor,
                 cnt: torch.Tensor, lsep: torch.Tensor, r: torch.Tensor, through: torch.Tensor,
-                R: int, normalize: bool, block_d: int | None, pos_lse: bool,
-                one_positive: bool, need_u: bool, need_tau: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                need_u: bool, need_tau: bool) -> tuple[torch.Tensor, torch.Tensor]:
     u = u.contiguous()
-    g, gy = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
-    dzh = _kernels().backward(u, r, keys, inv_tau, lse, g, gy, R, normalize, block_d,
+    g, gpos = _bwd_prepare(grad_loss, lse, cnt, R, u.shape[0], pos_lse, one_positive)
+    dzh = _kernels().backward(u, r, keys, inv_tau, lse, g, gpos, R, normalize, block_d,
                               lsep if pos_lse else None, paired=one_positive)
     zh = u.float() * r[:, None] if normalize else u.float()
     return _bwd_finish(u, tau, zh, dzh, r, through, normalize, need_u, need_tau)
 
 
-def _bwd_fake(grad_loss, u, tau, inv_tau, keys, lse, cnt, lsep, r, through, R, normalize,
-              block_d, pos_lse, one_positive, need_u, need_tau):
+def _bwd_fake(grad_loss, u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive,
+              lse, cnt, lsep, r, through, need_u, need_tau):
     return (torch.empty_like(u) if need_u else u.new_empty(0),
             torch.empty_like(tau) if need_tau else u.new_empty(0))
-
-
-def _setup_context(ctx, inputs, output):
-    u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive = inputs
-    _, lse, cnt, lsep, r, through = output
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(u, tau, inv_tau, keys, lse, cnt, lsep, r, through)
-    ctx.conf = (R, normalize, block_d, pos_lse, one_positive)
-
-
-def _make_backward(bwd_op):
-    def backward(ctx, grad_loss, *_):
-        """The fused backward; under create_graph=True (double backward) the gradient of
-        _rows_dense instead, built with differentiable ops."""
-        u, tau, inv_tau, keys, lse, cnt, lsep, r, through = ctx.saved_tensors
-        R, normalize, block_d, pos_lse, one_positive = ctx.conf
-        need_u, need_tau = ctx.needs_input_grad[0], tau is not None and ctx.needs_input_grad[1]
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _differentiable_backward(u, tau, inv_tau, keys, grad_loss, R, normalize,
-                                            pos_lse, one_positive, need_u, need_tau)
-        gu, gt = bwd_op(grad_loss, u, tau, inv_tau, keys, lse, cnt, lsep, r, through, R,
-                        normalize, block_d, pos_lse, one_positive, need_u, need_tau)
-        return (gu if need_u else None, gt if need_tau else None, *([None] * 7))
-    return backward
-
-
-def _differentiable_backward(u, tau, inv_tau, keys, grad_loss, R, normalize, pos_lse,
-                             one_positive, need_u, need_tau):
-    if one_positive:
-        keys = None  # two views (on the Triton path these keys are the pair index)
-    want = [t for t, need in ((u, need_u), (tau, need_tau)) if need]
-    rows = _rows_dense(u, tau, None, keys, R, normalize, pos_lse, inv_tau)
-    grads = iter(torch.autograd.grad(rows, want, grad_loss.to(rows.dtype), create_graph=True,
-                                     allow_unused=True))
-    grad_u = next(grads).to(u.dtype) if need_u else None
-    grad_tau = None
-    if need_tau:
-        grad_tau = next(grads)
-        grad_tau = torch.zeros_like(tau) if grad_tau is None else grad_tau.to(tau.dtype)
-    return (grad_u, grad_tau, *([None] * 7))
-
-
-_ops, _eager_fwd, _eager_bwd = define_loss_ops(
-    "nt_xent", {False: _fwd_torch, True: _fwd_triton}, {False: _bwd_torch, True: _bwd_triton},
-    lambda triton: functools.partial(_fwd_fake, triton=triton), _bwd_fake, _make_backward,
-    _setup_context)
 
 
 def _normalised(u, r, normalize):
     """zhat in the PyTorch path's compute dtype (float64 for float64 input, else float32):
     u / max(|u|, eps) as F.normalize divides."""
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype(u)
     return u.to(cdt) / r.reciprocal()[:, None] if normalize else u.to(cdt)
 
 
-class _EagerRows(torch.autograd.Function):
-    """Eager calls skip the dispatcher round-trips of the custom ops (host time that a small
-    loss on a GPU waits for): the same implementations and autograd formula in a Function."""
-
-    @staticmethod
-    def forward(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_positive, triton):
-        return _eager_fwd[triton](u, tau, inv_tau, keys, R, normalize, block_d, pos_lse,
-                                  one_positive)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[:-1], output)
-        ctx.triton = inputs[-1]
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return *_make_backward(_eager_bwd[ctx.triton])(ctx, *grads), None
-
-
-# Function.apply binds the arguments with inspect.signature when setup_context is defined
-# (~100 us a call on a CPU); outside functorch transforms this C-level apply is called.
-_apply_eager = super(torch.autograd.Function, _EagerRows).apply
+_loss = FusedLoss("nt_xent", {False: _fwd_torch, True: _fwd_triton},
+                  {False: _bwd_torch, True: _bwd_triton}, _fwd_fake, _bwd_fake,
+                  lambda *inputs: _rows_dense(*inputs), n_grads=2)  # looked up at call time
+_ops = _loss.ops
 
 
 # ------------------------------------------------------------------ distributed gather
 def _gather_rows(local, labels, two_view, rank, world, group=None):
     """Local rows first, then the other ranks' rows; keys = the global pair index (two views,
     no labels) or the gathered labels. labels: None or (M_local,)."""
-    import torch.distributed as dist
-
     m = local.shape[0]
-    dev = local.device
-    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([m], dtype=torch.int64, device=dev), group=group)
-    sizes = [int(s) // (2 if two_view else 1) for s in sizes]
-    if any(s != sizes[rank] for s in sizes):
-        what = "N" if two_view else "number of rows M"
-        raise ValueError(f"gather_distributed needs the same {what} on every rank, got {sizes}")
-    gathered = _all_gather_autograd(local, group).split(m)  # backward: sum of all ranks' gradients
-    u = torch.cat([local] + [gathered[q] for q in range(world) if q != rank])
+    check_same_rows(m // 2 if two_view else m, local.device, world, group,
+                    "N" if two_view else "number of rows M")
+    u = gather_rows(local, rank, world, group)
+    if labels is not None:
+        return u, gather_rows(labels.to(local.device).long(), rank, world, group, autograd=False)
+    n = m // 2
+    pair = torch.arange(n, device=local.device)
     order = [rank] + [q for q in range(world) if q != rank]
-    if labels is None:
-        n = m // 2
-        pair = torch.arange(n, device=dev)
-        keys = torch.cat([torch.cat([pair + q * n, pair + q * n]) for q in order])
-    else:
-        lab = labels.to(dev).long().contiguous()
-        all_lab = [torch.empty_like(lab) for _ in range(world)]
-        dist.all_gather(all_lab, lab, group=group)
-        keys = torch.cat([all_lab[q] for q in order])
-    return u, keys
+    return u, torch.cat([torch.cat([pair + q * n, pair + q * n]) for q in order])
 
 
 # ------------------------------------------------------------------ public API
@@ -608,51 +510,34 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
     # "in" equals "out" when every row has exactly one positive (two views without labels)
     pos_lse = multi_positive == "in" and labels is not None
     tau = temperature if isinstance(temperature, torch.Tensor) else None
-    tau_value = None if tau is not None else float(temperature)
-    world = _dist_world(gather_distributed)
     u = z1 if single else torch.cat([z1, z2])
-    lab = labels
-    if lab is not None:
-        lab = lab.to(z1.device)
-        lab = torch.cat([lab, lab]) if lab.shape[0] != R else lab
-
-    if transformed(z1, z2, temperature, weights, labels):
-        if world is not None:
-            raise ValueError("gather_distributed=True cannot run under torch.func transforms or "
-                             "forward-mode AD")
-        rows = _rows_dense(u, tau, tau_value, lab, R, normalize, pos_lse)
-    else:
-        triton = use_triton(z1, _backend, "z1/z2")
+    keys = labels
+    if keys is not None:
+        keys = keys.to(z1.device)
+        keys = torch.cat([keys, keys]) if keys.shape[0] != R else keys
+    # a torch.func transform runs the dense formulation: no host reads, no gather
+    dense = transformed(z1, z2, temperature, weights, labels)
+    world = _dist_world(gather_distributed)
+    if dense and world is not None:
+        raise ValueError("gather_distributed=True cannot run under torch.func transforms or "
+                         "forward-mode AD")
+    triton = not dense and use_triton(z1, _backend, "z1/z2")
+    if not dense:
         check_values([("z1", z1), ("z2", z2)], temperature, check_finite)
-        if world is not None:
-            u, keys = _gather_rows(u, lab, not single, *world)
-            if labels is None and not triton:
-                keys = None  # the PyTorch path pairs the leading local rows by index
-        else:
-            keys = lab
-        if keys is not None:
-            keys = keys.long()  # labels of any range, no data-dependent relabelling
-        elif triton:  # the pair index is the key: row i and row i + R/2 share it
-            keys = _pair_keys(u.shape[0], R // 2, u.device)
-        cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-        inv_tau = inv_tau_tensor(tau, tau_value, u.device, torch.float32 if triton else cdt)
-        one_positive = labels is None and u.shape[0] == R
-        args = (u, tau, inv_tau, keys, R, normalize, _block_d, pos_lse, one_positive)
-        if torch.compiler.is_compiling():  # the custom ops: what the compiler sees
-            rows = _ops[triton](*args)[0]
-        else:
-            apply = _EagerRows.apply if torch._C._are_functorch_transforms_active() \
-                else _apply_eager
-            rows = apply(*args, triton)[0]
-    if weights is not None:
-        rows = rows * weights.to(rows.dtype)
-    if reduction == "none":
-        out = rows
-    elif reduction == "sum":
-        out = rows.sum()
-    else:
-        out = rows.mean()
-    return out.to(z1.dtype)
+    if world is not None:
+        u, keys = _gather_rows(u, keys, not single, *world)
+        if labels is None and not triton:
+            keys = None  # the PyTorch path pairs the leading local rows by index
+    if keys is not None:
+        keys = keys.long()  # labels of any range, no data-dependent relabelling
+    elif triton:  # the pair index is the key: row i and row i + R/2 share it
+        keys = index_keys(u.shape[0], u.device, R // 2)
+    inv_tau = inv_tau_tensor(tau, None if tau is not None else float(temperature), u.device,
+                             torch.float32 if triton else compute_dtype(u))
+    one_positive = labels is None and u.shape[0] == R
+    rows = _loss(u, tau, inv_tau, keys, R, normalize, _block_d, pos_lse, one_positive,
+                 triton=triton)
+    return reduce_rows(rows, reduction, weights, z1.dtype)
 
 
 def _bank_shape(memory_bank_size):
