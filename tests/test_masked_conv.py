@@ -771,7 +771,7 @@ def test_torch_func_grad_vmap_jacrev(backend, dev):
     for a, r in zip(jacrev(ours, argnums=(0, 1))(x1, w, b), jacrev(ref, argnums=(0, 1))(x1, w, b)):
         close(a, r)
     # the per-mask cache, first filled inside grad above, holds plain tensors
-    from sdclr_fast.ops.masked_conv import _cached
+    from sdclr_fast.ops._masked import cached as _cached
 
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     entry = _cached(m)

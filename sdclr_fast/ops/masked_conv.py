@@ -69,28 +69,21 @@ Testing switch: with SDCLR_FAST_FORCE_TRITON=1 (read at call time) or `_backend=
 CPU tensors go through the Triton kernels too; set TRITON_INTERPRET=1 before Triton is
 imported so that they run in the interpreter.
 """
-import inspect
-import os
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from . import _masked_conv_tuned as _tuned
+from ._masked import (MaskTiles, autocast_args, bias_grad, build_tiles, cached_tiles, check_block,
+                      default_block, define_masked_ops, fold_batch, map_over_batch, mask_scale,
+                      twice_error)
+from ._op import TRITON_DTYPES, backend_choice, kernels
 
 __all__ = ["masked_conv2d", "prepare_mask", "MaskTiles", "default_block"]
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CACHE_ATTR = "_sdclr_fast_mask_tiles"
-
-
 def _kernels():
-    # imported on first use so that CPU-only callers never load Triton; kernels/ is installed as
-    # sdclr_fast.kernels (setup.py package_dir)
-    from sdclr_fast.kernels import masked_conv as k
-
-    return k
+    return kernels("masked_conv")
 
 
 # ------------------------------------------------------------------ PyTorch path
@@ -184,133 +177,6 @@ def _check(x, weight, mask, bias, groups, weight_dtype=None):
 
 
 # ------------------------------------------------------------------ tile-occupancy map
-def default_block(out_per_group, in_per_group):
-    """Weight tile (block_o, block_c) the kernels use for a group of that size: 32 where the
-    group has >= 32 channels, else the next power of two (at least 16, the MMA minimum)."""
-    def one(n):
-        return 32 if n >= 32 else max(16, 1 << max(n - 1, 0).bit_length())
-    return one(out_per_group), one(in_per_group)
-
-
-def _active_lists(occ):
-    """occ (R, K) bool -> (idx (R, K) int32 with each row's active columns first, in order;
-    count (R,) int32)."""
-    count = occ.sum(1, dtype=torch.int32)
-    order = torch.argsort((~occ).to(torch.int8), dim=1, stable=True)
-    return order.to(torch.int32).contiguous(), count.contiguous()
-
-
-@dataclass(frozen=True)
-class MaskTiles:
-    """Occupancy of a conv mask per (block_o x block_c) weight tile and tap.
-
-    occupancy[g, ot, tap, ct] is True where the tile holds at least one kept weight. The index
-    lists derived from it drive the kernels (see kernels/masked_conv.py). Built by
-    `prepare_mask`; immutable."""
-
-    mask: torch.Tensor  # the mask as uint8, weight's shape, channels-last strides (see below)
-    groups: int
-    og: int
-    cg: int
-    block_o: int
-    block_c: int
-    o_tiles: int
-    c_tiles: int
-    taps: int
-    kw: int
-    occupancy: torch.Tensor  # (groups, o_tiles, taps, c_tiles) bool
-    fwd_idx: torch.Tensor  # (g * o_tiles, taps * c_tiles): tap * c_tiles + ct, active first
-    fwd_pk: torch.Tensor   # same layout: the packed-tile index (row of wgt_tiles) of each step
-    fwd_cnt: torch.Tensor
-    bwd_idx: torch.Tensor  # (g * c_tiles, taps * o_tiles): tap * o_tiles + ot, active first
-    bwd_pk: torch.Tensor
-    bwd_cnt: torch.Tensor
-    wgt_tiles: torch.Tensor  # (n_active, 4) int32 rows (g, ot, tap, ct): the packed order
-
-    @property
-    def tile_density(self):
-        """Fraction of weight tiles the kernels compute (1.0 = no skipping)."""
-        return self.wgt_tiles.shape[0] / max(self.occupancy.numel(), 1)
-
-
-def _build_tiles(keep, groups, block):
-    O, Cg, KH, KW = keep.shape
-    og = O // groups
-    bo, bc = block
-    o_t, c_t, taps = -(-og // bo), -(-Cg // bc), KH * KW
-    k = keep.detach().reshape(groups, og, Cg, taps) != 0
-    k = F.pad(k, (0, 0, 0, c_t * bc - Cg, 0, o_t * bo - og))  # zero-pad to whole tiles
-    occ = k.reshape(groups, o_t, bo, c_t, bc, taps).any(dim=4).any(dim=2)  # (g, ot, ct, tap)
-    occ = occ.permute(0, 1, 3, 2).contiguous()  # (g, ot, tap, ct)
-    fwd_idx, fwd_cnt = _active_lists(occ.reshape(groups * o_t, taps * c_t))
-    bwd_idx, bwd_cnt = _active_lists(occ.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t))
-    wgt_tiles = occ.nonzero().to(torch.int32).contiguous()
-    # rank of every active tile in wgt_tiles order = its index in the packed weight
-    rank = (occ.flatten().cumsum(0) - 1).reshape(occ.shape)
-    fwd_pk = rank.reshape(groups * o_t, taps * c_t).gather(1, fwd_idx.long())
-    bwd_pk = rank.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t).gather(1, bwd_idx.long())
-    return dict(groups=groups, og=og, cg=Cg, block_o=bo, block_c=bc, o_tiles=o_t, c_tiles=c_t,
-                taps=taps, kw=KW, occupancy=occ, fwd_idx=fwd_idx,
-                fwd_pk=fwd_pk.to(torch.int32).contiguous(), fwd_cnt=fwd_cnt, bwd_idx=bwd_idx,
-                bwd_pk=bwd_pk.to(torch.int32).contiguous(), bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
-
-
-def _plain():
-    """Tensors derived from a plain mask stay plain under torch.func transforms (inside grad or
-    vmap every new tensor is otherwise wrapped for that transform's level): the per-mask cache
-    outlives the transform, and the kernels need real storage."""
-    return torch._C._DisableFuncTorch()
-
-
-def _mask_key(mask):
-    # the version counter, not the data pointer: torch.compile then needs no pointer guard
-    return (mask._version, mask.dtype, tuple(mask.shape), tuple(mask.stride()), mask.device)
-
-
-def _as_keep(mask):
-    """The mask as bool/uint8 `keep`; float/int masks must hold only 0 and 1."""
-    if mask.dtype == torch.bool:
-        return mask
-    if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
-    return mask != 0
-
-
-def _cached(mask):
-    """Per-mask cache stored on the tensor itself: dropped with it, invalidated by any in-place
-    change (version counter; a `.data` swap that bypasses it is not seen)."""
-    key = _mask_key(mask)
-    entry = getattr(mask, _CACHE_ATTR, None)
-    if entry is None or entry["key"] != key:
-        with _plain():
-            keep = _as_keep(mask).detach()
-        entry = {"key": key, "keep": keep, "tiles": {}}  # + scales by dtype
-        try:
-            setattr(mask, _CACHE_ATTR, entry)
-        except (AttributeError, RuntimeError):  # e.g. tensor subclasses without __dict__
-            pass
-    return entry
-
-
-def _mask_scale(mask, dtype):
-    """The mask as 0/1 in `dtype`, a copy cached with the mask (one weight-sized tensor per mask
-    change instead of a cast every call; a copy even when the mask has that dtype, so that the
-    forward keeps its mask whatever happens to the caller's tensor)."""
-    entry = _cached(mask)
-    scale = entry.get(dtype)
-    if scale is None:
-        with _plain():
-            scale = entry[dtype] = entry["keep"].to(dtype)
-    return scale
-
-
-def _check_block(block):
-    block = tuple(block)
-    if len(block) != 2 or any(not isinstance(b, int) or b < 16 or b & (b - 1) for b in block):
-        raise ValueError(f"block must be a pair of powers of two >= 16, got {block!r}")
-    return block
-
-
 def prepare_mask(mask, groups=1, block=None):
     """The `MaskTiles` of a conv mask: which weight tiles the Triton kernels compute.
 
@@ -346,40 +212,19 @@ def prepare_mask(mask, groups=1, block=None):
                          f"got {groups!r}")
     if block is None:
         block = default_block(mask.shape[0] // groups, mask.shape[1])
-    block = _check_block(block)
-    entry = _cached(mask)
-    tiles = entry["tiles"].get((groups, block))
-    if tiles is None:
-        keep = entry["keep"]
-        with _plain():
-            # Channels-last (O, KH, KW, C) storage: a mask tile row is then contiguous along the
-            # in-channels, so the kernels load it with wide, pipelinable copies.
-            mask_u8 = keep.to(torch.uint8).contiguous(memory_format=torch.channels_last)
-            tiles = MaskTiles(mask=mask_u8, **_build_tiles(keep, groups, block))
-        entry["tiles"][(groups, block)] = tiles
-    return tiles
+    block = check_block(block)
+
+    def build(keep):
+        # Channels-last (O, KH, KW, C) storage: a mask tile row is then contiguous along the
+        # in-channels, so the kernels load it with wide, pipelinable copies.
+        mask_u8 = keep.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        return MaskTiles(mask=mask_u8, **build_tiles(keep, groups, block))
+    return cached_tiles(mask, (groups, block), build)
 
 
 # ------------------------------------------------------------------ autograd
 def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _map_over_batch(fn, info, in_dims, args):
-    """Generic vmap rule: fn on every slice of the batch, results stacked on dim 0. `args`
-    holds tensors (batched where in_dims is not None) and plain values."""
-    def part(b):  # in_dims mirrors args; a plain value's entry is None (or a tuple of them)
-        return [a.select(d, b) if isinstance(a, torch.Tensor) and d is not None else a
-                for a, d in zip(args, in_dims)]
-    results = [fn(*part(b)) for b in range(info.batch_size)]
-    return torch.stack(results), 0
-
-
-def _fold_batch(t, d):
-    """(..., B at dim d, ...) with N behind it -> (B * N, ...): a vmap batch of x folded into
-    the convolution's own batch."""
-    t = t.movedim(d, 0)
-    return t.reshape((t.shape[0] * t.shape[1],) + tuple(t.shape[2:])), t.shape[0]
 
 
 class _MaskedConv2dTriton(torch.autograd.Function):
@@ -427,7 +272,7 @@ class _MaskedConv2dTriton(torch.autograd.Function):
                                    _tuned_cfg(ctx.entry, ctx.tiles, "bgw"))
         gb = None
         if need_b and has_bias:
-            gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
+            gb = bias_grad(grad_y, (0, 2, 3))
         return gx, gw, None, None, gb, None, None, None, None, None
 
     @staticmethod
@@ -435,16 +280,13 @@ class _MaskedConv2dTriton(torch.autograd.Function):
              entry):
         args = (x, weight, tiles, packed, bias, stride, padding, dilation, groups, entry)
         if in_dims[0] is not None and in_dims[1] is None and in_dims[4] is None:
-            xs, batch = _fold_batch(x, in_dims[0])
+            xs, batch = fold_batch(x, in_dims[0])
             y = _MaskedConv2dTriton.apply(xs, *args[1:])
             return y.reshape((batch, -1) + tuple(y.shape[1:])), 0
-        return _map_over_batch(_MaskedConv2dTriton.apply, info, in_dims, args)
+        return map_over_batch(_MaskedConv2dTriton.apply, info, in_dims, args)
 
 
-def _twice_error(*_):
-    raise RuntimeError("masked_conv2d: the Triton path is differentiable once; for higher "
-                       "derivatives (gradgradcheck, hessians) call it with _backend='torch', "
-                       "which computes F.conv2d(x, weight * mask)")
+_twice_error = twice_error("masked_conv2d", "F.conv2d(x, weight * mask)")
 
 
 class _GradInput(torch.autograd.Function):
@@ -464,17 +306,17 @@ class _GradInput(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pass
 
-    backward = staticmethod(_twice_error)
+    backward = _twice_error
 
     @staticmethod
     def vmap(info, in_dims, grad_y, weight, packed, tiles, geom, x_shape, fmt, cfg):
         if in_dims[0] is not None and in_dims[1] is None:  # e.g. jacrev: a batch of grad_y
-            gys, batch = _fold_batch(grad_y, in_dims[0])
+            gys, batch = fold_batch(grad_y, in_dims[0])
             gx = _GradInput.apply(gys, weight, packed, tiles, geom,
                                   (gys.shape[0],) + tuple(x_shape[1:]), fmt, cfg)
             return gx.reshape((batch,) + tuple(x_shape)), 0
-        return _map_over_batch(_GradInput.apply, info, in_dims,
-                               (grad_y, weight, packed, tiles, geom, x_shape, fmt, cfg))
+        return map_over_batch(_GradInput.apply, info, in_dims,
+                              (grad_y, weight, packed, tiles, geom, x_shape, fmt, cfg))
 
 
 class _GradWeight(torch.autograd.Function):
@@ -490,12 +332,12 @@ class _GradWeight(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pass
 
-    backward = staticmethod(_twice_error)
+    backward = _twice_error
 
     @staticmethod
     def vmap(info, in_dims, grad_y, x, tiles, geom, dtype, cfg):
-        return _map_over_batch(_GradWeight.apply, info, in_dims,
-                               (grad_y, x, tiles, geom, dtype, cfg))
+        return map_over_batch(_GradWeight.apply, info, in_dims,
+                              (grad_y, x, tiles, geom, dtype, cfg))
 
 
 def _is_channels_last(x):
@@ -512,7 +354,7 @@ def _tuned_cfg(entry, tiles, which):
 
 def _tuned_entry(x, weight, mask, geom):
     """The tuned-table entry of this CUDA call (None elsewhere or when there is none)."""
-    if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+    if not (x.is_cuda and x.dtype in TRITON_DTYPES):
         return None
     stride, pad, dilation, groups = geom
     density = prepare_mask(mask, groups).tile_density
@@ -522,35 +364,12 @@ def _tuned_entry(x, weight, mask, geom):
 def _backend_for(x, mask, groups, backend, entry=None):
     """'triton' or 'torch'. auto: Triton on CUDA for fp32/fp16/bf16 where the tuned `entry`
     (`_tuned_entry`) measured Triton faster than cuDNN; cuDNN / oneDNN everywhere else."""
-    if backend == "torch":
-        return "torch"
-    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
-        if x.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"the Triton kernels take x of dtype float32/float16/bfloat16, got "
-                             f"{x.dtype}")
-        return "triton"
-    if backend != "auto":
-        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+    choice = backend_choice(x, backend, "x")
+    if choice != "auto":
+        return choice
+    if not (x.is_cuda and x.dtype in TRITON_DTYPES):
         return "torch"
     return "triton" if _tuned.triton_wins(entry) else "torch"
-
-
-def _autocast(x, weight, bias):
-    """Under autocast: x and bias cast to the autocast dtype, as autocast does for F.conv2d
-    (activations usually arrive in it already), and that dtype returned for the weight, which
-    the PyTorch path casts and the Triton path's pack converts (one pass). Else None."""
-    if not isinstance(x, torch.Tensor) or x.dtype == torch.float64:
-        return x, bias, None
-    dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x, bias, None
-    dt = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-    wdt = dt if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
-    return cast(x), cast(bias), wdt
 
 
 def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -597,7 +416,7 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
         >>> bool((w.grad[~mask] == 0).all())     # pruned weights get no gradient
         True
     """
-    x, bias, wdt = _autocast(x, weight, bias)
+    x, bias, wdt = autocast_args(x, weight, bias)
     if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as F.conv2d takes
         return masked_conv2d(x.unsqueeze(0), weight, mask, bias, stride, padding, dilation,
                              groups, block=block, _backend=_backend).squeeze(0)
@@ -635,7 +454,7 @@ def masked_conv2d(x, weight, mask, bias=None, stride=1, padding=0, dilation=1, g
                 packed = _kernels().pack(weight, tiles, x.dtype)
         return _MaskedConv2dTriton.apply(x, weight, tiles, packed, bias, stride, pad, dilation,
                                          groups, entry)
-    return _pytorch_path(x, weight.to(wdt or weight.dtype), partial(_mask_scale, mask), bias,
+    return _pytorch_path(x, weight.to(wdt or weight.dtype), partial(mask_scale, mask), bias,
                          stride, pad, dilation, groups)
 
 
@@ -686,7 +505,7 @@ def _op_fwd(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: tor
     tiles, entry = _route(x, weight, mask, geom, block, force)
     if tiles is None:
         w = weight.to(x.dtype)
-        y = F.conv2d(x, w * _mask_scale(mask, w.dtype), bias, *geom)
+        y = F.conv2d(x, w * mask_scale(mask, w.dtype), bias, *geom)
         return y.contiguous(memory_format=_out_format(x))
     packed = _kernels().pack(weight, tiles, x.dtype)
     return _MaskedConv2dTriton.forward(x, weight, tiles, packed, bias, *geom, entry)
@@ -700,7 +519,7 @@ def _op_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: t
     tiles, entry = _route(x, weight, mask, geom, block, force)
     gx = gw = x.new_empty(0)
     if tiles is None:
-        scale = _mask_scale(mask, x.dtype)
+        scale = mask_scale(mask, x.dtype)
         gx_, gw_, _ = torch.ops.aten.convolution_backward(
             grad_y, x, weight.to(x.dtype) * scale, None, list(geom[0]), list(geom[1]),
             list(geom[2]), False, [0, 0], groups, [need_x, need_w, False])
@@ -722,7 +541,7 @@ def _fake_fwd(x, weight, mask, bias, stride, padding, dilation, groups, block, f
     # the eager call's shape / dtype / device checks (the weight may be fp32 under autocast)
     _check(x, weight, mask, bias, groups, x.dtype if weight.dtype.is_floating_point else None)
     if force and block is not None:
-        _check_block(block)
+        check_block(block)
     N, _, H, W = x.shape
     O, _, KH, KW = weight.shape
     OH = _out_size(H, KH, stride[0], padding[0], dilation[0])
@@ -743,48 +562,18 @@ def _fake_bwd(grad_y, x, weight, mask, stride, padding, dilation, groups, block,
     return gx, gw
 
 
-def _op_setup_context(ctx, inputs, output):
-    x, weight, mask, bias, stride, padding, dilation, groups, block, force = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.conf = (stride, padding, dilation, groups, block, force, bias is not None)
-
-
-def _op_backward(ctx, grad_y):
-    x, weight, mask = ctx.saved_tensors
-    stride, padding, dilation, groups, block, force, has_bias = ctx.conf
-    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-    gx = gw = gb = None
-    if need_x or need_w:
-        gx, gw = _ops["bwd"](grad_y, x, weight, mask, stride, padding, dilation, groups, block,
-                             force, need_x, need_w)
-    if need_b and has_bias:
-        gb = grad_y.sum(dim=(0, 2, 3), dtype=torch.float32).to(grad_y.dtype)
-    return (gx if need_x else None, gw if need_w else None, None, gb, *([None] * 6))
-
-
-def _define_op(name, fn, fake):
-    kw = {}
-    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
-    if tag is not None and "tags" in inspect.signature(torch.library.custom_op).parameters:
-        kw["tags"] = (tag,)
-    op = torch.library.custom_op(f"sdclr_fast::{name}", fn, mutates_args=(), **kw)
-    op.register_fake(fake)
-    return op
-
-
-_ops = {"fwd": _define_op("masked_conv2d_fwd", _op_fwd, _fake_fwd),
-        "bwd": _define_op("masked_conv2d_bwd", _op_bwd, _fake_bwd)}
-_ops["fwd"].register_autograd(_op_backward, setup_context=_op_setup_context)
+_ops = define_masked_ops("masked_conv2d", _op_fwd, _op_bwd, _fake_fwd, _fake_bwd,
+                         bias_dims=(0, 2, 3))
 
 
 def _compiled_call(x, weight, mask, bias, stride, pad, dilation, groups, block, backend, wdt):
     """masked_conv2d under torch.compile (arguments checked and padding resolved)."""
     w = weight.to(wdt or weight.dtype)
     # without a tuned entry only a forced call (`_backend="triton"`, the env switch) says triton
-    forced = _backend_for(x, mask, groups, backend) == "triton"
+    forced = backend_choice(x, backend, "x") == "triton"
     if block is not None:
         block = list(block)
-    if forced or (backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES):
+    if forced or (backend == "auto" and x.is_cuda and x.dtype in TRITON_DTYPES):
         return _ops["fwd"](x, weight, mask, bias, list(stride), list(pad), list(dilation),
                            groups, block, forced)
     keep = mask if mask.dtype == torch.bool else mask != 0

@@ -36,17 +36,16 @@ autograd), which run the eager code with the version-keyed tile cache, as masked
 Testing switch: `_backend="triton"` or SDCLR_FAST_FORCE_TRITON=1 sends CPU tensors through the
 kernels too (under TRITON_INTERPRET=1, set before Triton is imported).
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .masked_conv import (MaskTiles, _autocast, _build_tiles, _cached, _check_block, _define_op,
-                          _map_over_batch, _mask_scale, _plain, default_block)
+from ._masked import (MaskTiles, autocast_args, bias_grad, build_tiles, cached_tiles, check_block,
+                      default_block, define_masked_ops, fold_batch, map_over_batch, mask_scale,
+                      twice_error)
+from ._op import TRITON_DTYPES, backend_choice, kernels
 
 __all__ = ["masked_linear", "prepare_linear_mask", "DENSE_TILE_FRACTION"]
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Above this fraction of occupied weight tiles the CUDA default is cuBLAS on the masked copy.
 # Not yet measured on a GPU (bench/bench_masked_linear.py measures it): a block-sparse GEMM
 # over half the tiles does half the FLOPs at a lower efficiency than cuBLAS.
@@ -54,10 +53,7 @@ DENSE_TILE_FRACTION = 0.5
 
 
 def _kernels():
-    # imported on first use so that CPU-only callers never load Triton
-    from sdclr_fast.kernels import masked_linear as k
-
-    return k
+    return kernels("masked_linear")
 
 
 # ------------------------------------------------------------------ checks and tile map
@@ -106,18 +102,13 @@ def prepare_linear_mask(mask, block=None):
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"mask must be a 2-d tensor of the weight's shape, got "
                          f"{getattr(mask, 'shape', type(mask).__name__)}")
-    block = _check_block(default_block(*mask.shape) if block is None else block)
-    entry = _cached(mask)
-    key = ("linear", block)
-    tiles = entry["tiles"].get(key)
-    if tiles is None:
-        keep = entry["keep"]
-        with _plain():
-            # (N, K, 1, 1): the convolution's layout with one tap, read by the shared packer
-            mask_u8 = keep.to(torch.uint8).contiguous()[:, :, None, None]
-            tiles = MaskTiles(mask=mask_u8, **_build_tiles(keep[:, :, None, None], 1, block))
-        entry["tiles"][key] = tiles
-    return tiles
+    block = check_block(default_block(*mask.shape) if block is None else block)
+
+    def build(keep):
+        # (N, K, 1, 1): the convolution's layout with one tap, read by the shared packer
+        mask_u8 = keep.to(torch.uint8).contiguous()[:, :, None, None]
+        return MaskTiles(mask=mask_u8, **build_tiles(keep[:, :, None, None], 1, block))
+    return cached_tiles(mask, ("linear", block), build)
 
 
 def _pack(weight, tiles, dtype):
@@ -125,17 +116,7 @@ def _pack(weight, tiles, dtype):
 
 
 # ------------------------------------------------------------------ autograd (Triton path)
-def _twice_error(*_):
-    raise RuntimeError("masked_linear: the Triton path is differentiable once; for higher "
-                       "derivatives call it with _backend='torch', which computes "
-                       "F.linear(x, weight * mask, bias)")
-
-
-def _fold(t, d):
-    """(..., B at dim d, ...) with M rows behind it -> (B * M, K): a vmap batch folded into the
-    GEMM's rows."""
-    t = t.movedim(d, 0)
-    return t.reshape(-1, t.shape[-1]), t.shape[0]
+_twice_error = twice_error("masked_linear", "F.linear(x, weight * mask, bias)")
 
 
 class _MaskedLinearTriton(torch.autograd.Function):
@@ -166,17 +147,17 @@ class _MaskedLinearTriton(torch.autograd.Function):
         gw = _GradWeight.apply(grad_y, x, ctx.tiles, weight.dtype) if need_w else None
         gb = None
         if need_b and ctx.has_bias:
-            gb = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
+            gb = bias_grad(grad_y, 0)
         return gx, gw, None, None, gb
 
     @staticmethod
     def vmap(info, in_dims, x, weight, tiles, packed, bias):
         if in_dims[0] is not None and in_dims[1] is None and in_dims[4] is None:
-            xs, batch = _fold(x, in_dims[0])
+            xs, batch = fold_batch(x, in_dims[0])
             y = _MaskedLinearTriton.apply(xs, weight, tiles, packed, bias)
             return y.reshape(batch, -1, y.shape[-1]), 0
-        return _map_over_batch(_MaskedLinearTriton.apply, info, in_dims,
-                               (x, weight, tiles, packed, bias))
+        return map_over_batch(_MaskedLinearTriton.apply, info, in_dims,
+                              (x, weight, tiles, packed, bias))
 
 
 class _GradInput(torch.autograd.Function):
@@ -195,16 +176,16 @@ class _GradInput(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pass
 
-    backward = staticmethod(_twice_error)
+    backward = _twice_error
 
     @staticmethod
     def vmap(info, in_dims, grad_y, weight, packed, tiles, in_features):
         if in_dims[0] is not None and in_dims[1] is None:  # e.g. jacrev: a batch of grad_y
-            gys, batch = _fold(grad_y, in_dims[0])
+            gys, batch = fold_batch(grad_y, in_dims[0])
             gx = _GradInput.apply(gys, weight, packed, tiles, in_features)
             return gx.reshape(batch, -1, in_features), 0
-        return _map_over_batch(_GradInput.apply, info, in_dims,
-                               (grad_y, weight, packed, tiles, in_features))
+        return map_over_batch(_GradInput.apply, info, in_dims,
+                              (grad_y, weight, packed, tiles, in_features))
 
 
 class _GradWeight(torch.autograd.Function):
@@ -219,27 +200,21 @@ class _GradWeight(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         pass
 
-    backward = staticmethod(_twice_error)
+    backward = _twice_error
 
     @staticmethod
     def vmap(info, in_dims, grad_y, x, tiles, dtype):
-        return _map_over_batch(_GradWeight.apply, info, in_dims, (grad_y, x, tiles, dtype))
+        return map_over_batch(_GradWeight.apply, info, in_dims, (grad_y, x, tiles, dtype))
 
 
 # ------------------------------------------------------------------ dispatch
 def _backend_for(x, mask, backend, block):
     """'triton' or 'torch'. auto: Triton on CUDA for fp32/fp16/bf16 when at most
     DENSE_TILE_FRACTION of the weight tiles are occupied; PyTorch everywhere else."""
-    if backend == "torch":
-        return "torch"
-    if backend == "triton" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1":
-        if x.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"the Triton kernels take x of dtype float32/float16/bfloat16, got "
-                             f"{x.dtype}")
-        return "triton"
-    if backend != "auto":
-        raise ValueError(f"_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+    choice = backend_choice(x, backend, "x")
+    if choice != "auto":
+        return choice
+    if not (x.is_cuda and x.dtype in TRITON_DTYPES):
         return "torch"
     return "triton" if prepare_linear_mask(mask, block).tile_density <= DENSE_TILE_FRACTION else "torch"
 
@@ -271,10 +246,10 @@ def masked_linear(x, weight, mask, bias=None, *, block=None, _backend="auto"):
         >>> y = masked_linear(torch.randn(2, 4, 8), w, mask)   # (2, 4, 3)
         >>> y.sum().backward()                                  # w.grad is 0 where mask is False
     """
-    x, bias, wdt = _autocast(x, weight, bias)
+    x, bias, wdt = autocast_args(x, weight, bias)
     _check(x, weight, mask, bias, wdt)
     if block is not None:
-        block = _check_block(block)
+        block = check_block(block)
     lead, out_features = x.shape[:-1], weight.shape[0]
     if torch.compiler.is_compiling():
         return _compiled_call(x, weight, mask, bias, block, _backend, wdt)
@@ -295,7 +270,7 @@ def masked_linear(x, weight, mask, bias=None, *, block=None, _backend="auto"):
                                       packed, bias)
         return y.reshape(*lead, out_features)
     w = weight.to(wdt or weight.dtype)
-    return F.linear(x, w * _mask_scale(mask, w.dtype), bias)
+    return F.linear(x, w * mask_scale(mask, w.dtype), bias)
 
 
 # ------------------------------------------------------------------ torch.compile
@@ -316,7 +291,7 @@ def _op_fwd(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: tor
     tiles = _route(x, mask, block, force)
     if tiles is None:
         w = weight.to(x.dtype)
-        return F.linear(x, w * _mask_scale(mask, w.dtype), bias)
+        return F.linear(x, w * mask_scale(mask, w.dtype), bias)
     return _MaskedLinearTriton.forward(x, weight, tiles, _pack(weight, tiles, x.dtype), bias)
 
 
@@ -326,7 +301,7 @@ def _op_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: t
     tiles = _route(x, mask, block, force)
     gx = gw = x.new_empty(0)
     if tiles is None:
-        scale = _mask_scale(mask, x.dtype)
+        scale = mask_scale(mask, x.dtype)
         if need_x:
             gx = grad_y @ (weight.to(x.dtype) * scale)
         if need_w:
@@ -352,27 +327,7 @@ def _fake_bwd(grad_y, x, weight, mask, block, force, need_x, need_w):
     return gx, gw
 
 
-def _op_setup_context(ctx, inputs, output):
-    x, weight, mask, bias, block, force = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.conf = (block, force, bias is not None)
-
-
-def _op_backward(ctx, grad_y):
-    x, weight, mask = ctx.saved_tensors
-    block, force, has_bias = ctx.conf
-    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
-    gx = gw = gb = None
-    if need_x or need_w:
-        gx, gw = _ops["bwd"](grad_y, x, weight, mask, block, force, need_x, need_w)
-    if need_b and has_bias:
-        gb = grad_y.sum(0, dtype=torch.float32).to(grad_y.dtype)
-    return (gx if need_x else None, gw if need_w else None, None, gb, None, None)
-
-
-_ops = {"fwd": _define_op("masked_linear_fwd", _op_fwd, _fake_fwd),
-        "bwd": _define_op("masked_linear_bwd", _op_bwd, _fake_bwd)}
-_ops["fwd"].register_autograd(_op_backward, setup_context=_op_setup_context)
+_ops = define_masked_ops("masked_linear", _op_fwd, _op_bwd, _fake_fwd, _fake_bwd, bias_dims=0)
 
 
 def _compiled_call(x, weight, mask, bias, block, backend, wdt):
@@ -380,9 +335,8 @@ def _compiled_call(x, weight, mask, bias, block, backend, wdt):
     w = weight.to(wdt or weight.dtype)
     # only a forced call (`_backend="triton"`, the env switch) is decided here: "auto" on CUDA
     # depends on the mask's tile density, which the op reads at run time
-    forced = ((backend != "auto" or os.environ.get("SDCLR_FAST_FORCE_TRITON", "0") == "1")
-              and _backend_for(x, mask, backend, block) == "triton")
-    if forced or (backend == "auto" and x.is_cuda and x.dtype in _TRITON_DTYPES):
+    forced = backend_choice(x, backend, "x") == "triton"
+    if forced or (backend == "auto" and x.is_cuda and x.dtype in TRITON_DTYPES):
         y = _ops["fwd"](x.reshape(x.shape[:-1].numel(), x.shape[-1]), weight, mask, bias,
                         None if block is None else list(block), forced)
         return y.reshape(*x.shape[:-1], weight.shape[0])
