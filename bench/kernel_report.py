@@ -343,15 +343,21 @@ def _tf32(on):
 # Each workload function builds the op's inputs on `device` and returns its step (forward +
 # backward): the report calls it on CPU tensors under `capture`, `--time` on a GPU under
 # triton.testing.do_bench. small=True: tiny shapes of the same kind (the run_gpu.sh dry run).
-def _nt_xent(two_n, d, dtype, tf32=False, device="cpu", small=False):
+def _nt_xent(two_n, d, dtype, tf32=False, labels=False, device="cpu", small=False):
     from sdclr_fast import nt_xent
 
     two_n = 64 if small else two_n
     z = torch.randn(two_n, d, device=device).to(dtype).requires_grad_()
+    # labels: the same positives (row i and i + N) given as labels of one matrix, which takes
+    # the keyed kernels (labels, multi-view, gathered rows) instead of the two-view ones
+    lab = torch.arange(two_n, device=device) % (two_n // 2)
 
     def step():
         with _tf32(tf32):
-            nt_xent(z[: two_n // 2], z[two_n // 2:], 0.2, _backend="triton").backward()
+            if labels:
+                nt_xent(z, None, 0.2, labels=lab, _backend="triton").backward()
+            else:
+                nt_xent(z[: two_n // 2], z[two_n // 2:], 0.2, _backend="triton").backward()
     return step
 
 
@@ -466,6 +472,10 @@ def _workloads():
                               functools.partial(_nt_xent, two_n, 128, dtype, tf32),
                               quick=two_n == 4096 and tag == "bf16", flops=3 * 2 * two_n ** 2 * 128,
                               flop_share=(("_nt_xent_fwd_kernel", 1 / 3), ("_nt_xent_bwd_kernel", 2 / 3))))
+    w.append(Workload("nt_xent", "labels 2N=4096 D=128 bf16",
+                      functools.partial(_nt_xent, 4096, 128, torch.bfloat16, labels=True),
+                      flops=3 * 2 * 4096 ** 2 * 128,
+                      flop_share=(("_nt_xent_fwd_kernel", 1 / 3), ("_nt_xent_bwd_kernel", 2 / 3))))
     w += [Workload("info_nce", "MoCo M=1024 Q=65536 D=128 bf16",
                    functools.partial(_info_nce, 1024, 65536, 128, torch.bfloat16)),
           Workload("info_nce", "CLIP M=32768 D=128 bf16",
