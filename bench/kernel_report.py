@@ -192,23 +192,31 @@ _HMMA_SHAPES = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}
 _DEPBAR = re.compile(r"SB0,\s*0x([0-9a-f]+)")
 
 
-def sass(cubin, keep=None):
-    """([(address, opcode, operands)], resource usage) of the cubin's one kernel; keep: a path
-    to write the disassembly to."""
+def _cuobjdump(cubin, flag):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_tool("cuobjdump"), "-sass", f.name], check=True,
+        return subprocess.run([_tool("cuobjdump"), flag, f.name], check=True,
                               capture_output=True, text=True).stdout
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], check=True,
-                               capture_output=True, text=True).stdout
+
+
+def resources(cubin):
+    """Resource usage of the cubin's one kernel: {REG, STACK, SHARED, LOCAL} (cuobjdump
+    -res-usage; STACK / LOCAL > 0: spills)."""
+    usage = _cuobjdump(cubin, "-res-usage")
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+
+
+def sass(cubin, keep=None):
+    """([(address, opcode, operands)], resource usage) of the cubin's one kernel; keep: a path
+    to write the disassembly to."""
+    text = _cuobjdump(cubin, "-sass")
     if keep:
         os.makedirs(os.path.dirname(keep), exist_ok=True)
         with open(keep, "w") as f:
             f.write(text)
     ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS.finditer(text)]
-    res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    return ins, {k: int(v) for k, v in res.items()}
+    return ins, resources(cubin)
 
 
 def _mma_flops(op, operands, num_warps):

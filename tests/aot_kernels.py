@@ -6,56 +6,44 @@ a child process).
 
 The kernels come from ROOT/kernels imported as the top-level package `kernels` (not an
 installed copy). Each launch variant is compiled with the constexprs of the op's own `plan`
-for a named workload (nt_xent at 2N = 4,096; info_nce's MoCo form M = 1,024, Q = 65,536),
-integers equal to 1 as constants and multiples of 16 and pointers with divisibility 16, as
-JITFunction.run specialises them; every cubin must use no stack (no spills: cuobjdump
--res-usage). Prints "ok <number compiled>". `broken` compiles a kernel that reads a
-non-constexpr global, which the compiler must reject: the harness is seen to fail.
+for a named workload (nt_xent at 2N = 4,096; info_nce's MoCo form M = 1,024, Q = 65,536)
+through bench/kernel_report.py's `compile_launch`, i.e. Triton's own binder on the launch's
+arguments (CPU tensors stand in for the pointers), so integers equal to 1 become constants
+and multiples of 16 and pointers get divisibility 16 exactly as JITFunction.run specialises
+them; every cubin must use no stack (no spills: `kernel_report.resources`). Prints "ok
+<number compiled>". `broken` compiles a kernel that reads a non-constexpr global, which the
+compiler must reject: the harness is seen to fail.
 """
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 root, mode = sys.argv[1], sys.argv[2]
 sys.path.insert(0, root)
+sys.path.insert(0, os.path.join(root, "bench"))
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-ELEM = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+import kernel_report as kr  # noqa: E402
+
 INT_PTRS = ("key_ptr", "cnt_ptr", "kx_ptr", "ky_ptr")
 ROW_PTRS = ("z_ptr", "x_ptr", "y_ptr", "n_ptr")
+GPUS = {90: kr.GPUS["sm_90"], 80: kr.GPUS["sm_80"]}
+
+
+def _pointer(name, dtype):
+    # what the op passes: rows in the input dtype, int32 keys / counts, fp32 statistics
+    dt = dtype if name in ROW_PTRS else torch.int32 if name in INT_PTRS else torch.float32
+    return torch.empty(16, dtype=dt)
 
 
 def compile_like_launch(fn, consts, ints, dtype, arch, launch):
-    """Compile fn for sm_<arch> as a launch with these constexprs and integer arguments
-    would; assert that the cubin uses no stack."""
-    sig, attrs, consts = {}, {}, dict(consts)
-    for i, a in enumerate(fn.arg_names):
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a.endswith("_ptr"):
-            sig[a] = ELEM[dtype] if a in ROW_PTRS else "*i32" if a in INT_PTRS else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif ints[a] == 1:
-            sig[a], consts[a] = "constexpr", 1
-        else:
-            sig[a] = "i32"
-            if ints[a] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    out = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                         options=launch)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(out.asm["cubin"])
-        f.flush()
-        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-    stack = int(re.search(r"STACK:(\d+)", res).group(1))
+    """Compile fn for sm_<arch> as a launch with these constexprs, integer arguments and launch
+    options would be; assert that the cubin uses no stack."""
+    args = {a: consts[a] if a in consts else _pointer(a, dtype) if a.endswith("_ptr") else ints[a]
+            for a in fn.arg_names}
+    compiled, _, _ = kr.compile_launch(kr.Launch(fn, (), dict(args, **launch), (1,)), GPUS[arch])
+    stack = kr.resources(compiled.asm["cubin"]).get("STACK", 0)
     assert stack == 0, (fn.__name__, arch, consts, "stack (spill) bytes", stack)
     return 1
 
@@ -131,7 +119,7 @@ if mode == "broken":
     def _broken(x_ptr):
         tl.store(x_ptr, tl.load(x_ptr) * SCALE)
 
-    triton.compile(ASTSource(_broken, {"x_ptr": "*fp32"}, {}), target=GPUTarget("cuda", 90, 32))
+    kr.compile_launch(kr.Launch(_broken, (torch.empty(16),), {}, (1,)), GPUS[90])
     print("compiled")
     sys.exit(0)
 print("ok", {"nt_xent": nt_xent, "info_nce": info_nce}[mode]())
