@@ -27,6 +27,21 @@ if _TRITON_ENV is None:
     os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 
+def pytest_configure(config):
+    """Refuse to run the tests of one tree against another tree's kernels (``package_tree_mismatch``)."""
+    import importlib.util
+    from pathlib import Path
+
+    from helpers import package_tree_mismatch
+
+    kernels = importlib.util.find_spec("sdclr_fast.kernels")
+    if kernels is not None and kernels.origin:
+        problem = package_tree_mismatch(Path(importlib.util.find_spec("sdclr_fast").origin).parent,
+                                        Path(kernels.origin).parent)
+        if problem:
+            raise pytest.UsageError(problem)
+
+
 def pytest_report_header(config):
     mode = "interpreted on CPU tensors" if os.environ["TRITON_INTERPRET"] == "1" else "compiled for the GPU"
     why = "set in the environment" if _TRITON_ENV is not None else \

@@ -329,3 +329,19 @@ def official_layout(folder: Path, y: np.ndarray, num_classes: int, splits=(1, 2)
             out["files"][(k, p)] = path
     out["files"]["train"], out["files"]["val"] = tr, va
     return out
+
+
+def package_tree_mismatch(package_dir, kernels_dir):
+    """Why ``sdclr_fast`` (imported from ``package_dir``) and ``sdclr_fast.kernels`` (from
+    ``kernels_dir``) come from two source trees, or None when they are one: the kernels sit in
+    the package (an installed wheel) or beside it (the repository's ``kernels/``). A clone put on
+    PYTHONPATH in front of another tree's editable install gets its own ``sdclr_fast`` but the
+    install's ``kernels/`` (the editable finder maps that name to a fixed path), so its tests would
+    run its ops against the other tree's kernels."""
+    package_dir, kernels_dir = Path(package_dir).resolve(), Path(kernels_dir).resolve()
+    if kernels_dir in (package_dir / "kernels", package_dir.parent / "kernels"):
+        return None
+    return (f"sdclr_fast is imported from {str(package_dir)!r} but sdclr_fast.kernels from "
+            f"{str(kernels_dir)!r}: two source trees (a clone on PYTHONPATH in front of another tree's "
+            f"editable install?). Link the clone's kernels into its package "
+            f"(ln -s ../kernels {package_dir}/kernels) or install the clone.")
