@@ -444,7 +444,7 @@ def _anchor(which, device="cpu", small=False):
     return lambda: ka.matmul(a, b, tma=which.endswith("tma"))
 
 
-COARSE_BLOCKS = ((64, 64), (128, 64))
+COARSE_BLOCKS = ((64, 64), (128, 64), (128, 128))
 COARSE_LAYERS = ("layer1.conv", "layer2.conv", "layer3.conv", "layer2.0.shortcut")
 
 
