@@ -43,7 +43,11 @@ print("ok", torch.__version__, sdclr_fast.__file__)
 
 def _copy_source(dst):
     keep = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "csrc", "kernels", "sdclr_fast"]
-    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info")
+    patterns = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info")
+
+    def ignore(d, names):  # and links (a clone's sdclr_fast/kernels -> ../kernels, see conftest.py)
+        return set(patterns(d, names)) | {n for n in names if os.path.islink(os.path.join(d, n))}
+
     for name in keep:
         src = ROOT / name
         if src.is_dir():
@@ -64,8 +68,11 @@ def test_wheel_installs_into_a_venv_with_torch(tmp_path):
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     (wheel,) = wheels.glob("sdclr_fast-*.whl")
 
+    # the venv's commands without PYTHONPATH: a tree on it (a clone's tests) would be imported
+    # instead of the installed wheel
+    venv_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+                   timeout=120, env=venv_env)
     site = next((venv / "lib").glob("python3*/site-packages"))
     # torch and the other dependencies from this environment, behind the venv's own packages
     (site / "_base_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -73,12 +80,12 @@ def test_wheel_installs_into_a_venv_with_torch(tmp_path):
     install = subprocess.run(
         [str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "--quiet",
          str(wheel)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, env=venv_env)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     assert (site / "sdclr_fast" / "kernels").is_dir()  # kernels/ lands as sdclr_fast.kernels
 
     use = subprocess.run([str(py), "-c", _USE, str(site)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)  # outside the source tree
+                         cwd=tmp_path, timeout=300, env=venv_env)  # outside the source tree
     assert use.returncode == 0, use.stdout[-3000:] + use.stderr[-3000:]
     assert use.stdout.startswith("ok")
 
