@@ -3,6 +3,8 @@ environment set by hand, torch.multiprocessing.spawn): SimCLR / SDCLR / MoCLR wi
 deprecated gather, DnC end to end with its clustering equal to the one-process result, a DnC run
 stopped inside an expert and inside the student and resumed equal bit for bit to an
 uninterrupted one, and the experts trained in parallel on groups of ranks."""
+import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -277,3 +279,42 @@ def test_dnc_tail_cluster_smaller_than_the_batch(tmp_path, world, parallel, rank
                                 "reason": "5 image(s), fewer than 2 per process for the 4 process(es) that would "
                                           "train it"}
         assert not (tmp_path / "expert_2").exists()
+
+
+def _identical_images_expert_job(rank, run_dir, grad_clip):
+    from sdclr_fast.data import ImageSet
+    from sdclr_fast.train.pretrain import pretrain
+
+    data = tiny_data()
+    x = data.train.images.clone()
+    x[:46] = 255  # a cluster of 46 identical white images
+    data = data.__class__(**{**data.__dict__, "train": ImageSet(x, data.train.labels, data.train.indices)})
+    pretrain(tiny_config(method="moclr", epochs=2, batch_size=4, grad_clip=grad_clip), run_dir=run_dir, data=data,
+             indices=torch.arange(46))
+
+
+def test_moclr_expert_on_a_cluster_of_identical_images_stays_finite(tmp_path):
+    """The NaN of a MoCLR expert on a small cluster: 2 processes at batch 4 leave each BatchNorm of
+    the 8x8 network's 1x1 layer4 and of the predictor 4 values per channel, and near-identical
+    images give those almost no variance, so BN's backward multiplies the gradient by ~1/sqrt(eps)
+    at each of them (gains of 200-400 measured) until the weights overflow. On AVX-512 and avx2
+    this run went NaN at epoch 2, step 11 without clipping (ATEN_CPU_CAPABILITY=default happened
+    to survive). DnC experts clip the gradient norm (DnCConfig.expert_grad_clip) and finish."""
+    from sdclr_fast.train.config import DnCConfig
+
+    spawn(_identical_images_expert_job, str(tmp_path), DnCConfig().expert_grad_clip)
+    st = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert st["finished"] and st["config"]["grad_clip"] == 100.0
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "step"]
+    assert len(losses) == 22 and all(math.isfinite(v) for v in losses)
+
+
+def test_dnc_experts_train_with_the_expert_gradient_clip():
+    from sdclr_fast.train.config import DnCConfig
+    from sdclr_fast.train.dnc import _stage_configs
+
+    base = tiny_config(grad_clip=None)
+    for clip in (100.0, 3.5, None):
+        base_cfg, expert_cfg, student_cfg = _stage_configs(base, DnCConfig(expert_grad_clip=clip))
+        assert (base_cfg.grad_clip, expert_cfg.grad_clip, student_cfg.grad_clip) == (None, clip, None)

@@ -880,3 +880,31 @@ def test_memory_bank_gathers_all_ranks_and_unequal_batches_are_refused(dist_resu
         bank = dist_results[r]["bank"]
         torch.testing.assert_close(bank[:4], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
         assert "same M on every rank" in dist_results[r]["unequal"]
+
+
+def _group_bank_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both, in order
+        mb = MemoryBank(8, 3, gather_distributed=groups[rank // 2])
+        mb.enqueue(torch.full((2, 3), float(rank)))
+        torch.save(mb.bank.clone(), os.path.join(out_dir, f"bank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_memory_bank_of_a_process_group_gathers_that_group_only(tmp_path):
+    """gather_distributed=<a group> (a DnC expert's ranks): the bank takes the keys of the
+    group's ranks, in their order, not the whole world's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_group_bank_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
+    for rank in range(4):
+        first = 2 * (rank // 2)
+        want = torch.tensor([first] * 2 + [first + 1] * 2, dtype=torch.float32)
+        assert torch.equal(torch.load(tmp_path / f"bank{rank}.pt")[:4, 0], want), rank

@@ -661,7 +661,7 @@ def enqueue_(bank, ptr, keys, gather_distributed=False):
         import torch.distributed as dist
 
         parts = [torch.empty_like(keys) for _ in range(world[1])]
-        dist.all_gather(parts, keys.contiguous())
+        dist.all_gather(parts, keys.contiguous(), group=world[2])
         keys = torch.cat(parts)
     size, p, b = bank.shape[0], int(ptr), keys.shape[0]
     if p + b >= size:

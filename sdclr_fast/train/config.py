@@ -204,6 +204,16 @@ def parse_prune_block(value):
     return tuple(int(v) for v in value)
 
 
+def parse_off_or_number(text: str):
+    """A number, or None for 'none' / 'off' (the flag of an optional limit)."""
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number or 'none', got {text!r}") from None
+
+
 def parse_ratio(text: str):
     """The --ratio text: a number, or None for 'none' / 'keep' (the pool as it is)."""
     if text.lower() in ("none", "keep"):
@@ -301,6 +311,10 @@ class PretrainConfig:
                          "when you change --batch-size)", group="optimisation")
     momentum: float = opt(0.9, "SGD momentum (default {default})", group="optimisation")
     weight_decay: float = opt(1e-4, "SGD weight decay (default {default})", group="optimisation")
+    grad_clip: float | None = opt(None, "clip the gradients' global L2 norm to this value before each optimiser "
+                                        "step ('none', the default: no clipping, as the official SDCLR code; DnC "
+                                        "experts take --dnc-expert-grad-clip)", group="optimisation",
+                                  parse=parse_off_or_number)
     warmup_epochs: float = opt(10.0, "linear warm-up epochs before the per-step cosine decay (default {default}; "
                                      "clipped to the run length)", group="optimisation")
     temperature: float = opt(0.2, "NT-Xent temperature (default {default})", group="optimisation")
@@ -401,6 +415,7 @@ class PretrainConfig:
         check_number(self, "ratio", lo=1, allow_none=True)
         check_number(self, "lr", lo=0, lo_open=True)
         check_number(self, "momentum", lo=0, hi=1)
+        check_number(self, "grad_clip", lo=0, lo_open=True, allow_none=True)
         check_number(self, "weight_decay", lo=0)
         check_number(self, "warmup_epochs", lo=0)
         check_number(self, "temperature", lo=0, lo_open=True)
@@ -538,6 +553,12 @@ class DnCConfig:
     rounds: int = opt(1, "divide-and-contrast rounds (default {default}); each further round clusters the previous "
                          "student's features, trains experts from it and distils a new student (round r >= 2 in "
                          "run_dir/round_<r>/)")
+    expert_grad_clip: float | None = opt(
+        100.0, "clip each expert's global gradient norm to this value before its optimiser steps ('none': off; "
+               "default {default}, far above the usual norms). Not in the DnC paper: a small cluster of "
+               "near-identical images leaves BatchNorm a few values per channel with almost no variance, and its "
+               "backward then multiplies the gradient by up to 1/sqrt(eps) per layer until the weights overflow",
+        parse=parse_off_or_number)
     parallel_experts: bool = opt(False, "under torchrun, train the experts at the same time on disjoint groups of "
                                         "ranks (W ranks, k experts: min(W, k) groups; 8 GPUs and k = 8: one expert "
                                         "per GPU) instead of one after the other on all ranks")
@@ -556,6 +577,7 @@ class DnCConfig:
         if self.base_weight == 0 and self.expert_weight == 0:
             raise ValueError("base_weight and expert_weight cannot both be 0")
         check_number(self, "distill_lr", lo=0, lo_open=True, allow_none=True)
+        check_number(self, "expert_grad_clip", lo=0, lo_open=True, allow_none=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -57,7 +57,10 @@ Choices made here (documented because DnC has no public code):
   and cannot train at all), and one image has no negative. A smaller cluster is not trained:
   the round's base model serves as its expert, a line says so, ``dnc.json`` marks it
   ``"trained": false`` with the reason, and the student regresses those images onto the base
-  embedding twice.
+  embedding twice. Experts clip their gradient norm (``expert_grad_clip``, 100): on a cluster
+  of near-identical images, BN's per-channel variance over a few values falls below its eps and
+  its backward multiplies the gradient by up to 1/sqrt(eps) per layer, which overflowed an
+  unclipped MoCLR expert's weights.
 * **Resume.** ``dnc.json`` records each finished stage of each round (and each finished
   expert). With ``resume=True`` finished rounds and stages are skipped and the interrupted one
   continues from its last checkpoint (an interrupted expert resumes, finished experts are not
@@ -134,7 +137,7 @@ def _stage_configs(base: PretrainConfig, opt: DnCConfig, round_no: int = 1):
     base_cfg = base.replace(method=opt.base_method, epochs=opt.base_epochs or base.epochs,
                             extra={**extra, "label": f"DnC base ({opt.base_method})", "dnc_stage": "base"})
     expert_cfg = base.replace(method=opt.base_method, epochs=opt.expert_epochs or base.epochs,
-                              extra={**extra, "dnc_stage": "expert"})
+                              grad_clip=opt.expert_grad_clip, extra={**extra, "dnc_stage": "expert"})
     lr = opt.distill_lr if opt.distill_lr is not None else 0.1 * base.batch_size / 256
     label = _METHOD_LABELS[opt.base_method]
     if opt.rounds > 1:

@@ -654,6 +654,7 @@ def train_loop(method: TrainingMethod, *, config, ex: Execution, dist_info: Dist
     log = MetricsLog(ckpt_path.parent, dist_info.is_main, config.tensorboard, global_step)
     guard = LossGuard(ckpt_path, method.hint)
     last_epoch = config.epochs if stop_at_epoch is None else min(config.epochs, int(stop_at_epoch))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def save(epoch_done, at, epoch_start_state, loss_sum, row):
         """Checkpoint after ``epoch_done`` epochs and ``at`` steps of the next one (0: a boundary)."""
@@ -682,6 +683,8 @@ def train_loop(method: TrainingMethod, *, config, ex: Execution, dist_info: Dist
                     guard.fail(float("nan"), epoch, step, global_step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 method.after_step(global_step)
