@@ -495,10 +495,12 @@ def _workloads():
                           functools.partial(_masked_conv, spec[0]),
                           quick=spec[0] == "layer2.conv"))
     # coarser pruning blocks (--prune-block OUTxIN): the weight tile follows the block
+    # (quick: the 1x1 stride-2 shortcut at 128x128, whose grad_weight once spilled at 4 warps)
     for block in COARSE_BLOCKS:
         for name in COARSE_LAYERS:
             w.append(Workload("masked_conv", f"{name} b256 bf16 CL {block[0]}x{block[1]} 90%",
-                              functools.partial(_masked_conv, name, block=block)))
+                              functools.partial(_masked_conv, name, block=block),
+                              quick=(name, block) == ("layer2.0.shortcut", (128, 128))))
     # ViT projections at 256 images x 197 tokens (bench_masked_linear's goal shapes)
     for name in ("vit_b.fc1", "vit_b.fc2", "vit_s.qkv", "vit_s.proj"):
         w.append(Workload("masked_linear", f"{name} 256x197 bf16 32x32 90%",

@@ -218,7 +218,7 @@ def _bwd_weight_kernel(
     s_mo, s_mc, s_mh, s_mw,
     s_gs, s_go, s_gc, s_gh, s_gw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    OH: tl.constexpr, OW: tl.constexpr, KW: tl.constexpr, DY_FLAT: tl.constexpr,
+    OH: tl.constexpr, OW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, DY_FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -232,8 +232,14 @@ def _bwd_weight_kernel(
     ot = tl.load(tiles_ptr + pid_t * 4 + 1)
     tap = tl.load(tiles_ptr + pid_t * 4 + 2)
     ct = tl.load(tiles_ptr + pid_t * 4 + 3)
-    kh = tap // KW
-    kw = tap % KW
+    if KH * KW == 1:  # a 1x1 conv's one tap: the mask's address then stays 16-aligned, so its
+        # i8 load takes 16 channels a thread and the x tile shares that layout (8 rows a thread,
+        # not 16); with tap's runtime offset the 128x128 tile spilled at 4 warps (issue #22)
+        kh = 0
+        kw = 0
+    else:
+        kh = tap // KW
+        kw = tap % KW
 
     offs_o = ot * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = offs_o < Og
@@ -488,7 +494,7 @@ def backward_weight(x, grad_y, mask, tiles, geom, out_dtype, splits=None, cfg=No
             sh, sw, ph, pw, dh, dw)
     s_dn, _, s_dh, s_dw = grad_y.stride()
     dy_flat = s_dh == OW * s_dw and (N == 1 or s_dn == OH * OW * s_dw)
-    const = dict(OH=OH, OW=OW, KW=KW, DY_FLAT=dy_flat, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c)
+    const = dict(OH=OH, OW=OW, KH=KH, KW=KW, DY_FLAT=dy_flat, BLOCK_O=tiles.block_o, BLOCK_C=tiles.block_c)
     _launch("wgt", (n_tiles, splits), args, const, x.dtype, cfg, x.device,
             (tiles.block_o, tiles.block_c))
     dw_ = buf[0] if splits == 1 else buf.sum(0)

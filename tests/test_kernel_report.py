@@ -162,6 +162,21 @@ def test_report_runs_and_anchor_rows_are_as_expected(quick_report):
 
 
 @pytest.mark.slow
+def test_masked_conv_rows_do_not_spill(quick_report):
+    """Every masked-conv kernel of the quick set compiles without spills on sm_90 and sm_80,
+    the 128x128 mask blocks' 1x1 stride-2 shortcut included (its grad_weight at 4 warps spilled
+    80 B / 888 B of stack before the kernel dropped the one tap's runtime offset, issue #22)."""
+    rows = [r for r in quick_report[0]["rows"] if r["op"] == "masked_conv"]
+    wgt = [r for r in rows if "128x128" in r["workload"] and "shortcut" in r["workload"]
+           and r["kernel"] == "_bwd_weight_kernel"]
+    assert {r["target"] for r in wgt} == {"sm_90", "sm_80"}, [r["workload"] for r in rows]
+    assert all(r["num_warps"] == 4 for r in wgt), wgt
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["stl"] == 0 and r["ldl"] == 0, \
+            (r["workload"], r["kernel"], r["target"], r["spill_bytes"], r["regs"])
+
+
+@pytest.mark.slow
 def test_report_rejects_bad_arguments(tmp_path):
     for args, msg in ((["--targets", "sm_70"], "--targets takes"), (["--only", "nothing-matches"], "matches no")):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_report.py"), *args,
