@@ -229,6 +229,23 @@ def test_triton_multi_tile_block_masks(dtype, kind, block, tile):
         assert tiles.tile_density < 1.0
 
 
+@pytest.mark.parametrize("stride, padding", [(1, 0), (2, 0), (2, 1)])
+def test_triton_one_by_one_kernels(stride, padding):
+    """1x1 convolutions (ResNet shortcuts) take their own grad_weight branch (one tap, kh = kw =
+    0 at compile time): values and all three gradients against the reference, several weight
+    tiles with some empty."""
+    gen = torch.Generator().manual_seed(3)
+    O, C = 64, 48
+    x = torch.randn(2, C, 5, 6, generator=gen)
+    w = torch.randn(O, C, 1, 1, generator=gen) / C ** 0.5
+    m = make_mask("block", w.shape, gen, block=(16, 16), p=0.4)
+    y = F.conv2d(x, w, None, stride=stride, padding=padding)
+    gy = torch.randn(y.shape, generator=gen)
+    dev = TRITON_DEVICE
+    check_against_reference(x.to(dev), w.to(dev), m.to(dev), None, gy.to(dev), "triton", stride=stride,
+                            padding=padding, block=(16, 16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_more_taps_than_the_tap_bitmask(dtype):
     """A 7x6 kernel has 42 taps, more than the 32-bit in-bounds tap mask holds: the forward and
