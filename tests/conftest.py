@@ -12,6 +12,7 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Inductor's on-disk cache did not tell CPU kernels compiled under one forced ISA from another:
 # after runs on this AVX-512 machine, a run with ATEN_CPU_CAPABILITY=avx2 loaded cached compiled
@@ -21,6 +22,13 @@ _CAP = os.environ.get("ATEN_CPU_CAPABILITY")
 if _CAP and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
                                                          f"torchinductor_{getpass.getuser()}_{_CAP}")
+
+# Hypothesis draws the same examples on every run (derandomize), so a green `make test` stays
+# green on the next run and CI cannot go red on a draw no one saw; tests that pass their own
+# settings keep this. HYPOTHESIS_PROFILE=explore draws new examples each run, to look for more.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 _TRITON_ENV = os.environ.get("TRITON_INTERPRET")
 if _TRITON_ENV is None:
@@ -46,7 +54,8 @@ def pytest_report_header(config):
     mode = "interpreted on CPU tensors" if os.environ["TRITON_INTERPRET"] == "1" else "compiled for the GPU"
     why = "set in the environment" if _TRITON_ENV is not None else \
         ("a CUDA device is present" if torch.cuda.is_available() else "no CUDA device")
-    return f"Triton kernels: {mode} (TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, {why})"
+    return [f"Triton kernels: {mode} (TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, {why})",
+            f"hypothesis profile: {settings.get_current_profile_name()} (HYPOTHESIS_PROFILE=explore draws new examples)"]
 
 
 @pytest.fixture(scope="module")
