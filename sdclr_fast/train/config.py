@@ -204,24 +204,23 @@ def parse_prune_block(value):
     return tuple(int(v) for v in value)
 
 
-def parse_off_or_number(text: str):
-    """A number, or None for 'none' / 'off' (the flag of an optional limit)."""
-    if text.lower() in ("none", "off"):
+def _number_or_none(text: str, none_words, expected: str):
+    if text.lower() in none_words:
         return None
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"expected a number or 'none', got {text!r}") from None
+        raise ValueError(f"expected {expected} or 'none', got {text!r}") from None
+
+
+def parse_off_or_number(text: str):
+    """A number, or None for 'none' / 'off' (the flag of an optional limit)."""
+    return _number_or_none(text, ("none", "off"), "a number")
 
 
 def parse_ratio(text: str):
     """The --ratio text: a number, or None for 'none' / 'keep' (the pool as it is)."""
-    if text.lower() in ("none", "keep"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"expected a number >= 1 or 'none', got {text!r}") from None
+    return _number_or_none(text, ("none", "keep"), "a number >= 1")
 
 
 @dataclass
