@@ -116,10 +116,14 @@ def as_gpu(gpu):
 
 
 def _flags(fn, args, kwargs):
-    """The boolean constexprs that are on: tells a kernel's variants apart in the table."""
+    """The boolean constexprs that are on, and the masked conv's phases (strided grad_input):
+    tells a kernel's variants apart in the table."""
     names = [p.name for p in fn.params if p.is_constexpr]
     bound = dict(zip(fn.arg_names, args), **kwargs)
-    return " ".join(n for n in names if bound.get(n) is True and n != "UPCAST")
+    on = [n for n in names if bound.get(n) is True and n != "UPCAST"]
+    if bound.get("PHASES_H", 1) * bound.get("PHASES_W", 1) > 1:
+        on.append(f"PHASES {bound['PHASES_H']}x{bound['PHASES_W']}")
+    return " ".join(on)
 
 
 @contextlib.contextmanager

@@ -82,7 +82,8 @@ def _conv_gemm_kernel(
     s_an, s_ac, s_ah, s_aw,
     s_on, s_oc, s_oh, s_ow,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    K_T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr, LINEAR: tl.constexpr,
+    K_T: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
+    PHASES_H: tl.constexpr, PHASES_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, USE_TMA: tl.constexpr, K_EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -92,36 +93,57 @@ def _conv_gemm_kernel(
     # Forward: A = x, out = y, P[j] is (BLOCK_N = out, BLOCK_K = in) and is read transposed.
     # TRANSPOSED (grad_input): A = dy, out = dx, P[j] is (BLOCK_K = out, BLOCK_N = in); output
     # pixel (h, w) receives dy[(h + pad - kh * dil) / stride] where that divides exactly.
-    # b_ptr is then BLOCK_K zeros of A's dtype (no bias), and with LINEAR a row of A that
-    # falls outside dy points at them instead of being masked: an unmasked async copy needs
-    # only the pipeline's predicate, a masked one 3 more instructions per 16-byte row chunk
-    # (select the source size, combine it with the pipeline's predicate, turn that back into
-    # a predicate), 48 of the loop's ~250 at BLOCK_K = 128. (The general path's loop gets
-    # longer with it, so it keeps the mask.)
-    # LINEAR (forward, and grad_input at unit stride): A's pixel of (row, tap) is
-    # (r_h + kh * step_h, r_w + kw * step_w), so each row's base address and its in-bounds
-    # taps (one bit per tap) are computed once, and a K step adds one scalar offset: the loop
-    # holds little besides the loads and the MMA. K_T (k-tiles per tap) is a constexpr so that
-    # decoding a step is a multiply by a constant, not an integer division.
+    # b_ptr is then BLOCK_K zeros of A's dtype (no bias), and a row of A that falls outside
+    # dy points at them instead of being masked: an unmasked async copy needs only the
+    # pipeline's predicate, a masked one 3 more instructions per 16-byte row chunk (select
+    # the source size, combine it with the pipeline's predicate, turn that back into a
+    # predicate), 48 of the loop's ~250 at BLOCK_K = 128.
+    # A's pixel of (row, tap) is (r_h + off_h(kh), r_w + off_w(kw)), so each row's base
+    # address and its in-bounds taps (one bit per tap) are computed once, and a K step adds
+    # one scalar offset: the loop holds little besides the loads and the MMA. K_T (k-tiles
+    # per tap) is a constexpr so that decoding a step is a multiply by a constant, not an
+    # integer division.
+    # PHASES_H x PHASES_W > 1 (grad_input of a strided conv; = the stride): a program's rows
+    # are the input pixels of one phase (h % stride_h, w % stride_w) = (p_h, p_w). Tap kh
+    # reaches such a row exactly when stride_h divides p_h + pad_h - kh * dil_h, the same
+    # for every row of the phase, so the host lists only those taps per phase
+    # (MaskTiles.phase_steps), and the row of dy is hq + (p_h + pad_h - kh * dil_h) / stride_h
+    # for h = hq * stride_h + p_h: linear in hq. No MMA is spent on rows a tap misses (3 in 4
+    # at stride 2 in both directions).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.program_id(2)
+    pid_g = tl.program_id(2)  # g * PHASES_H * PHASES_W + phase
+    PHASED: tl.constexpr = PHASES_H * PHASES_W > 1
+    if PHASED:
+        g = pid_g // (PHASES_H * PHASES_W)
+        phase = pid_g % (PHASES_H * PHASES_W)
+        p_h = phase // PHASES_W
+        p_w = phase % PHASES_W
+        QH = (OH + PHASES_H - 1) // PHASES_H  # rows per phase (the last may be short)
+        QW = (OW + PHASES_W - 1) // PHASES_W
+    else:
+        g = pid_g
+        QH = OH
+        QW = OW
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < N * OH * OW
-    n = offs_m // (OH * OW)
-    rem = offs_m % (OH * OW)
-    oh = rem // OW
-    ow = rem % OW
-    a_rows = a_ptr + n.to(tl.int64) * s_an
-    ar_k = tl.arange(0, BLOCK_K)
-    ar_n = tl.arange(0, BLOCK_N)
-    if TRANSPOSED:
-        p_off = ar_k[:, None] * BLOCK_N + ar_n[None, :]
+    m_ok = offs_m < N * QH * QW
+    n = offs_m // (QH * QW)
+    rem = offs_m % (QH * QW)
+    hq = rem // QW
+    wq = rem % QW
+    if PHASED:
+        oh = hq * PHASES_H + p_h
+        ow = wq * PHASES_W + p_w
+        m_ok = m_ok & (oh < OH) & (ow < OW)
+        r_h = hq
+        r_w = wq
+        q_h = p_h + pad_h
+        q_w = p_w + pad_w
     else:
-        p_off = ar_n[None, :] * BLOCK_K + ar_k[:, None]
-    if LINEAR:
-        if TRANSPOSED:
+        oh = hq
+        ow = wq
+        if TRANSPOSED:  # unit stride
             r_h = oh + pad_h
             r_w = ow + pad_w
             step_h = -dil_h
@@ -131,59 +153,64 @@ def _conv_gemm_kernel(
             r_w = ow * stride_w - pad_w
             step_h = dil_h
             step_w = dil_w
-        a_base = a_rows + (r_h * s_ah + r_w * s_aw)
-        if KH * KW <= 32:
-            tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
-            for th_ in tl.static_range(KH):
+    a_base = a_ptr + n.to(tl.int64) * s_an + (r_h * s_ah + r_w * s_aw)
+    ar_k = tl.arange(0, BLOCK_K)
+    ar_n = tl.arange(0, BLOCK_N)
+    if TRANSPOSED:
+        p_off = ar_k[:, None] * BLOCK_N + ar_n[None, :]
+    else:
+        p_off = ar_n[None, :] * BLOCK_K + ar_k[:, None]
+    if KH * KW <= 32:
+        tap_ok = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for th_ in tl.static_range(KH):
+            if PHASED:  # a tap this phase misses gets a bit that is never read
+                hh = r_h + (q_h - th_ * dil_h) // PHASES_H
+            else:
                 hh = r_h + th_ * step_h
-                ok_h = m_ok & (hh >= 0) & (hh < AH)
-                for tw_ in tl.static_range(KW):
+            ok_h = m_ok & (hh >= 0) & (hh < AH)
+            for tw_ in tl.static_range(KW):
+                if PHASED:
+                    ww = r_w + (q_w - tw_ * dil_w) // PHASES_W
+                else:
                     ww = r_w + tw_ * step_w
-                    ok = ok_h & (ww >= 0) & (ww < AW)
-                    tap_ok = tap_ok | (ok.to(tl.int32) << (th_ * KW + tw_))
+                ok = ok_h & (ww >= 0) & (ww < AW)
+                tap_ok = tap_ok | (ok.to(tl.int32) << (th_ * KW + tw_))
 
-    row = g * N_T + pid_n
+    row = pid_g * N_T + pid_n
     count = tl.load(cnt_ptr + row)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # step pointers carried by the loop: its counter stays 32-bit (6-12 fewer instructions
+    # per step than indexing by i)
     idx_row = idx_ptr + row * IDX_W
     pk_row = pk_ptr + row * IDX_W
     for i in range(0, count):
-        if LINEAR:  # step pointers carried by the loop: its counter stays 32-bit (6-12 fewer
-            # instructions per step; the general path's loop gets longer that way)
-            k = tl.load(idx_row)
-            j = tl.load(pk_row)
-            idx_row += 1
-            pk_row += 1
-        else:
-            k = tl.load(idx_row + i)
-            j = tl.load(pk_row + i)
+        k = tl.load(idx_row)
+        j = tl.load(pk_row)
+        idx_row += 1
+        pk_row += 1
         tap = k // K_T
         kt = k - tap * K_T
         kh = tap // KW
         kw = tap - kh * KW
         c0 = g * KA + kt * BLOCK_K
-        if LINEAR:
-            if KH * KW <= 32:
-                sp_ok = ((tap_ok >> tap) & 1) != 0
-            else:
-                hh = r_h + kh * step_h
-                ww = r_w + kw * step_w
-                sp_ok = m_ok & (hh >= 0) & (hh < AH) & (ww >= 0) & (ww < AW)
-            a_ptrs = (a_base + ((kh * step_h) * s_ah + (kw * step_w) * s_aw + c0 * s_ac))[:, None] \
-                + (ar_k * s_ac)[None, :]
+        if PHASED:  # exact: the phase's list holds only taps whose division has no remainder
+            off_h = (q_h - kh * dil_h) // PHASES_H
+            off_w = (q_w - kw * dil_w) // PHASES_W
         else:
-            th = oh + pad_h - kh * dil_h
-            tw = ow + pad_w - kw * dil_w
-            ah = th // stride_h
-            aw = tw // stride_w
-            sp_ok = (m_ok & (th >= 0) & (tw >= 0) & (th % stride_h == 0) & (tw % stride_w == 0)
-                     & (ah < AH) & (aw < AW))
-            a_ptrs = a_rows[:, None] + ((c0 + ar_k) * s_ac)[None, :] + (ah * s_ah + aw * s_aw)[:, None]
+            off_h = kh * step_h
+            off_w = kw * step_w
+        if KH * KW <= 32:
+            sp_ok = ((tap_ok >> tap) & 1) != 0
+        else:
+            hh = r_h + off_h
+            ww = r_w + off_w
+            sp_ok = m_ok & (hh >= 0) & (hh < AH) & (ww >= 0) & (ww < AW)
+        a_ptrs = (a_base + (off_h * s_ah + off_w * s_aw + c0 * s_ac))[:, None] + (ar_k * s_ac)[None, :]
         if K_EVEN:
             a_ok = sp_ok[:, None]
         else:
             a_ok = sp_ok[:, None] & (kt * BLOCK_K + ar_k < KA)[None, :]
-        if TRANSPOSED and LINEAR:
+        if TRANSPOSED:
             at = tl.load(tl.where(a_ok, a_ptrs, b_ptr + ar_k[None, :]))
         else:
             at = tl.load(a_ptrs, mask=a_ok, other=0.0)
@@ -306,9 +333,14 @@ def default_config(which, block_a, block_b, elsize, device):
     """BLOCK_M / num_warps / num_stages of `which` ("gemm": forward or grad_input with a
     (BLOCK_K = block_a) x (BLOCK_N = block_b) weight tile; "wgt": grad_weight with a
     block_a x block_b tile) where no tuned entry exists: the largest BLOCK_M whose pipeline
-    buffers fit the device's shared memory per block."""
+    buffers fit the device's shared memory per block. A 128-wide MMA (block_b >= 128) takes
+    8 warps at any BLOCK_M: with 4, a 128-row tile holds its one warpgroup at 228-255
+    registers on sm_90, and that warpgroup is the SM's only one (1 CTA per SM by shared
+    memory); 8 warps issue about 40 % more per CTA there (sm_80, 64 rows: 20 % more) but leave
+    two warps per scheduler to cover each other's stalls (bench/kernel_report.py)."""
     budget = _smem_per_block(_device_index(device)) - 8192  # headroom for the epilogue
-    for bm, nw in ((256, 8), (128, 4), (64, 4)):
+    wide = 8 if block_b >= 128 else 4
+    for bm, nw in ((256, 8), (128, wide), (64, wide)):
         if which == "gemm":
             need = _GEMM_BUFFERS * (bm * block_a + block_a * block_b) * elsize
             cfg = dict(BLOCK_M=bm, num_warps=nw, num_stages=_GEMM_STAGES)
@@ -400,7 +432,10 @@ def _gemm(a, packed, bias, out, tiles, geom, transposed, cfg):
     (sh, sw), (ph, pw), (dh, dw), groups = geom
     if transposed:
         bn, bk, ka, no, n_t, k_t = tiles.block_c, tiles.block_o, tiles.og, tiles.cg, tiles.c_tiles, tiles.o_tiles
-        idx, pk, cnt = tiles.bwd_idx, tiles.bwd_pk, tiles.bwd_cnt
+        if (sh, sw) == (1, 1):
+            idx, pk, cnt = tiles.bwd_idx, tiles.bwd_pk, tiles.bwd_cnt
+        else:  # one list per (group, phase, column tile): see _conv_gemm_kernel
+            idx, pk, cnt = tiles.phase_steps((sh, sw), (ph, pw), (dh, dw))
     else:
         bn, bk, ka, no, n_t, k_t = tiles.block_o, tiles.block_c, tiles.cg, tiles.og, tiles.o_tiles, tiles.c_tiles
         idx, pk, cnt = tiles.fwd_idx, tiles.fwd_pk, tiles.fwd_cnt
@@ -414,12 +449,14 @@ def _gemm(a, packed, bias, out, tiles, geom, transposed, cfg):
     args = (a, packed, desc, out, bias_arg, idx, pk, cnt,
             N, AH, AW, OH, OW, ka, no, n_t, idx.shape[1],
             *a.stride(), *out.stride(), sh, sw, ph, pw, dh, dw)
+    phases = (sh, sw) if transposed else (1, 1)
     const = dict(K_T=k_t, KH=tiles.taps // tiles.kw, KW=tiles.kw, TRANSPOSED=transposed,
-                 LINEAR=not transposed or (sh == 1 and sw == 1), HAS_BIAS=bias is not None,
+                 PHASES_H=phases[0], PHASES_W=phases[1], HAS_BIAS=bias is not None,
                  USE_TMA=tma, K_EVEN=ka % bk == 0, BLOCK_N=bn, BLOCK_K=bk)
+    rows = N * cdiv(OH, phases[0]) * cdiv(OW, phases[1])
 
     def grid(meta):
-        return (cdiv(N * OH * OW, meta["BLOCK_M"]), n_t, groups)
+        return (cdiv(rows, meta["BLOCK_M"]), n_t, groups * phases[0] * phases[1])
     _launch("gemm", grid, args, const, a.dtype, cfg, a.device, (bk, bn))
     return out
 

@@ -171,6 +171,11 @@ def test_masked_conv_rows_do_not_spill(quick_report):
            and r["kernel"] == "_bwd_weight_kernel"]
     assert {r["target"] for r in wgt} == {"sm_90", "sm_80"}, [r["workload"] for r in rows]
     assert all(r["num_warps"] == 4 for r in wgt), wgt
+    # its grad_input (stride 2) is compiled as the launch runs it: by phases, 8 warps on sm_90
+    gi = [r for r in rows if "128x128" in r["workload"] and "shortcut" in r["workload"]
+          and "TRANSPOSED" in r["note"]]
+    assert {r["target"] for r in gi} == {"sm_90", "sm_80"} and all("PHASES 2x2" in r["note"] for r in gi), gi
+    assert [r["num_warps"] for r in gi if r["target"] == "sm_90"] == [8], gi
     for r in rows:
         assert r["spill_bytes"] == 0 and r["stl"] == 0 and r["ldl"] == 0, \
             (r["workload"], r["kernel"], r["target"], r["spill_bytes"], r["regs"])

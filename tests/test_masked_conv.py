@@ -246,18 +246,47 @@ def test_triton_one_by_one_kernels(stride, padding):
                             padding=padding, block=(16, 16))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_more_taps_than_the_tap_bitmask(dtype):
+@pytest.mark.parametrize("dtype, stride", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, (2, 3))])
+def test_triton_more_taps_than_the_tap_bitmask(dtype, stride):
     """A 7x6 kernel has 42 taps, more than the 32-bit in-bounds tap mask holds: the forward and
-    the unit-stride grad_input test bounds inside the K loop instead (dilated, uneven kernel)."""
+    grad_input (unit stride, and by phases at stride 2 x 3) test bounds inside the K loop
+    instead (dilated, uneven kernel)."""
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(1, 5, 9, 8, generator=gen)
     w = torch.randn(6, 5, 7, 6, generator=gen) / 15
     m = make_mask("random", w.shape, gen)
-    gy = torch.randn(1, 6, 7, 4, generator=gen)
+    conf = dict(stride=stride, padding=(2, 3), dilation=(1, 2))
+    gy = torch.randn(F.conv2d(x, w, **conf).shape, generator=gen)
     dev = TRITON_DEVICE
     check_against_reference(x.to(dev, dtype), w.to(dev, dtype), m.to(dev), None, gy.to(dev, dtype),
-                            "triton", padding=(2, 3), dilation=(1, 2))
+                            "triton", **conf)
+
+
+@settings(max_examples=40, **HYP)
+@given(k=st.tuples(st.integers(1, 4), st.integers(1, 4)), s=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       pad=st.tuples(st.integers(0, 3), st.integers(0, 3)), dil=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       seed=st.integers(0, 2 ** 16))
+def test_phase_steps_list_the_taps_that_reach_each_phase(k, s, pad, dil, seed):
+    """grad_input's per-phase step lists of a strided conv: for input pixels with (h % sh,
+    w % sw) = phase, exactly the steps of the unit-stride list (same order, same packed tile)
+    whose tap reaches that phase, i.e. (phase + pad - tap * dil) % stride == 0 per axis."""
+    gen = torch.Generator().manual_seed(seed)
+    m = make_mask("block", (40, 24, *k), gen, block=(16, 16), p=0.5)
+    t = prepare_mask(m, 1, (16, 16))
+    idx, pk, cnt = t.phase_steps(s, pad, dil)
+    rows = t.c_tiles
+    assert idx.shape == (s[0] * s[1] * rows, t.bwd_idx.shape[1]) and cnt.dtype == torch.int32
+    for ph in range(s[0]):
+        for pw in range(s[1]):
+            for ct in range(rows):
+                r = (ph * s[1] + pw) * rows + ct
+                steps = [(int(i), int(p)) for i, p in zip(t.bwd_idx[ct, :t.bwd_cnt[ct]], t.bwd_pk[ct, :t.bwd_cnt[ct]])]
+                want = [(i, p) for i, p in steps
+                        if (ph + pad[0] - (i // t.o_tiles // k[1]) * dil[0]) % s[0] == 0
+                        and (pw + pad[1] - (i // t.o_tiles % k[1]) * dil[1]) % s[1] == 0]
+                got = list(zip(idx[r, :cnt[r]].tolist(), pk[r, :cnt[r]].tolist()))
+                assert got == want
+    assert t.phase_steps(s, pad, dil)[0] is idx  # cached per geometry
 
 
 def test_default_config_fits_shared_memory(monkeypatch):
@@ -273,10 +302,12 @@ def test_default_config_fits_shared_memory(monkeypatch):
     # grad_input of a 128x64 tile: 3 x (256 x 128 + 128 x 64) bf16 = 245 KB does not fit
     assert k.default_config("gemm", 128, 64, 2, dev) == dict(BLOCK_M=128, num_warps=4, num_stages=5)
     assert k.default_config("gemm", 128, 64, 4, dev)["BLOCK_M"] == 64  # fp32
+    # a 128-wide MMA takes 8 warps (4 alone sit at ~250 registers at 128 rows on sm_90)
+    assert k.default_config("gemm", 128, 128, 2, dev) == dict(BLOCK_M=128, num_warps=8, num_stages=5)
     assert k.default_config("wgt", 32, 32, 2, dev) == dict(BLOCK_M=128, num_warps=4, num_stages=3)
     monkeypatch.setattr(k, "_smem_per_block", lambda index: 166912)  # A100
     assert k.default_config("gemm", 64, 128, 2, dev)["BLOCK_M"] == 256  # 3 x 48 KB fits
-    assert k.default_config("gemm", 128, 128, 2, dev)["BLOCK_M"] == 64  # 3 x 64 KB at 128 does not
+    assert k.default_config("gemm", 128, 128, 2, dev) == dict(BLOCK_M=64, num_warps=8, num_stages=5)  # 3 x 64 KB at 128 does not fit
 
 
 def test_triton_noncontiguous_grad_and_weight():
@@ -386,15 +417,16 @@ ones = {"s_xc", "s_ac", "s_oc", "s_dc", "s_mc"}
 div16 = {"Cg", "Og", "KA", "NO", "H", "W", "AH", "AW", "OH", "OW", "s_xn", "s_xh", "s_xw",
          "s_an", "s_ah", "s_aw", "s_on", "s_oh", "s_ow", "s_dn", "s_dh", "s_dw",
          "s_mo", "s_mh", "s_mw", "s_gs", "s_go", "s_gc", "s_gh"}
-# forward, grad_input (the same kernel, TRANSPOSED), grad_weight; pointer loads of the packed
-# tiles (TMA is compiled by the GPU run's tests)
-for kern, transposed in ((K._conv_gemm_kernel, False), (K._conv_gemm_kernel, True),
-                         (K._bwd_weight_kernel, None)):
+# forward, grad_input (the same kernel, TRANSPOSED; at stride 2 by phases), grad_weight;
+# pointer loads of the packed tiles (TMA is compiled by the GPU run's tests)
+for kern, transposed, phases in ((K._conv_gemm_kernel, False, 1), (K._conv_gemm_kernel, True, 1),
+                                 (K._conv_gemm_kernel, True, 2), (K._bwd_weight_kernel, None, 1)):
     names = kern.arg_names
     for dt in ("fp32", "fp16", "bf16"):
         const = dict(K_T=2, KH=3, KW=3, OH=16, OW=16, BLOCK_M=128, BLOCK_O=32, BLOCK_C=32,
                      BLOCK_N=32, BLOCK_K=32, UPCAST=dt == "fp32", PRECISION="tf32", HAS_BIAS=True,
-                     TRANSPOSED=transposed, LINEAR=True, K_EVEN=True, DY_FLAT=True, USE_TMA=False)
+                     TRANSPOSED=transposed, PHASES_H=phases, PHASES_W=phases, K_EVEN=True, DY_FLAT=True,
+                     USE_TMA=False)
         const.update({n: 1 for n in ones})
         const = {n: v for n, v in const.items() if n in names}
         sig = {n: "constexpr" if n in const else ptr.get(n, "i32").replace("D", dt) for n in names}
@@ -404,7 +436,7 @@ for kern, transposed in ((K._conv_gemm_kernel, False), (K._conv_gemm_kernel, Tru
                         constexprs={(names.index(n),): v for n, v in const.items()})
         ck = triton.compile(src, target=GPUTarget("cuda", int(arch), 32),
                             options=dict(num_warps=4, num_stages=3))
-        print(kern.fn.__name__ + ("_t" if transposed else ""), dt,
+        print(kern.fn.__name__ + ("_t" if transposed else "") + ("2" if phases > 1 else ""), dt,
               ck.asm["ttgir"].count("async_copy_global_to_local"))
 """
 
@@ -423,7 +455,7 @@ def test_kernels_compile_for_gpu(arch):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln.split() for ln in proc.stdout.strip().splitlines()]
-    assert len(lines) == 9
+    assert len(lines) == 12
     for name, dt, n_async in lines:
         assert int(n_async) > 0, (name, dt, "loads not pipelined")
 
@@ -986,7 +1018,7 @@ ptr = {"a_ptr": "*bf16", "p_ptr": "*bf16", "out_ptr": "*bf16", "b_ptr": "*bf16",
        "idx_ptr": "*i32", "pk_ptr": "*i32", "cnt_ptr": "*i32"}
 for transposed in (False, True):
     const = dict(K_T=2, KH=3, KW=3, BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, UPCAST=False,
-                 PRECISION="tf32", HAS_BIAS=False, TRANSPOSED=transposed, LINEAR=True,
+                 PRECISION="tf32", HAS_BIAS=False, TRANSPOSED=transposed, PHASES_H=1, PHASES_W=1,
                  K_EVEN=True, USE_TMA=True)
     sig = {n: "constexpr" if n in const else ("tensordesc<bf16[32, 32]>" if n == "p_desc"
                                               else ptr.get(n, "i32")) for n in names}

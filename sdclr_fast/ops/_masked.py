@@ -4,7 +4,7 @@ cache on the mask tensor (`cached`, `cached_tiles`, `mask_scale`), autocast's ca
 helpers of their Triton Functions, the error of a second derivative on the Triton path, and
 the custom ops of their torch.compile route (`define_masked_ops`). Their backend flag comes
 from ops/_op.py, as for every op."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,22 @@ class MaskTiles:
     bwd_pk: torch.Tensor
     bwd_cnt: torch.Tensor
     wgt_tiles: torch.Tensor  # (n_active, 4) int32 rows (g, ot, tap, ct): the packed order
+    _phases: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def phase_steps(self, stride, padding, dilation):
+        """grad_input's K-loop lists (idx, pk, cnt) of a strided conv, one row per (g, phase,
+        ct), phase = (h % stride_h, w % stride_w) of the input pixel, in `bwd_idx`'s format:
+        only the taps whose rows of grad_y land on that phase (kh with (phase_h + pad_h -
+        kh * dil_h) divisible by stride_h, likewise kw). Cached per geometry."""
+        key = (tuple(stride), tuple(padding), tuple(dilation))
+        got = self._phases.get(key)
+        if got is None:
+            with plain():
+                got = _phase_lists(self.occupancy, self.kw, *key)
+            # not cached while a CUDA graph is captured: the graph's memory pool owns them
+            if not (self.occupancy.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self._phases[key] = got
+        return got
 
     @property
     def tile_density(self):
@@ -85,6 +101,23 @@ def build_tiles(keep, groups, block):
                 taps=taps, kw=KW, occupancy=occ, fwd_idx=fwd_idx,
                 fwd_pk=fwd_pk.to(torch.int32).contiguous(), fwd_cnt=fwd_cnt, bwd_idx=bwd_idx,
                 bwd_pk=bwd_pk.to(torch.int32).contiguous(), bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
+
+
+def _phase_lists(occ, kw, stride, padding, dilation):
+    g, o_t, taps, c_t = occ.shape
+    tap = torch.arange(taps, device=occ.device)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+
+    def lands(s, pad, d, k):  # (s, taps): phase p receives tap k
+        return (torch.arange(s, device=occ.device)[:, None] + pad - k[None, :] * d) % s == 0
+    match = (lands(sh, ph, dh, tap // kw)[:, None] & lands(sw, pw, dw, tap % kw)[None]).reshape(sh * sw, taps)
+    p = sh * sw
+    occ_t = occ.permute(0, 3, 2, 1)  # (g, ct, tap, ot)
+    occ_p = occ_t[:, None] & match[None, :, None, :, None]  # (g, phase, ct, tap, ot)
+    idx, cnt = active_lists(occ_p.reshape(g * p * c_t, taps * o_t))
+    rank = (occ.flatten().cumsum(0) - 1).reshape(occ.shape).permute(0, 3, 2, 1)
+    pk = rank[:, None].expand(g, p, c_t, taps, o_t).reshape(g * p * c_t, taps * o_t).gather(1, idx.long())
+    return idx, pk.to(torch.int32).contiguous(), cnt
 
 
 def plain():
