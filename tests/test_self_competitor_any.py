@@ -400,6 +400,31 @@ def test_timm_vit_tiny_conversion_and_step():
                      torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64), sparsity=0.9)
 
 
+def test_sync_batchnorm_keeps_timm_norm_act_activations():
+    """SyncBN for a DDP run keeps what timm's BatchNorm + activation layers compute: torch's
+    converter turns a BatchNormAct2d (a BatchNorm2d subclass) into a plain SyncBatchNorm and
+    drops its activation; convert_sync_batchnorm takes timm's converter for such a model, in
+    both branches of the dual layers self_competitor made. Compared in eval mode (running
+    statistics; a training-mode SyncBatchNorm needs a process group on CUDA)."""
+    from sdclr_fast.train.models import convert_sync_batchnorm
+
+    timm = _timm()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.BatchNormAct2d(8, act_layer=nn.ReLU),
+                        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Flatten())
+    _randomise_norms(net, torch.Generator().manual_seed(5))
+    model = self_competitor(net, nn.Linear(8 * 16, 4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        synced = convert_sync_batchnorm(copy.deepcopy(model)).eval()
+        plain = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+        assert {type(m).__name__ for m in synced.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {"SyncBatchNorm", "SyncBatchNormAct"}
+        for branch in ("dense", "pruned"):
+            torch.testing.assert_close(synced(x, branch=branch), model(x, branch=branch))
+        assert not torch.allclose(plain(x), model(x))  # the control: torch's converter drops the ReLU
+
+
 def test_parse_timm_arch_and_errors():
     from sdclr_fast.train.models import build_model_from_args, parse_timm_arch
 

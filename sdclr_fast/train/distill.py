@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from .models import DenseEncoder, build_model_from_args, load_model, load_weights
+from .models import DenseEncoder, build_model_from_args, convert_sync_batchnorm, load_model, load_weights
 from .distributed import barrier, init_distributed, shutdown, wrap_ddp
 from .run import (Execution, TrainingMethod, data_order, open_checkpoint, restore_training, run_lock,
                   seed_everything, seed_rank, sgd_with_schedule, stop_signals, train_loop, two_view_augment,
@@ -307,7 +307,7 @@ def _distill_student(config, options, run_dir, data, base_checkpoint, expert_che
     if dist_info.enabled:
         synced_bn = config.sync_bn and device.type == "cuda"
         if synced_bn:  # parameters and buffers are kept; ``shell`` is the converted one
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            student = convert_sync_batchnorm(student)
             shell = student.backbone.model
         # DDP reduces what the student's loss reaches: the projection head / predictor of the shell
         # are not trained (not in the optimiser) and an SDCLR shell's pruned-branch BN is never used.

@@ -73,6 +73,26 @@ def import_timm():
     return timm
 
 
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """`model` with every BatchNorm replaced by its SyncBatchNorm (parameters and buffers kept),
+    as ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, except that a model holding timm's
+    BatchNorm + activation layers (BatchNormAct2d, a BatchNorm subclass) goes through timm's
+    converter: torch's would replace such a layer by a plain SyncBatchNorm and drop its
+    activation. Dual layers convert both branches either way.
+
+    Examples:
+        >>> from sdclr_fast.nn import resnet18
+        >>> m = convert_sync_batchnorm(resnet18(width=8))
+        >>> type(m.bn1.dense).__name__, type(m.bn1.pruned).__name__
+        ('SyncBatchNorm', 'SyncBatchNorm')
+    """
+    timm_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).__module__.startswith("timm.")
+                    for m in model.modules())
+    if timm_norm:
+        return import_timm().layers.convert_sync_batchnorm(model, process_group)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+
+
 def parse_timm_arch(arch: str) -> tuple[str, dict]:
     """``timm:<name>[:key=value,...]`` -> (name, keyword arguments for timm.create_model), values
     as int, float, True / False or str, e.g. ``timm:vit_tiny_patch16_224:patch_size=4,depth=2``."""

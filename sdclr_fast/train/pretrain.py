@@ -34,7 +34,7 @@ import torch.nn as nn
 from .checkpoint import CHECKPOINT_NAME
 from .config import PretrainConfig
 from .distributed import barrier, init_distributed, shutdown, wrap_ddp
-from .models import build_model_from_args, model_args
+from .models import build_model_from_args, convert_sync_batchnorm, model_args
 from .moclr import make_target, moclr_loss, momentum_at, update_target
 from .run import (Execution, StepOutputsNotFinite, TrainingMethod, check_batch_size, check_data_identity,
                   data_identity, data_order, init_weights, open_checkpoint, resolve_device, restore_training, run_data,
@@ -275,7 +275,7 @@ def _pretrain(config, run_dir, indices, init_checkpoint, data, resume, stop_at_e
     if dist_info.enabled and config.sync_bn:
         if synced_bn:
             # Both BN children of every dual BN are converted; parameters and buffers are kept.
-            base = model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            base = model = convert_sync_batchnorm(model)
         elif dist_info.is_main:
             print("note: SyncBatchNorm needs CUDA; BN statistics stay per process on this CPU run")
     target = None
