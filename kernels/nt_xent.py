@@ -31,13 +31,16 @@ dtype rounds zhat to it, an error of the size the same-dtype PyTorch loss makes 
 matmul rounds S), and takes two multiplies per score and the column factors' loads out of
 the loops.
 
-Two views on one process (PAIRED: keys i mod N, R = M, N a multiple of BLOCK_M) know where
-the masks fall: a row block's diagonal and its positives (rows i +- N) each fill one aligned
-BLOCK_M-wide window of columns, so only those tiles pay for the masks and the positive sum;
-every other tile is all valid. Their backward also needs one exponential per score instead
-of two: with L = min lse and w_i = g_i exp2(L - lse_i), A_kj = exp2(S_kj - L) (w_k + w_j)
-off the masks, used while max lse - L < FAST_SPREAD keeps both factors in fp32's range (for
-normalised rows that holds from tau ~ 0.05 up; smaller tau takes the two-exponential form).
+Two views (PAIRED: the R = 2N query rows' keys are i mod N, N and M multiples of BLOCK_M; on
+one process R = M, under a gather the other ranks' rows follow and are only negatives) know
+where the masks fall: a query row block's diagonal and its positives (rows i +- N) each fill
+one aligned BLOCK_M-wide window of columns, so only those tiles pay for the masks and the
+positive sum; every other tile is all valid, and the other ranks' row blocks have no window.
+Their backward also needs one exponential per score instead of two: with L = min lse and
+w_i = g_i exp2(L - lse_i) over the query rows (0 for the others), A_kj = exp2(S_kj - L)
+(w_k + w_j) off the masks, used while max lse - L < FAST_SPREAD keeps both factors in fp32's
+range (for normalised rows that holds from tau ~ 0.05 up; smaller tau takes the
+two-exponential form).
 
 Inputs stay in their dtype for tl.dot (fp32 accumulation): fp16/bf16 use the tensor cores,
 fp32 follows torch.matmul (TF32 where torch would use it, else IEEE products). The
@@ -61,11 +64,15 @@ FAST_SPREAD = tl.constexpr(64.0)
 
 
 @triton.jit
-def _windows(pid, c0, c1, H, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _windows(pid, c0, c1, H, R, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """PAIRED: the row block's diagonal window r0 and the window p0 of its positives (rows
-    i +- H), which of them lie in the chunk [c0, c1), and how many plain tiles are left."""
+    i +- H), which of them lie in the chunk [c0, c1), and how many plain tiles are left. A
+    row block past the R query rows (another rank's rows, backward only) has no window:
+    both start at column M, past every chunk."""
     r0 = pid * BLOCK_M
     p0 = tl.where(r0 < H, r0 + H, r0 - H)
+    p0 = tl.where(r0 < R, p0, M)
+    r0 = tl.where(r0 < R, r0, M)
     w_lo = tl.minimum(r0, p0)
     w_hi = tl.maximum(r0, p0)
     in_lo = (w_lo >= c0) & (w_lo < c1)
@@ -155,7 +162,8 @@ def _nt_xent_fwd_kernel(
     mp_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # POS_LSE: over positives
     lp_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if PAIRED:
-        r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, BLOCK_M, BLOCK_N)
+        r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, R, M, BLOCK_M,
+                                                             BLOCK_N)
         kp = col_ptrs(z_ptr, s_zm, s_zd, BLOCK_N, BLOCK_D)
         for t in range(0, n_plain):
             start = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N)
@@ -232,14 +240,15 @@ def _pair_weights(t, offs_n, g_k, w_k, f, low, lse2_k, g_ptr, w_ptr, lse2_ptr, M
 
 
 @triton.jit
-def _pair_rows(acc, q, pid, c0, c1, H, offs_m, f, lse2_k, g_k, w_k, low,
+def _pair_rows(acc, q, pid, c0, c1, H, R, offs_m, f, lse2_k, g_k, w_k, low,
                z_ptr, lse2_ptr, g_ptr, w_ptr, M, D, s_zm, s_zd, d_out,
                FAST: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """The PAIRED backward over the chunk [c0, c1): plain tiles, then the two windows with
-    the diagonal masked and the positive term -(g_k + g_j) at j = partner(k)."""
-    r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, BLOCK_M, BLOCK_N)
+    the diagonal masked and the positive term -(g_k + g_j) at j = partner(k) (query rows
+    only: another rank's rows have neither)."""
+    r0, p0, w_lo, w_hi, in_lo, in_hi, n_plain = _windows(pid, c0, c1, H, R, M, BLOCK_M, BLOCK_N)
     kp = col_ptrs(z_ptr, s_zm, s_zd, BLOCK_N, BLOCK_D)
     for t in range(0, n_plain):
         start = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N)
@@ -294,15 +303,16 @@ def _nt_xent_bwd_kernel(
     c0 = split * CHUNK
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if PAIRED:
-        c1 = tl.minimum(c0 + CHUNK, M)
+        # rows that are not queries only pair with query columns (the g_j P_jk term)
+        c1 = tl.minimum(c0 + CHUNK, tl.where(pid * BLOCK_M < R, M, R))
         low = tl.load(low_ptr)
         w_k = tl.load(w_ptr + offs_m, mask=row_ok, other=0.0)
         if tl.load(low_ptr + 1) - low < FAST_SPREAD:
-            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, f, lse2_k, g_k, w_k, low, z_ptr,
+            acc = _pair_rows(acc, q, pid, c0, c1, H, R, offs_m, f, lse2_k, g_k, w_k, low, z_ptr,
                              lse2_ptr, g_ptr, w_ptr, M, D, s_zm, s_zd, d_out, True, EVEN_D,
                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         else:
-            acc = _pair_rows(acc, q, pid, c0, c1, H, offs_m, f, lse2_k, g_k, w_k, low, z_ptr,
+            acc = _pair_rows(acc, q, pid, c0, c1, H, R, offs_m, f, lse2_k, g_k, w_k, low, z_ptr,
                              lse2_ptr, g_ptr, w_ptr, M, D, s_zm, s_zd, d_out, False, EVEN_D,
                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
     else:
@@ -351,16 +361,18 @@ def _config(dtype, D, block_d=None):
 
 
 def paired_ok(M, R, meta):
-    """Whether the PAIRED kernels apply to two views of M = 2N rows: one process (R = M) and
-    N a multiple of the row tile (the windows are then aligned)."""
-    return R == M and M % 2 == 0 and (M // 2) % meta["BLOCK_M"] == 0
+    """Whether the PAIRED kernels apply to two views of R = 2N query rows (followed by the
+    M - R rows of the other ranks under a gather): N and M multiples of the row tile (the
+    windows are then aligned and every other tile is whole)."""
+    bm = meta["BLOCK_M"]
+    return R % 2 == 0 and (R // 2) % bm == 0 and M % bm == 0
 
 
 def plan(M, R, D, dtype, sms, paired=False, block_d=None, splits=None):
     """Launch plan of the forward and backward for M rows (R queries) of width D: a dict with
     meta (the kernels' constexprs but POS_LSE / SPLIT), launch (num_warps, num_stages),
     fwd_grid, bwd_grid, fwd_chunk, bwd_chunk (columns per split). `sms`: the SM count the
-    column splits fill; `paired`: two views on one process (taken where the shape allows);
+    column splits fill; `paired`: two views (taken where the shape allows, see `paired_ok`);
     `splits` overrides the split count. Device-free, so that a static report can compile
     exactly what a launch runs."""
     meta, launch, even_d = _config(dtype, D, block_d)
@@ -390,9 +402,9 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False, pair
     beyond R; None without pos_lse).
 
     r: (M,) fp32 inverse norms (ignored unless normalize); keys: (M,) int32 or int64; inv_tau:
-    (1,) fp32 tensor on u's device; paired: two views on one process (keys = i mod M/2), which
-    takes the PAIRED kernels where the shape allows; splits: the column split count (None:
-    fill the device)."""
+    (1,) fp32 tensor on u's device; paired: two views, the query rows' keys i mod R/2 and the
+    other rows' keys none of theirs, which takes the PAIRED kernels where the shape allows;
+    splits: the column split count (None: fill the device)."""
     M, D = u.shape
     p = plan(M, R, D, u.dtype, sm_count(u.device), paired and not pos_lse, block_d, splits)
     z = normalized(u, r, normalize)
@@ -411,7 +423,7 @@ def forward(u, r, keys, inv_tau, R, normalize, block_d=None, pos_lse=False, pair
     part = torch.empty((grid[1], NSTAT, R) if split else (1,), device=dev, dtype=torch.float32)
     outs = (loss, lse2, lse2 if lsep2 is None else lsep2, cnt)
     wrap_triton(_nt_xent_fwd_kernel)[grid](
-        z, keys, inv_tau, *outs, part, R, M, M // 2, p["fwd_chunk"], D, z.stride(0),
+        z, keys, inv_tau, *outs, part, R, M, R // 2, p["fwd_chunk"], D, z.stride(0),
         z.stride(1), POS_LSE=pos_lse, SPLIT=split, **p["meta"], **p["launch"])
     if split:
         wrap_triton(_nt_xent_merge_kernel)[(cdiv(R, 128),)](
@@ -434,11 +446,12 @@ def backward(u, r, keys, inv_tau, lse2, g, gy, R, normalize, block_d=None, lsep2
     dz = torch.empty((grid[1], M, D), device=u.device, dtype=torch.float32)
     w = low = lse2  # placeholders, not read
     if p["meta"]["PAIRED"]:
-        # L = min lse and w = g exp2(L - lse): the one-exponential form (FAST_SPREAD)
-        low = torch.stack(torch.aminmax(lse2))
+        # L = min lse and w = g exp2(L - lse): the one-exponential form (FAST_SPREAD); over
+        # the query rows (the others' lse is +inf and their g 0, so their w is 0)
+        low = torch.stack(torch.aminmax(lse2[:R]))
         w = g * torch.exp2(low[0] - lse2)
     wrap_triton(_nt_xent_bwd_kernel)[grid](
         z, keys, inv_tau, lse2, lse2 if lsep2 is None else lsep2, g, gy, w, low, dz, R, M,
-        M // 2, p["bwd_chunk"], D, z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
+        R // 2, p["bwd_chunk"], D, z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
         dz.stride(2), POS_LSE=lsep2 is not None, **p["meta"], **p["launch"])
     return dz[0] if grid[1] == 1 else dz.sum(0)

@@ -398,6 +398,37 @@ def test_paired_path_and_splits_against_the_reference(monkeypatch):
     assert any(p["bwd_grid"][1] > 1 for p in launched)
 
 
+@interp
+@pytest.mark.parametrize("rows, splits, tau", [((128, 64), 1, 0.2), ((96, 64), 3, 0.2),
+                                               ((192, 128), 4, 0.03), ((160, 64), 2, 0.5)])
+def test_paired_kernels_take_other_ranks_rows(rows, splits, tau):
+    """Two views under a gather (the R = 2N local rows first, then the other ranks' M - R
+    rows, negatives only) take the PAIRED kernels and give what the keyed kernels give with
+    the global pair indices as keys: losses, log-sum-exps (+inf past R), counts and the
+    gradient of every row, the other ranks' rows included; tau 0.03 takes the backward's
+    two-exponential form, the rest the one-exponential form over the query rows' spread."""
+    from sdclr_fast.kernels import nt_xent as k
+
+    M, R = rows
+    n = R // 2
+    assert k.plan(M, R, 24, torch.float32, 4, True)["meta"]["PAIRED"]
+    g = torch.Generator().manual_seed(M + R)
+    z = torch.randn(M, 24, generator=g)
+    # local pairs (i, i + n), then each other rank's block [pairs; pairs] with its own indices
+    local = torch.arange(n).repeat(2)
+    others = torch.arange(n, n + (M - R) // 2).repeat(2)
+    keys = torch.cat([local, others]).to(torch.int32)
+    up = torch.rand(M, generator=g)
+    paired = _kernel_rows(k, z, keys, R, tau, True, False, True, splits, up)
+    keyed = _kernel_rows(k, z, keys, R, tau, True, False, False, splits, up)
+    for a, b in zip(keyed, paired):
+        if a.dtype == torch.int32:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(b, a, rtol=3e-5, atol=3e-6 * max(1.0, a[a.isfinite()].abs().max()))
+    assert torch.isinf(paired[1][R:]).all() and paired[-1][R:].abs().sum() > 0
+
+
 def test_column_splits_fill_the_sms():
     """The split count fills the SMs without a second partial wave: nt_xent at 2N = 4,096
     and info_nce's MoCo form (M = 1,024, Q = 65,536) take >= 90 % of 132 SMs, a large 2N

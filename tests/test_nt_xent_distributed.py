@@ -61,6 +61,15 @@ def _data(name):
     return z1, z2, lab, w, cot
 
 
+N_PAIRED = 32  # local pairs that fill whole row tiles of the interpreter's kernels
+
+
+def _paired_data():
+    g = torch.Generator().manual_seed(11)
+    z1, z2 = (torch.randn(WORLD, N_PAIRED, D, generator=g) for _ in range(2))
+    return z1, z2, torch.rand(WORLD, 2 * N_PAIRED, generator=g, dtype=torch.float64) + 0.5
+
+
 def _ddp_data():
     g = torch.Generator().manual_seed(7)
     x1 = torch.randn(WORLD, N, D_IN, generator=g, dtype=torch.float64)
@@ -73,6 +82,8 @@ def _ddp_data():
 
 
 def _worker(rank, port, out_dir):
+    from sdclr_fast.kernels import nt_xent as kn
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -89,6 +100,17 @@ def _worker(rank, port, out_dir):
                           gather_distributed=True, _backend=backend)
             (out.double() * cot[rank]).sum().backward() if reduction == "none" else out.backward()
             results[name] = (out.detach(), a.grad, None if b is None else b.grad)
+        # two views whose local pairs fill whole row tiles: the PAIRED kernels
+        z1p, z2p, cotp = _paired_data()
+        a, b = z1p[rank].clone().requires_grad_(True), z2p[rank].clone().requires_grad_(True)
+        plans, real = [], kn.plan
+        kn.plan = lambda *args, **kw: plans.append(real(*args, **kw)) or plans[-1]
+        try:
+            out = nt_xent(a, b, 0.3, reduction="none", gather_distributed=True, _backend="triton")
+            (out.double() * cotp[rank]).sum().backward()
+        finally:
+            kn.plan = real
+        results["paired"] = (out.detach(), a.grad, b.grad, [p["meta"]["PAIRED"] for p in plans])
         # DDP: averaged parameter gradients must equal the single-process ones.
         x1, x2, lin = _ddp_data()
         model = torch.nn.parallel.DistributedDataParallel(lin)
@@ -102,6 +124,7 @@ def _worker(rank, port, out_dir):
         except ValueError as exc:
             results["unequal"] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: see helpers.free_port
     finally:
         dist.destroy_process_group()
 
@@ -178,6 +201,27 @@ def test_matches_single_process(results, name):
                                    **tol)
         torch.testing.assert_close(results[r][name][2].double(), gb[r * N:(r + 1) * N] * factor,
                                    **tol)
+
+
+@pytest.mark.slow
+def test_paired_kernels_under_a_gather_match_single_process(results):
+    """Two views with N = 32 per rank: the query rows' pairs fill whole row tiles, so the
+    gathered rows take the PAIRED kernels (forward and backward), and each rank's losses and
+    gradients equal the single-process reference's."""
+    z1, z2, cot = _paired_data()
+    a = torch.cat(list(z1)).double().requires_grad_(True)
+    b = torch.cat(list(z2)).double().requires_grad_(True)
+    out = nt_xent_reference(a, b, 0.3, reduction="none")
+    split = torch.cat([cot[:, :N_PAIRED].reshape(-1), cot[:, N_PAIRED:].reshape(-1)])
+    (out * split).sum().backward()
+    n = N_PAIRED
+    for r in range(WORLD):
+        got, ga, gb, paired = results[r]["paired"]
+        assert paired == [True, True], paired
+        rows = torch.cat([out[r * n:(r + 1) * n], out[WORLD * n + r * n:WORLD * n + (r + 1) * n]])
+        torch.testing.assert_close(got.double(), rows.detach(), rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(ga.double(), a.grad[r * n:(r + 1) * n], rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(gb.double(), b.grad[r * n:(r + 1) * n], rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -110,13 +110,14 @@ def _phase_lists(occ, kw, stride, padding, dilation):
 
     def lands(s, pad, d, k):  # (s, taps): phase p receives tap k
         return (torch.arange(s, device=occ.device)[:, None] + pad - k[None, :] * d) % s == 0
-    match = (lands(sh, ph, dh, tap // kw)[:, None] & lands(sw, pw, dw, tap % kw)[None]).reshape(sh * sw, taps)
     p = sh * sw
+    match = (lands(sh, ph, dh, tap // kw)[:, None] & lands(sw, pw, dw, tap % kw)[None]).reshape(p, taps)
     occ_t = occ.permute(0, 3, 2, 1)  # (g, ct, tap, ot)
     occ_p = occ_t[:, None] & match[None, :, None, :, None]  # (g, phase, ct, tap, ot)
     idx, cnt = active_lists(occ_p.reshape(g * p * c_t, taps * o_t))
     rank = (occ.flatten().cumsum(0) - 1).reshape(occ.shape).permute(0, 3, 2, 1)
-    pk = rank[:, None].expand(g, p, c_t, taps, o_t).reshape(g * p * c_t, taps * o_t).gather(1, idx.long())
+    pk = rank[:, None].expand(g, p, c_t, taps, o_t).reshape(g * p * c_t, taps * o_t)
+    pk = pk.gather(1, idx.long())
     return idx, pk.to(torch.int32).contiguous(), cnt
 
 

@@ -326,8 +326,9 @@ def _rows_dense(u, tau, inv_tau, keys, R, normalize, block_d, pos_lse, one_posit
 #   keys (M,) integers: row j is a positive of row i iff keys equal, j != i; None for the
 #     two-view pairing i <-> (i + R/2) mod R with no positives beyond R (PyTorch path only;
 #     the kernels get the pair index as keys).
-#   pos_lse: the "in" multi-positive form; one_positive: every row has exactly one positive
-#     (two views, one process), which saves the backward five small ops.
+#   pos_lse: the "in" multi-positive form; one_positive: two views, every query row has exactly one
+#     positive, its other view among the R local rows (any other rank's rows follow), which
+#     saves the backward five small ops and takes the PAIRED kernels.
 # Outputs: loss (R,), then the backward's statistics: lse (M,), cnt (R,), lsep (M,) (empty
 # without pos_lse), and the inverse row norms r with the mask through (norm >= eps).
 def _fwd_torch(u: torch.Tensor, tau: torch.Tensor | None, inv_tau: torch.Tensor,
@@ -367,6 +368,8 @@ def _bwd_prepare(grad_loss, lse, cnt, R, M, pos_lse, one_positive):
     (0 beyond R and for rows without positives)."""
     if one_positive:
         g = grad_loss.to(lse.dtype).contiguous()
+        if M > R:  # another rank's rows: no loss of their own here
+            g = torch.cat([g, g.new_zeros(M - R)])
         return g, g
     g = torch.zeros(M, dtype=lse.dtype, device=lse.device)
     g[:R] = torch.where(cnt > 0, grad_loss.to(lse.dtype), torch.zeros_like(g[:R]))
@@ -534,7 +537,7 @@ def nt_xent(z1, z2=None, temperature=0.2, *, normalize=True, reduction="mean", w
         keys = index_keys(u.shape[0], u.device, R // 2)
     inv_tau = inv_tau_tensor(tau, None if tau is not None else float(temperature), u.device,
                              torch.float32 if triton else compute_dtype(u))
-    one_positive = labels is None and u.shape[0] == R
+    one_positive = labels is None  # two views: the local rows' pairs (other ranks' rows follow)
     rows = _loss(u, tau, inv_tau, keys, R, normalize, _block_d, pos_lse, one_positive,
                  triton=triton)
     return reduce_rows(rows, reduction, weights, z1.dtype)
