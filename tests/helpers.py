@@ -62,7 +62,12 @@ def free_port():
     """A free port for a spawned group's rendezvous store, outside the kernel's ephemeral range.
     A port that bind(("", 0)) hands out is in that range, where it can be taken again before
     rank 0's store binds it: by any new connection, even rank 1's own retries (a socket
-    connecting to a local port nobody listens on can be given that port and connect to itself)."""
+    connecting to a local port nobody listens on can be given that port and connect to itself).
+
+    A spawned group's workers pass a barrier before destroy_process_group: rank 0 hosts the
+    store, and when it tore the group down while another rank still used it, its process now
+    and then aborted at exit ("terminate called without an active exception", SIGABRT after
+    its results were saved: 2 runs in 30 of test_info_nce's group, 0 in 30 with the barrier)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])

@@ -207,6 +207,7 @@ def _group_loss_job(rank, out_dir):
     nce = info_nce(mine[0], mine[1], 0.3, reduction="none", gather_distributed=group)
     (nt.sum() + nce.sum()).backward()
     torch.save({"nt": nt.detach(), "nce": nce.detach(), "grad": mine.grad}, f"{out_dir}/group_{rank}.pt")
+    dist.barrier()  # leave together: see helpers.free_port
     dist.destroy_process_group()
 
 

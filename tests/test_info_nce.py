@@ -808,6 +808,7 @@ def _dist_worker(rank, port, out_dir):
         except ValueError as exc:
             results["unequal"] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: see helpers.free_port
     finally:
         dist.destroy_process_group()
 
@@ -893,6 +894,7 @@ def _group_bank_worker(rank, port, out_dir):
         mb = MemoryBank(8, 3, gather_distributed=groups[rank // 2])
         mb.enqueue(torch.full((2, 3), float(rank)))
         torch.save(mb.bank.clone(), os.path.join(out_dir, f"bank{rank}.pt"))
+        dist.barrier()  # leave together: see helpers.free_port
     finally:
         dist.destroy_process_group()
 
