@@ -361,7 +361,7 @@ def _nt_xent(two_n, d, dtype, tf32=False, labels=False, device="cpu", small=Fals
     two_n = 64 if small else two_n
     z = torch.randn(two_n, d, device=device).to(dtype).requires_grad_()
     # labels: the same positives (row i and i + N) given as labels of one matrix, which takes
-    # the keyed kernels (labels, multi-view, gathered rows) instead of the two-view ones
+    # the keyed kernels (labels, several views in one matrix) instead of the two-view ones
     lab = torch.arange(two_n, device=device) % (two_n // 2)
 
     def step():
