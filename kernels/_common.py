@@ -56,7 +56,7 @@ def col_ptrs(b_ptr, s_bm, s_bd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 def load_cols(ptrs, start, s_bm, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
               BLOCK_D: tl.constexpr):
     """The column tile of rows start.. (all in range), zero past D unless EVEN_D."""
-    p = ptrs + start.to(tl.int64) * s_bm
+    p = ptrs + tl.cast(start, tl.int64) * s_bm  # start may be a Python int in the interpreter
     if EVEN_D:
         t = tl.load(p)
     else:

@@ -37,8 +37,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import (NSTAT, accumulate, cdiv, column_splits, config, load_tile, merge_partials,
-                      online_lse, row_scale, scores, sm_count, store_partial, store_rows)
+from ._common import (NSTAT, accumulate, cdiv, col_ptrs, column_splits, config, dots, load_cols,
+                      load_tile, merge_partials, online_lse, online_lse_full, row_scale, scores,
+                      sm_count, store_partial, store_rows)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -50,7 +51,7 @@ def _info_nce_fwd_kernel(
     loss_ptr, lse2_ptr, cnt_ptr, part_ptr,
     M, C, Q, CHUNK, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd,
     NORMALIZE: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -85,7 +86,23 @@ def _info_nce_fwd_kernel(
         pos += tl.sum(tl.where(same, s, 0.0), 1)
         cnt += tl.sum(same.to(tl.int32), 1)
     if HAS_N:
-        for start_n in range(b_lo, b_hi, BLOCK_N):
+        # whole column tiles of the bank: every score is valid, so no mask, and the rows'
+        # factor rides in the exponent's multiply-add; then the last, partial tile
+        b_full = b_lo + tl.maximum(b_hi - b_lo, 0) // BLOCK_N * BLOCK_N
+        kp = col_ptrs(n_ptr, s_nm, s_nd, BLOCK_N, BLOCK_D)  # one D chunk: moved by a scalar
+        for start_n in range(b_lo, b_full, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            if D_CHUNKS == 1:
+                k = load_cols(kp, start_n, s_nm, D, EVEN_D, UPCAST, BLOCK_D)
+                t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                if NORMALIZE:
+                    t = t * tl.load(rn_ptr + offs_n)[None, :]
+            else:
+                t, _, _ = dots(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, offs_n < b_hi, D, s_xm,
+                               s_xd, s_nm, s_nd, rn_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                               D_CHUNKS, UPCAST, PRECISION)
+            m_i, l_i = online_lse_full(m_i, l_i, t, rows_f)
+        for start_n in range(b_full, b_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < b_hi
             s, _, _ = scores(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
@@ -273,7 +290,8 @@ def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block
     wrap_triton(_info_nce_fwd_kernel)[grid](
         x, rx, kx, y, ry, ky, n if has_n else x, rn if has_n else rx, inv_tau, loss, lse2, cnt,
         part, M, C, Q, chunk, D, *_strides(x), *_strides(y), *_strides(n),
-        NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, SPLIT=split, **meta, **launch)
+        NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, SPLIT=split,
+        EVEN_D=D % meta["BLOCK_D"] == 0, **meta, **launch)
     if split:
         wrap_triton(_info_nce_merge_kernel)[(cdiv(M, 128),)](
             part, loss, lse2, cnt, M, grid[1], BLOCK_M=128)

@@ -94,7 +94,8 @@ def info_nce():
                 for split in (True, False):
                     n += compile_like_launch(
                         k._info_nce_fwd_kernel, dict(meta, NORMALIZE=True, DIAG_ONLY=diag_only,
-                                                     HAS_N=True, SPLIT=split),
+                                                     HAS_N=True, SPLIT=split,
+                                                     EVEN_D=d % meta["BLOCK_D"] == 0),
                         dict(ints, CHUNK=chunk), dtype, arch, launch)
             # dx (bank columns), dy (symmetric, no bank), dn (bank rows against the queries)
             for xa, ya, paired, has_n, rows, rl, q in ((True, True, True, True, M, M, Q),
