@@ -46,13 +46,65 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _whole_tiles(m_i, l_i, q, kp, x_ptr, c_ptr, r_ptr, offs_m, row_ok, rows_f, a, b, D,
+                 s_xm, s_xd, s_cm, s_cd, NORMALIZE: tl.constexpr, EVEN_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The log-sum-exp over the whole column tiles [a, b) of c, none a positive: no mask, the
+    rows' factor in the exponent's multiply-add, and with one D chunk the tile's pointers `kp`
+    moved by a scalar."""
+    for start_n in range(a, b, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if D_CHUNKS == 1:
+            k = load_cols(kp, start_n, s_cm, D, EVEN_D, UPCAST, BLOCK_D)
+            t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if NORMALIZE:
+                t = t * tl.load(r_ptr + offs_n)[None, :]
+        else:
+            t, _, _ = dots(x_ptr, c_ptr, q, offs_m, offs_n, row_ok, offs_n < b, D, s_xm, s_xd,
+                           s_cm, s_cd, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                           UPCAST, PRECISION)
+        m_i, l_i = online_lse_full(m_i, l_i, t, rows_f)
+    return m_i, l_i
+
+
+@triton.jit
+def _tested_tiles(m_i, l_i, pos, cnt, q, x_ptr, c_ptr, r_ptr, kc_ptr, key_i, offs_m, row_ok,
+                  rows_f, a, b, hi, D, s_xm, s_xd, s_cm, s_cd, NORMALIZE: tl.constexpr,
+                  DIAG_ONLY: tl.constexpr, INDEX_KEYS: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The column tiles [a, b) of c with every score tested: columns < hi, DIAG_ONLY's
+    diagonal, and the positives (column i of row i with INDEX_KEYS, else equal keys)."""
+    for start_n in range(a, b, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < hi
+        s, _, _ = scores(x_ptr, c_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd, s_cm,
+                         s_cd, rows_f, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                         UPCAST, PRECISION)
+        valid = col_ok[None, :]
+        if DIAG_ONLY:
+            valid = valid & (offs_n[None, :] == offs_m[:, None])
+        m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
+        if INDEX_KEYS:
+            same = valid & (offs_n[None, :] == offs_m[:, None])
+        else:
+            key_j = tl.load(kc_ptr + offs_n, mask=col_ok, other=-1)
+            same = valid & (key_j[None, :] == key_i[:, None])
+        pos += tl.sum(tl.where(same, s, 0.0), 1)
+        cnt += tl.sum(same.to(tl.int32), 1)
+    return m_i, l_i, pos, cnt
+
+
+@triton.jit
 def _info_nce_fwd_kernel(
     x_ptr, rx_ptr, kx_ptr, y_ptr, ry_ptr, ky_ptr, n_ptr, rn_ptr, scale_ptr,
     loss_ptr, lse2_ptr, cnt_ptr, part_ptr,
     M, C, Q, CHUNK, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd,
     NORMALIZE: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr, SPLIT: tl.constexpr,
-    EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX_KEYS: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -71,37 +123,41 @@ def _info_nce_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < hi
-        s, _, _ = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd, s_ym,
-                         s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                         UPCAST, PRECISION)
-        valid = col_ok[None, :]
-        if DIAG_ONLY:
-            valid = valid & (offs_n[None, :] == offs_m[:, None])
-        m_i, l_i = online_lse(m_i, l_i, tl.where(valid, s, float("-inf")))
-        key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
-        same = valid & (key_j[None, :] == key_i[:, None])
-        pos += tl.sum(tl.where(same, s, 0.0), 1)
-        cnt += tl.sum(same.to(tl.int32), 1)
+    if INDEX_KEYS:  # (never with DIAG_ONLY, which visits only the diagonal tiles)
+        # row i's one positive is column i: only the tiles of the row block's diagonal window
+        # [w0, w1) and a partial last tile need tests, the whole tiles around them none
+        w0 = pid * BLOCK_M
+        w1 = w0 + BLOCK_M
+        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        kp = col_ptrs(y_ptr, s_ym, s_yd, BLOCK_N, BLOCK_D)
+        m_i, l_i = _whole_tiles(m_i, l_i, q, kp, x_ptr, y_ptr, ry_ptr, offs_m, row_ok, rows_f,
+                                lo, tl.minimum(w0, full), D, s_xm, s_xd, s_ym, s_yd, NORMALIZE,
+                                EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        m_i, l_i = _whole_tiles(m_i, l_i, q, kp, x_ptr, y_ptr, ry_ptr, offs_m, row_ok, rows_f,
+                                tl.maximum(w1, lo), full, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE,
+                                EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        m_i, l_i, pos, cnt = _tested_tiles(
+            m_i, l_i, pos, cnt, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_i, offs_m, row_ok, rows_f,
+            tl.maximum(lo, w0), tl.minimum(w1, hi), hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE,
+            False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        # the partial tile [full, hi), unless the window took it
+        tail = tl.where((full >= w0) & (full < w1), full, hi)
+        m_i, l_i, pos, cnt = _tested_tiles(
+            m_i, l_i, pos, cnt, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_i, offs_m, row_ok, rows_f,
+            full, tail, hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, False, True, BLOCK_M, BLOCK_N,
+            BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+    else:
+        m_i, l_i, pos, cnt = _tested_tiles(
+            m_i, l_i, pos, cnt, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_i, offs_m, row_ok, rows_f,
+            lo, hi, hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, DIAG_ONLY, INDEX_KEYS, BLOCK_M,
+            BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
     if HAS_N:
-        # whole column tiles of the bank: every score is valid, so no mask, and the rows'
-        # factor rides in the exponent's multiply-add; then the last, partial tile
+        # the bank: never a positive; its whole tiles, then the last, partial one
         b_full = b_lo + tl.maximum(b_hi - b_lo, 0) // BLOCK_N * BLOCK_N
-        kp = col_ptrs(n_ptr, s_nm, s_nd, BLOCK_N, BLOCK_D)  # one D chunk: moved by a scalar
-        for start_n in range(b_lo, b_full, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            if D_CHUNKS == 1:
-                k = load_cols(kp, start_n, s_nm, D, EVEN_D, UPCAST, BLOCK_D)
-                t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                if NORMALIZE:
-                    t = t * tl.load(rn_ptr + offs_n)[None, :]
-            else:
-                t, _, _ = dots(x_ptr, n_ptr, q, offs_m, offs_n, row_ok, offs_n < b_hi, D, s_xm,
-                               s_xd, s_nm, s_nd, rn_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
-                               D_CHUNKS, UPCAST, PRECISION)
-            m_i, l_i = online_lse_full(m_i, l_i, t, rows_f)
+        kp_n = col_ptrs(n_ptr, s_nm, s_nd, BLOCK_N, BLOCK_D)
+        m_i, l_i = _whole_tiles(m_i, l_i, q, kp_n, x_ptr, n_ptr, rn_ptr, offs_m, row_ok, rows_f,
+                                b_lo, b_full, D, s_xm, s_xd, s_nm, s_nd, NORMALIZE, EVEN_D,
+                                BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         for start_n in range(b_full, b_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             col_ok = offs_n < b_hi
@@ -268,13 +324,14 @@ def plan(rows, C, Q, D, dtype, sms, diag_only=False, block_d=None, splits=None):
 
 
 def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block_d=None,
-            splits=None):
+            splits=None, index_keys=False):
     """Per-row losses (M,) fp32, base-2 log-sum-exp (x's rows,) fp32 (+inf beyond M) and
     positive counts (M,) int32 of the first M rows of x against the columns [y; n].
 
     rx, ry, rn: fp32 inverse norms (ignored unless normalize); kx, ky: int32 or int64 keys; n may be
     None; inv_tau: (1,) fp32 tensor on x's device; splits: the column split count (None: fill
-    the device)."""
+    the device); index_keys: kx / ky are the row indices (no labels), so row i's one positive
+    is column i and only the diagonal tiles test for it (diag_only visits only those anyway)."""
     D = x.shape[1]
     has_n = n is not None
     C, Q = y.shape[0], n.shape[0] if has_n else 0
@@ -291,7 +348,7 @@ def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block
         x, rx, kx, y, ry, ky, n if has_n else x, rn if has_n else rx, inv_tau, loss, lse2, cnt,
         part, M, C, Q, chunk, D, *_strides(x), *_strides(y), *_strides(n),
         NORMALIZE=normalize, DIAG_ONLY=diag_only, HAS_N=has_n, SPLIT=split,
-        EVEN_D=D % meta["BLOCK_D"] == 0, **meta, **launch)
+        INDEX_KEYS=index_keys and not diag_only, EVEN_D=D % meta["BLOCK_D"] == 0, **meta, **launch)
     if split:
         wrap_triton(_info_nce_merge_kernel)[(cdiv(M, 128),)](
             part, loss, lse2, cnt, M, grid[1], BLOCK_M=128)

@@ -91,10 +91,11 @@ def info_nce():
         for arch in (90, 80):
             for diag_only in (False, True):
                 meta, launch, _, chunk = k.plan(M, M, Q, d, dtype, 132, diag_only)
-                for split in (True, False):
+                # index keys (no labels: the positive on the diagonal) for the in-batch form
+                for split, index in ((True, False), (False, False), (True, True))[:3 - diag_only]:
                     n += compile_like_launch(
                         k._info_nce_fwd_kernel, dict(meta, NORMALIZE=True, DIAG_ONLY=diag_only,
-                                                     HAS_N=True, SPLIT=split,
+                                                     HAS_N=True, SPLIT=split, INDEX_KEYS=index,
                                                      EVEN_D=d % meta["BLOCK_D"] == 0),
                         dict(ints, CHUNK=chunk), dtype, arch, launch)
             # dx (bank columns), dy (symmetric, no bank), dn (bank rows against the queries)

@@ -351,11 +351,12 @@ def _fwd_triton(x: torch.Tensor, y: torch.Tensor, n: torch.Tensor | None,
     rx, _ = _inv_norms(x, torch.float32)
     ry, _ = _inv_norms(y, torch.float32)
     rn = _inv_norms(n, torch.float32)[0] if n is not None else None
+    index = keys_x is None and keys_y is None  # positives on the diagonal (local rows first)
     loss1, lse1, cnt1 = k.forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize,
-                                  not in_batch, block_d)
+                                  not in_batch, block_d, index_keys=index)
     if symmetric:
         loss2, lse2, cnt2 = k.forward(y, ry, ky, x, rx, kx, None, None, inv_tau, M, normalize,
-                                      False, block_d)
+                                      False, block_d, index_keys=index)
         return torch.cat([loss1, loss2]), lse1, lse2, cnt1, cnt2
     lse2 = torch.full((y.shape[0],), float("inf"), device=x.device)
     return loss1, lse1, lse2, cnt1, cnt1.clone()
