@@ -215,6 +215,57 @@ def _chunk(pid, split, CHUNK, C, C_ROWS, Q, LOCAL, DIAG_ONLY: tl.constexpr, HAS_
 
 
 @triton.jit
+def _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f, lse_x,
+                g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, a0, a1, hi, d_out, D, s_xm, s_xd, s_ym,
+                s_yd, TESTED: tl.constexpr, NORMALIZE: tl.constexpr, X_ANCHOR: tl.constexpr,
+                Y_ANCHOR: tl.constexpr, PAIRED: tl.constexpr, DIAG_ONLY: tl.constexpr,
+                INDEX_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """acc += dS @ yhat over the paired column tiles [a0, a1). TESTED: every score is tested
+    (columns < hi, DIAG_ONLY's diagonal, the positives: column i of row i with INDEX_KEYS, else
+    equal keys); otherwise the tiles are whole and hold no positive (nothing to test)."""
+    for start_n in range(a0, a1, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < hi
+        s, r_j, k = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
+                           s_ym, s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
+                           D_CHUNKS, UPCAST, PRECISION)
+        if TESTED:
+            valid = col_ok[None, :]
+            if DIAG_ONLY:
+                valid = valid & (offs_n[None, :] == offs_m[:, None])
+            # masked before the exponent: exp2 of a masked score minus a finite lse may overflow
+            s = tl.where(valid, s, float("-inf"))
+        a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sub = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if X_ANCHOR:
+            a += g_x[:, None] * tl.exp2(s - lse_x[:, None])
+            sub += gp_x[:, None]
+        if Y_ANCHOR:
+            if TESTED:
+                lse_y = tl.load(lsey_ptr + offs_n, mask=col_ok, other=float("inf"))
+                g_y = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
+                sub += tl.load(gpy_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
+            else:
+                lse_y = tl.load(lsey_ptr + offs_n)
+                g_y = tl.load(gy_ptr + offs_n)
+            a += g_y[None, :] * tl.exp2(s - lse_y[None, :])
+        if TESTED:
+            if PAIRED:
+                if INDEX_KEYS:
+                    same = valid & (offs_n[None, :] == offs_m[:, None])
+                else:
+                    key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
+                    same = valid & (key_j[None, :] == key_x[:, None])
+                a -= tl.where(same, sub, 0.0)
+            a = tl.where(valid, a, 0.0)
+        acc = accumulate(acc, a, r_j, k, y_ptr, offs_n, col_ok, d_out, D, s_ym, s_yd, NORMALIZE,
+                         D_CHUNKS, UPCAST, PRECISION)
+    return acc
+
+
+@triton.jit
 def _info_nce_bwd_kernel(
     x_ptr, rx_ptr, kx_ptr, lsex_ptr, gx_ptr, gpx_ptr,
     y_ptr, ry_ptr, ky_ptr, lsey_ptr, gy_ptr, gpy_ptr,
@@ -222,15 +273,16 @@ def _info_nce_bwd_kernel(
     R, RL, C, CL, Q, CHUNK, D, s_xm, s_xd, s_ym, s_yd, s_nm, s_nd, s_os, s_om, s_od,
     NORMALIZE: tl.constexpr, X_ANCHOR: tl.constexpr, Y_ANCHOR: tl.constexpr,
     PAIRED: tl.constexpr, DIAG_ONLY: tl.constexpr, HAS_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INDEX_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out[i] = (1/tau) sum_j dS_ij yhat_j (+ the bank columns) for the R rows of x.
 
     X_ANCHOR / Y_ANCHOR: whether the rows / the columns carry a direction's statistics (lse,
     upstream g, g / |pos|); PAIRED: the columns are the rows' batch counterparts (positives by
-    key, DIAG_ONLY applies) rather than bank rows. Rows from RL on (not local) pair with the
-    first CL columns only and skip the bank."""
+    key, DIAG_ONLY applies) rather than bank rows; INDEX_KEYS (PAIRED, not DIAG_ONLY): row i's
+    one positive is column i, so only the diagonal window and a partial last tile are tested.
+    Rows from RL on (not local) pair with the first CL columns only and skip the bank."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -250,7 +302,7 @@ def _info_nce_bwd_kernel(
         g_x = tl.load(gx_ptr + offs_m, mask=row_ok, other=0.0)
         gp_x = tl.load(gpx_ptr + offs_m, mask=row_ok, other=0.0)
     key_x = offs_m
-    if PAIRED:
+    if PAIRED and not INDEX_KEYS:
         key_x = tl.load(kx_ptr + offs_m, mask=row_ok, other=-1)
     d_out = chunk * BLOCK_D + offs_d
     local = pid * BLOCK_M < RL
@@ -258,33 +310,37 @@ def _info_nce_bwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi, b_lo, b_hi = _chunk(pid, split, CHUNK, C, CL, Q, local, DIAG_ONLY, HAS_N, BLOCK_M,
                                 BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < hi
-        s, r_j, k = scores(x_ptr, y_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_xm, s_xd,
-                           s_ym, s_yd, rows_f, ry_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D,
-                           D_CHUNKS, UPCAST, PRECISION)
-        valid = col_ok[None, :]
-        if DIAG_ONLY:
-            valid = valid & (offs_n[None, :] == offs_m[:, None])
-        # masked before the exponent: exp2 of a masked score minus a finite lse may overflow
-        s = tl.where(valid, s, float("-inf"))
-        a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sub = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if X_ANCHOR:
-            a += g_x[:, None] * tl.exp2(s - lse_x[:, None])
-            sub += gp_x[:, None]
-        if Y_ANCHOR:
-            lse_y = tl.load(lsey_ptr + offs_n, mask=col_ok, other=float("inf"))
-            g_y = tl.load(gy_ptr + offs_n, mask=col_ok, other=0.0)
-            a += g_y[None, :] * tl.exp2(s - lse_y[None, :])
-            sub += tl.load(gpy_ptr + offs_n, mask=col_ok, other=0.0)[None, :]
-        if PAIRED:
-            key_j = tl.load(ky_ptr + offs_n, mask=col_ok, other=-1)
-            a -= tl.where(valid & (key_j[None, :] == key_x[:, None]), sub, 0.0)
-        a = tl.where(valid, a, 0.0)
-        acc = accumulate(acc, a, r_j, k, y_ptr, offs_n, col_ok, d_out, D, s_ym, s_yd, NORMALIZE,
-                         D_CHUNKS, UPCAST, PRECISION)
+    if INDEX_KEYS:  # as in the forward: whole tiles around the row block's diagonal window
+        w0 = pid * BLOCK_M
+        w1 = w0 + BLOCK_M
+        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, lo, tl.minimum(w0, full),
+                          hi, d_out, D, s_xm, s_xd, s_ym, s_yd, False, NORMALIZE, X_ANCHOR,
+                          Y_ANCHOR, PAIRED, False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                          UPCAST, PRECISION)
+        acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, tl.maximum(w1, lo), full,
+                          hi, d_out, D, s_xm, s_xd, s_ym, s_yd, False, NORMALIZE, X_ANCHOR,
+                          Y_ANCHOR, PAIRED, False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
+                          UPCAST, PRECISION)
+        acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, tl.maximum(lo, w0),
+                          tl.minimum(w1, hi), hi, d_out, D, s_xm, s_xd, s_ym, s_yd, True,
+                          NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED, False, True, BLOCK_M, BLOCK_N,
+                          BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        # the partial tile [full, hi), unless the window took it
+        acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, full,
+                          tl.where((full >= w0) & (full < w1), full, hi), hi, d_out, D, s_xm,
+                          s_xd, s_ym, s_yd, True, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED, False,
+                          True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+    else:
+        acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, lo, hi, hi, d_out, D, s_xm,
+                          s_xd, s_ym, s_yd, True, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED,
+                          DIAG_ONLY, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                          PRECISION)
     if HAS_N:  # bank columns: only the rows' own direction (X_ANCHOR), never positives
         for start_n in range(b_lo, b_hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -356,7 +412,7 @@ def forward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, block
 
 
 def _rows_grad(x, rx, kx, stats_x, y, ry, ky, stats_y, n, rn, inv_tau, RL, CL, normalize,
-               paired, diag_only, block_d, splits=None):
+               paired, diag_only, block_d, splits=None, index_keys=False):
     """(1/tau) dS @ [yhat; nhat] for every row of x, fp32 (x's rows, D). stats_*: (lse2, g,
     g / |pos|) of the rows / columns, or None where they carry no direction."""
     R, D = x.shape
@@ -372,18 +428,19 @@ def _rows_grad(x, rx, kx, stats_x, y, ry, ky, stats_y, n, rn, inv_tau, RL, CL, n
         x, rx, kx, *sx, y, ry, ky, *sy, n if has_n else x, rn if has_n else rx, inv_tau, out,
         R, RL, C, CL, Q, chunk, D, *_strides(x), *_strides(y), *_strides(n), out.stride(0),
         out.stride(1), out.stride(2), NORMALIZE=normalize, X_ANCHOR=stats_x is not None,
-        Y_ANCHOR=stats_y is not None, PAIRED=paired, DIAG_ONLY=diag_only, HAS_N=has_n, **meta,
-        **launch)
+        Y_ANCHOR=stats_y is not None, PAIRED=paired, DIAG_ONLY=diag_only, HAS_N=has_n,
+        INDEX_KEYS=index_keys and paired and not diag_only, **meta, **launch)
     return out[0] if grid[1] == 1 else out.sum(0)
 
 
 def backward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, symmetric,
-             lse1, lse2, g, gpos, h, hpos, need_x, need_y, need_n, block_d=None):
+             lse1, lse2, g, gpos, h, hpos, need_x, need_y, need_n, block_d=None,
+             index_keys=False):
     """dL/dxhat, dL/dyhat, dL/dnhat (fp32; None where not needed) of the per-row losses.
 
     lse1 (x's rows,), lse2 (y's rows,): base-2 lse of each direction (+inf beyond M); g, gpos
     (M,): upstream gradient of the query rows and the same over the positive counts; h, hpos
-    likewise for the key rows (None unless symmetric)."""
+    likewise for the key rows (None unless symmetric); index_keys as in `forward`."""
     def pad(v, rows):  # contiguous: an upstream gradient of a sum is an expanded scalar
         return v.contiguous() if rows == M else torch.cat([v, v.new_zeros(rows - M)])
 
@@ -392,10 +449,10 @@ def backward(x, rx, kx, y, ry, ky, n, rn, inv_tau, M, normalize, diag_only, symm
     dx = dy = dn = None
     if need_x:
         dx = _rows_grad(x, rx, kx, sx, y, ry, ky, sy, n, rn, inv_tau, M, M, normalize, True,
-                        diag_only, block_d)
+                        diag_only, block_d, index_keys=index_keys)
     if need_y:
         dy = _rows_grad(y, ry, ky, sy, x, rx, kx, sx, None, None, inv_tau, M, M, normalize,
-                        True, diag_only, block_d)
+                        True, diag_only, block_d, index_keys=index_keys)
     if need_n:
         dn = _rows_grad(n, rn, kx, None, x[:M], rx[:M], kx,
                         (lse1[:M], pad(g, M), pad(gpos, M)), None, None, inv_tau, 0, M,

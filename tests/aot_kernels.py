@@ -103,11 +103,13 @@ def info_nce():
                                                         (True, True, True, False, M, M, 0),
                                                         (False, True, False, False, Q, 0, 0)):
                 meta, launch, _, chunk = k.plan(rows, M, q, d, dtype, 132)
-                n += compile_like_launch(
-                    k._info_nce_bwd_kernel, dict(meta, NORMALIZE=True, X_ANCHOR=xa, Y_ANCHOR=ya,
-                                                 PAIRED=paired, DIAG_ONLY=False, HAS_N=has_n),
-                    dict(ints, R=rows, RL=rl, Q=q, CHUNK=chunk, s_os=rows * d), dtype, arch,
-                    launch)
+                for index in (False, True) if paired else (False,):
+                    n += compile_like_launch(
+                        k._info_nce_bwd_kernel,
+                        dict(meta, NORMALIZE=True, X_ANCHOR=xa, Y_ANCHOR=ya, PAIRED=paired,
+                             DIAG_ONLY=False, HAS_N=has_n, INDEX_KEYS=index),
+                        dict(ints, R=rows, RL=rl, Q=q, CHUNK=chunk, s_os=rows * d), dtype, arch,
+                        launch)
     for arch in (90, 80):
         n += compile_like_launch(k._info_nce_merge_kernel, dict(BLOCK_M=128),
                                  dict(M=M, splits=16), torch.float32, arch, {})

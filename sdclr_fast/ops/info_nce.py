@@ -396,7 +396,8 @@ def _bwd_impl(grad_rows, x, y, n, tau, inv_tau, keys_x, keys_y, M, symmetric, in
             n.contiguous() if n is not None else None, rn32, inv_tau, M, normalize,
             not in_batch, symmetric, lse1, lse2, g.float(), gpos.float(),
             h.float() if h is not None else None, hpos.float() if h is not None else None,
-            need_x or need_tau, need_y, need_n, block_d)
+            need_x or need_tau, need_y, need_n, block_d,
+            index_keys=keys_x is None and keys_y is None)
     else:
         dxh, dyh, dnh = _torch_backward(xh, yh, nh, inv_tau, M, keys_x, keys_y, symmetric,
                                         in_batch, lse1, lse2, g, gpos, h, hpos, need_y, need_n)
