@@ -91,19 +91,24 @@ def build_tiles(keep, groups, block):
     occ = k.reshape(groups, o_t, bo, c_t, bc, taps).any(dim=4).any(dim=2)  # (g, ot, ct, tap)
     occ = occ.permute(0, 1, 3, 2).contiguous()  # (g, ot, tap, ct)
     fwd_idx, fwd_cnt = active_lists(occ.reshape(groups * o_t, taps * c_t))
-    bwd_idx, bwd_cnt = active_lists(occ.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t))
     wgt_tiles = occ.nonzero().to(torch.int32).contiguous()
-    # rank of every active tile in wgt_tiles order = its index in the packed weight
-    rank = (occ.flatten().cumsum(0) - 1).reshape(occ.shape)
-    fwd_pk = rank.reshape(groups * o_t, taps * c_t).gather(1, fwd_idx.long())
-    bwd_pk = rank.permute(0, 3, 2, 1).reshape(groups * c_t, taps * o_t).gather(1, bwd_idx.long())
+    fwd_pk = _ranks(occ).reshape(groups * o_t, taps * c_t).gather(1, fwd_idx.long())
+    # unit stride: one phase that every tap reaches
+    bwd_idx, bwd_pk, bwd_cnt = _phase_lists(occ, KW, (1, 1), (0, 0), (1, 1))
     return dict(groups=groups, og=og, cg=Cg, block_o=bo, block_c=bc, o_tiles=o_t, c_tiles=c_t,
                 taps=taps, kw=KW, occupancy=occ, fwd_idx=fwd_idx,
                 fwd_pk=fwd_pk.to(torch.int32).contiguous(), fwd_cnt=fwd_cnt, bwd_idx=bwd_idx,
-                bwd_pk=bwd_pk.to(torch.int32).contiguous(), bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
+                bwd_pk=bwd_pk, bwd_cnt=bwd_cnt, wgt_tiles=wgt_tiles)
+
+
+def _ranks(occ):
+    """Rank of every active tile in `wgt_tiles` order: its index in the packed weight."""
+    return (occ.flatten().cumsum(0) - 1).reshape(occ.shape)
 
 
 def _phase_lists(occ, kw, stride, padding, dilation):
+    """grad_input's K-loop lists (idx, pk int32, cnt) of occupancy `occ` (g, ot, tap, ct): a row
+    per (g, phase, ct) holding the (tap, ot) steps whose tap reaches the phase."""
     g, o_t, taps, c_t = occ.shape
     tap = torch.arange(taps, device=occ.device)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -115,7 +120,7 @@ def _phase_lists(occ, kw, stride, padding, dilation):
     occ_t = occ.permute(0, 3, 2, 1)  # (g, ct, tap, ot)
     occ_p = occ_t[:, None] & match[None, :, None, :, None]  # (g, phase, ct, tap, ot)
     idx, cnt = active_lists(occ_p.reshape(g * p * c_t, taps * o_t))
-    rank = (occ.flatten().cumsum(0) - 1).reshape(occ.shape).permute(0, 3, 2, 1)
+    rank = _ranks(occ).permute(0, 3, 2, 1)
     pk = rank[:, None].expand(g, p, c_t, taps, o_t).reshape(g * p * c_t, taps * o_t)
     pk = pk.gather(1, idx.long())
     return idx, pk.to(torch.int32).contiguous(), cnt
