@@ -114,6 +114,25 @@ def dots(a_ptr, b_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_am, s_ad, s_bm, s
 
 
 @triton.jit
+def whole_dots(a_ptr, b_ptr, kp, q, offs_m, row_ok, start, n_cols, D, s_am, s_ad, s_bm, s_bd,
+               EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """(products a_m . b_n, column tile) of a whole column tile start.. (every column below
+    n_cols), without the columns' factor; with one D chunk the tile's pointers `kp` (col_ptrs)
+    only move by start."""
+    if D_CHUNKS == 1:
+        k = load_cols(kp, start, s_bm, D, EVEN_D, UPCAST, BLOCK_D)
+        t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    else:
+        offs_n = start + tl.arange(0, BLOCK_N)
+        t, _, k = dots(a_ptr, b_ptr, q, offs_m, offs_n, row_ok, offs_n < n_cols, D, s_am, s_ad,
+                       s_bm, s_bd, b_ptr, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                       PRECISION)
+    return t, k
+
+
+@triton.jit
 def scores(a_ptr, b_ptr, q, offs_m, offs_n, row_ok, col_ok, D, s_am, s_ad, s_bm, s_bd,
            rows_f, r_ptr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,

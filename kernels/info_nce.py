@@ -37,12 +37,25 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import (NSTAT, accumulate, cdiv, col_ptrs, column_splits, config, dots, load_cols,
-                      load_tile, merge_partials, online_lse, online_lse_full, row_scale, scores,
-                      sm_count, store_partial, store_rows)
+from ._common import (NSTAT, accumulate, cdiv, col_ptrs, column_splits, config, load_tile,
+                      merge_partials, online_lse, online_lse_full, row_scale, scores, sm_count,
+                      store_partial, store_rows, whole_dots)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _diag_ranges(pid, lo, hi, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """INDEX_KEYS (row i's one positive is column i): the column tiles of the chunk [lo, hi)
+    around row block pid's diagonal window [w0, w1). Returns e0, s1, full, ws, we, te: the
+    whole tiles [lo, e0) before the window and [s1, full) after it, which need no test, the
+    window's tiles [ws, we), and the partial last tile [full, te) unless the window holds it."""
+    w0 = pid * BLOCK_M
+    w1 = w0 + BLOCK_M
+    full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    te = tl.where((full >= w0) & (full < w1), full, hi)
+    return tl.minimum(w0, full), tl.maximum(w1, lo), full, tl.maximum(lo, w0), tl.minimum(w1, hi), te
 
 
 @triton.jit
@@ -54,16 +67,10 @@ def _whole_tiles(m_i, l_i, q, kp, x_ptr, c_ptr, r_ptr, offs_m, row_ok, rows_f, a
     rows' factor in the exponent's multiply-add, and with one D chunk the tile's pointers `kp`
     moved by a scalar."""
     for start_n in range(a, b, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if D_CHUNKS == 1:
-            k = load_cols(kp, start_n, s_cm, D, EVEN_D, UPCAST, BLOCK_D)
-            t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if NORMALIZE:
-                t = t * tl.load(r_ptr + offs_n)[None, :]
-        else:
-            t, _, _ = dots(x_ptr, c_ptr, q, offs_m, offs_n, row_ok, offs_n < b, D, s_xm, s_xd,
-                           s_cm, s_cd, r_ptr, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                           UPCAST, PRECISION)
+        t, _ = whole_dots(x_ptr, c_ptr, kp, q, offs_m, row_ok, start_n, b, D, s_xm, s_xd, s_cm,
+                          s_cd, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        if NORMALIZE:
+            t = t * tl.load(r_ptr + start_n + tl.arange(0, BLOCK_N))[None, :]
         m_i, l_i = online_lse_full(m_i, l_i, t, rows_f)
     return m_i, l_i
 
@@ -124,27 +131,21 @@ def _info_nce_fwd_kernel(
     pos = tl.zeros((BLOCK_M,), dtype=tl.float32)
     cnt = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if INDEX_KEYS:  # (never with DIAG_ONLY, which visits only the diagonal tiles)
-        # row i's one positive is column i: only the tiles of the row block's diagonal window
-        # [w0, w1) and a partial last tile need tests, the whole tiles around them none
-        w0 = pid * BLOCK_M
-        w1 = w0 + BLOCK_M
-        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        e0, s1, full, ws, we, te = _diag_ranges(pid, lo, hi, BLOCK_M, BLOCK_N)
         kp = col_ptrs(y_ptr, s_ym, s_yd, BLOCK_N, BLOCK_D)
         m_i, l_i = _whole_tiles(m_i, l_i, q, kp, x_ptr, y_ptr, ry_ptr, offs_m, row_ok, rows_f,
-                                lo, tl.minimum(w0, full), D, s_xm, s_xd, s_ym, s_yd, NORMALIZE,
-                                EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+                                lo, e0, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, EVEN_D, BLOCK_M,
+                                BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         m_i, l_i = _whole_tiles(m_i, l_i, q, kp, x_ptr, y_ptr, ry_ptr, offs_m, row_ok, rows_f,
-                                tl.maximum(w1, lo), full, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE,
-                                EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+                                s1, full, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, EVEN_D, BLOCK_M,
+                                BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         m_i, l_i, pos, cnt = _tested_tiles(
             m_i, l_i, pos, cnt, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_i, offs_m, row_ok, rows_f,
-            tl.maximum(lo, w0), tl.minimum(w1, hi), hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE,
-            False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        # the partial tile [full, hi), unless the window took it
-        tail = tl.where((full >= w0) & (full < w1), full, hi)
+            ws, we, hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, False, True, BLOCK_M, BLOCK_N,
+            BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         m_i, l_i, pos, cnt = _tested_tiles(
             m_i, l_i, pos, cnt, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_i, offs_m, row_ok, rows_f,
-            full, tail, hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, False, True, BLOCK_M, BLOCK_N,
+            full, te, hi, D, s_xm, s_xd, s_ym, s_yd, NORMALIZE, False, True, BLOCK_M, BLOCK_N,
             BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
     else:
         m_i, l_i, pos, cnt = _tested_tiles(
@@ -311,30 +312,23 @@ def _info_nce_bwd_kernel(
     lo, hi, b_lo, b_hi = _chunk(pid, split, CHUNK, C, CL, Q, local, DIAG_ONLY, HAS_N, BLOCK_M,
                                 BLOCK_N)
     if INDEX_KEYS:  # as in the forward: whole tiles around the row block's diagonal window
-        w0 = pid * BLOCK_M
-        w1 = w0 + BLOCK_M
-        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        e0, s1, full, ws, we, te = _diag_ranges(pid, lo, hi, BLOCK_M, BLOCK_N)
         acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
-                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, lo, tl.minimum(w0, full),
-                          hi, d_out, D, s_xm, s_xd, s_ym, s_yd, False, NORMALIZE, X_ANCHOR,
-                          Y_ANCHOR, PAIRED, False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                          UPCAST, PRECISION)
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, lo, e0, hi, d_out, D,
+                          s_xm, s_xd, s_ym, s_yd, False, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED,
+                          False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
-                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, tl.maximum(w1, lo), full,
-                          hi, d_out, D, s_xm, s_xd, s_ym, s_yd, False, NORMALIZE, X_ANCHOR,
-                          Y_ANCHOR, PAIRED, False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS,
-                          UPCAST, PRECISION)
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, s1, full, hi, d_out, D,
+                          s_xm, s_xd, s_ym, s_yd, False, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED,
+                          False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
-                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, tl.maximum(lo, w0),
-                          tl.minimum(w1, hi), hi, d_out, D, s_xm, s_xd, s_ym, s_yd, True,
-                          NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED, False, True, BLOCK_M, BLOCK_N,
-                          BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
-        # the partial tile [full, hi), unless the window took it
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, ws, we, hi, d_out, D,
+                          s_xm, s_xd, s_ym, s_yd, True, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED,
+                          False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
         acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
-                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, full,
-                          tl.where((full >= w0) & (full < w1), full, hi), hi, d_out, D, s_xm,
-                          s_xd, s_ym, s_yd, True, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED, False,
-                          True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+                          lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, full, te, hi, d_out, D,
+                          s_xm, s_xd, s_ym, s_yd, True, NORMALIZE, X_ANCHOR, Y_ANCHOR, PAIRED,
+                          False, True, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
     else:
         acc = _grad_tiles(acc, q, x_ptr, y_ptr, ry_ptr, ky_ptr, key_x, offs_m, row_ok, rows_f,
                           lse_x, g_x, gp_x, lsey_ptr, gy_ptr, gpy_ptr, lo, hi, hi, d_out, D, s_xm,

@@ -55,8 +55,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._common import (NSTAT, accumulate_scaled, cdiv, col_ptrs, column_splits, config, dots,
-                      load_cols, load_tile, merge_partials, online_lse, online_lse_full, scores,
-                      sm_count, store_partial, store_rows)
+                      load_tile, merge_partials, online_lse, online_lse_full, scores, sm_count,
+                      store_partial, store_rows, whole_dots)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals in @jit code must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -96,23 +96,6 @@ def _window_start(t, r0, p0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """First column of the t-th tile of the two windows (diagonal first)."""
     per = BLOCK_M // BLOCK_N
     return tl.where(t < per, r0 + t * BLOCK_N, p0 + (t - per) * BLOCK_N)
-
-
-@triton.jit
-def _plain_dots(z_ptr, kp, q, offs_m, start, M, D, s_zm, s_zd, EVEN_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                D_CHUNKS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Products zhat_m . zhat_n of a PAIRED plain tile (every column in range) and its column
-    tile; with one D chunk the tile's pointers `kp` only move by start."""
-    if D_CHUNKS == 1:
-        k = load_cols(kp, start, s_zm, D, EVEN_D, UPCAST, BLOCK_D)
-        t = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    else:
-        offs_n = start + tl.arange(0, BLOCK_N)
-        t, _, k = dots(z_ptr, z_ptr, q, offs_m, offs_n, offs_m < M, offs_n < M, D, s_zm, s_zd,
-                       s_zm, s_zd, z_ptr, False, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
-                       PRECISION)
-    return t, k
 
 
 @triton.jit
@@ -167,8 +150,9 @@ def _nt_xent_fwd_kernel(
         kp = col_ptrs(z_ptr, s_zm, s_zd, BLOCK_N, BLOCK_D)
         for t in range(0, n_plain):
             start = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N)
-            s, _ = _plain_dots(z_ptr, kp, q, offs_m, start, M, D, s_zm, s_zd, EVEN_D, BLOCK_M,
-                               BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+            s, _ = whole_dots(z_ptr, z_ptr, kp, q, offs_m, offs_m < M, start, M, D, s_zm, s_zd,
+                              s_zm, s_zd, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                              PRECISION)
             m_i, l_i = online_lse_full(m_i, l_i, s, rows_f)
         partner = tl.where(offs_m < H, offs_m + H, offs_m - H)
         for t in range(0, 2 * (BLOCK_M // BLOCK_N)):
@@ -252,8 +236,9 @@ def _pair_rows(acc, q, pid, c0, c1, H, R, offs_m, f, lse2_k, g_k, w_k, low,
     kp = col_ptrs(z_ptr, s_zm, s_zd, BLOCK_N, BLOCK_D)
     for t in range(0, n_plain):
         start = _plain_start(t, c0, w_lo, w_hi, in_lo, in_hi, BLOCK_M, BLOCK_N)
-        s, k = _plain_dots(z_ptr, kp, q, offs_m, start, M, D, s_zm, s_zd, EVEN_D, BLOCK_M,
-                           BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST, PRECISION)
+        s, k = whole_dots(z_ptr, z_ptr, kp, q, offs_m, offs_m < M, start, M, D, s_zm, s_zd,
+                          s_zm, s_zd, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, UPCAST,
+                          PRECISION)
         offs_n = start + tl.arange(0, BLOCK_N)
         a = _pair_weights(s, offs_n, g_k, w_k, f, low, lse2_k, g_ptr, w_ptr, lse2_ptr, M, FAST)
         acc = accumulate_scaled(acc, a, k, z_ptr, offs_n, offs_n < M, d_out, D, s_zm, s_zd,
